@@ -1,0 +1,1 @@
+"""orcd-server: the HTTP API and the `orcd-worker` command line."""

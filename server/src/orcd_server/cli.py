@@ -1,0 +1,42 @@
+"""`orcd-worker` — the command line. Each subcommand lives in `orcd_server.commands.<name>` and
+provides `add_parser(subparsers)` and `run(args) -> int`. Expected errors print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from orcd_core.errors import OrcdError
+
+COMMANDS = ("serve", "generate", "logits", "inspect", "tokenize", "bench", "plugins", "synth", "models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orcd-worker", description="Single-GPU GGUF inference worker")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"orcd_server.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"orcd_server.commands.{name}":
+                continue  # command not written yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OrcdError as exc:
+        print(f"orcd-worker {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
