@@ -1,0 +1,195 @@
+"""The device interface: what architecture adapters call, and what each backend implements.
+
+Two backends implement it: `reference` (NumPy on the CPU, orcd_core.backends.reference; the oracle)
+and `cuda` (CuPy + our kernels, orcd_core.backends.cuda; the product). An adapter writes its forward
+pass once against this interface, so the same code runs on both.
+
+Tensors are the backend's arrays (numpy.ndarray / cupy.ndarray): adapters may `.reshape`, slice
+with basic indexing and read `.shape`, nothing else; all arithmetic goes through a `Device` method.
+Activations are float32 unless a method says otherwise.
+
+Rules that keep the CUDA decode step capturable as one CUDA graph:
+- No op reads a device value on the host. Positions and lengths are passed as device int32 arrays
+  (`Step.positions`, `Step.n_past`), never as Python ints, in every op that runs during decode.
+- Ops return new arrays; the CUDA backend takes them from a per-step workspace (bump allocation
+  reset by `begin_step`), so a replayed graph sees the same addresses.
+- Shapes (T, the number of tokens in the step) are host ints and fixed for a captured graph.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .gguf_file import TensorInfo
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding, with llama.cpp's semantics (ggml_rope_ext).
+
+    `n_rot` leading dims of each head rotate (partial rotary when < head_dim). `neox`: rotate pairs
+    (i, i + n_rot/2) (GPT-NeoX/Qwen2/Phi-3/gpt-oss) instead of adjacent pairs (2i, 2i+1) (llama).
+    theta_i = pos * freq_scale * base^(-2i/n_rot) / freq_factors[i]; YaRN mixing when ext_factor != 0.
+    `freq_factors_key` names a device array the adapter uploaded (llama-3 rope scaling, Phi-3
+    long/short factors) or None.
+    """
+
+    n_rot: int
+    neox: bool
+    base: float = 10000.0
+    freq_scale: float = 1.0
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    n_ctx_orig: int = 0
+    freq_factors: Any = None  # device float32 [n_rot // 2] or None
+
+
+@dataclass
+class Weight:
+    """A weight in the backend's storage, kept in its GGUF type (quantized stays quantized).
+
+    `shape` is NumPy order: [rows, cols] for a matrix (cols = GGML ne0, the reduced axis of
+    `linear`), [n_expert, rows, cols] for stacked experts, [n] for vectors. `fmt` is the
+    QuantFormat object. `data` is backend-specific (raw bytes on the device)."""
+
+    name: str
+    shape: tuple[int, ...]
+    fmt: Any
+    data: Any
+    nbytes: int
+
+
+@dataclass
+class KVCache:
+    """Per-layer fp16 K/V storage for one sequence. Backend-specific arrays in `k`, `v`:
+    [n_ctx_layer, n_kv_heads, head_dim] each. `window[layer]` > 0 bounds a sliding-window layer's
+    storage (ring buffer of that many positions)."""
+
+    n_layers: int
+    n_ctx: int
+    n_kv_heads: int
+    head_dim: int
+    k: list[Any]
+    v: list[Any]
+    window: list[int] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass
+class Step:
+    """The tokens of one forward call (a prefill chunk or one decode token).
+
+    ids: device int32 [T]; positions: device int32 [T] (absolute positions); n_past: device int32 [1]
+    (tokens already in the cache before this step). `T` is a host int."""
+
+    T: int
+    ids: Any
+    positions: Any
+    n_past: Any
+
+
+class Device(abc.ABC):
+    """A backend. One instance per process; it owns the weights, caches and workspaces it creates."""
+
+    name: str  # "reference" | "cuda"
+
+    # -- memory -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def upload_weight(self, name: str, parts: Sequence[TensorInfo], fmt: Any) -> Weight:
+        """Copy one weight to the device, kept in its format. Several `parts` (same type and row
+        length) are concatenated along the rows: that is how q|k|v and gate|up are fused at load."""
+
+    @abc.abstractmethod
+    def upload_array(self, name: str, array) -> Any:
+        """A small dense host array (norm weights, biases, rope factors) as a float32 device array."""
+
+    @abc.abstractmethod
+    def new_kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int,
+                     window: Sequence[int] | None = None) -> KVCache:
+        """Allocate a KV cache; raises `orcd_core.generation.VramOOM` when it does not fit."""
+
+    @abc.abstractmethod
+    def free_kv_cache(self, cache: KVCache) -> None: ...
+
+    @abc.abstractmethod
+    def to_device(self, array, dtype: str = "int32") -> Any:
+        """A host array (ids, positions) as a device array."""
+
+    @abc.abstractmethod
+    def to_host(self, array):
+        """A device array as a NumPy array (synchronizes). Never called inside a decode step."""
+
+    def begin_step(self) -> None:
+        """Start a forward call: the CUDA backend resets its per-step workspace here."""
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by category: weights, kv_cache, workspace."""
+        return {"weights": 0, "kv_cache": 0, "workspace": 0}
+
+    # -- ops --------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def embedding(self, table: Weight, ids) -> Any:
+        """Rows of `table` [V, D] for `ids` [T] -> [T, D] float32 (dequantized row gather)."""
+
+    @abc.abstractmethod
+    def linear(self, x, w: Weight, bias=None) -> Any:
+        """x [T, K] @ w[K -> N] (+ bias [N]) -> [T, N]. Matvec when T is small, else dequantize +
+        GEMM. A 3-D (expert) weight is not accepted here: see `moe`."""
+
+    @abc.abstractmethod
+    def rms_norm(self, x, weight, eps: float) -> Any:
+        """x [T, D] / rms(x) * weight [D]."""
+
+    @abc.abstractmethod
+    def layer_norm(self, x, weight, bias, eps: float) -> Any:
+        """(x - mean) / std * weight + bias, over the last axis of [T, D]."""
+
+    @abc.abstractmethod
+    def rope(self, x, positions, spec: RopeSpec) -> Any:
+        """Rotate x [T, H, head_dim] at `positions` [T] -> new array."""
+
+    @abc.abstractmethod
+    def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
+                  sinks=None, window: int = 0) -> Any:
+        """Write k, v [T, Hkv, hd] into `cache` at `step.positions`, then causal attention of
+        q [T, Hq, hd] over the cache (GQA: query head h uses KV head h // (Hq // Hkv)).
+        `sinks` [Hq]: learned logits added to each softmax denominator (gpt-oss). `window` > 0:
+        a query at position p sees keys at positions > p - window. Returns [T, Hq, hd]."""
+
+    @abc.abstractmethod
+    def add(self, a, b) -> Any:
+        """a + b, same shape (b may also be a [D] vector broadcast over rows)."""
+
+    @abc.abstractmethod
+    def silu_mul(self, gate, up) -> Any:
+        """silu(gate) * up."""
+
+    @abc.abstractmethod
+    def gelu(self, x) -> Any:
+        """GELU, tanh approximation (as ggml_gelu)."""
+
+    @abc.abstractmethod
+    def moe(self, x, router: Weight, router_bias, gate_up: Weight, gate_up_bias, down: Weight,
+            down_bias, *, top_k: int, act: str, alpha: float = 1.702, limit: float = 7.0) -> Any:
+        """Mixture of experts for x [T, D]: logits = x @ router (+ bias); choose top_k experts per
+        token; weights = softmax over the chosen logits; each chosen expert e computes
+        h = act(x @ gate_e, x @ up_e) then h @ down_e (+ biases); the output is the weighted sum.
+        `gate_up` is [n_expert, 2*F, D]: rows [0, F) are gate, [F, 2F) are up. `act` is
+        "swiglu_oai" (llama.cpp's ggml_swiglu_oai with `alpha`, `limit`) or "silu"."""
+
+    @abc.abstractmethod
+    def logits_last(self, x) -> Any:
+        """The last row of x [T, V] as [V] float32 (a view where possible)."""
+
+    @abc.abstractmethod
+    def sample(self, logits, params, recent_ids, step_index) -> Any:
+        """Choose the next token from logits [V] per `orcd_core.sampling` (same seed and inputs ->
+        same id on every backend). `recent_ids`: device int32 [W] (for the repetition penalty,
+        -1 = empty slot). `step_index`: device int32 [1]. Returns device int32 [1]."""
+
+
+ProgressFn = Callable[[float], None]
