@@ -96,3 +96,28 @@ def f16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
 def random_f16_scales(rng: np.random.Generator, n: int, scale: float, lo: float = 0.5, hi: float = 1.5) -> np.ndarray:
     """Positive random half-precision scales in `[lo, hi] * scale`, as uint16 bit patterns."""
     return (rng.uniform(lo, hi, n) * scale).astype(np.float16).view(np.uint16)
+
+
+def as_blocks(blocks: np.ndarray, type_size: int, name: str) -> np.ndarray:
+    """Check and normalise a `dequantize_blocks` argument: a C-contiguous `uint8 [n_blocks, type_size]`
+    array (a 1-D byte array of whole blocks is reshaped)."""
+    blocks = np.asarray(blocks)
+    if blocks.dtype != np.uint8:
+        raise TypeError(f"{name}: blocks must be uint8, got {blocks.dtype}")
+    if blocks.ndim == 1 and blocks.size % type_size == 0:
+        blocks = blocks.reshape(-1, type_size)
+    if blocks.ndim != 2 or blocks.shape[1] != type_size:
+        raise ValueError(f"{name}: blocks must have shape [n_blocks, {type_size}], got {blocks.shape}")
+    return np.ascontiguousarray(blocks)
+
+
+def dequantize_in_chunks(kernel, blocks: np.ndarray, block_size: int, chunk_elements: int = 1 << 20) -> np.ndarray:
+    """Run `kernel(blocks_chunk, out_chunk)` over consecutive runs of blocks, writing into one float32
+    `[n_blocks, block_size]` result. Chunks of about `chunk_elements` outputs keep the vectorised
+    temporaries cache-sized instead of tensor-sized."""
+    n_blocks = blocks.shape[0]
+    out = np.empty((n_blocks, block_size), dtype=np.float32)
+    step = max(1, chunk_elements // block_size)
+    for start in range(0, n_blocks, step):
+        kernel(blocks[start : start + step], out[start : start + step])
+    return out
