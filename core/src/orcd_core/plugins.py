@@ -2,19 +2,27 @@
 
 Every plugin, built-in or third-party, is a module named by an entry point of the group
 `orcd_worker`. `load_plugins()` imports each one, lets it register through the hooks of
-`orcd_core.hookspecs`, and returns a `Registry`. `ORCD_LOAD_PLUGINS` (a comma list of entry-point
-or distribution names) restricts which entry points load. A plugin that fails to import is never
-skipped silently: it is logged as an error and listed in `Registry.failed`, and `orcd-worker plugins`
-reports it and exits 1.
+`orcd_core.hookspecs`, and returns a `Registry`.
+
+- `ORCD_LOAD_PLUGINS` (a comma list of entry-point or distribution names) restricts which entry
+  points load. The core's own plugin (entry point `core`: the float types) always loads. A name in
+  the list that matches no installed entry point is reported as a failure (a typo must not silently
+  remove a plugin).
+- A plugin that fails to import, or whose registration fails (an exception in a hook, a malformed
+  object, a name another plugin already registered, a hook implementation that matches no spec), is
+  never skipped silently: it is logged as an error, listed in `Registry.failed`, none of what it
+  registered is kept, and `orcd-worker plugins` reports it and exits 1.
+- Hooks are called once, here; lookups afterwards are plain dict reads (no `pm.hook` on the token path).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
 import structlog
@@ -24,6 +32,14 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "orcd_worker"
 ENV_ALLOWLIST = "ORCD_LOAD_PLUGINS"
+#: Entry point of the core's own plugin; loaded even when `ORCD_LOAD_PLUGINS` does not name it.
+CORE_PLUGIN = "core"
+#: Every hook of `orcd_core.hookspecs`, in the order `load_plugins()` calls them.
+HOOK_NAMES = (
+    "orcd_register_quant_formats",
+    "orcd_register_architectures",
+    "orcd_register_tokenizers",
+)
 
 log = structlog.get_logger("orcd.plugins")
 
@@ -44,26 +60,48 @@ class PluginInfo:
         return {
             "name": self.distribution or self.name,
             "entry_point": self.name,
+            "module": self.module,
             "version": self.version,
             "architectures": sorted(self.architectures),
-            "quant_types": self.quant_types,
+            "quant_types": list(self.quant_types),
             "tokenizers": sorted(self.tokenizers),
         }
 
 
 @dataclass
 class FailedPlugin:
-    """An entry point that could not be imported or whose registration failed."""
+    """An entry point that could not be imported, or whose registration failed."""
 
     name: str
     value: str
     distribution: str | None
     error: str
     traceback: str
+    version: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.distribution or self.name,
+            "entry_point": self.name,
+            "module": self.value,
+            "version": self.version,
+            "error": self.error,
+        }
+
+
+def _normalize(name: str) -> str:
+    """PEP 503 normalization, so `orcd_quant_legacy` and `orcd-quant-legacy` name the same thing."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _quant_geometry_table() -> dict[int, tuple[str, int, int]]:
+    from .gguf_file import ggml_type_table
+
+    return ggml_type_table()
 
 
 class Registry:
-    """What the installed plugins provide. Resolved once at start-up."""
+    """What the installed plugins provide. Resolved once at start-up by `load_plugins()`."""
 
     def __init__(self) -> None:
         self.plugins: list[PluginInfo] = []
@@ -81,13 +119,23 @@ class Registry:
         return self.quant_formats.get(int(ggml_type))
 
     def quant_format_by_name(self, name: str):
+        """The format object whose GGML type name is `name` (e.g. "Q4_K"), or None."""
         for fmt in self.quant_formats.values():
             if fmt.name == name:
                 return fmt
         return None
 
+    def architecture(self, name: str):
+        """The adapter for a GGUF `general.architecture` value, or None."""
+        return self.architectures.get(name)
+
+    def tokenizer(self, kind: str):
+        """The tokenizer backend of a kind (e.g. "gguf-bpe"), or None."""
+        return self.tokenizers.get(kind)
+
     def owner(self, kind: str, key: object) -> str | None:
-        """Which plugin registered `key` in the registry `kind` ("quant", "arch", "tokenizer")."""
+        """Which plugin (entry-point name) registered `key` in the registry `kind`
+        ("quant": a GGML type id, "arch": an architecture name, "tokenizer": a kind)."""
         return self._owner.get((kind, key))
 
     def describe_installed(self) -> str:
@@ -98,103 +146,189 @@ class Registry:
             text += "; failed to load: " + ", ".join(f"{f.name} ({f.error})" for f in self.failed)
         return text
 
-    # -- registration -----------------------------------------------------------------------------
+    def raise_for_failures(self) -> None:
+        """Raise one `PluginError` naming every plugin that failed to load (for callers that must
+        not run with a plugin missing, e.g. the server at start-up)."""
+        if self.failed:
+            details = "; ".join(f"{f.name} ({f.value}): {f.error}" for f in self.failed)
+            raise PluginError(f"{len(self.failed)} plugin(s) failed to load: {details}")
 
-    def _register(self, kind: str, table: dict, key: object, obj: object, plugin: PluginInfo, label: str) -> None:
-        if key in table:
-            raise PluginError(
-                f"plugin {plugin.name!r} registers {kind} {label!r}, which plugin "
-                f"{self._owner[(kind, key)]!r} already registered"
-            )
-        table[key] = obj
-        self._owner[(kind, key)] = plugin.name
+    # -- registration (all-or-nothing per plugin) -----------------------------------------------
 
-    def _registrars(self, plugin: PluginInfo):
+    def _commit(self, plugin: PluginInfo, staged: list[tuple[str, dict, object, object, str]]) -> None:
+        for kind, table, key, obj, label in staged:
+            table[key] = obj
+            self._owner[(kind, key)] = plugin.name
+        self.plugins.append(plugin)
+
+    def _registrars(self, plugin: PluginInfo, staged: list) -> dict[str, Callable[[object], None]]:
+        """The `register` callbacks handed to one plugin's hooks. They validate each object and
+        stage it; `_commit` publishes the whole plugin once all its hooks have succeeded."""
+        staged_keys: set[tuple[str, object]] = set()
+
+        def stage(kind: str, table: dict, key: object, obj: object, label: str) -> None:
+            if key in table:
+                raise PluginError(
+                    f"plugin {plugin.name!r} registers {kind} {label!r}, which plugin "
+                    f"{self._owner[(kind, key)]!r} already registered"
+                )
+            if (kind, key) in staged_keys:
+                raise PluginError(f"plugin {plugin.name!r} registers {kind} {label!r} twice")
+            staged_keys.add((kind, key))
+            staged.append((kind, table, key, obj, label))
+
         def register_quant(fmt) -> None:
             for attr in ("ggml_type", "name", "block_size", "type_size", "dequantize_blocks"):
                 if not hasattr(fmt, attr):
                     raise PluginError(f"plugin {plugin.name!r}: quant format {fmt!r} lacks {attr!r}")
-            self._register("quant", self.quant_formats, int(fmt.ggml_type), fmt, plugin, fmt.name)
-            plugin.quant_types.append(fmt.name)
+            type_id, name = fmt.ggml_type, fmt.name
+            if isinstance(type_id, bool) or not isinstance(type_id, int) or not isinstance(name, str):
+                raise PluginError(f"plugin {plugin.name!r}: quant format {fmt!r} needs an int ggml_type and a str name")
+            known = _quant_geometry_table().get(type_id)
+            if known is None:
+                # gguf.GGUFReader cannot parse a tensor of a type id it does not know, so no file
+                # could ever use such a format: refuse it here rather than register dead weight.
+                raise PluginError(
+                    f"plugin {plugin.name!r}: quant format {name!r} has GGML type id {type_id}, "
+                    "which gguf-py does not know (formats must implement a GGML type of gguf.GGMLQuantizationType)"
+                )
+            expected = (known[0], known[1], known[2])
+            got = (name, fmt.block_size, fmt.type_size)
+            if got != expected:
+                raise PluginError(
+                    f"plugin {plugin.name!r}: quant format for GGML type id {type_id} declares "
+                    f"name/block_size/type_size {got}, expected {expected} (gguf-py's table)"
+                )
+            stage("quant", self.quant_formats, type_id, fmt, name)
+            plugin.quant_types.append(name)
 
         def register_arch(arch) -> None:
-            if not getattr(arch, "name", None):
+            name = getattr(arch, "name", None)
+            if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {plugin.name!r}: architecture {arch!r} has no name")
-            self._register("arch", self.architectures, arch.name, arch, plugin, arch.name)
-            plugin.architectures.append(arch.name)
+            required = getattr(arch, "required_metadata", {})
+            if not isinstance(required, dict):
+                raise PluginError(f"plugin {plugin.name!r}: architecture {name!r}: required_metadata must be a dict")
+            stage("arch", self.architectures, name, arch, name)
+            plugin.architectures.append(name)
 
         def register_tokenizer(backend) -> None:
-            if not getattr(backend, "kind", None):
+            kind = getattr(backend, "kind", None)
+            if not isinstance(kind, str) or not kind:
                 raise PluginError(f"plugin {plugin.name!r}: tokenizer backend {backend!r} has no kind")
-            self._register("tokenizer", self.tokenizers, backend.kind, backend, plugin, backend.kind)
-            plugin.tokenizers.append(backend.kind)
+            stage("tokenizer", self.tokenizers, kind, backend, kind)
+            plugin.tokenizers.append(kind)
 
-        return register_quant, register_arch, register_tokenizer
+        return {
+            "orcd_register_quant_formats": register_quant,
+            "orcd_register_architectures": register_arch,
+            "orcd_register_tokenizers": register_tokenizer,
+        }
 
 
 def _allowlist() -> set[str] | None:
+    """`ORCD_LOAD_PLUGINS` as a set of normalized names; None when unset (load everything). Set
+    but empty means: only the core's own plugin."""
     raw = os.environ.get(ENV_ALLOWLIST)
-    if raw is None or not raw.strip():
+    if raw is None:
         return None
-    return {part.strip() for part in raw.split(",") if part.strip()}
+    return {_normalize(part.strip()) for part in raw.split(",") if part.strip()}
 
 
-def _entry_points() -> Iterable[metadata.EntryPoint]:
+def _entry_points() -> list[metadata.EntryPoint]:
     eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    # one entry point per name; sorted for a stable order of registration and reporting
+    # one entry point per name (the first on sys.path wins, as for imports); sorted for a stable
+    # order of registration and reporting
     seen: dict[str, metadata.EntryPoint] = {}
     for ep in eps:
         seen.setdefault(ep.name, ep)
     return [seen[name] for name in sorted(seen)]
 
 
+def _dist_of(ep: metadata.EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    return dist.name, dist.version
+
+
+def _failure(name: str, value: str, dist: str | None, version: str | None, exc: BaseException, event: str) -> FailedPlugin:
+    failed = FailedPlugin(name, value, dist, f"{type(exc).__name__}: {exc}", traceback.format_exc(), version)
+    log.error(event, plugin=name, module=value, distribution=dist, error=failed.error)
+    return failed
+
+
 def load_plugins(allow: Iterable[str] | None = None, extra_modules: Iterable[object] = ()) -> Registry:
     """Import every `orcd_worker` entry point (restricted by `allow`, else by `ORCD_LOAD_PLUGINS`)
-    and collect what each registers. `extra_modules` are plugin objects registered in addition
-    (tests use it for in-process plugins)."""
-    allowed = set(allow) if allow is not None else _allowlist()
+    and collect what each registers. `extra_modules` are plugin objects (modules or instances with
+    `@hookimpl` functions) registered after the entry points; tests use it for in-process plugins."""
+    allowed = {_normalize(a) for a in allow} if allow is not None else _allowlist()
     registry = Registry()
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     registry.pm = pm
 
     candidates: list[tuple[str, str, str | None, str | None, Any]] = []
+    matched: set[str] = set()
     for ep in _entry_points():
-        dist = ep.dist.name if ep.dist is not None else None
-        version = ep.dist.version if ep.dist is not None else None
-        if allowed is not None and ep.name not in allowed and (dist or "") not in allowed:
+        dist, version = _dist_of(ep)
+        keys = {_normalize(ep.name)} | ({_normalize(dist)} if dist else set())
+        if allowed is not None and ep.name != CORE_PLUGIN and not (keys & allowed):
             continue
+        matched |= keys
         try:
             module = ep.load()
-        except Exception as exc:  # reported, never swallowed
-            failed = FailedPlugin(ep.name, ep.value, dist, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            registry.failed.append(failed)
-            log.error("plugin_import_failed", plugin=ep.name, module=ep.value, error=failed.error)
+        except BaseException as exc:  # reported, never swallowed (SystemExit from a plugin included)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            registry.failed.append(_failure(ep.name, ep.value, dist, version, exc, "plugin_import_failed"))
             continue
         candidates.append((ep.name, ep.value, dist, version, module))
+    if allowed is not None:
+        for name in sorted(allowed - matched):
+            exc = PluginError(f"{ENV_ALLOWLIST} names {name!r}, but no installed entry point or distribution has that name")
+            registry.failed.append(FailedPlugin(name, "", None, f"{type(exc).__name__}: {exc}", ""))
+            log.error("plugin_not_found", plugin=name, error=str(exc))
     for i, module in enumerate(extra_modules):
-        name = getattr(module, "__name__", f"extra-{i}")
+        name = getattr(module, "__name__", None) or f"extra-{i}"
         candidates.append((name, name, None, None, module))
 
     for name, value, dist, version, module in candidates:
         info = PluginInfo(name=name, module=value, distribution=dist, version=version)
+        staged: list = []
         try:
             pm.register(module, name=name)
-            reg_quant, reg_arch, reg_tok = registry._registrars(info)
-            caller = pm.subset_hook_caller  # call each plugin's hooks alone, to attribute registrations
+            _check_hookimpls(pm, module, name)
+            registrars = registry._registrars(info, staged)
             others = [p for p in pm.get_plugins() if p is not module]
-            caller("orcd_register_quant_formats", others)(register=reg_quant)
-            caller("orcd_register_architectures", others)(register=reg_arch)
-            caller("orcd_register_tokenizers", others)(register=reg_tok)
-        except Exception as exc:
+            for hook_name in HOOK_NAMES:  # each plugin's hooks alone, to attribute registrations
+                pm.subset_hook_caller(hook_name, others)(register=registrars[hook_name])
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             if pm.is_registered(module):
                 pm.unregister(module)
-            failed = FailedPlugin(name, value, dist, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            registry.failed.append(failed)
-            log.error("plugin_register_failed", plugin=name, module=value, error=failed.error)
+            registry.failed.append(_failure(name, value, dist, version, exc, "plugin_register_failed"))
             continue
-        registry.plugins.append(info)
+        registry._commit(info, staged)
     return registry
+
+
+def _check_hookimpls(pm: pluggy.PluginManager, module: object, name: str) -> None:
+    """A function marked `@hookimpl` whose name matches no hookspec (a typo such as
+    `orcd_register_quant_format`) would never be called; make it an error instead."""
+    unknown = [
+        impl.function.__name__
+        for hook_caller in pm.get_hookcallers(module) or []
+        if not hook_caller.has_spec()
+        for impl in hook_caller.get_hookimpls()
+        if impl.plugin is module
+    ]
+    if unknown:
+        raise PluginError(
+            f"plugin {name!r} implements {', '.join(sorted(unknown))}, which is not a hook of orcd-worker "
+            f"(hooks: {', '.join(HOOK_NAMES)})"
+        )
 
 
 _default: Registry | None = None
