@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+import structlog
+
 from orcd_core.errors import OrcdError
 
 COMMANDS = ("serve", "generate", "logits", "inspect", "tokenize", "bench", "plugins", "synth", "models")
@@ -26,7 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """Logs go to stderr, so that stdout carries only a command's output (`plugins --json`, ...).
+    A command that wants another set-up (e.g. `serve`, JSON logs) reconfigures structlog itself."""
+    if not structlog.is_configured():
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
