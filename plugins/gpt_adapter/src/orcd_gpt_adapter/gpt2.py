@@ -1,0 +1,155 @@
+"""GPT-2 (GGUF `general.architecture` = "gpt2"), as llama.cpp runs it (src/models/gpt2.cpp).
+
+Learned absolute position embeddings, pre-norm LayerNorm (weight + bias), one fused c_attn
+projection (`attn_qkv`, with bias), no RoPE, a GELU MLP with biases; the output projection is
+`output.weight` or, when the file has none, the token embedding (tied).
+
+    x = tok_embd[ids] + pos_embd[positions]
+    x = x + attn(layer_norm(x))
+    x = x + down(gelu(up(layer_norm(x))))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from orcd_core.architecture import Architecture
+from orcd_core.device import Device, KVCache, Step
+
+from .tensors import Tensors
+
+ARCH = "gpt2"
+
+
+@dataclass(frozen=True)
+class Gpt2Config:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    norm_eps: float
+    context_length: int  # rows of position_embd: the longest sequence the model can see
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_gguf(cls, model) -> "Gpt2Config":
+        md = model.metadata
+        n_head = model.require(f"{ARCH}.attention.head_count", int)
+        embd = model.tensors.get("token_embd.weight")
+        n_vocab = int(embd.np_shape[0]) if embd is not None else 0
+        return cls(
+            n_vocab=n_vocab,
+            n_embd=model.require(f"{ARCH}.embedding_length", int),
+            n_layer=model.require(f"{ARCH}.block_count", int),
+            n_head=n_head,
+            n_head_kv=int(md.get(f"{ARCH}.attention.head_count_kv", n_head)),
+            n_ff=model.require(f"{ARCH}.feed_forward_length", int),
+            norm_eps=float(model.require(f"{ARCH}.attention.layer_norm_epsilon", float)),
+            context_length=model.require(f"{ARCH}.context_length", int),
+        )
+
+
+@dataclass
+class Block:
+    attn_norm: Any  # [D]
+    attn_norm_b: Any  # [D]
+    wqkv: Any  # [D + 2 Dkv, D] (c_attn)
+    bqkv: Any  # [D + 2 Dkv]
+    wo: Any  # [D, D] (c_proj)
+    bo: Any  # [D]
+    ffn_norm: Any  # [D]
+    ffn_norm_b: Any  # [D]
+    up: Any  # [F, D] (c_fc)
+    up_b: Any  # [F]
+    down: Any  # [D, F] (mlp.c_proj)
+    down_b: Any  # [D]
+
+
+class Gpt2Model:
+    """GPT-2 weights on a device and its forward pass."""
+
+    def __init__(self, config: Gpt2Config, device: Device, tensors: Tensors):
+        c, t = config, tensors
+        self.config, self.device = c, device
+        D, F, dkv = c.n_embd, c.n_ff, c.n_head_kv * c.head_dim
+        self.tok_embd = t.weight("token_embd.weight", [c.n_vocab, D])
+        self.pos_embd = t.weight("position_embd.weight", [c.context_length, D])
+        self.output_norm = t.array("output_norm.weight", [D])
+        self.output_norm_b = t.array("output_norm.bias", [D])
+        # tied: without output.weight, llama.cpp multiplies by the token embedding
+        self.output = t.weight("output.weight", [c.n_vocab, D]) if t.has("output.weight") else self.tok_embd
+        self.blocks = []
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            self.blocks.append(Block(
+                attn_norm=t.array(p + "attn_norm.weight", [D]),
+                attn_norm_b=t.array(p + "attn_norm.bias", [D]),
+                wqkv=t.weight(p + "attn_qkv.weight", [D + 2 * dkv, D]),
+                bqkv=t.array(p + "attn_qkv.bias", [D + 2 * dkv]),
+                wo=t.weight(p + "attn_output.weight", [D, D]),
+                bo=t.array(p + "attn_output.bias", [D]),
+                ffn_norm=t.array(p + "ffn_norm.weight", [D]),
+                ffn_norm_b=t.array(p + "ffn_norm.bias", [D]),
+                up=t.weight(p + "ffn_up.weight", [F, D]),
+                up_b=t.array(p + "ffn_up.bias", [F]),
+                down=t.weight(p + "ffn_down.weight", [D, F]),
+                down_b=t.array(p + "ffn_down.bias", [D]),
+            ))
+        t.finish()
+
+    def kv_windows(self) -> list[int]:
+        return [0] * self.config.n_layer
+
+    def new_kv_cache(self, n_ctx: int) -> KVCache:
+        c = self.config
+        return self.device.new_kv_cache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, self.kv_windows())
+
+    def forward(self, step: Step, cache: KVCache, *, all_logits: bool = False):
+        """Logits of the step's tokens: [T, V] with `all_logits`, else [1, V] (the last token)."""
+        c, dev = self.config, self.device
+        x = dev.add(dev.embedding(self.tok_embd, step.ids), dev.embedding(self.pos_embd, step.positions))  # [T, D]
+        for il, B in enumerate(self.blocks):
+            x = dev.add(x, self.attention(il, B, dev.layer_norm(x, B.attn_norm, B.attn_norm_b, c.norm_eps), step, cache))
+            x = dev.add(x, self.mlp(B, dev.layer_norm(x, B.ffn_norm, B.ffn_norm_b, c.norm_eps)))
+        if not all_logits:
+            x = x[-1:]  # [1, D]
+        return dev.linear(dev.layer_norm(x, self.output_norm, self.output_norm_b, c.norm_eps), self.output)  # [T, V]
+
+    def attention(self, il: int, B: Block, h, step: Step, cache: KVCache):
+        c, dev, T = self.config, self.device, step.T
+        hd, nq, nkv = c.head_dim, c.n_embd, c.n_head_kv * c.head_dim
+        qkv = dev.linear(h, B.wqkv, B.bqkv)  # [T, D + 2 Dkv]
+        q = qkv[:, :nq].reshape(T, c.n_head, hd)  # [T, H, hd]
+        k = qkv[:, nq : nq + nkv].reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
+        v = qkv[:, nq + nkv :].reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
+        o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd))  # [T, H, hd]
+        return dev.linear(o.reshape(T, nq), B.wo, B.bo)  # [T, D]
+
+    def mlp(self, B: Block, h):
+        dev = self.device
+        return dev.linear(dev.gelu(dev.linear(h, B.up, B.up_b)), B.down, B.down_b)  # [T, D]
+
+
+class Gpt2(Architecture):
+    name = ARCH
+    required_metadata = {
+        "embedding_length": int,
+        "block_count": int,
+        "context_length": int,
+        "feed_forward_length": int,
+        "attention.head_count": int,
+        "attention.layer_norm_epsilon": float,
+    }
+
+    def config(self, model) -> Gpt2Config:
+        return Gpt2Config.from_gguf(model)
+
+    def build(self, model, device, registry=None) -> Gpt2Model:
+        return Gpt2Model(self.config(model), device, Tensors(model, device, registry))

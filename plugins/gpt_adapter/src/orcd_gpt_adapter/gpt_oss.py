@@ -1,0 +1,279 @@
+"""gpt-oss (GGUF `general.architecture` = "gpt-oss"), as llama.cpp runs it (src/models/openai-moe.cpp).
+
+A pre-norm transformer with RMSNorm; attention with q/k/v/o biases, GQA, NeoX RoPE with YaRN
+scaling, learned per-head sinks in the softmax denominator and a sliding window on alternate layers;
+the feed-forward is a mixture of experts: router (+ bias) -> top-k -> softmax over the chosen logits
+-> per-expert gate|up (+ biases) -> swiglu_oai (alpha 1.702, clamp 7.0) -> down (+ bias) -> weighted
+sum.
+
+    x = x + attn(rms_norm(x))            # sinks; window on the layers llama.cpp marks SWA
+    x = x + moe(rms_norm(x))             # post_attention_norm is the pre-MoE norm
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from orcd_core.architecture import Architecture
+from orcd_core.device import Device, KVCache, RopeSpec, Step
+from orcd_core.errors import GGUFMetadataError
+
+from .tensors import Tensors
+
+ARCH = "gpt-oss"
+SWIGLU_ALPHA = 1.702  # llama.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE
+SWIGLU_LIMIT = 7.0
+
+
+@dataclass(frozen=True)
+class GptOssConfig:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    rms_eps: float
+    context_length: int
+    sliding_window: int
+    swa_layers: tuple[bool, ...]  # True: layer il attends within the sliding window
+    rope: RopeSpec  # full-attention layers
+    rope_swa: RopeSpec  # sliding-window layers (freq_base_swa where the file sets it)
+
+    @classmethod
+    def from_gguf(cls, model) -> "GptOssConfig":
+        def key(suffix, kind=None, default=None):
+            full = f"{ARCH}.{suffix}"
+            if default is None and full not in model.metadata:
+                return model.require(full, kind)
+            value = model.metadata.get(full, default)
+            if kind is not None and not isinstance(value, kind):
+                raise GGUFMetadataError(model.path, f"metadata key {full!r} is {value!r:.60}, expected {kind}")
+            return value
+
+        n_embd = key("embedding_length", int)
+        n_layer = key("block_count", int)
+        n_head = key("attention.head_count", int)
+        n_head_kv = key("attention.head_count_kv", int, n_head)
+        head_dim = key("attention.key_length", int, n_embd // n_head)
+        if key("attention.value_length", int, head_dim) != head_dim:
+            raise GGUFMetadataError(model.path, f"{ARCH}: value_length != key_length is not supported")
+        n_ff_exp = key("expert_feed_forward_length", (int, list))
+        if isinstance(n_ff_exp, list):  # llama.cpp accepts one value per layer; gpt-oss has one value
+            if len(set(n_ff_exp)) != 1:
+                raise GGUFMetadataError(model.path, f"{ARCH}: per-layer expert_feed_forward_length {n_ff_exp!r:.60}")
+            n_ff_exp = n_ff_exp[0]
+        n_expert_used = key("expert_used_count", (int, list))
+        if isinstance(n_expert_used, list):
+            if len(set(n_expert_used)) != 1:
+                raise GGUFMetadataError(model.path, f"{ARCH}: per-layer expert_used_count {n_expert_used!r:.60}")
+            n_expert_used = n_expert_used[0]
+        embd = model.tensors.get("token_embd.weight")
+        if embd is None:
+            raise GGUFMetadataError(model.path, "tensor 'token_embd.weight' is missing")
+        return cls(
+            n_vocab=int(embd.np_shape[0]),
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_expert=key("expert_count", int),
+            n_expert_used=int(n_expert_used),
+            n_ff_exp=int(n_ff_exp),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon", float)),
+            context_length=key("context_length", int),
+            sliding_window=key("attention.sliding_window", int),
+            swa_layers=swa_pattern(model, n_layer),
+            **rope_specs(model, head_dim),
+        )
+
+
+def swa_pattern(model, n_layer: int) -> tuple[bool, ...]:
+    """Which layers use the sliding window, as llama.cpp's load_swa_pattern(ml, 2): an array
+    `attention.sliding_window_pattern` lists them; an integer n (default 2 for gpt-oss) makes layer
+    il SWA when il % n < n - 1 (so layers 0, 2, 4, ... with n = 2); n = 0 makes every layer SWA."""
+    value = model.metadata.get(f"{ARCH}.attention.sliding_window_pattern", 2)
+    if isinstance(value, list):
+        if len(value) < n_layer:
+            raise GGUFMetadataError(model.path, f"{ARCH}.attention.sliding_window_pattern has {len(value)} entries "
+                                                f"for {n_layer} layers")
+        return tuple(bool(v) for v in value[:n_layer])
+    n = int(value)
+    return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
+
+
+def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
+    """RoPE of the full and the SWA layers from `rope.*` metadata, with the YaRN parameters that
+    llama.cpp derives (llama_context's constructor): ext_factor 1 when rope.scaling.type is "yarn";
+    attn_factor = get_mscale(factor) / (1 + 0.1 ln factor) * rope.scaling.attn_factor (= the attn
+    factor alone for factor >= 1, since ggml's rope multiplies by 1 + 0.1 ln(1/freq_scale) itself);
+    beta_fast 32, beta_slow 1 (gpt-oss reads no yarn_beta_* keys); n_ctx_orig from
+    rope.scaling.original_context_length, else context_length."""
+    md = model.metadata
+    base = float(md.get(f"{ARCH}.rope.freq_base", 10000.0))
+    base_swa = float(md.get(f"{ARCH}.rope.freq_base_swa", base))
+    scaling = str(md.get(f"{ARCH}.rope.scaling.type", "linear"))
+    if scaling not in ("none", "linear", "yarn"):
+        raise GGUFMetadataError(model.path, f"{ARCH}.rope.scaling.type is {scaling!r}, expected none, linear or yarn")
+    factor = float(md.get(f"{ARCH}.rope.scaling.factor", 0.0))
+    freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
+    ext_factor = 1.0 if scaling == "yarn" else 0.0
+    attn_factor = 1.0
+    if ext_factor != 0.0:
+        f = 1.0 / freq_scale
+        mscale = 1.0 if f <= 1.0 else 0.1 * math.log(f) + 1.0
+        attn_factor = mscale / (1.0 + 0.1 * math.log(f))
+    attn_factor *= float(md.get(f"{ARCH}.rope.scaling.attn_factor", 1.0))
+    n_ctx_orig = int(md.get(f"{ARCH}.rope.scaling.original_context_length", 0)) or int(
+        md.get(f"{ARCH}.context_length", 0)
+    )
+    rope = RopeSpec(
+        n_rot=int(md.get(f"{ARCH}.rope.dimension_count", head_dim)), neox=True, base=base, freq_scale=freq_scale,
+        ext_factor=ext_factor, attn_factor=attn_factor, beta_fast=32.0, beta_slow=1.0, n_ctx_orig=n_ctx_orig,
+    )
+    return {"rope": rope, "rope_swa": replace(rope, base=base_swa)}
+
+
+@dataclass
+class Layer:
+    attn_norm: Any = None  # [D]
+    wqkv: Any = None  # fused [(Hq + 2 Hkv) hd, D] or None
+    bqkv: Any = None
+    wq: Any = None  # separate q, k, v when their types differ
+    wk: Any = None
+    wv: Any = None
+    bq: Any = None
+    bk: Any = None
+    bv: Any = None
+    wo: Any = None  # [D, Hq hd]
+    bo: Any = None  # [D]
+    sinks: Any = None  # [Hq]
+    ffn_norm: Any = None  # [D] (GGUF: post_attention_norm)
+    router: Any = None  # [E, D]
+    router_b: Any = None  # [E]
+    gate_up: Any = None  # [E, 2F, D]: rows [0, F) gate, [F, 2F) up
+    gate_up_b: Any = None  # [E, 2F]
+    down: Any = None  # [E, D, F]
+    down_b: Any = None  # [E, D]
+
+
+class GptOssModel:
+    """gpt-oss weights on a device and its forward pass."""
+
+    def __init__(self, config: GptOssConfig, device: Device, tensors: Tensors):
+        c, t, dev = config, tensors, device
+        self.config, self.device = c, device
+        D, E, F, hd = c.n_embd, c.n_expert, c.n_ff_exp, c.head_dim
+        nq, nkv = c.n_head * hd, c.n_head_kv * hd
+        self.tok_embd = t.weight("token_embd.weight", [c.n_vocab, D])
+        self.output_norm = t.array("output_norm.weight", [D])
+        self.output = t.weight("output.weight", [c.n_vocab, D])
+        self.layers: list[Layer] = []
+        for il in range(c.n_layer):
+            p = f"blk.{il}."
+            L = Layer(attn_norm=t.array(p + "attn_norm.weight", [D]))
+            if t.has(p + "attn_qkv.weight"):  # llama.cpp accepts a fused tensor too
+                L.wqkv = t.weight(p + "attn_qkv.weight", [nq + 2 * nkv, D])
+                L.bqkv = t.optional_array(p + "attn_qkv.bias", [nq + 2 * nkv])
+            else:
+                qkv = [(p + "attn_q.weight", [nq, D]), (p + "attn_k.weight", [nkv, D]), (p + "attn_v.weight", [nkv, D])]
+                L.wqkv = t.fused(p + "attn_qkv.weight", qkv)
+                biases = [(p + f"attn_{x}.bias", [n]) for x, n in (("q", nq), ("k", nkv), ("v", nkv))]
+                if L.wqkv is None:
+                    L.wq, L.wk, L.wv = (t.weight(n, s) for n, s in qkv)
+                    L.bq, L.bk, L.bv = (t.optional_array(n, s) for n, s in biases)
+                elif all(t.has(n) for n, _ in biases):
+                    L.bqkv = dev.upload_array(p + "attn_qkv.bias", np.concatenate([t.host(n, s) for n, s in biases], 0))
+                elif any(t.has(n) for n, _ in biases):  # some but not all: add the missing ones as zeros
+                    L.bqkv = dev.upload_array(p + "attn_qkv.bias", np.concatenate(
+                        [t.host(n, s) if t.has(n) else np.zeros(s, np.float32) for n, s in biases], 0))
+            L.wo = t.weight(p + "attn_output.weight", [D, nq])
+            L.bo = t.array(p + "attn_output.bias", [D])
+            L.sinks = t.array(p + "attn_sinks.weight", [c.n_head])
+            L.ffn_norm = t.array(p + "post_attention_norm.weight", [D])
+            L.router = t.weight(p + "ffn_gate_inp.weight", [E, D])
+            L.router_b = t.array(p + "ffn_gate_inp.bias", [E])
+            gate_up = [(p + "ffn_gate_exps.weight", [E, F, D]), (p + "ffn_up_exps.weight", [E, F, D])]
+            L.gate_up = t.fused(p + "ffn_gate_up_exps.weight", gate_up) or t.fused_f16(
+                p + "ffn_gate_up_exps.weight", gate_up)
+            L.gate_up_b = dev.upload_array(p + "ffn_gate_up_exps.bias", np.concatenate(
+                [t.host(p + "ffn_gate_exps.bias", [E, F]), t.host(p + "ffn_up_exps.bias", [E, F])], 1))
+            L.down = t.weight(p + "ffn_down_exps.weight", [E, D, F])
+            L.down_b = t.array(p + "ffn_down_exps.bias", [E, D])
+            self.layers.append(L)
+        t.finish()
+
+    # -- the cache this model needs ----------------------------------------------------------------
+
+    def kv_windows(self) -> list[int]:
+        """Per-layer ring-buffer size of the KV cache (0 = the whole context)."""
+        c = self.config
+        return [c.sliding_window if swa else 0 for swa in c.swa_layers]
+
+    def new_kv_cache(self, n_ctx: int) -> KVCache:
+        c = self.config
+        return self.device.new_kv_cache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, self.kv_windows())
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, step: Step, cache: KVCache, *, all_logits: bool = False):
+        """Logits of the step's tokens: [T, V] with `all_logits`, else [1, V] (the last token)."""
+        dev = self.device
+        x = dev.embedding(self.tok_embd, step.ids)  # [T, D]
+        for il, L in enumerate(self.layers):
+            x = dev.add(x, self.attention(il, L, dev.rms_norm(x, L.attn_norm, self.config.rms_eps), step, cache))
+            x = dev.add(x, self.experts(L, dev.rms_norm(x, L.ffn_norm, self.config.rms_eps)))
+        if not all_logits:
+            x = x[-1:]  # [1, D]
+        return dev.linear(dev.rms_norm(x, self.output_norm, self.config.rms_eps), self.output)  # [T, V]
+
+    def attention(self, il: int, L: Layer, h, step: Step, cache: KVCache):
+        c, dev, T = self.config, self.device, step.T
+        hd, nq, nkv = c.head_dim, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        if L.wqkv is not None:
+            qkv = dev.linear(h, L.wqkv, L.bqkv)  # [T, nq + 2 nkv]
+            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
+        else:
+            q, k, v = dev.linear(h, L.wq, L.bq), dev.linear(h, L.wk, L.bk), dev.linear(h, L.wv, L.bv)
+        swa = c.swa_layers[il]
+        rope = c.rope_swa if swa else c.rope
+        q = dev.rope(q.reshape(T, c.n_head, hd), step.positions, rope)  # [T, Hq, hd]
+        k = dev.rope(k.reshape(T, c.n_head_kv, hd), step.positions, rope)  # [T, Hkv, hd]
+        v = v.reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
+        o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd), sinks=L.sinks,
+                          window=c.sliding_window if swa else 0)  # [T, Hq, hd]
+        return dev.linear(o.reshape(T, nq), L.wo, L.bo)  # [T, D]
+
+    def experts(self, L: Layer, h):
+        return self.device.moe(h, L.router, L.router_b, L.gate_up, L.gate_up_b, L.down, L.down_b,
+                               top_k=self.config.n_expert_used, act="swiglu_oai",
+                               alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT)  # [T, D]
+
+
+class GptOss(Architecture):
+    name = ARCH
+    required_metadata = {
+        "embedding_length": int,
+        "block_count": int,
+        "context_length": int,
+        "attention.head_count": int,
+        "attention.layer_norm_rms_epsilon": float,
+        "attention.sliding_window": int,
+        "expert_count": int,
+        "expert_used_count": (int, list),
+        "expert_feed_forward_length": (int, list),
+    }
+
+    def config(self, model) -> GptOssConfig:
+        return GptOssConfig.from_gguf(model)
+
+    def build(self, model, device, registry=None) -> GptOssModel:
+        return GptOssModel(self.config(model), device, Tensors(model, device, registry))
