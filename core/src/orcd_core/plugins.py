@@ -89,6 +89,12 @@ class FailedPlugin:
         }
 
 
+def _describe(obj: object) -> str:
+    """A plugin object's class, for error messages (its repr may itself be broken)."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__} object"
+
+
 def _normalize(name: str) -> str:
     """PEP 503 normalization, so `orcd_quant_legacy` and `orcd-quant-legacy` name the same thing."""
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -180,10 +186,10 @@ class Registry:
         def register_quant(fmt) -> None:
             for attr in ("ggml_type", "name", "block_size", "type_size", "dequantize_blocks"):
                 if not hasattr(fmt, attr):
-                    raise PluginError(f"plugin {plugin.name!r}: quant format {fmt!r} lacks {attr!r}")
+                    raise PluginError(f"plugin {plugin.name!r}: quant format {_describe(fmt)} lacks {attr!r}")
             type_id, name = fmt.ggml_type, fmt.name
             if isinstance(type_id, bool) or not isinstance(type_id, int) or not isinstance(name, str):
-                raise PluginError(f"plugin {plugin.name!r}: quant format {fmt!r} needs an int ggml_type and a str name")
+                raise PluginError(f"plugin {plugin.name!r}: quant format {_describe(fmt)} needs an int ggml_type and a str name")
             known = _quant_geometry_table().get(type_id)
             if known is None:
                 # gguf.GGUFReader cannot parse a tensor of a type id it does not know, so no file
@@ -205,7 +211,7 @@ class Registry:
         def register_arch(arch) -> None:
             name = getattr(arch, "name", None)
             if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {plugin.name!r}: architecture {arch!r} has no name")
+                raise PluginError(f"plugin {plugin.name!r}: architecture {_describe(arch)} has no name")
             required = getattr(arch, "required_metadata", {})
             if not isinstance(required, dict):
                 raise PluginError(f"plugin {plugin.name!r}: architecture {name!r}: required_metadata must be a dict")
@@ -215,7 +221,7 @@ class Registry:
         def register_tokenizer(backend) -> None:
             kind = getattr(backend, "kind", None)
             if not isinstance(kind, str) or not kind:
-                raise PluginError(f"plugin {plugin.name!r}: tokenizer backend {backend!r} has no kind")
+                raise PluginError(f"plugin {plugin.name!r}: tokenizer backend {_describe(backend)} has no kind")
             stage("tokenizer", self.tokenizers, kind, backend, kind)
             plugin.tokenizers.append(kind)
 
