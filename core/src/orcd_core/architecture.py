@@ -8,7 +8,7 @@ runnable model on a device (the forward pass is written once against the device 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 
 class Architecture:
@@ -23,9 +23,27 @@ class Architecture:
         """A typed config built from the GGUF metadata of `model` (an `orcd_core.gguf_file.GGUFModel`)."""
         raise NotImplementedError(f"{self.name}: config")
 
-    def build(self, model, device) -> Any:
-        """Map the file's tensors to weights on `device` and return the runnable model."""
+    def build(self, model, device, registry=None) -> "RunnableModel":
+        """Map the file's tensors to weights on `device` and return the runnable model.
+        `registry` resolves tensor types to `QuantFormat`s (`default_registry()` when None)."""
         raise NotImplementedError(f"{self.name}: build")
 
     def __repr__(self) -> str:
         return f"<Architecture {self.name}>"
+
+
+class RunnableModel(Protocol):
+    """What `Architecture.build` returns; the engine drives it (orcd_core.engine).
+
+    `forward` is the whole model for one step: it issues device ops only (no host reads), so the
+    CUDA backend can capture a decode step (T = 1) as one graph."""
+
+    config: Any  # the typed config; engines read `context_length` (int or None) from it when present
+
+    def new_kv_cache(self, n_ctx: int) -> Any:
+        """A KV cache (`orcd_core.device.KVCache`) for `n_ctx` positions on the model's device."""
+        ...
+
+    def forward(self, step: Any, cache: Any, *, all_logits: bool = False) -> Any:
+        """Logits of the step's tokens: [T, V] with `all_logits`, else [1, V] (the last token only)."""
+        ...
