@@ -1,0 +1,136 @@
+"""Config from metadata and strict loading of the gpt-oss and gpt2 adapters (no llama.cpp needed).
+
+The expected values are llama.cpp's, read from its source: load_swa_pattern(ml, 2) and
+set_swa_pattern in src/llama-hparams.cpp; the YaRN parameters of llama_context's constructor
+(src/llama-context.cpp); create_tensor flags in src/models/{openai-moe,gpt2}.cpp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from gpt_tiny_gguf import write_gpt2, write_gpt_oss
+
+from orcd_core.device import Step
+from orcd_core.devices import create_device
+from orcd_core.errors import GGUFTensorError
+from orcd_core.gguf_file import check_supported, open_gguf
+from orcd_core.plugins import load_plugins
+from orcd_gpt_adapter.gpt_oss import rope_specs, swa_pattern
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins()
+
+
+def _meta(**kv):
+    return SimpleNamespace(metadata={f"gpt-oss.{k}": v for k, v in kv.items()}, path="x.gguf")
+
+
+def test_swa_pattern_like_llama_cpp():
+    # default n_pattern 2, dense_first false: il % 2 < 1 -> layers 0, 2, 4, ... slide
+    assert swa_pattern(_meta(), 5) == (True, False, True, False, True)
+    assert swa_pattern(_meta(**{"attention.sliding_window_pattern": 3}), 6) == (True, True, False) * 2
+    assert swa_pattern(_meta(**{"attention.sliding_window_pattern": 0}), 3) == (True, True, True)
+    explicit = [False, True, True, False]
+    assert swa_pattern(_meta(**{"attention.sliding_window_pattern": explicit}), 4) == tuple(explicit)
+
+
+def test_yarn_parameters_like_llama_cpp():
+    # the real gpt-oss-20b: yarn, factor 32, original context 4096, base 150000
+    m = _meta(**{"rope.freq_base": 150000.0, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
+                 "rope.scaling.original_context_length": 4096, "context_length": 131072})
+    rope = rope_specs(m, 64)["rope"]
+    assert rope.neox and rope.n_rot == 64 and rope.base == 150000.0
+    assert rope.freq_scale == pytest.approx(1 / 32) and rope.ext_factor == 1.0
+    # get_mscale(32, 1) / (1 + 0.1 ln 32) cancels: ggml's rope applies 1 + 0.1 ln 32 itself
+    assert rope.attn_factor == pytest.approx(1.0)
+    assert (rope.beta_fast, rope.beta_slow, rope.n_ctx_orig) == (32.0, 1.0, 4096)
+    # scaling.attn_factor multiplies; freq_base_swa only changes the SWA layers
+    m.metadata["gpt-oss.rope.scaling.attn_factor"] = 0.5
+    m.metadata["gpt-oss.rope.freq_base_swa"] = 10000.0
+    specs = rope_specs(m, 64)
+    assert specs["rope"].attn_factor == pytest.approx(0.5)
+    assert specs["rope_swa"].base == 10000.0 and specs["rope"].base == 150000.0
+    # no scaling keys: plain RoPE, n_ctx_orig falls back to context_length
+    plain = rope_specs(_meta(**{"context_length": 2048}), 64)["rope"]
+    assert (plain.freq_scale, plain.ext_factor, plain.attn_factor, plain.n_ctx_orig) == (1.0, 0.0, 1.0, 2048)
+
+
+def test_gpt_oss_config_from_file(tmp_path: Path, registry):
+    model = open_gguf(write_gpt_oss(tmp_path / "oss.gguf", seed=1, n_layer=3))
+    arch = check_supported(model, registry)
+    c = arch.config(model)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim) == (3, 128, 8, 2, 32)
+    assert (c.n_expert, c.n_expert_used, c.n_ff_exp, c.sliding_window) == (8, 4, 64, 8)
+    assert c.swa_layers == (True, False, True)
+    assert c.rope.freq_scale == pytest.approx(1 / 32) and c.rope.n_ctx_orig == 256
+    built = arch.build(model, create_device("reference"), registry)
+    assert built.kv_windows() == [8, 0, 8]
+    layer = built.layers[0]
+    assert layer.wqkv.shape == (8 * 32 + 2 * 2 * 32, 128)  # q|k|v fused at load (all Q8_0)
+    assert layer.gate_up.shape == (8, 2 * 64, 128)  # gate|up experts fused: [E, 2F, D]
+    gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
+    up = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_up_exps.weight"].data, (8, 64, 128))
+    np.testing.assert_array_equal(layer.gate_up.data[:, :64], gate)
+    np.testing.assert_array_equal(layer.gate_up.data[:, 64:], up)
+
+
+def test_gpt2_tied_output(tmp_path: Path, registry):
+    model = open_gguf(write_gpt2(tmp_path / "g2.gguf", seed=2, tied=True))
+    built = check_supported(model, registry).build(model, create_device("reference"), registry)
+    assert built.output is built.tok_embd
+    assert built.config.context_length == 128 and built.config.head_dim == 32
+
+
+def test_prefill_equals_decode(tmp_path: Path, registry):
+    """The same 24 tokens as one prefill and as 24 decode steps give the same logits (window 8 < 24:
+    the ring-buffered SWA layers and the sinks are exercised on both paths). Float32 sums in another order
+differ by ~1e-4 of the logits' spread; a wrong window, mask or cache slot costs more than 1e-1."""
+    ids = np.random.default_rng(3).integers(0, 380, 24)
+    for path in (write_gpt_oss(tmp_path / "oss.gguf", seed=3), write_gpt2(tmp_path / "g2.gguf", seed=3)):
+        model = open_gguf(path)
+        dev = create_device("reference")
+        built = check_supported(model, registry).build(model, dev, registry)
+        T = len(ids)
+        full = built.forward(Step(T, dev.to_device(ids), dev.to_device(np.arange(T)), dev.to_device([0])),
+                             built.new_kv_cache(32), all_logits=True)
+        cache = built.new_kv_cache(32)
+        steps = [built.forward(Step(1, dev.to_device([t]), dev.to_device([i]), dev.to_device([i])), cache)[0]
+                 for i, t in enumerate(ids)]
+        err = np.abs(full - np.array(steps)).max() / full.std()
+        assert err < 1e-3, f"{path.name}: prefill vs decode max |diff|/std {err:.2e}"
+
+
+def test_strict_loading(tmp_path: Path, registry):
+    import gguf
+
+    path = write_gpt2(tmp_path / "g2.gguf", seed=4)
+    # an extra tensor the adapter does not know fails the load, naming it
+    reader = gguf.GGUFReader(path)
+    extra = tmp_path / "extra.gguf"
+    w = gguf.GGUFWriter(extra, "gpt2")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0],
+                        field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.add_tensor("blk.0.attn_q_norm.weight", np.ones(128, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model = open_gguf(extra)
+    with pytest.raises(GGUFTensorError, match="attn_q_norm"):
+        check_supported(model, registry).build(model, create_device("reference"), registry)
+    # a wrong head count makes the qkv shape disagree: the message names the tensor and both shapes
+    model = open_gguf(path)
+    model.metadata["gpt2.embedding_length"] = 96
+    with pytest.raises(GGUFTensorError, match=r"token_embd.weight.*\[384, 128\].*\[384, 96\]"):
+        check_supported(model, registry).build(model, create_device("reference"), registry)
