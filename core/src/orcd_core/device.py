@@ -130,6 +130,30 @@ class Device(abc.ABC):
         """Bytes held by category: weights, kv_cache, workspace."""
         return {"weights": 0, "kv_cache": 0, "workspace": 0}
 
+    def prepare_load(self, model, *, n_ctx: int, progress: "ProgressFn | None" = None) -> None:
+        """Called by the engine once, before the adapter uploads weights: the CUDA backend checks
+        weights + KV cache (`n_ctx` positions) + workspace against free VRAM here (raising
+        `orcd_core.errors.InsufficientVram`) and reserves its weight arena; `progress(fraction)` is
+        then called as weight bytes reach the device. The reference backend needs nothing."""
+
+    @property
+    def healthy(self) -> bool:
+        """False once a periodic check found a weight no longer resident in device memory."""
+        return True
+
+    def decoder(self, forward: "Callable[[Step], Any]", *, first_id: int, position: int, params,
+                step_index: int, recent_ids: Sequence[int]) -> "Decoder":
+        """The decode loop of one request. `forward(step)` runs the model on a one-token `Step` and
+        returns that token's logits [V] (the adapter's forward + `logits_last`); it must only call
+        device ops. `first_id` is the last chosen token, not yet in the KV cache, at `position`
+        (= n_past); `step_index` is the index (among generated tokens) of the token the first
+        `next()` returns; `recent_ids` the ids the repetition penalty sees so far (prompt and
+        generated, `first_id` included). Each `Decoder.next()` feeds the previous token, runs one
+        step, samples and returns the new id (one small device->host copy). This default runs the
+        ops one by one; the CUDA backend captures the step once as a CUDA graph and replays it."""
+        return EagerDecoder(self, forward, first_id=first_id, position=position, params=params,
+                            step_index=step_index, recent_ids=recent_ids)
+
     # -- ops --------------------------------------------------------------------------------------
     @abc.abstractmethod
     def embedding(self, table: Weight, ids) -> Any:
@@ -193,3 +217,38 @@ class Device(abc.ABC):
 
 
 ProgressFn = Callable[[float], None]
+
+
+class Decoder(abc.ABC):
+    """One request's decode loop (see `Device.decoder`)."""
+
+    @abc.abstractmethod
+    def next(self) -> int:
+        """Run one decode step and return the chosen id."""
+
+    def close(self) -> None:
+        """Release what the loop holds (a captured graph); the KV cache stays the caller's."""
+
+
+class EagerDecoder(Decoder):
+    """`Device.decoder`'s default: each step issued op by op, inputs uploaded per step."""
+
+    def __init__(self, device: Device, forward, *, first_id: int, position: int, params,
+                 step_index: int, recent_ids: Sequence[int]):
+        self.device, self.forward, self.params = device, forward, params
+        self.id, self.pos, self.step_index = int(first_id), int(position), int(step_index)
+        self.window = max(int(getattr(params, "repetition_window", 0)), 1)
+        self.recent = [int(i) for i in recent_ids][-self.window:]
+
+    def next(self) -> int:
+        d = self.device
+        d.begin_step()
+        pos = d.to_device([self.pos])
+        step = Step(T=1, ids=d.to_device([self.id]), positions=pos, n_past=d.to_device([self.pos]))
+        logits = self.forward(step)
+        recent = [-1] * (self.window - len(self.recent)) + self.recent
+        tok = d.sample(logits, self.params, d.to_device(recent), d.to_device([self.step_index]))
+        tok = int(d.to_host(tok).reshape(-1)[0])
+        self.recent = (self.recent + [tok])[-self.window:]
+        self.id, self.pos, self.step_index = tok, self.pos + 1, self.step_index + 1
+        return tok

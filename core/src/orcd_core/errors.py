@@ -45,6 +45,11 @@ class UnsupportedTensorType(ModelLoadError):
     """No installed plugin provides a tensor's GGML type."""
 
 
+class InsufficientVram(ModelLoadError):
+    """The model (weights + KV cache + workspace) needs more VRAM than the GPU has free. The message
+    names the bytes required and available, the device id and the model path."""
+
+
 class TokenizerError(OrcdError):
     """The model's vocabulary cannot be turned into a tokenizer (unknown model or pre-tokenizer, ...)."""
 
