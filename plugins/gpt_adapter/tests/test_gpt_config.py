@@ -72,7 +72,7 @@ def test_gpt_oss_config_from_file(tmp_path: Path, registry):
     built = arch.build(model, create_device("reference"), registry)
     assert built.kv_windows() == [8, 0, 8]
     layer = built.layers[0]
-    assert layer.wqkv.shape == (8 * 32 + 2 * 2 * 32, 128)  # q|k|v fused at load (all Q8_0)
+    assert [w.shape for w, _ in layer.qkv.weights] == [(8 * 32 + 2 * 2 * 32, 128)]  # q|k|v fused (all Q8_0)
     assert layer.gate_up.shape == (8, 2 * 64, 128)  # gate|up experts fused: [E, 2F, D]
     gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
     up = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_up_exps.weight"].data, (8, 64, 128))

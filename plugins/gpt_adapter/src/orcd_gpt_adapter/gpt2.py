@@ -18,7 +18,7 @@ from typing import Any
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, Step
 
-from .tensors import Tensors
+from .tensors import Proj, Tensors
 
 ARCH = "gpt2"
 
@@ -60,8 +60,7 @@ class Gpt2Config:
 class Block:
     attn_norm: Any  # [D]
     attn_norm_b: Any  # [D]
-    wqkv: Any  # [D + 2 Dkv, D] (c_attn)
-    bqkv: Any  # [D + 2 Dkv]
+    qkv: Proj  # c_attn: [T, D] -> [T, D], [T, Dkv], [T, Dkv] (one matmul, with bias)
     wo: Any  # [D, D] (c_proj)
     bo: Any  # [D]
     ffn_norm: Any  # [D]
@@ -91,8 +90,7 @@ class Gpt2Model:
             self.blocks.append(Block(
                 attn_norm=t.array(p + "attn_norm.weight", [D]),
                 attn_norm_b=t.array(p + "attn_norm.bias", [D]),
-                wqkv=t.weight(p + "attn_qkv.weight", [D + 2 * dkv, D]),
-                bqkv=t.array(p + "attn_qkv.bias", [D + 2 * dkv]),
+                qkv=t.proj_split(p + "attn_qkv", [D, dkv, dkv], D),
                 wo=t.weight(p + "attn_output.weight", [D, D]),
                 bo=t.array(p + "attn_output.bias", [D]),
                 ffn_norm=t.array(p + "ffn_norm.weight", [D]),
@@ -124,13 +122,13 @@ class Gpt2Model:
 
     def attention(self, il: int, B: Block, h, step: Step, cache: KVCache):
         c, dev, T = self.config, self.device, step.T
-        hd, nq, nkv = c.head_dim, c.n_embd, c.n_head_kv * c.head_dim
-        qkv = dev.linear(h, B.wqkv, B.bqkv)  # [T, D + 2 Dkv]
-        q = qkv[:, :nq].reshape(T, c.n_head, hd)  # [T, H, hd]
-        k = qkv[:, nq : nq + nkv].reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
-        v = qkv[:, nq + nkv :].reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
+        hd = c.head_dim
+        q, k, v = B.qkv(dev, h)  # [T, D], [T, Dkv], [T, Dkv]
+        q = q.reshape(T, c.n_head, hd)  # [T, H, hd]
+        k = k.reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
+        v = v.reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
         o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd))  # [T, H, hd]
-        return dev.linear(o.reshape(T, nq), B.wo, B.bo)  # [T, D]
+        return dev.linear(o.reshape(T, c.n_embd), B.wo, B.bo)  # [T, D]
 
     def mlp(self, B: Block, h):
         dev = self.device

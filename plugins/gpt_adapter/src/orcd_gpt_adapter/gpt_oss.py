@@ -22,7 +22,7 @@ from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, RopeSpec, Step
 from orcd_core.errors import GGUFMetadataError
 
-from .tensors import Tensors
+from .tensors import Proj, Tensors
 
 ARCH = "gpt-oss"
 SWIGLU_ALPHA = 1.702  # llama.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE
@@ -144,25 +144,18 @@ def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
 
 @dataclass
 class Layer:
-    attn_norm: Any = None  # [D]
-    wqkv: Any = None  # fused [(Hq + 2 Hkv) hd, D] or None
-    bqkv: Any = None
-    wq: Any = None  # separate q, k, v when their types differ
-    wk: Any = None
-    wv: Any = None
-    bq: Any = None
-    bk: Any = None
-    bv: Any = None
-    wo: Any = None  # [D, Hq hd]
-    bo: Any = None  # [D]
-    sinks: Any = None  # [Hq]
-    ffn_norm: Any = None  # [D] (GGUF: post_attention_norm)
-    router: Any = None  # [E, D]
-    router_b: Any = None  # [E]
-    gate_up: Any = None  # [E, 2F, D]: rows [0, F) gate, [F, 2F) up
-    gate_up_b: Any = None  # [E, 2F]
-    down: Any = None  # [E, D, F]
-    down_b: Any = None  # [E, D]
+    attn_norm: Any  # [D]
+    qkv: Proj  # q|k|v with biases: [T, D] -> [T, Hq hd], [T, Hkv hd], [T, Hkv hd]
+    wo: Any  # [D, Hq hd]
+    bo: Any  # [D]
+    sinks: Any  # [Hq]
+    ffn_norm: Any  # [D] (GGUF: post_attention_norm)
+    router: Any  # [E, D]
+    router_b: Any  # [E]
+    gate_up: Any  # [E, 2F, D]: rows [0, F) gate, [F, 2F) up
+    gate_up_b: Any  # [E, 2F]
+    down: Any  # [E, D, F]
+    down_b: Any  # [E, D]
 
 
 class GptOssModel:
@@ -179,36 +172,29 @@ class GptOssModel:
         self.layers: list[Layer] = []
         for il in range(c.n_layer):
             p = f"blk.{il}."
-            L = Layer(attn_norm=t.array(p + "attn_norm.weight", [D]))
-            if t.has(p + "attn_qkv.weight"):  # llama.cpp accepts a fused tensor too
-                L.wqkv = t.weight(p + "attn_qkv.weight", [nq + 2 * nkv, D])
-                L.bqkv = t.optional_array(p + "attn_qkv.bias", [nq + 2 * nkv])
+            if t.has(p + "attn_qkv.weight"):  # llama.cpp also accepts one fused tensor
+                qkv = t.proj_split(p + "attn_qkv", [nq, nkv, nkv], D)
             else:
-                qkv = [(p + "attn_q.weight", [nq, D]), (p + "attn_k.weight", [nkv, D]), (p + "attn_v.weight", [nkv, D])]
-                L.wqkv = t.fused(p + "attn_qkv.weight", qkv)
-                biases = [(p + f"attn_{x}.bias", [n]) for x, n in (("q", nq), ("k", nkv), ("v", nkv))]
-                if L.wqkv is None:
-                    L.wq, L.wk, L.wv = (t.weight(n, s) for n, s in qkv)
-                    L.bq, L.bk, L.bv = (t.optional_array(n, s) for n, s in biases)
-                elif all(t.has(n) for n, _ in biases):
-                    L.bqkv = dev.upload_array(p + "attn_qkv.bias", np.concatenate([t.host(n, s) for n, s in biases], 0))
-                elif any(t.has(n) for n, _ in biases):  # some but not all: add the missing ones as zeros
-                    L.bqkv = dev.upload_array(p + "attn_qkv.bias", np.concatenate(
-                        [t.host(n, s) if t.has(n) else np.zeros(s, np.float32) for n, s in biases], 0))
-            L.wo = t.weight(p + "attn_output.weight", [D, nq])
-            L.bo = t.array(p + "attn_output.bias", [D])
-            L.sinks = t.array(p + "attn_sinks.weight", [c.n_head])
-            L.ffn_norm = t.array(p + "post_attention_norm.weight", [D])
-            L.router = t.weight(p + "ffn_gate_inp.weight", [E, D])
-            L.router_b = t.array(p + "ffn_gate_inp.bias", [E])
+                parts = [(p + f"attn_{x}.weight", n) for x, n in (("q", nq), ("k", nkv), ("v", nkv))]
+                qkv = t.proj(p + "attn_qkv.weight", parts, D, [p + f"attn_{x}.bias" for x in "qkv"])
             gate_up = [(p + "ffn_gate_exps.weight", [E, F, D]), (p + "ffn_up_exps.weight", [E, F, D])]
-            L.gate_up = t.fused(p + "ffn_gate_up_exps.weight", gate_up) or t.fused_f16(
-                p + "ffn_gate_up_exps.weight", gate_up)
-            L.gate_up_b = dev.upload_array(p + "ffn_gate_up_exps.bias", np.concatenate(
-                [t.host(p + "ffn_gate_exps.bias", [E, F]), t.host(p + "ffn_up_exps.bias", [E, F])], 1))
-            L.down = t.weight(p + "ffn_down_exps.weight", [E, D, F])
-            L.down_b = t.array(p + "ffn_down_exps.bias", [E, D])
-            self.layers.append(L)
+            self.layers.append(Layer(
+                attn_norm=t.array(p + "attn_norm.weight", [D]),
+                qkv=qkv,
+                wo=t.weight(p + "attn_output.weight", [D, nq]),
+                bo=t.array(p + "attn_output.bias", [D]),
+                sinks=t.array(p + "attn_sinks.weight", [c.n_head]),
+                ffn_norm=t.array(p + "post_attention_norm.weight", [D]),
+                router=t.weight(p + "ffn_gate_inp.weight", [E, D]),
+                router_b=t.array(p + "ffn_gate_inp.bias", [E]),
+                # gate|up fused into the [E, 2F, D] layout of Device.moe (F16 if their types differ)
+                gate_up=t.fused(p + "ffn_gate_up_exps.weight", gate_up)
+                or t.fused_f16(p + "ffn_gate_up_exps.weight", gate_up),
+                gate_up_b=dev.upload_array(p + "ffn_gate_up_exps.bias", np.concatenate(
+                    [t.host(p + "ffn_gate_exps.bias", [E, F]), t.host(p + "ffn_up_exps.bias", [E, F])], axis=1)),
+                down=t.weight(p + "ffn_down_exps.weight", [E, D, F]),
+                down_b=t.array(p + "ffn_down_exps.bias", [E, D]),
+            ))
         t.finish()
 
     # -- the cache this model needs ----------------------------------------------------------------
@@ -237,12 +223,8 @@ class GptOssModel:
 
     def attention(self, il: int, L: Layer, h, step: Step, cache: KVCache):
         c, dev, T = self.config, self.device, step.T
-        hd, nq, nkv = c.head_dim, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-        if L.wqkv is not None:
-            qkv = dev.linear(h, L.wqkv, L.bqkv)  # [T, nq + 2 nkv]
-            q, k, v = qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :]
-        else:
-            q, k, v = dev.linear(h, L.wq, L.bq), dev.linear(h, L.wk, L.bk), dev.linear(h, L.wv, L.bv)
+        hd, nq = c.head_dim, c.n_head * c.head_dim
+        q, k, v = L.qkv(dev, h)  # [T, nq], [T, nkv], [T, nkv]
         swa = c.swa_layers[il]
         rope = c.rope_swa if swa else c.rope
         q = dev.rope(q.reshape(T, c.n_head, hd), step.positions, rope)  # [T, Hq, hd]

@@ -9,6 +9,7 @@ parts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -62,6 +63,30 @@ class Tensors:
         t = self.info(name, shape)
         return self.device.upload_weight(name, [t], self.fmt(t))
 
+    def proj(self, name: str, parts: Sequence[tuple[str, int]], n_in: int,
+             biases: Sequence[str] | None = None) -> "Proj":
+        """Linears `parts` = [(weight name, rows)] over one input of width `n_in`, fused into one
+        weight `name` when their types agree, else kept apart. `biases`: one tensor name per part;
+        absent ones count as zero (llama.cpp's q/k/v biases are optional)."""
+        infos = [self.info(n, (rows, n_in)) for n, rows in parts]
+        rows = [r for _, r in parts]
+        bias = None
+        if biases is not None and any(self.has(b) for b in biases):
+            bias = [self.host(b, (r,)) if self.has(b) else np.zeros(r, np.float32) for b, r in zip(biases, rows)]
+        if len({t.ggml_type for t in infos}) == 1:
+            w = self.device.upload_weight(name, infos, self.fmt(infos[0]))
+            b = self.device.upload_array(name + ".bias", np.concatenate(bias)) if bias else None
+            return Proj([(w, b)], rows)
+        return Proj([(self.device.upload_weight(t.name, [t], self.fmt(t)),
+                      self.device.upload_array(t.name + ".bias", bias[i]) if bias else None)
+                     for i, t in enumerate(infos)], rows)
+
+    def proj_split(self, prefix: str, rows: Sequence[int], n_in: int) -> "Proj":
+        """One stored tensor `{prefix}.weight` (+ optional `.bias`) whose output rows are several
+        projections (GPT-2's c_attn): applied as one matmul, then split by `rows`."""
+        p = self.proj(prefix + ".weight", [(prefix + ".weight", sum(rows))], n_in, [prefix + ".bias"])
+        return Proj(p.weights, list(rows))
+
     def fused(self, name: str, parts: Sequence[tuple[str, Sequence[int]]]):
         """Several tensors of one type concatenated along their rows (axis -2) into one weight
         named `name`. Returns None, consuming nothing, when the parts' types differ."""
@@ -101,3 +126,18 @@ class Tensors:
                 self.model.path,
                 f"{self.model.architecture}: unexpected tensors {', '.join(map(repr, unused[:5]))}{more}",
             )
+
+
+@dataclass
+class Proj:
+    """y_i = x @ W_i (+ b_i) for each part i; one matmul when the parts were fused at load."""
+
+    weights: list[tuple[Any, Any]]  # (Weight, bias or None): one entry when fused
+    rows: list[int]  # output width of each part
+
+    def __call__(self, dev, x) -> tuple:
+        if len(self.weights) == 1:
+            y = dev.linear(x, *self.weights[0])  # [T, sum(rows)]
+            starts = np.cumsum([0, *self.rows])
+            return tuple(y[:, a:b] for a, b in zip(starts[:-1], starts[1:]))  # [T, rows_i] each
+        return tuple(dev.linear(x, w, b) for w, b in self.weights)
