@@ -36,6 +36,11 @@ DEFAULT_MAX_TENSORS = 10_000
 MAX_KV = 1_000_000
 MAX_DIMS = 4
 MAX_KEY_LEN = 65_536
+#: Longest tensor name, in bytes (llama.cpp's GGML_MAX_NAME is 64, including the terminating NUL).
+MAX_TENSOR_NAME = 63
+#: Most elements in one metadata array. Real vocabularies have about 2^18 entries; the limit keeps a
+#: hostile count from turning a large file into tens of GB of Python objects.
+MAX_ARRAY_LEN = 1 << 24
 
 # GGUF metadata value types
 _SCALARS = {  # type id -> (struct format, size, name)
@@ -177,6 +182,8 @@ class _StructureCheck:
         if vtype == _ARRAY:
             etype = self.unpack("<I", 4, f"the element type of {what}")
             count = self.unpack("<Q", 8, f"the length of {what}")
+            if count > MAX_ARRAY_LEN:
+                raise self.fail(f"{what} has {count} elements, more than the limit {MAX_ARRAY_LEN}")
             if etype in _SCALARS:
                 fmt, size, _ = _SCALARS[etype]
                 start = self.take(count * size, f"{what} ({count} elements)")
@@ -210,7 +217,8 @@ class _StructureCheck:
         self.pos = 4
         version = self.unpack("<I", 4, "the version")
         if version not in SUPPORTED_VERSIONS:
-            raise self.fail(f"GGUF version {version}, expected one of {SUPPORTED_VERSIONS}")
+            hint = " (a big-endian file?)" if struct.unpack(">I", struct.pack("<I", version))[0] in SUPPORTED_VERSIONS else ""
+            raise self.fail(f"GGUF version {version}, expected one of {SUPPORTED_VERSIONS}{hint}")
         n_tensors = self.unpack("<Q", 8, "the tensor count")
         n_kv = self.unpack("<Q", 8, "the metadata count")
         self.metadata: dict[str, Any] = {}
@@ -224,11 +232,15 @@ class _StructureCheck:
                 key = raw_key.decode("utf-8")
             except UnicodeDecodeError:
                 raise self.fail(f"metadata key #{i} is not valid UTF-8: {raw_key[:40]!r}") from None
+            if key in self.metadata:
+                raise self.fail(f"metadata key {key!r} appears twice")
             vtype = self.unpack("<I", 4, f"the type of metadata {key!r}")
             value = self.value(vtype, f"metadata {key!r}")
             if key == "general.alignment":
-                if vtype not in _INT_TYPES or not value or value & (value - 1) or value > 1 << 20:
-                    raise self.fail(f"metadata 'general.alignment' is {value!r}, expected a power of two")
+                if vtype != 4:  # the GGUF spec (and llama.cpp) require uint32
+                    raise self.fail(f"metadata 'general.alignment' has value type {vtype}, expected 4 (uint32)")
+                if not value or value & (value - 1) or value > 1 << 20:
+                    raise self.fail(f"metadata 'general.alignment' is {value!r}, expected a power of two up to 2^20")
                 self.alignment = int(value)
             if key == "general.architecture" and vtype == _STRING:
                 self.arch = value.decode("utf-8", "replace")
@@ -237,7 +249,14 @@ class _StructureCheck:
         infos = []
         for i in range(n_tensors):
             raw_name = self.string(f"the name of tensor #{i}", MAX_KEY_LEN)
-            name = raw_name.decode("utf-8", "replace")
+            try:
+                name = raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise GGUFTensorError(self.path, f"the name of tensor #{i} is not valid UTF-8: {raw_name[:40]!r}") from None
+            if len(raw_name) > MAX_TENSOR_NAME:
+                raise GGUFTensorError(
+                    self.path, f"tensor #{i} name {name[:80]!r} is {len(raw_name)} bytes long, expected at most {MAX_TENSOR_NAME}"
+                )
             n_dims = self.unpack("<I", 4, f"the dimension count of tensor {name!r}")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise GGUFTensorError(self.path, f"tensor {name!r} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
@@ -279,6 +298,15 @@ class _StructureCheck:
         return version, data_offset, infos
 
 
+def _utf8(path: Path, raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GGUFMetadataError(
+            path, f"{what} is not valid UTF-8 (byte {raw[exc.start]:#04x} at position {exc.start}): {raw[:40]!r}"
+        ) from None
+
+
 def open_gguf(path: str | os.PathLike[str], max_tensors: int = DEFAULT_MAX_TENSORS) -> GGUFModel:
     """Validate and open a GGUF file. Raises a `ModelLoadError` subclass on any problem."""
     path = Path(path)
@@ -300,13 +328,13 @@ def open_gguf(path: str | os.PathLike[str], max_tensors: int = DEFAULT_MAX_TENSO
 
     metadata: dict[str, Any] = {}
     for key, value in check.metadata.items():
-        try:
-            if isinstance(value, bytes):
-                value = value.decode("utf-8")
-            elif isinstance(value, list) and value and isinstance(value[0], bytes):
+        if isinstance(value, bytes):
+            value = _utf8(path, value, f"metadata key {key!r}")
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            try:
                 value = [v.decode("utf-8") for v in value]
-        except UnicodeDecodeError as exc:
-            raise GGUFMetadataError(path, f"metadata key {key!r} cannot be decoded: {exc}") from None
+            except UnicodeDecodeError:
+                value = [_utf8(path, v, f"metadata key {key!r} element {i}") for i, v in enumerate(value)]
         metadata[key] = value
 
     tensors: dict[str, TensorInfo] = {}
