@@ -1,0 +1,69 @@
+"""RoPE parameters from GGUF metadata, resolved as llama.cpp resolves them for a context
+(src/llama-model.cpp load_hparams, src/llama-context.cpp): shared by every architecture adapter.
+
+    freq_base   = {arch}.rope.freq_base (10000)
+    scaling     = {arch}.rope.scaling.type ("linear"; "none" | "linear" | "yarn" | "longrope")
+    freq_scale  = 1 / {arch}.rope.scaling.factor (or the older rope.scale_linear); 1 if absent or 0,
+                  and 1 whenever scaling == "none"
+    n_ctx_orig  = {arch}.rope.scaling.original_context_length, else {arch}.context_length, else 0
+    ext_factor  = {arch}.rope.scaling.yarn_ext_factor, else 1 for "yarn" and 0 otherwise
+    attn_factor = {arch}.rope.scaling.yarn_attn_factor (1); when ext_factor != 0 it becomes
+                  mscale(factor) / (1 + 0.1 ln factor) with mscale(s) = 1 + 0.1 ln s (s > 1), which
+                  cancels ggml's own YaRN magnitude term; then times {arch}.rope.scaling.attn_factor (1)
+    beta_fast / beta_slow = {arch}.rope.scaling.yarn_beta_fast / _slow (32 / 1)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from .device import RopeSpec
+from .errors import GGUFMetadataError
+
+SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+
+
+def rope_scaling_type(model) -> str:
+    value = str(model.get(model.arch_key("rope.scaling.type"), "linear"))
+    if value not in SCALING_TYPES:
+        raise GGUFMetadataError(
+            model.path, f"metadata {model.arch_key('rope.scaling.type')!r} is {value!r}, expected one of {SCALING_TYPES}"
+        )
+    return value
+
+
+def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
+    """The RopeSpec llama.cpp would use for this file at its trained settings (freq_factors None:
+    adapters add the factors tensor they pick, with `dataclasses.replace`)."""
+
+    def get(suffix: str, default):
+        return model.get(model.arch_key(suffix), default)
+
+    scaling = rope_scaling_type(model)
+    factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 0.0)
+    freq_scale = 1.0 if factor == 0.0 or scaling == "none" else 1.0 / factor
+    n_ctx_orig = int(get("rope.scaling.original_context_length", 0) or get("context_length", 0) or 0)
+    ext_factor = float(get("rope.scaling.yarn_ext_factor", 1.0 if scaling == "yarn" else 0.0))
+    attn_factor = float(get("rope.scaling.yarn_attn_factor", 1.0))
+    if ext_factor != 0.0:
+        s = 1.0 / freq_scale
+        mscale = 1.0 + 0.1 * math.log(s) if s > 1.0 else 1.0
+        attn_factor = mscale / (1.0 + 0.1 * math.log(s))
+    attn_factor *= float(get("rope.scaling.attn_factor", 1.0))
+    return RopeSpec(
+        n_rot=n_rot,
+        neox=neox,
+        base=float(get("rope.freq_base", 10000.0)),
+        freq_scale=freq_scale,
+        ext_factor=ext_factor,
+        attn_factor=attn_factor,
+        beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+        n_ctx_orig=n_ctx_orig,
+    )
+
+
+def with_factors(spec: RopeSpec, freq_factors) -> RopeSpec:
+    """`spec` with a device array of per-pair frequency divisors."""
+    return replace(spec, freq_factors=freq_factors)
