@@ -1,0 +1,168 @@
+"""`orcd-worker inspect MODEL [--json] [--context N]`: what a GGUF file holds, read from its header,
+metadata and tensor table only (no tensor data is read, nothing touches a GPU).
+
+Reports the architecture, parameter count, layer count, quant mix (GGML type -> tensor count and
+bytes; the bytes add up to the file's tensor data), tokenizer kind, context length (null when the
+file does not say), vocabulary size, whether the installed plugins support the file, and an estimate
+of the VRAM the CUDA backend needs for the weights (each tensor in a 256-byte-aligned arena) plus an
+fp16 KV cache at `--context` tokens (default: the model's context length, else 4096). Activations
+and workspaces are not included. A malformed file prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from orcd_core.errors import GGUFMetadataError, ModelLoadError
+from orcd_core.gguf_file import GGUFModel, check_supported, open_gguf
+from orcd_core.plugins import load_plugins
+
+#: `tokenizer.ggml.model` -> the tokenizer kind the worker uses for it.
+TOKENIZER_KINDS = {"gpt2": "gguf-bpe", "llama": "gguf-spm"}
+ARENA_ALIGNMENT = 256
+KV_BYTES_PER_ELEMENT = 2  # fp16
+DEFAULT_CONTEXT = 4096
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show a GGUF model's architecture, quant mix, tokenizer and VRAM estimate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="path to a GGUF file")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--context", type=int, metavar="N", help="context length for the KV-cache estimate")
+    parser.set_defaults(func=run)
+
+
+def _int(model: GGUFModel, key: str) -> int | None:
+    """An integer metadata value, None when absent; a value of another type is an error."""
+    value = model.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GGUFMetadataError(model.path, f"metadata key {key!r} is {type(value).__name__} {value!r:.60}, expected an integer")
+    return value
+
+
+def _per_layer(model: GGUFModel, key: str, n_layer: int, default: int | None) -> list[int] | None:
+    """A per-layer count that GGUF stores either as one integer or as an array of one per layer."""
+    value = model.get(key)
+    if value is None:
+        return None if default is None else [default] * n_layer
+    if isinstance(value, list):
+        if len(value) != n_layer or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise GGUFMetadataError(model.path, f"metadata key {key!r} is {value!r:.60}, expected {n_layer} integers")
+        return list(value)
+    return [_int(model, key)] * n_layer  # type: ignore[list-item]
+
+
+def kv_cache_bytes(model: GGUFModel, n_ctx: int) -> int | None:
+    """fp16 K and V for every layer at `n_ctx` tokens, from the attention metadata (None when the
+    file lacks what is needed)."""
+    arch = model.architecture
+    n_layer = _int(model, f"{arch}.block_count")
+    n_embd = _int(model, f"{arch}.embedding_length")
+    if not n_layer or not n_embd:
+        return None
+    n_head = _per_layer(model, f"{arch}.attention.head_count", n_layer, None)
+    if n_head is None or not all(n_head):
+        return None
+    n_head_kv = _per_layer(model, f"{arch}.attention.head_count_kv", n_layer, None) or n_head
+    head_k = _int(model, f"{arch}.attention.key_length") or n_embd // max(n_head)
+    head_v = _int(model, f"{arch}.attention.value_length") or head_k
+    per_token = sum(kv * (head_k + head_v) for kv in n_head_kv) * KV_BYTES_PER_ELEMENT
+    return per_token * n_ctx
+
+
+def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
+    model = open_gguf(path)
+    arch = model.architecture
+    context_length = _int(model, f"{arch}.context_length")
+    tokens = model.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if isinstance(tokens, list) else _int(model, f"{arch}.vocab_size")
+    if vocab_size is None and "token_embd.weight" in model.tensors:
+        vocab_size = model.tensors["token_embd.weight"].shape[-1]
+    tok_model = model.get("tokenizer.ggml.model")
+    n_ctx = context if context is not None else (context_length or DEFAULT_CONTEXT)
+    if n_ctx <= 0:
+        raise GGUFMetadataError(model.path, f"context {n_ctx} for the KV-cache estimate, expected a positive number")
+    weights = sum(-(-t.nbytes // ARENA_ALIGNMENT) * ARENA_ALIGNMENT for t in model.tensors.values())
+    kv = kv_cache_bytes(model, n_ctx)
+
+    registry = load_plugins()
+    try:
+        check_supported(model, registry)
+        supported, reason = True, None
+    except ModelLoadError as exc:
+        supported, reason = False, exc.what
+
+    return {
+        "path": str(model.path),
+        "file_size": model.file_size,
+        "gguf_version": model.version,
+        "name": model.get("general.name"),
+        "architecture": arch,
+        "parameters": sum(t.n_elements for t in model.tensors.values()),
+        "block_count": _int(model, f"{arch}.block_count"),
+        "embedding_length": _int(model, f"{arch}.embedding_length"),
+        "context_length": context_length,
+        "vocab_size": vocab_size,
+        "tokenizer_model": tok_model if isinstance(tok_model, str) else None,
+        "tokenizer_kind": TOKENIZER_KINDS.get(tok_model) if isinstance(tok_model, str) else None,
+        "tensor_count": len(model.tensors),
+        "tensor_data_bytes": model.tensor_data_bytes,
+        "quant_mix": model.quant_mix(),
+        "vram_estimate": {
+            "context": n_ctx,
+            "weights_bytes": weights,
+            "kv_cache_bytes": kv,
+            "total_bytes": weights + (kv or 0),
+        },
+        "supported": supported,
+        "unsupported_reason": reason,
+    }
+
+
+def _mib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def format_text(info: dict[str, Any]) -> str:
+    vram = info["vram_estimate"]
+    lines = [
+        f"file:           {info['path']} ({info['file_size']:,} bytes, GGUF v{info['gguf_version']})",
+        f"name:           {info['name'] or '-'}",
+        f"architecture:   {info['architecture']}",
+        f"parameters:     {info['parameters']:,}",
+        f"layers:         {info['block_count'] if info['block_count'] is not None else '-'}",
+        f"context length: {info['context_length'] if info['context_length'] is not None else 'not set in the file'}",
+        f"vocabulary:     {info['vocab_size'] if info['vocab_size'] is not None else '-'} tokens, "
+        f"tokenizer {info['tokenizer_kind'] or '-'} (tokenizer.ggml.model = {info['tokenizer_model']!r})",
+        f"tensors:        {info['tensor_count']}, {info['tensor_data_bytes']:,} bytes of data",
+        "quant mix:",
+    ]
+    for name, entry in info["quant_mix"].items():
+        share = entry["bytes"] / info["tensor_data_bytes"] * 100 if info["tensor_data_bytes"] else 0.0
+        lines.append(f"  {name:<8} {entry['tensors']:>5} tensors {entry['bytes']:>15,} bytes ({share:5.1f}%)")
+    lines.append(
+        f"VRAM estimate:  {_mib(vram['total_bytes'])} at context {vram['context']} "
+        f"(weights {_mib(vram['weights_bytes'])}, fp16 KV cache {_mib(vram['kv_cache_bytes'])})"
+    )
+    lines.append("supported:      yes" if info["supported"] else f"supported:      no: {info['unsupported_reason']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = inspect_model(args.model, args.context)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_text(info))
+    return 0
