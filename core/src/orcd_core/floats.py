@@ -6,10 +6,14 @@ import numpy as np
 
 from .quant import QuantFormat
 
+#: CUDA kernels of the float types (gemv_F32, dequant_f16_F16, get_rows_BF16, ...)
+FLOATS_CUDA = ("orcd_core.kernels", "floats.cu")
+
 
 class F32(QuantFormat):
     ggml_type = 0
     name = "F32"
+    cuda_source = FLOATS_CUDA
     block_size = 1
     type_size = 4
 
@@ -23,6 +27,7 @@ class F32(QuantFormat):
 class F16(QuantFormat):
     ggml_type = 1
     name = "F16"
+    cuda_source = FLOATS_CUDA
     block_size = 1
     type_size = 2
 
@@ -38,6 +43,7 @@ class BF16(QuantFormat):
 
     ggml_type = 30
     name = "BF16"
+    cuda_source = FLOATS_CUDA
     block_size = 1
     type_size = 2
 

@@ -49,7 +49,7 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
 
 class _Legacy(QuantFormat):
     block_size = QK
-    cuda_source = None
+    cuda_source = ("orcd_quant_legacy", "legacy.cu")  # gemv_/dequant_f16_/get_rows_ + name
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         return dequantize_in_chunks(self._dequantize_into, as_blocks(blocks, self.type_size, self.name), QK)

@@ -70,7 +70,7 @@ class Q4_K(QuantFormat):
     name = "Q4_K"
     block_size = QK_K
     type_size = 2 + 2 + K_SCALE_SIZE + QK_K // 2
-    cuda_source = None
+    cuda_source = ("orcd_quant_q4k", "q4k.cu")
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         return dequantize_in_chunks(self._dequantize_into, as_blocks(blocks, self.type_size, self.name), QK_K)
@@ -103,7 +103,7 @@ class Q5_K(QuantFormat):
     name = "Q5_K"
     block_size = QK_K
     type_size = 2 + 2 + K_SCALE_SIZE + QK_K // 8 + QK_K // 2
-    cuda_source = None
+    cuda_source = ("orcd_quant_q4k", "q4k.cu")
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         return dequantize_in_chunks(self._dequantize_into, as_blocks(blocks, self.type_size, self.name), QK_K)
@@ -142,7 +142,7 @@ class Q6_K(QuantFormat):
     name = "Q6_K"
     block_size = QK_K
     type_size = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2
-    cuda_source = None
+    cuda_source = ("orcd_quant_q4k", "q4k.cu")
 
     _SHIFT = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
 

@@ -1,0 +1,96 @@
+// orcd-worker: helpers shared by every CUDA source (core kernels and the quant plugins' formats).
+//
+// Self-contained on purpose: no CUDA headers, so the same text compiles with NVRTC (no include
+// path needed) and with nvcc. fp16 values are carried as their 16-bit patterns (`half_bits`) and
+// converted with PTX `cvt`, which is what cuda_fp16.h does underneath.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short half_bits;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define ORCD_WARP 32
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// ---- fp16 / bf16 -------------------------------------------------------------------------------
+__device__ __forceinline__ float h2f(half_bits h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ half_bits f2h(float f) {
+    half_bits h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float bf2f(half_bits b) { return __uint_as_float(((u32)b) << 16); }
+// the low / high half of a 32-bit word as fp16 -> f32
+__device__ __forceinline__ float h2f_lo(u32 w) { return h2f((half_bits)(w & 0xFFFFu)); }
+__device__ __forceinline__ float h2f_hi(u32 w) { return h2f((half_bits)(w >> 16)); }
+__device__ __forceinline__ u32 pack_h2(float a, float b) { return (u32)f2h(a) | ((u32)f2h(b) << 16); }
+
+// ---- loads ---------------------------------------------------------------------------------------
+// 16 bytes from a 16-byte aligned address, read-only path.
+__device__ __forceinline__ uint4 ld16(const void* p) { return __ldg((const uint4*)p); }
+__device__ __forceinline__ u32 ld4(const void* p) { return __ldg((const u32*)p); }
+__device__ __forceinline__ half_bits ld2(const void* p) { return __ldg((const unsigned short*)p); }
+
+// 16 bytes from an address that is only 2-byte aligned (blocks of 18, 22, 34 or 210 bytes):
+// five aligned 32-bit loads and funnel shifts instead of eight 16-bit loads.
+__device__ __forceinline__ void ld16_a2(const u8* p, u32 w[4]) {
+    const unsigned long long a = (unsigned long long)p;
+    const u32* base = (const u32*)(a & ~3ull);
+    if ((a & 3ull) == 0) {
+        uint4 v;  // may still be only 4-aligned: four separate words
+        v.x = __ldg(base); v.y = __ldg(base + 1); v.z = __ldg(base + 2); v.w = __ldg(base + 3);
+        w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+    } else {  // 2 mod 4
+        const u32 r0 = __ldg(base), r1 = __ldg(base + 1), r2 = __ldg(base + 2), r3 = __ldg(base + 3), r4 = __ldg(base + 4);
+        w[0] = __funnelshift_r(r0, r1, 16); w[1] = __funnelshift_r(r1, r2, 16);
+        w[2] = __funnelshift_r(r2, r3, 16); w[3] = __funnelshift_r(r3, r4, 16);
+    }
+}
+__device__ __forceinline__ void ld16_a4(const u8* p, u32 w[4]) {
+    const u32* q = (const u32*)p;
+    w[0] = __ldg(q); w[1] = __ldg(q + 1); w[2] = __ldg(q + 2); w[3] = __ldg(q + 3);
+}
+__device__ __forceinline__ void ld16_a16(const u8* p, u32 w[4]) {
+    const uint4 v = ld16(p);
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+}
+// byte i (0..15) of four packed words
+__device__ __forceinline__ u32 byte_of(const u32 w[4], int i) { return (w[i >> 2] >> (8 * (i & 3))) & 0xFFu; }
+
+// ---- reductions ---------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the whole block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch /* >= 32 floats */) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}

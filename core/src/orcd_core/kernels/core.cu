@@ -1,0 +1,552 @@
+// orcd-worker core kernels: normalization, RoPE, element-wise ops, KV-cache writes, attention, argmax.
+//
+// Every kernel that runs during a decode step reads positions and lengths from device memory, so a
+// whole step can be captured once as a CUDA graph and replayed. Activations are float32; the KV cache
+// is fp16. Launch geometry is chosen (and validated) by the Python launchers in backends/cuda/ops.py.
+#include "common.cuh"
+
+// ================================================================================================
+// Normalization: one block per row.
+// ================================================================================================
+// y = x / sqrt(mean(x^2) + eps) * w        (ggml_rms_norm followed by the weight multiply)
+extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                        float* __restrict__ y, int D, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (i64)blockIdx.x * D;
+    float* yr = y + (i64)blockIdx.x * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, scratch);
+    const float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * r * w[i];
+}
+
+// y = (x - mean) / sqrt(var + eps) * w + b  (ggml_norm followed by weight and bias; either may be null)
+extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                          const float* __restrict__ b, float* __restrict__ y, int D, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (i64)blockIdx.x * D;
+    float* yr = y + (i64)blockIdx.x * D;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) s += xr[i];
+    const float mean = block_sum(s, scratch) / (float)D;
+    float v = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        const float c = xr[i] - mean;
+        v += c * c;
+    }
+    const float r = 1.0f / sqrtf(block_sum(v, scratch) / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float o = (xr[i] - mean) * r;
+        if (w) o *= w[i];
+        if (b) o += b[i];
+        yr[i] = o;
+    }
+}
+
+// ================================================================================================
+// RoPE (ggml_rope_ext semantics). x, y: [T, H, hd]; one thread per pair of a head.
+// neox: pairs (i, i + n_rot/2); normal: pairs (2i, 2i + 1). Dims >= n_rot pass through.
+// theta = pos * base^(-2i/n_rot) / freq_factor[i], then YaRN mixing (ext_factor != 0) as rope_yarn.
+// ================================================================================================
+__device__ __forceinline__ float yarn_ramp(float low, float high, int i0) {
+    const float y = ((float)(i0 / 2) - low) / fmaxf(0.001f, high - low);
+    return 1.0f - fminf(1.0f, fmaxf(0.0f, y));
+}
+
+extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ y, const int* __restrict__ positions,
+                                    const float* __restrict__ freq_factors, int T, int H, int hd, int n_rot, int neox,
+                                    float theta_scale, float freq_scale, float ext_factor, float attn_factor,
+                                    float corr0, float corr1) {
+    const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const int half_hd = hd >> 1;
+    if (g >= (i64)T * H * half_hd) return;
+    const int p = (int)(g % half_hd);
+    const i64 row = g / half_hd;  // t * H + h
+    const int t = (int)(row / H);
+    const float* xr = x + row * hd;
+    float* yr = y + row * hd;
+    const int half_rot = n_rot >> 1;
+    if (p >= half_rot) {  // pass-through dims n_rot + 2(p - half_rot) + {0, 1}
+        const int i = n_rot + 2 * (p - half_rot);
+        yr[i] = xr[i];
+        yr[i + 1] = xr[i + 1];
+        return;
+    }
+    const int i0 = 2 * p;
+    const int a = neox ? p : i0, b = neox ? p + half_rot : i0 + 1;
+    float theta_extrap = (float)positions[t] * powf(theta_scale, (float)p);
+    if (freq_factors) theta_extrap /= freq_factors[p];
+    const float theta_interp = freq_scale * theta_extrap;
+    float theta = theta_interp, mscale = attn_factor;
+    if (ext_factor != 0.0f) {
+        const float mix = yarn_ramp(corr0, corr1, i0) * ext_factor;
+        theta = theta_interp * (1.0f - mix) + theta_extrap * mix;
+        mscale *= 1.0f + 0.1f * logf(1.0f / freq_scale);
+    }
+    const float c = cosf(theta) * mscale, s = sinf(theta) * mscale;
+    const float x0 = xr[a], x1 = xr[b];
+    yr[a] = x0 * c - x1 * s;
+    yr[b] = x0 * s + x1 * c;
+}
+
+// ================================================================================================
+// Element-wise
+// ================================================================================================
+// y = a + b, b broadcast with period nb (nb == n for a plain add, D for a bias over rows)
+extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
+                                   i64 n, i64 nb) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a[i] + b[nb == n ? i : i % nb];
+}
+
+extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
+                                        i64 n) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float v = g[i];
+        y[i] = v / (1.0f + expf(-v)) * u[i];
+    }
+}
+
+// tanh approximation, as ggml_gelu
+extern "C" __global__ void gelu_f32(const float* __restrict__ x, float* __restrict__ y, i64 n) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float v = x[i];
+        y[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * v * (1.0f + 0.044715f * v * v)));
+    }
+}
+
+extern "C" __global__ void f32_to_f16(const float* __restrict__ x, half_bits* __restrict__ y, i64 n) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = f2h(x[i]);
+}
+
+// y[r, c] = x[r * row_stride + c]: a row-strided view (a column slice) made contiguous
+extern "C" __global__ void copy_rows_f32(const float* __restrict__ x, float* __restrict__ y, int rows, int cols,
+                                         i64 row_stride) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (i64)rows * cols) {
+        const i64 r = i / cols, c = i - r * cols;
+        y[i] = x[r * row_stride + c];
+    }
+}
+
+// ================================================================================================
+// KV cache: k, v [T, Hkv, hd] float32 -> cache [n_rows, Hkv, hd] fp16 at slot positions[t] % n_rows
+// ================================================================================================
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, half_bits* __restrict__ kc,
+                                   half_bits* __restrict__ vc, const int* __restrict__ positions, int T, int Hkv, int hd,
+                                   int n_rows) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 per_t = (i64)Hkv * hd;
+    if (i >= (i64)T * per_t) return;
+    const int t = (int)(i / per_t);
+    const i64 r = i - (i64)t * per_t;
+    const i64 dst = (i64)(positions[t] % n_rows) * per_t + r;
+    kc[dst] = f2h(k[i]);
+    vc[dst] = f2h(v[i]);
+}
+
+// ================================================================================================
+// Attention for prefill (and any step with T > 1): flash-style, O(T) memory.
+// grid (ceil(T / 16), Hq), 128 threads: each warp owns 4 queries; key tiles of 32 keys staged in
+// shared memory; online softmax per query. A query at position p sees keys kp <= p with
+// kp > p - window (window > 0). `sinks` [Hq] (or null) adds exp(sink) to each denominator.
+// Keys are read from the cache (the step's own k/v were written by kv_write first).
+// ================================================================================================
+#define AP_QT 16
+#define AP_KT 32
+#define AP_MAXD 128
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_prefill(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
+                 const int* __restrict__ positions, const float* __restrict__ sinks, float* __restrict__ out, int T,
+                 int Hq, int Hkv, int hd, int n_rows, float scale, int window) {
+    __shared__ float qs[AP_QT][AP_MAXD];
+    __shared__ float ks[AP_KT][AP_MAXD + 1];
+    __shared__ float vs[AP_KT][AP_MAXD];
+    __shared__ int range[2];
+    const int h = blockIdx.y, kvh = h / (Hq / Hkv);
+    const int q0 = blockIdx.x * AP_QT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = threadIdx.x; i < AP_QT * hd; i += blockDim.x) {
+        const int r = i / hd, d = i - r * hd;
+        qs[r][d] = q0 + r < T ? q[((i64)(q0 + r) * Hq + h) * hd + d] * scale : 0.0f;
+    }
+    if (threadIdx.x == 0) {
+        int lo = 0x7fffffff, hi = -1;
+        for (int r = 0; r < AP_QT && q0 + r < T; ++r) {
+            const int p = positions[q0 + r];
+            lo = min(lo, p);
+            hi = max(hi, p);
+        }
+        range[0] = window > 0 ? max(0, lo - window + 1) : 0;
+        range[1] = hi;
+    }
+    __syncthreads();
+    const int kmin = range[0], kmax = range[1];
+    float m[4], l[4], acc[4][4];
+    int qpos[4];
+#pragma unroll
+    for (int qi = 0; qi < 4; ++qi) {
+        const int r = q0 + warp * 4 + qi;
+        qpos[qi] = r < T ? positions[r] : -1;
+        m[qi] = -INFINITY;
+        l[qi] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[qi][c] = 0.0f;
+    }
+    for (int k0 = kmin; k0 <= kmax; k0 += AP_KT) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < AP_KT * hd; i += blockDim.x) {
+            const int j = i / hd, d = i - j * hd;
+            const int kp = k0 + j;
+            float kv = 0.0f, vv = 0.0f;
+            if (kp <= kmax) {
+                const i64 off = ((i64)(kp % n_rows) * Hkv + kvh) * hd + d;
+                kv = h2f(kc[off]);
+                vv = h2f(vc[off]);
+            }
+            ks[j][d] = kv;
+            vs[j][d] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int qi = 0; qi < 4; ++qi) {
+            const int p = qpos[qi];
+            if (p < 0) continue;
+            const int kp = k0 + lane;
+            const bool valid = kp <= p && (window <= 0 || kp > p - window);
+            const float* qr = qs[warp * 4 + qi];
+            float s = 0.0f;
+            for (int d = 0; d < hd; ++d) s += qr[d] * ks[lane][d];
+            s = valid ? s : -INFINITY;
+            const float m_new = fmaxf(m[qi], warp_max(s));
+            if (m_new == -INFINITY) continue;  // nothing visible yet in this tile
+            const float pr = valid ? expf(s - m_new) : 0.0f;
+            const float corr = expf(m[qi] - m_new);
+            l[qi] = l[qi] * corr + warp_sum(pr);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[qi][c] *= corr;
+            for (int j = 0; j < AP_KT; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, pr, j);
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int d = lane + 32 * c;
+                    if (d < hd) acc[qi][c] += pj * vs[j][d];
+                }
+            }
+            m[qi] = m_new;
+        }
+    }
+#pragma unroll
+    for (int qi = 0; qi < 4; ++qi) {
+        const int r = q0 + warp * 4 + qi;
+        if (qpos[qi] < 0) continue;
+        float mm = m[qi], ll = l[qi], f = 1.0f;
+        if (sinks) {
+            const float sk = sinks[h];
+            const float mf = fmaxf(mm, sk);
+            f = expf(mm - mf);
+            ll = ll * f + expf(sk - mf);
+        }
+        const float inv = ll > 0.0f ? f / ll : 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int d = lane + 32 * c;
+            if (d < hd) out[((i64)r * Hq + h) * hd + d] = acc[qi][c] * inv;
+        }
+    }
+}
+
+// ================================================================================================
+// Attention for one decode token, split over the sequence (flash-decoding).
+// Part 1, grid (Hq, S), 128 threads: split s covers keys [s*chunk, (s+1)*chunk) ∩ visible keys of the
+// query at positions[0]; writes its unnormalized output, max and denominator. Part 2, grid Hq:
+// combines the S splits (and the sink). `chunk` <= 256.
+// ================================================================================================
+#define AD_CHUNK 256
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_decode_part(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
+                     const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml, int Hq,
+                     int Hkv, int hd, int n_rows, float scale, int window, int chunk) {
+    __shared__ float qsh[AP_MAXD];
+    __shared__ float sc[AD_CHUNK];
+    __shared__ float red[32];
+    __shared__ float accs[128];
+    const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
+    const int p = positions[0];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int kb = max(s * chunk, lo), ke = min((s + 1) * chunk, p + 1);
+    float* po = part_o + ((i64)h * S + s) * hd;
+    float* pml = part_ml + ((i64)h * S + s) * 2;
+    if (kb >= ke) {
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) po[d] = 0.0f;
+        if (threadIdx.x == 0) { pml[0] = -INFINITY; pml[1] = 0.0f; }
+        return;
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)h * hd + d] * scale;
+    __syncthreads();
+    const int n = ke - kb;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const half_bits* kr = kc + ((i64)((kb + j) % n_rows) * Hkv + kvh) * hd;
+        float dot = 0.0f;
+        for (int d = 0; d < hd; d += 8) {
+            const uint4 w = ld16(kr + d);
+            dot += qsh[d] * h2f_lo(w.x) + qsh[d + 1] * h2f_hi(w.x) + qsh[d + 2] * h2f_lo(w.y) + qsh[d + 3] * h2f_hi(w.y) +
+                   qsh[d + 4] * h2f_lo(w.z) + qsh[d + 5] * h2f_hi(w.z) + qsh[d + 6] * h2f_lo(w.w) + qsh[d + 7] * h2f_hi(w.w);
+        }
+        sc[j] = dot;
+        mx = fmaxf(mx, dot);
+    }
+    mx = block_max(mx, red);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, red);  // (its barriers also publish sc[])
+    const int G = blockDim.x / hd;  // key groups working side by side
+    const int g = threadIdx.x / hd, d = threadIdx.x - g * hd;
+    float a = 0.0f;
+    if (g < G) {
+        for (int j = g; j < n; j += G) a += sc[j] * h2f(vc[((i64)((kb + j) % n_rows) * Hkv + kvh) * hd + d]);
+        accs[threadIdx.x] = a;
+    }
+    __syncthreads();
+    if (threadIdx.x < hd) {
+        float o = 0.0f;
+        for (int gg = 0; gg < G; ++gg) o += accs[gg * hd + threadIdx.x];
+        po[threadIdx.x] = o;
+    }
+    if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
+}
+
+extern "C" __global__ void attn_decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                               const float* __restrict__ sinks, float* __restrict__ out, int Hq, int S,
+                                               int hd) {
+    const int h = blockIdx.x;
+    const float* ml = part_ml + (i64)h * S * 2;
+    float M = sinks ? sinks[h] : -INFINITY;
+    for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+    float L = sinks ? expf(sinks[h] - M) : 0.0f;
+    for (int s = 0; s < S; ++s)
+        if (ml[2 * s] > -INFINITY) L += ml[2 * s + 1] * expf(ml[2 * s] - M);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < S; ++s)
+            if (ml[2 * s] > -INFINITY) o += part_o[((i64)h * S + s) * hd + d] * expf(ml[2 * s] - M);
+        out[(i64)h * hd + d] = L > 0.0f ? o / L : 0.0f;
+    }
+}
+
+// ================================================================================================
+// Argmax over a [V] row, two passes: ARGMAX_BLOCKS partial (value, index) pairs, then one block.
+// Ties go to the lowest index (as numpy.argmax).
+// ================================================================================================
+#define ARGMAX_BLOCKS 64
+
+__device__ __forceinline__ void argmax_merge(float& v, int& i, float v2, int i2) {
+    if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }
+}
+__device__ __forceinline__ void block_argmax(float& v, int& i) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) argmax_merge(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+    __syncthreads();
+    if (lane == 0) { sv[warp] = v; si[warp] = i; }
+    __syncthreads();
+    v = lane < nw ? sv[lane] : -INFINITY;
+    i = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) argmax_merge(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+}
+
+extern "C" __global__ void argmax_part(const float* __restrict__ x, int V, float* __restrict__ pv, int* __restrict__ pi) {
+    float v = -INFINITY;
+    int i = 0x7fffffff;
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < V; k += gridDim.x * blockDim.x) argmax_merge(v, i, x[k], k);
+    block_argmax(v, i);
+    if (threadIdx.x == 0) { pv[blockIdx.x] = v; pi[blockIdx.x] = i; }
+}
+
+extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi, int P, int* __restrict__ out,
+                                        float* __restrict__ out_v) {
+    float v = -INFINITY;
+    int i = 0x7fffffff;
+    for (int k = threadIdx.x; k < P; k += blockDim.x) argmax_merge(v, i, pv[k], pi[k]);
+    block_argmax(v, i);
+    if (threadIdx.x == 0) {
+        out[0] = i == 0x7fffffff ? 0 : i;
+        if (out_v) out_v[0] = v;
+    }
+}
+
+// ================================================================================================
+// Decode-loop bookkeeping, run at the end of a captured step so the next replay needs no host copy:
+// the chosen token becomes the next step's input id; position, n_past and step index advance by one.
+// ================================================================================================
+extern "C" __global__ void advance_step(const int* __restrict__ token, int* __restrict__ ids, int* __restrict__ positions,
+                                        int* __restrict__ n_past, int* __restrict__ step_index, int* __restrict__ recent,
+                                        int W, int step0) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        const int t = token[0];
+        ids[0] = t;
+        positions[0] += 1;
+        n_past[0] += 1;
+        if (W > 0) recent[(step_index[0] - step0) % W] = t;  // the window's oldest slot
+        step_index[0] += 1;
+    }
+}
+
+// ================================================================================================
+// Sampling (orcd_core/sampling.py is the specification; this reproduces it on the GPU).
+//   sample_prep:    l = logits / temperature (float32 division; skipped when greedy)
+//   sample_penalty: llama.cpp's repetition penalty on each distinct id of the window
+//   argmax_part/final over l: greedy result, and l_max for the exponentials
+//   sample_exp:     e[i] = exp((double)l[i] - (double)l_max)
+//   sample_select:  top-k -> top-p -> min-p -> inverse-CDF draw, in the order (l desc, id asc),
+//                   without sorting: radix descent over 64-bit keys (ordered l, ~id), 8 bits a pass,
+//                   with per-digit weight histograms (double) in shared memory.
+// The uniform is SplitMix64(seed + (step_index + 1) * golden gamma), top 24 bits.
+// ================================================================================================
+extern "C" __global__ void sample_prep(const float* __restrict__ logits, float* __restrict__ l, int V, float temperature) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < V) l[i] = temperature > 0.0f ? logits[i] / temperature : logits[i];
+}
+
+extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const int* __restrict__ recent, int W, float penalty) {
+    for (int j = threadIdx.x; j < W; j += blockDim.x) {
+        const int id = recent[j];
+        if (id < 0 || id >= V) continue;
+        bool first = true;
+        for (int k = 0; k < j; ++k)
+            if (recent[k] == id) { first = false; break; }
+        if (!first) continue;
+        const float v = l[id];
+        l[id] = v > 0.0f ? v / penalty : v * penalty;
+    }
+}
+
+extern "C" __global__ void sample_exp(const float* __restrict__ l, const float* __restrict__ pv, double* __restrict__ e, int V) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < V) e[i] = exp((double)l[i] - (double)pv[0]);
+}
+
+__device__ __forceinline__ unsigned long long sample_key(float v, int i) {
+    u32 b = __float_as_uint(v);
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);  // order-preserving map of floats to unsigned
+    return ((unsigned long long)b << 32) | (unsigned long long)(0xFFFFFFFFu - (u32)i);
+}
+
+__device__ double block_sum_d(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum of e over the set {key >= lo, e >= emin}.
+__device__ double set_sum(const float* l, const double* e, int V, unsigned long long lo, double emin, double* scratch) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+        if (sample_key(l[i], i) >= lo && e[i] >= emin) s += e[i];
+    return block_sum_d(s, scratch);
+}
+
+// The first key of the set {key >= lo, e >= emin}, in descending key order, whose inclusive running
+// weight (1 per element when count_mode, else e) is >= thr (or > thr when strict). Returns 0 when none.
+__device__ unsigned long long radix_select(const float* l, const double* e, int V, unsigned long long lo, double emin,
+                                           bool count_mode, double thr, bool strict, double* hist, int* chosen) {
+    unsigned long long prefix = 0, mask = 0;
+    double acc = 0.0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0.0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const unsigned long long key = sample_key(l[i], i);
+            if (key < lo || e[i] < emin || (key & mask) != prefix) continue;
+            atomicAdd(&hist[(key >> shift) & 255], count_mode ? 1.0 : e[i]);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int c = -1;
+            for (int d = 255; d >= 0; --d) {
+                const double s = acc + hist[d];
+                if (strict ? s > thr : s >= thr) { c = d; break; }
+                acc = s;
+            }
+            *chosen = c;
+        }
+        __syncthreads();
+        const int c = *chosen;
+        __syncthreads();
+        if (c < 0) return 0ull;
+        prefix |= (unsigned long long)c << shift;
+        mask |= 255ull << shift;
+    }
+    return prefix;
+}
+
+__device__ __forceinline__ double splitmix_uniform(unsigned long long seed, int step_index) {
+    unsigned long long x = seed + (unsigned long long)(step_index + 1) * 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    x = x ^ (x >> 31);
+    return (double)(x >> 40) * (1.0 / 16777216.0);
+}
+
+// One block of 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample_select(const float* __restrict__ l, const double* __restrict__ e, int V, int top_k, double top_p, double min_p,
+                  unsigned long long seed, const int* __restrict__ step_index, int* __restrict__ out) {
+    __shared__ double hist[256];
+    __shared__ double scratch[32];
+    __shared__ int chosen;
+    __shared__ unsigned long long kmin[32];
+    unsigned long long lo = 0;
+    if (top_k > 0 && top_k < V) lo = radix_select(l, e, V, 0ull, -1.0, true, (double)top_k, false, hist, &chosen);
+    if (top_p < 1.0) {
+        const double total = set_sum(l, e, V, lo, -1.0, scratch);
+        const unsigned long long x = radix_select(l, e, V, lo, -1.0, false, top_p * total, false, hist, &chosen);
+        if (x) lo = x;
+    }
+    const double emin = min_p > 0.0 ? min_p : -1.0;
+    const double total = set_sum(l, e, V, lo, emin, scratch);
+    const double target = splitmix_uniform(seed, step_index[0]) * total;
+    unsigned long long x = radix_select(l, e, V, lo, emin, false, target, true, hist, &chosen);
+    if (!x) {  // rounding left no candidate past the target: the last (smallest) key of the set
+        unsigned long long m = ~0ull;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const unsigned long long key = sample_key(l[i], i);
+            if (key >= lo && e[i] >= emin && key < m) m = key;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const unsigned long long other = __shfl_xor_sync(0xffffffffu, m, o);
+            m = other < m ? other : m;
+        }
+        if ((threadIdx.x & 31) == 0) kmin[threadIdx.x >> 5] = m;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < (int)(blockDim.x >> 5); ++w) m = kmin[w] < m ? kmin[w] : m;
+            kmin[0] = m;
+        }
+        __syncthreads();
+        x = kmin[0];
+    }
+    if (threadIdx.x == 0) out[0] = (int)(0xFFFFFFFFu - (u32)(x & 0xFFFFFFFFull));
+}

@@ -1,0 +1,136 @@
+// orcd-worker: the three kernels every tensor format provides, written once over a format struct.
+//
+// A format struct F describes its blocks and how to dequantize one 32-element *item* in registers:
+//
+//   struct F {
+//     static constexpr int QK;   // elements per block
+//     static constexpr int TS;   // bytes per block
+//     static constexpr int IPB;  // items per block (QK / 32)
+//     // dequantize item i (0 <= i < IPB) of the block at `blk` into v[0..32): v[0..16) belong to
+//     // row elements x0 + 0..15 and v[16..32) to x1 + 0..15 (element offsets inside the block).
+//     __device__ static void item(const u8* blk, int i, float v[32], int& x0, int& x1);
+//   };
+//
+// A row of K elements is K / 32 items; item `it` lives in block it / IPB. Consecutive lanes take
+// consecutive items, so a warp reads consecutive bytes of the row.
+//
+// ORCD_QUANT_KERNELS(NAME, F) then defines, with uniform names per format:
+//   gemv_NAME        y[t, n] = sum_k W[n, k] x[t, k] (+ bias[n])   decode matvec, T <= GEMV_MAX_T
+//   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
+//   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
+#pragma once
+#include "common.cuh"
+
+#define GEMV_MAX_T 4
+#define GEMV_WARPS 4  // rows per block: one warp per row
+
+template <class F>
+__device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
+                                          float* __restrict__ y, const float* __restrict__ bias, int N, int K,
+                                          int T) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    if (row >= N) return;
+    const u8* wrow = W + (i64)row * row_bytes;
+    const int n_items = K >> 5;
+    float acc[GEMV_MAX_T];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; ++t) acc[t] = 0.0f;
+#pragma unroll 2
+    for (int it = lane; it < n_items; it += 32) {
+        const int b = it / F::IPB, i = it - b * F::IPB;
+        float v[32];
+        int x0, x1;
+        F::item(wrow + (i64)b * F::TS, i, v, x0, x1);
+        const int base = b * F::QK;
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) {
+            if (t < T) {
+                const float4* xa = (const float4*)(x + (i64)t * K + base + x0);
+                const float4* xb = (const float4*)(x + (i64)t * K + base + x1);
+                float s = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const float4 a = xa[c], bb = xb[c];
+                    s += v[4 * c] * a.x + v[4 * c + 1] * a.y + v[4 * c + 2] * a.z + v[4 * c + 3] * a.w;
+                    s += v[16 + 4 * c] * bb.x + v[16 + 4 * c + 1] * bb.y + v[16 + 4 * c + 2] * bb.z + v[16 + 4 * c + 3] * bb.w;
+                }
+                acc[t] += s;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; ++t) {
+        if (t < T) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) y[(i64)t * N + row] = s + (bias ? bias[row] : 0.0f);
+        }
+    }
+}
+
+// One thread per item of rows [row0, row0 + n_rows); out is [n_rows, K] fp16.
+template <class F>
+__device__ __forceinline__ void dequant_f16_impl(const u8* __restrict__ W, i64 row_bytes, half_bits* __restrict__ out,
+                                                 int row0, int n_rows, int K) {
+    const int n_items = K >> 5;
+    const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= (i64)n_rows * n_items) return;
+    const int r = (int)(g / n_items), it = (int)(g - (i64)r * n_items);
+    const int b = it / F::IPB, i = it - b * F::IPB;
+    float v[32];
+    int x0, x1;
+    F::item(W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS, i, v, x0, x1);
+    half_bits* o = out + (i64)r * K + b * F::QK;
+    uint4* oa = (uint4*)(o + x0);
+    uint4* ob = (uint4*)(o + x1);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+        oa[c] = make_uint4(pack_h2(v[8 * c], v[8 * c + 1]), pack_h2(v[8 * c + 2], v[8 * c + 3]),
+                           pack_h2(v[8 * c + 4], v[8 * c + 5]), pack_h2(v[8 * c + 6], v[8 * c + 7]));
+        ob[c] = make_uint4(pack_h2(v[16 + 8 * c], v[16 + 8 * c + 1]), pack_h2(v[16 + 8 * c + 2], v[16 + 8 * c + 3]),
+                           pack_h2(v[16 + 8 * c + 4], v[16 + 8 * c + 5]), pack_h2(v[16 + 8 * c + 6], v[16 + 8 * c + 7]));
+    }
+}
+
+// grid (ceil(K/32 / blockDim), T): out[t, :] = row ids[t] of W as float32. Ids outside [0, N) give NaN rows
+// (the engine validates ids before they reach the GPU; NaN makes a violation visible, never silent).
+template <class F>
+__device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
+                                              float* __restrict__ out, int N, int K) {
+    const int t = blockIdx.y;
+    const int it = blockIdx.x * blockDim.x + threadIdx.x;
+    if (it >= (K >> 5)) return;
+    const int id = ids[t];
+    const bool bad = id < 0 || id >= N;
+    const int b = it / F::IPB, i = it - b * F::IPB;
+    float* o = out + (i64)t * K + b * F::QK;
+    float v[32];
+    int x0, x1;
+    F::item(W + (i64)(bad ? 0 : id) * row_bytes + (i64)b * F::TS, i, v, x0, x1);
+    if (bad) {
+#pragma unroll
+        for (int k = 0; k < 32; ++k) v[k] = __int_as_float(0x7fc00000);
+    }
+    float4* oa = (float4*)(o + x0);
+    float4* ob = (float4*)(o + x1);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        oa[c] = make_float4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
+        ob[c] = make_float4(v[16 + 4 * c], v[16 + 4 * c + 1], v[16 + 4 * c + 2], v[16 + 4 * c + 3]);
+    }
+}
+
+#define ORCD_QUANT_KERNELS(NAME, F)                                                                          \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
+        gemv_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,   \
+                    int T) {                                                                                 \
+        gemv_impl<F>(W, row_bytes, x, y, bias, N, K, T);                                                     \
+    }                                                                                                        \
+    extern "C" __global__ void dequant_f16_##NAME(const u8* W, i64 row_bytes, half_bits* out, int row0,      \
+                                                  int n_rows, int K) {                                       \
+        dequant_f16_impl<F>(W, row_bytes, out, row0, n_rows, K);                                             \
+    }                                                                                                        \
+    extern "C" __global__ void get_rows_##NAME(const u8* W, i64 row_bytes, const int* ids, float* out, int N, \
+                                               int K) {                                                      \
+        get_rows_impl<F>(W, row_bytes, ids, out, N, K);                                                      \
+    }

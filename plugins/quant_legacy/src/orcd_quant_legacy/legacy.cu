@@ -1,0 +1,100 @@
+// orcd-quant-legacy: CUDA kernels for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 weights per block).
+//
+// One block is one 32-weight item; the GEMV, dequantize-to-fp16 and row gather are the core's templates
+// (quant_kernels.cuh): gemv_Q4_0, dequant_f16_Q4_0, get_rows_Q4_0, ... Layouts as in llama.cpp's
+// ggml-common.h. In the 4/5-bit types byte j holds weight j (low nibble) and weight j + 16 (high nibble).
+#include "quant_kernels.cuh"
+
+// ---- Q4_0: d (fp16) | qs[16]; 18 bytes; w = d * (q - 8) -------------------------------------------
+struct FmtQ4_0 {
+    static constexpr int QK = 32, TS = 18, IPB = 1;
+    __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
+        u32 q[4];
+        ld16_a2(blk + 2, q);
+        const float d = h2f(ld2(blk));
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(q, k);
+            v[k] = d * (float)((int)(b & 0xF) - 8);
+            v[16 + k] = d * (float)((int)(b >> 4) - 8);
+        }
+        x0 = 0; x1 = 16;
+    }
+};
+
+// ---- Q4_1: d, m (fp16) | qs[16]; 20 bytes; w = d * q + m ----------------------------------------------
+struct FmtQ4_1 {
+    static constexpr int QK = 32, TS = 20, IPB = 1;
+    __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
+        u32 q[4];
+        ld16_a4(blk + 4, q);
+        const u32 dm = ld4(blk);
+        const float d = h2f_lo(dm), m = h2f_hi(dm);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(q, k);
+            v[k] = d * (float)(b & 0xF) + m;
+            v[16 + k] = d * (float)(b >> 4) + m;
+        }
+        x0 = 0; x1 = 16;
+    }
+};
+
+// ---- Q5_0: d | qh (u32, bit j = fifth bit of weight j) | qs[16]; 22 bytes; w = d * (q - 16) -----------
+struct FmtQ5_0 {
+    static constexpr int QK = 32, TS = 22, IPB = 1;
+    __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
+        u32 q[4];
+        ld16_a2(blk + 6, q);
+        const float d = h2f(ld2(blk));
+        const u32 qh = (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(q, k);
+            v[k] = d * (float)((int)((b & 0xF) | (((qh >> k) & 1) << 4)) - 16);
+            v[16 + k] = d * (float)((int)((b >> 4) | (((qh >> (k + 16)) & 1) << 4)) - 16);
+        }
+        x0 = 0; x1 = 16;
+    }
+};
+
+// ---- Q5_1: d, m | qh (u32) | qs[16]; 24 bytes; w = d * q + m --------------------------------------------
+struct FmtQ5_1 {
+    static constexpr int QK = 32, TS = 24, IPB = 1;
+    __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
+        u32 q[4];
+        ld16_a4(blk + 8, q);
+        const u32 dm = ld4(blk), qh = ld4(blk + 4);
+        const float d = h2f_lo(dm), m = h2f_hi(dm);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(q, k);
+            v[k] = d * (float)((b & 0xF) | (((qh >> k) & 1) << 4)) + m;
+            v[16 + k] = d * (float)((b >> 4) | (((qh >> (k + 16)) & 1) << 4)) + m;
+        }
+        x0 = 0; x1 = 16;
+    }
+};
+
+// ---- Q8_0: d | qs[32] (int8); 34 bytes; w = d * q ---------------------------------------------------------
+struct FmtQ8_0 {
+    static constexpr int QK = 32, TS = 34, IPB = 1;
+    __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
+        u32 a[4], b[4];
+        ld16_a2(blk + 2, a);
+        ld16_a2(blk + 18, b);
+        const float d = h2f(ld2(blk));
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            v[k] = d * (float)(signed char)byte_of(a, k);
+            v[16 + k] = d * (float)(signed char)byte_of(b, k);
+        }
+        x0 = 0; x1 = 16;
+    }
+};
+
+ORCD_QUANT_KERNELS(Q4_0, FmtQ4_0)
+ORCD_QUANT_KERNELS(Q4_1, FmtQ4_1)
+ORCD_QUANT_KERNELS(Q5_0, FmtQ5_0)
+ORCD_QUANT_KERNELS(Q5_1, FmtQ5_1)
+ORCD_QUANT_KERNELS(Q8_0, FmtQ8_0)

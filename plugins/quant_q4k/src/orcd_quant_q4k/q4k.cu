@@ -1,0 +1,113 @@
+// orcd-quant-q4k: CUDA kernels for the k-quants Q4_K, Q5_K and Q6_K (QK_K = 256 weights per block).
+//
+// Each format only says how to dequantize one 32-weight item in registers; the GEMV, the
+// dequantize-to-fp16 and the row gather are the core's templates (quant_kernels.cuh), so the kernel
+// names are uniform: gemv_Q4_K, dequant_f16_Q4_K, get_rows_Q4_K, ... Block layouts as in llama.cpp's
+// ggml-common.h; the arithmetic follows dequantize_row_q*_K in float32.
+#include "quant_kernels.cuh"
+
+// Scale and min j (0..7) of a Q4_K/Q5_K block from its 12 packed bytes (get_scale_min_k4):
+// j < 4: low 6 bits of bytes j and j+4; j >= 4: low/high nibble of byte j+4 with the top two bits
+// of byte j-4 (scale) or byte j (min) above it.
+__device__ __forceinline__ void scale_min_k4(const u32 s[3], int j, float& sc, float& mn) {
+    const int b = j < 4 ? j : j + 4;  // byte holding the low bits
+    const u32 lo = (s[b >> 2] >> (8 * (b & 3))) & 0xFF;
+    if (j < 4) {
+        const u32 mb = (s[1] >> (8 * j)) & 0xFF;  // byte j + 4
+        sc = (float)(lo & 63);
+        mn = (float)(mb & 63);
+    } else {
+        const u32 hs = (s[0] >> (8 * (j - 4))) & 0xFF;  // byte j - 4
+        const u32 hm = (s[1] >> (8 * (j - 4))) & 0xFF;  // byte j
+        sc = (float)((lo & 0xF) | ((hs >> 6) << 4));
+        mn = (float)((lo >> 4) | ((hm >> 6) << 4));
+    }
+}
+
+// ---- Q4_K: d, dmin (fp16) | scales[12] | qs[128]; 144 bytes ------------------------------------------
+// Item i = (j = i / 2, h = i % 2) covers qs[32j + 16h, +16): low nibbles are weights 64j + 16h + 0..15
+// (sub-block 2j), high nibbles weights 64j + 32 + 16h + 0..15 (sub-block 2j + 1).
+struct FmtQ4_K {
+    static constexpr int QK = 256, TS = 144, IPB = 8;
+    __device__ static __forceinline__ void item(const u8* blk, int i, float v[32], int& x0, int& x1) {
+        const int j = i >> 1, h = i & 1;
+        const u32 dm = ld4(blk);
+        const u32 s[3] = {ld4(blk + 4), ld4(blk + 8), ld4(blk + 12)};
+        u32 q[4];
+        ld16_a16(blk + 16 + 32 * j + 16 * h, q);
+        const float d = h2f_lo(dm), dmin = h2f_hi(dm);
+        float sc1, m1, sc2, m2;
+        scale_min_k4(s, 2 * j, sc1, m1);
+        scale_min_k4(s, 2 * j + 1, sc2, m2);
+        const float d1 = d * sc1, mm1 = dmin * m1, d2 = d * sc2, mm2 = dmin * m2;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(q, k);
+            v[k] = d1 * (float)(b & 0xF) - mm1;
+            v[16 + k] = d2 * (float)(b >> 4) - mm2;
+        }
+        x0 = 64 * j + 16 * h;
+        x1 = x0 + 32;
+    }
+};
+
+// ---- Q5_K: d, dmin | scales[12] | qh[32] | qs[128]; 176 bytes -----------------------------------------
+// As Q4_K, plus a fifth bit per weight: qh[l] bit 2j (low-nibble weight) and bit 2j+1 (high-nibble weight)
+// for position l = 16h + k of the 32-wide group.
+struct FmtQ5_K {
+    static constexpr int QK = 256, TS = 176, IPB = 8;
+    __device__ static __forceinline__ void item(const u8* blk, int i, float v[32], int& x0, int& x1) {
+        const int j = i >> 1, h = i & 1;
+        const u32 dm = ld4(blk);
+        const u32 s[3] = {ld4(blk + 4), ld4(blk + 8), ld4(blk + 12)};
+        u32 hb[4], q[4];
+        ld16_a16(blk + 16 + 16 * h, hb);
+        ld16_a16(blk + 48 + 32 * j + 16 * h, q);
+        const float d = h2f_lo(dm), dmin = h2f_hi(dm);
+        float sc1, m1, sc2, m2;
+        scale_min_k4(s, 2 * j, sc1, m1);
+        scale_min_k4(s, 2 * j + 1, sc2, m2);
+        const float d1 = d * sc1, mm1 = dmin * m1, d2 = d * sc2, mm2 = dmin * m2;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(q, k), e = byte_of(hb, k);
+            v[k] = d1 * (float)((b & 0xF) | (((e >> (2 * j)) & 1) << 4)) - mm1;
+            v[16 + k] = d2 * (float)((b >> 4) | (((e >> (2 * j + 1)) & 1) << 4)) - mm2;
+        }
+        x0 = 64 * j + 16 * h;
+        x1 = x0 + 32;
+    }
+};
+
+// ---- Q6_K: ql[128] | qh[64] | scales[16] (int8) | d (fp16); 210 bytes (blocks only 2-byte aligned) --
+// Per half n (128 weights): ql[64n + l] and ql[64n + 32 + l] give the low nibbles, qh[32n + l] two high
+// bits for each of the four weights l, l+32, l+64, l+96 (bits 0-1, 2-3, 4-5, 6-7); scale index 8n + l/16
+// + {0, 2, 4, 6}. Item i = (n = i / 4, part = (i / 2) % 2, lh = i % 2), l = 16 lh + 0..15:
+// part 0 -> weights 128n + l (low nibble of ql[64n + l]) and 128n + 64 + l (its high nibble);
+// part 1 -> weights 128n + 32 + l and 128n + 96 + l from ql[64n + 32 + l].
+struct FmtQ6_K {
+    static constexpr int QK = 256, TS = 210, IPB = 8;
+    __device__ static __forceinline__ void item(const u8* blk, int i, float v[32], int& x0, int& x1) {
+        const int n = i >> 2, part = (i >> 1) & 1, lh = i & 1;
+        u32 ql[4], qh[4];
+        ld16_a2(blk + 64 * n + 32 * part + 16 * lh, ql);
+        ld16_a2(blk + 128 + 32 * n + 16 * lh, qh);
+        const float d = h2f(ld2(blk + 208));
+        const signed char* sc = (const signed char*)(blk + 192);
+        const float d0 = d * (float)sc[8 * n + lh + 2 * part];
+        const float d1 = d * (float)sc[8 * n + lh + 4 + 2 * part];
+        const int sh0 = 2 * part, sh1 = 4 + 2 * part;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) {
+            const u32 b = byte_of(ql, k), e = byte_of(qh, k);
+            v[k] = d0 * (float)((int)((b & 0xF) | (((e >> sh0) & 3) << 4)) - 32);
+            v[16 + k] = d1 * (float)((int)((b >> 4) | (((e >> sh1) & 3) << 4)) - 32);
+        }
+        x0 = 128 * n + 32 * part + 16 * lh;
+        x1 = x0 + 64;
+    }
+};
+
+ORCD_QUANT_KERNELS(Q4_K, FmtQ4_K)
+ORCD_QUANT_KERNELS(Q5_K, FmtQ5_K)
+ORCD_QUANT_KERNELS(Q6_K, FmtQ6_K)
