@@ -1,0 +1,396 @@
+"""The HTTP API (Litestar): POST /execute (Server-Sent Events), POST /cancel, POST /shutdown,
+GET /health, GET /metrics.
+
+Resources live in a lifespan context on `app.state.orcd`: the job queue, the metrics, the engine
+thread (which loads the model while /health already answers 503 with the progress), and an httpx
+client for `--callback-url`. Handlers never touch the engine's device: /execute validates and
+tokenizes (tokenization in a helper thread), enqueues a Job and streams its events; the engine
+thread runs jobs one at a time. A client that disconnects cancels its job (the SSE generator's
+`finally`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+import msgspec
+from litestar import Litestar, Request, get, post
+from litestar.datastructures import State
+from litestar.response import Response, ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+
+from orcd_core.errors import OrcdError
+from orcd_core.generation import (
+    ChatMessage,
+    ContextLengthExceeded,
+    GenerationRequest,
+    InvalidRequest,
+    SamplingParams,
+)
+
+from . import schemas
+from .jobs import TERMINAL_EVENTS, DuplicateJob, Job, JobQueue, QueueClosed, QueueFull
+from .logging import get_logger
+from .metrics import Metrics
+from .schemas import RequestError, invalid
+from .worker import EngineWorker
+
+
+@dataclass
+class ServerSettings:
+    worker_id: str
+    model_ref: str  # what --model named (or the default model's path)
+    gpu_device: int = 0
+    backend: str = "cuda"
+    max_tokens_out: int = schemas.MAX_TOKENS_LIMIT
+    inference_timeout_s: float = 300.0
+    queue_size: int = 16
+    shutdown_timeout_s: float = 30.0  # how long a running job may go on after SIGTERM / POST /shutdown
+    callback_url: str | None = None
+    callback_timeout_s: float = 5.0
+    log_prompts: bool = False
+    ping_interval_s: float = 15.0  # SSE comment lines while a job waits or computes
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ServerState:
+    """What the handlers share (app.state.orcd)."""
+
+    def __init__(self, settings: ServerSettings, worker: EngineWorker, queue: JobQueue, metrics: Metrics, log) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.queue = queue
+        self.metrics = metrics
+        self.log = log
+        self.started = time.monotonic()
+        self.http: Any = None  # httpx.AsyncClient when --callback-url is set
+        self.callbacks: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.orcd
+
+
+def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _request_error_handler(_request: Request, exc: RequestError) -> Response:
+    return _json(exc.body(), exc.status, exc.headers)
+
+
+# -- GET /health -------------------------------------------------------------------------------------
+
+
+@get("/health", sync_to_thread=False)
+def health(request: Request) -> Response:
+    """From cached state only: no engine or GPU call on this path."""
+    srv = _state(request)
+    worker = srv.worker
+    info = worker.info
+    if worker.phase in ("starting", "loading") and not worker.draining:
+        status = "loading"
+    elif worker.phase == "ready" and not worker.draining:
+        status = "healthy"
+    else:
+        status = "unhealthy"
+    body = {
+        "status": status,
+        "model": worker.model_name or info.get("model"),
+        "resident": bool(info.get("resident", False)),
+        "quant_kind": info.get("quant_kind"),
+        "vram_bytes_used": int(info.get("vram_bytes_used") or 0),
+        "tokenizer_kind": info.get("tokenizer_kind"),
+        "vocab_size": info.get("vocab_size"),
+        "context_length": info.get("context_length"),
+        "uptime_seconds": round(time.monotonic() - srv.started, 3),
+        "sm": info.get("sm"),
+        "cuda_runtime_version": info.get("cuda_runtime_version"),
+        "plugins": srv.settings.plugins,
+        # beyond the listed fields:
+        "worker_id": srv.settings.worker_id,
+        "backend": info.get("backend", srv.settings.backend),
+        "model_ref": srv.settings.model_ref,
+        "n_ctx": worker.n_ctx,
+        "load_progress": round(worker.load_percent, 1),
+        "phase": "draining" if worker.draining and worker.phase == "ready" else worker.phase,
+        "jobs_running": srv.queue.n_running,
+        "jobs_queued": srv.queue.n_waiting,
+    }
+    if worker.error:
+        body["error"] = worker.error
+    return _json(body, 200 if status == "healthy" else 503)
+
+
+# -- GET /metrics ------------------------------------------------------------------------------------
+
+
+@get("/metrics", sync_to_thread=False)
+def metrics(request: Request) -> Response:
+    srv = _state(request)
+    return Response(content=srv.metrics.render(), status_code=200, media_type=srv.metrics.content_type)
+
+
+# -- POST /execute -----------------------------------------------------------------------------------
+
+
+def _unavailable(worker: EngineWorker) -> RequestError | None:
+    if worker.draining or worker.phase in ("stopped", "failed"):
+        return RequestError(503, "UNAVAILABLE", "the worker is shutting down; it takes no new work", retriable=True)
+    if worker.phase != "ready":
+        return RequestError(
+            503,
+            "UNAVAILABLE",
+            f"the model is still loading ({worker.load_percent:.0f}%)",
+            headers={"Retry-After": "1"},
+            retriable=True,
+        )
+    return None
+
+
+def _count_tokens(engine) -> Callable[[str], int]:
+    tokenizer = engine.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special=False))
+
+    return count
+
+
+def _generation_request(req: schemas.ExecuteRequest, max_tokens: int, seed: int) -> GenerationRequest:
+    messages = None
+    if req.messages is not None:
+        messages = tuple(ChatMessage(role=m.role, content=m.content) for m in req.messages)
+    return GenerationRequest(
+        prompt=req.prompt,
+        messages=messages,
+        chat=bool(req.chat or messages is not None),
+        max_tokens=max_tokens,
+        stop=tuple(req.stop),
+        sampling=SamplingParams(
+            temperature=float(req.temperature),
+            top_k=int(req.top_k),
+            top_p=float(req.top_p),
+            min_p=float(req.min_p),
+            repetition_penalty=float(req.repetition_penalty),
+            seed=seed,
+        ),
+    )
+
+
+def _prepare(engine, request: GenerationRequest, n_ctx: int):
+    """On a helper thread: tokenize (chat template), check the context. Errors -> RequestError."""
+    try:
+        prepared = engine.prepare(request)
+    except ContextLengthExceeded as exc:
+        raise RequestError(400, "CONTEXT_LENGTH_EXCEEDED", str(exc), **_context_details(exc, request, n_ctx)) from None
+    except InvalidRequest as exc:
+        raise invalid(exc.details.get("field"), str(exc)) from None
+    except OrcdError as exc:  # chat template errors, tokenizer errors
+        field = "messages" if request.messages is not None else ("chat" if request.chat else "prompt")
+        raise invalid(field, str(exc)) from None
+    n_prompt = len(prepared.prompt_ids)
+    if n_prompt + request.max_tokens > n_ctx:  # the engine checks this too; never truncate silently
+        raise RequestError(
+            400,
+            "CONTEXT_LENGTH_EXCEEDED",
+            f"prompt ({n_prompt} tokens) + max_tokens ({request.max_tokens}) exceeds the context of {n_ctx} tokens",
+            n_prompt_tokens=n_prompt,
+            n_ctx=n_ctx,
+        )
+    return prepared
+
+
+def _context_details(exc: ContextLengthExceeded, request: GenerationRequest, n_ctx: int) -> dict[str, Any]:
+    return {"n_prompt_tokens": exc.details.get("n_prompt_tokens"), "n_ctx": exc.details.get("n_ctx", n_ctx)}
+
+
+def _prompt_text(req: schemas.ExecuteRequest) -> str:
+    if req.prompt is not None:
+        return req.prompt
+    return msgspec.json.encode([{"role": m.role, "content": m.content} for m in req.messages or []]).decode()
+
+
+@post("/execute", status_code=200)
+async def execute(request: Request) -> ServerSentEvent:
+    srv = _state(request)
+    try:
+        return await _execute(request, srv)
+    except RequestError as exc:
+        srv.metrics.outcome({400: "invalid", 429: "overloaded", 503: "unavailable"}.get(exc.status, "invalid"))
+        raise
+
+
+async def _execute(request: Request, srv: ServerState) -> ServerSentEvent:
+    worker = srv.worker
+    refusal = _unavailable(worker)
+    if refusal is not None:
+        raise refusal
+    req = schemas.decode(await request.body(), schemas.ExecuteRequest)
+    engine = worker.engine
+    n_ctx = int(worker.n_ctx or 0)
+    vocab_size = int(worker.info.get("vocab_size") or engine.tokenizer.vocab_size)
+    schemas.validate_execute(
+        req, vocab_size=vocab_size, max_tokens_out=srv.settings.max_tokens_out, count_tokens=_count_tokens(engine)
+    )
+    if srv.queue.get(req.job_id) is not None:
+        raise invalid("job_id", f"job {req.job_id!r} is already queued or running")
+    max_tokens = req.max_tokens if req.max_tokens is not None else srv.settings.max_tokens_out
+    seed = req.seed if req.seed is not None else secrets.randbits(64)
+    gen_request = _generation_request(req, max_tokens, seed)
+    prepared = await anyio.to_thread.run_sync(_prepare, engine, gen_request, n_ctx)
+    job = Job(
+        job_id=req.job_id,
+        prepared=prepared,
+        seed=seed,
+        n_prompt_tokens=len(prepared.prompt_ids),
+        loop=asyncio.get_running_loop(),
+        log=srv.log.bind(job_id=req.job_id),
+        prompt_text=_prompt_text(req),
+        on_terminal=lambda job, name, data: _on_terminal(srv, job, name, data),
+    )
+    try:
+        srv.queue.submit(job)
+    except QueueFull:
+        retry = max(1, math.ceil((srv.queue.n_waiting + 1) * worker.mean_job_seconds))
+        raise RequestError(
+            429,
+            "OVERLOADED",
+            f"the queue is full ({srv.queue.maxsize} jobs waiting); retry later",
+            headers={"Retry-After": str(retry)},
+            retriable=True,
+        ) from None
+    except DuplicateJob:
+        raise invalid("job_id", f"job {req.job_id!r} is already queued or running") from None
+    except QueueClosed:
+        raise _unavailable(worker) or RequestError(503, "UNAVAILABLE", "the worker is shutting down") from None
+    return ServerSentEvent(_events(srv, job))
+
+
+async def _events(srv: ServerState, job: Job) -> AsyncIterator[ServerSentEventMessage]:
+    """The job's events as SSE messages; a comment line every ping interval while nothing happens.
+    Leaving early (client disconnect: Litestar cancels this generator) cancels the job."""
+    ping = srv.settings.ping_interval_s
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(ping):
+                    name, data = await job.events.get()
+            except TimeoutError:
+                yield ServerSentEventMessage(comment="ping", data=None)
+                continue
+            yield ServerSentEventMessage(event=name, data=msgspec.json.encode(data).decode())
+            if name in TERMINAL_EVENTS:
+                return
+    finally:
+        if not job.done:
+            srv.worker.cancel(job.job_id, "disconnect")
+
+
+def _on_terminal(srv: ServerState, job: Job, name: str, data: dict) -> None:
+    """On the event loop, once per job: POST the terminal event to --callback-url."""
+    if srv.http is None or not srv.settings.callback_url:
+        return
+    task = asyncio.get_running_loop().create_task(_post_callback(srv, job.job_id, name, data))
+    srv.callbacks.add(task)
+    task.add_done_callback(srv.callbacks.discard)
+
+
+async def _post_callback(srv: ServerState, job_id: str, name: str, data: dict) -> None:
+    payload = {"job_id": job_id, "worker_id": srv.settings.worker_id, "event": name, "data": data}
+    log = srv.log.bind(job_id=job_id)
+    try:
+        response = await srv.http.post(srv.settings.callback_url, json=payload)
+        if response.status_code >= 400:
+            log.warning("callback_failed", url=srv.settings.callback_url, status=response.status_code)
+        else:
+            log.info("callback_sent", url=srv.settings.callback_url, status=response.status_code)
+    except Exception as exc:  # never fatal: the client got its event on the stream
+        log.warning("callback_failed", url=srv.settings.callback_url, message=f"{type(exc).__name__}: {exc}")
+
+
+# -- POST /cancel, POST /shutdown --------------------------------------------------------------------
+
+
+@post("/cancel", status_code=202)
+async def cancel(request: Request) -> Response:
+    srv = _state(request)
+    body = schemas.decode(await request.body(), schemas.CancelRequest)
+    status = srv.worker.cancel(body.job_id, "client")
+    return _json({"job_id": body.job_id, "status": status}, 202)
+
+
+@post("/shutdown", status_code=202)
+async def shutdown(request: Request) -> Response:
+    srv = _state(request)
+    started = srv.worker.begin_shutdown("POST /shutdown")
+    return _json({"status": "shutting_down", "already": not started}, 202)
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: ServerSettings,
+    loader: Callable[[Callable[[float], None]], Any],
+    *,
+    on_exit: Callable[[int], None] | None = None,
+) -> Litestar:
+    """`loader(progress)` loads the engine (on the engine thread). `on_exit(code)` is called on the
+    engine thread once the engine is closed (after shutdown, or a failed load: code 1)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        log = get_logger("orcd.server")
+        queue = JobQueue(settings.queue_size)
+        worker_box: dict[str, EngineWorker] = {}
+        metrics_ = Metrics(
+            queued=lambda: queue.n_waiting,
+            running=lambda: queue.n_running,
+            vram_bytes=lambda: int(worker_box["w"].info.get("vram_bytes_used") or 0),
+        )
+        worker = EngineWorker(
+            loader=loader,
+            queue=queue,
+            metrics=metrics_,
+            log=log,
+            inference_timeout_s=settings.inference_timeout_s,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+            log_prompts=settings.log_prompts,
+            on_exit=on_exit,
+        )
+        worker_box["w"] = worker
+        srv = ServerState(settings, worker, queue, metrics_, log)
+        srv.loop = asyncio.get_running_loop()
+        app.state.orcd = srv
+        if settings.callback_url:
+            import httpx  # only needed with --callback-url
+
+            srv.http = httpx.AsyncClient(timeout=settings.callback_timeout_s)
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.begin_shutdown("server exit")
+            await anyio.to_thread.run_sync(worker.join, settings.shutdown_timeout_s + 30.0)
+            if srv.callbacks:
+                await asyncio.wait(list(srv.callbacks), timeout=settings.callback_timeout_s + 1.0)
+            if srv.http is not None:
+                await srv.http.aclose()
+
+    return Litestar(
+        route_handlers=[health, metrics, execute, cancel, shutdown],
+        lifespan=[lifespan],
+        exception_handlers={RequestError: _request_error_handler},
+        state=State(),
+        logging_config=None,
+        openapi_config=None,
+    )

@@ -1,0 +1,295 @@
+"""`orcd-worker serve`: load one model and serve it over HTTP (POST /execute streams SSE).
+
+Arguments are checked before anything starts (one-line error, exit 1): the worker id is a UUID,
+the model is readable, the GPU exists and the device number is in range, the port is free.
+Start-up order: logging -> HTTP listener (answers /health 503 with the load progress) and, on the
+engine thread, device context -> model load -> ready (200). SIGTERM, SIGINT and POST /shutdown:
+refuse new work with 503, end waiting jobs with CANCELLED, let the running job finish until
+--shutdown-timeout-sec (then CANCELLED), free device memory, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from orcd_core.errors import OrcdError
+
+BACKENDS = ("cuda", "reference")
+KV_BYTES_PER_ELEMENT = 2  # the KV cache holds fp16 keys and values
+
+
+class ServeArgumentError(OrcdError):
+    """A `serve` argument is invalid (bad value, unreadable model, busy port, no GPU)."""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (SSE)",
+        description="Load one GGUF model and serve it: POST /execute (SSE), /cancel, /shutdown, GET /health, /metrics.",
+    )
+    # Values are parsed as strings and checked in `validate`, so a bad value is a one-line error
+    # with exit code 1 (argparse's own errors exit 2).
+    p.add_argument("--model", help="GGUF file (default: the Qwen2.5 test model, fetched and verified on first use)")
+    p.add_argument("--worker-id", help="UUID naming this worker in logs and health (default: a new uuid4)")
+    p.add_argument("--gpu-device", default="0", help="CUDA device number (default 0)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", default="8080", help="TCP port (default 8080)")
+    p.add_argument("--backend", default="cuda", help="cuda (default) or reference (NumPy on the CPU; slow)")
+    p.add_argument("--max-context", help="serve at most this many tokens of context (default: the model's)")
+    p.add_argument("--max-tokens-out", default="2048", help="default and upper limit of max_tokens (1..2048)")
+    p.add_argument("--inference-timeout-sec", default="300", help="a job running longer ends with INFERENCE_TIMEOUT")
+    p.add_argument("--kv-cache-size-mb", help="cap the context so that its fp16 KV cache fits in this many MiB")
+    p.add_argument("--queue-size", default="16", help="jobs that may wait while one runs (then 429)")
+    p.add_argument("--callback-url", help="POST each job's terminal event (JSON) to this URL")
+    p.add_argument("--log-format", default=None, help="json or console (default: console on a terminal, else json)")
+    p.add_argument("--log-prompts", action="store_true", help="log prompt and output text (default: SHA-256 + length)")
+    p.add_argument("--shutdown-timeout-sec", default="30",
+                   help="after SIGTERM or POST /shutdown, how long the running job may go on (then CANCELLED)")
+    p.set_defaults(func=run)
+
+
+# -- validation --------------------------------------------------------------------------------------
+
+
+def _int(name: str, text: str | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ServeArgumentError(f"--{name} must be an integer, got {text!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ServeArgumentError(f"--{name} must be {bounds}, got {value}")
+    return value
+
+
+def _float(name: str, text: str, lo: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ServeArgumentError(f"--{name} must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < lo or (strict and value == lo):
+        raise ServeArgumentError(f"--{name} must be {'>' if strict else '>='} {lo:g}, got {text}")
+    return value
+
+
+def gpu_count() -> int:
+    """CUDA devices visible to this process (0 without CuPy, a driver, or a device)."""
+    try:
+        import cupy  # noqa: PLC0415 (only the cuda backend needs it)
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ServeArgumentError(f"--host {host!r} cannot be resolved: {exc.strerror}") from None
+    family, _type, _proto, _canon, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise ServeArgumentError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
+def check_model_readable(path: Path) -> None:
+    if not path.exists():
+        raise ServeArgumentError(f"--model {path}: no such file")
+    if not path.is_file():
+        raise ServeArgumentError(f"--model {path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            f.read(4)
+    except OSError as exc:
+        raise ServeArgumentError(f"--model {path}: cannot be read ({exc.strerror})") from None
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every argument; returns the typed values. Raises ServeArgumentError (one line)."""
+    v: dict[str, Any] = {}
+    if args.worker_id is None:
+        v["worker_id"] = str(uuid.uuid4())
+    else:
+        try:
+            v["worker_id"] = str(uuid.UUID(args.worker_id))
+        except ValueError:
+            raise ServeArgumentError(
+                f"--worker-id must be a UUID (like 123e4567-e89b-12d3-a456-426614174000), got {args.worker_id!r}"
+            ) from None
+    if args.backend not in BACKENDS:
+        raise ServeArgumentError(f"--backend must be one of {', '.join(BACKENDS)}, got {args.backend!r}")
+    v["backend"] = args.backend
+    v["gpu_device"] = _int("gpu-device", args.gpu_device, 0)
+    v["port"] = _int("port", args.port, 1, 65535)
+    v["max_context"] = _int("max-context", args.max_context, 1)
+    v["max_tokens_out"] = _int("max-tokens-out", args.max_tokens_out, 1, 2048)
+    v["inference_timeout_s"] = _float("inference-timeout-sec", args.inference_timeout_sec, 0.0, strict=True)
+    v["shutdown_timeout_s"] = _float("shutdown-timeout-sec", args.shutdown_timeout_sec, 0.0, strict=False)
+    v["kv_cache_size_mb"] = _int("kv-cache-size-mb", args.kv_cache_size_mb, 1)
+    v["queue_size"] = _int("queue-size", args.queue_size, 1, 100_000)
+    if args.log_format not in (None, "json", "console"):
+        raise ServeArgumentError(f"--log-format must be json or console, got {args.log_format!r}")
+    if args.callback_url is not None:
+        parts = urlsplit(args.callback_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ServeArgumentError(f"--callback-url must be an http(s) URL with a host, got {args.callback_url!r}")
+    if args.model is not None:
+        check_model_readable(Path(args.model))
+    if v["backend"] == "cuda":
+        n = gpu_count()
+        if n == 0:
+            raise ServeArgumentError(
+                "no CUDA GPU found (CuPy and an NVIDIA driver are needed); "
+                "pass --backend reference to run on the CPU (slow); the worker never falls back by itself"
+            )
+        if v["gpu_device"] >= n:
+            raise ServeArgumentError(f"--gpu-device {v['gpu_device']} is out of range: {n} CUDA device(s) (0..{n - 1})")
+    elif v["gpu_device"] != 0:
+        raise ServeArgumentError("--gpu-device must be 0 with --backend reference (the CPU is one device)")
+    check_port_free(args.host, v["port"])
+    return v
+
+
+def kv_context_cap(model_path: Path, kv_cache_size_mb: int) -> int:
+    """The most tokens whose fp16 KV cache fits in `kv_cache_size_mb` MiB, from the file's metadata."""
+    from orcd_core.gguf_file import open_gguf
+
+    model = open_gguf(model_path)
+    arch = model.architecture
+    n_layers = int(model.require(f"{arch}.block_count"))
+    n_head = int(model.require(f"{arch}.attention.head_count"))
+    n_kv = model.get(f"{arch}.attention.head_count_kv", n_head)
+    n_kv = int(max(n_kv) if isinstance(n_kv, (list, tuple)) else n_kv)
+    n_embd = int(model.require(f"{arch}.embedding_length"))
+    k_dim = int(model.get(f"{arch}.attention.key_length", n_embd // n_head))
+    v_dim = int(model.get(f"{arch}.attention.value_length", n_embd // n_head))
+    per_token = n_layers * n_kv * (k_dim + v_dim) * KV_BYTES_PER_ELEMENT
+    cap = (kv_cache_size_mb << 20) // per_token
+    if cap < 1:
+        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token ({per_token} bytes per token)")
+    return int(cap)
+
+
+# -- run ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    values = validate(args)
+
+    from orcd_core.plugins import default_registry
+
+    from ..app import ServerSettings, create_app
+    from ..logging import bind_worker, configure_logging, get_logger
+
+    model_ref = args.model
+    bind_worker(worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"])
+    configure_logging(args.log_format)
+    log = get_logger("orcd.server")
+    log.info("startup", backend=values["backend"], host=args.host, port=values["port"], pid=os.getpid(),
+             python=sys.version.split()[0])
+    if model_ref is None:
+        from orcd_core.testmodels import default_model_path
+
+        model_path = default_model_path(progress=lambda msg: log.info("model_fetch", message=msg))
+        model_ref = str(model_path)
+        bind_worker(worker_id=values["worker_id"], model_ref=model_ref, gpu_device=values["gpu_device"])
+    else:
+        model_path = Path(model_ref)
+    max_context = values["max_context"]
+    if values["kv_cache_size_mb"] is not None:
+        cap = kv_context_cap(model_path, values["kv_cache_size_mb"])
+        max_context = cap if max_context is None else min(max_context, cap)
+    registry = default_registry()
+    plugins = [{"name": p.distribution or p.name, "version": p.version} for p in registry.plugins]
+
+    def load(progress):
+        from orcd_core.engine import Engine
+
+        return Engine.load(
+            model_path,
+            backend=values["backend"],
+            gpu_device=values["gpu_device"],
+            registry=registry,
+            max_context=max_context,
+            progress=progress,
+        )
+
+    settings = ServerSettings(
+        worker_id=values["worker_id"],
+        model_ref=model_ref,
+        gpu_device=values["gpu_device"],
+        backend=values["backend"],
+        max_tokens_out=values["max_tokens_out"],
+        inference_timeout_s=values["inference_timeout_s"],
+        queue_size=values["queue_size"],
+        shutdown_timeout_s=values["shutdown_timeout_s"],
+        callback_url=args.callback_url,
+        log_prompts=bool(args.log_prompts),
+        plugins=plugins,
+    )
+    return serve_app(settings, load, host=args.host, port=values["port"])
+
+
+def serve_app(settings, load, *, host: str, port: int) -> int:
+    """Run uvicorn until the engine thread has shut down; returns the exit code (0, or 1 when the
+    model failed to load)."""
+    import uvicorn
+
+    from ..app import create_app
+
+    exit_code: dict[str, int] = {}
+
+    class _Server(uvicorn.Server):
+        """SIGTERM/SIGINT start our drain (503 for new work, running job finishes) instead of
+        uvicorn's immediate close; a second SIGINT forces the exit."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            # A signal handler runs between two bytecodes of the event loop's thread: hand the work
+            # to the loop rather than take locks here.
+            state = getattr(app.state, "orcd", None)
+            if state is None or state.loop is None:
+                self.should_exit = True
+                return
+            if state.worker.draining:
+                if sig == signal.SIGINT:
+                    self.force_exit = True
+                    self.should_exit = True
+                return
+            state.loop.call_soon_threadsafe(state.worker.begin_shutdown, signal.Signals(sig).name)
+
+    def on_exit(code: int) -> None:
+        exit_code["code"] = code
+        server.should_exit = True
+
+    app = create_app(settings, load, on_exit=on_exit)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(5, int(settings.shutdown_timeout_s) + 5),
+    )
+    server = _Server(config)
+    server.run()
+    code = exit_code.get("code", 0)
+    state = getattr(app.state, "orcd", None)
+    if code != 0 and state is not None and state.worker.error:
+        print(f"orcd-worker serve: error: {state.worker.error}", file=sys.stderr)
+    return code

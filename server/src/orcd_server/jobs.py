@@ -1,0 +1,189 @@
+"""Jobs and the bounded FIFO queue between the HTTP handlers (event loop) and the engine thread.
+
+A `Job` is created by POST /execute after validation and tokenization. Its events are produced on
+the engine thread and handed to the event loop with `call_soon_threadsafe`, where the SSE generator
+reads them from an asyncio queue. Exactly one terminal event (`end` or `error`) per job: `finish`
+enforces it, whichever thread gets there first (the engine, a cancel of a queued job, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from orcd_core.generation import CancelToken
+
+TERMINAL_EVENTS = ("end", "error")
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DuplicateJob(Exception):
+    pass
+
+
+class QueueClosed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: str
+    prepared: Any  # orcd_core.generation.PreparedRequest
+    seed: int
+    n_prompt_tokens: int
+    loop: asyncio.AbstractEventLoop
+    log: Any = None  # bound logger (job_id)
+    prompt_text: str = ""  # for the log's digest only
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel_token: CancelToken = field(default_factory=CancelToken)
+    cancel_reason: str | None = None  # "client" | "disconnect" | "shutdown" | "timeout"
+    state: JobState = JobState.QUEUED
+    accepted_at: float = field(default_factory=time.monotonic)
+    on_terminal: Callable[["Job", str, dict], None] | None = None  # runs on the event loop
+    outcome: str | None = None
+    _terminal_sent: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request_cancel(self, reason: str) -> None:
+        """Ask the engine to stop (checked between decode steps). The first reason wins."""
+        with self._lock:
+            if self.cancel_reason is None:
+                self.cancel_reason = reason
+        self.cancel_token.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._terminal_sent
+
+    def emit(self, name: str, data: dict) -> bool:
+        """Send an event from any thread. A terminal event is sent once; later ones are dropped
+        (returns False). Events after the terminal one are dropped too."""
+        with self._lock:
+            if self._terminal_sent:
+                return False
+            if name in TERMINAL_EVENTS:
+                self._terminal_sent = True
+                self.state = JobState.DONE
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, name, data)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+        return True
+
+    def _deliver(self, name: str, data: dict) -> None:
+        self.events.put_nowait((name, data))
+        if name in TERMINAL_EVENTS and self.on_terminal is not None:
+            self.on_terminal(self, name, data)
+
+
+class JobQueue:
+    """At most `maxsize` jobs waiting, plus the one running. Thread-safe."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("queue size must be >= 1")
+        self.maxsize = maxsize
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._by_id: dict[str, Job] = {}
+        self._running: Job | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+
+    # -- producer side (event loop) ---------------------------------------------------------------
+
+    def submit(self, job: Job) -> int:
+        """Enqueue; returns the number of jobs ahead of it. Raises QueueFull, DuplicateJob, QueueClosed."""
+        with self._cond:
+            if self._closed:
+                raise QueueClosed
+            if job.job_id in self._by_id:
+                raise DuplicateJob(job.job_id)
+            if len(self._waiting) >= self.maxsize:
+                raise QueueFull
+            ahead = len(self._waiting) + (1 if self._running is not None else 0)
+            self._waiting.append(job)
+            self._by_id[job.job_id] = job
+            self._cond.notify()
+            return ahead
+
+    def cancel(self, job_id: str, reason: str) -> str:
+        """Cancel a job by id: "removed" (was waiting; the caller sends its terminal event),
+        "cancelling" (running; the engine stops it), or "unknown" (finished or never seen)."""
+        with self._cond:
+            job = self._by_id.get(job_id)
+            if job is None:
+                return "unknown"
+            if job is self._running:
+                job.request_cancel(reason)
+                return "cancelling"
+            self._waiting.remove(job)
+            del self._by_id[job_id]
+        job.request_cancel(reason)
+        return "removed"
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._by_id.get(job_id)
+
+    def close(self) -> list[Job]:
+        """Accept nothing more; return the waiting jobs, removed from the queue (the running one stays)."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            for job in waiting:
+                del self._by_id[job.job_id]
+            self._cond.notify_all()
+            return waiting
+
+    # -- consumer side (engine thread) ------------------------------------------------------------
+
+    def take(self) -> Job | None:
+        """Block until a job is waiting (returns it, marked running) or the queue is closed and empty (None)."""
+        with self._cond:
+            while not self._waiting and not self._closed:
+                self._cond.wait()
+            if not self._waiting:
+                return None
+            job = self._waiting.popleft()
+            self._running = job
+            job.state = JobState.RUNNING
+            return job
+
+    def finish(self, job: Job) -> None:
+        with self._cond:
+            if self._running is job:
+                self._running = None
+            self._by_id.pop(job.job_id, None)
+
+    # -- state (any thread) -----------------------------------------------------------------------
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def n_running(self) -> int:
+        return 1 if self._running is not None else 0
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
