@@ -1,0 +1,92 @@
+"""The typed config of the llama family (qwen2, llama, phi3), read from GGUF metadata with the
+defaults llama.cpp applies (src/llama-model.cpp load_hparams)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orcd_core.device import RopeSpec
+from orcd_core.errors import GGUFMetadataError
+from orcd_core.rope import rope_scaling_type, rope_spec_from_metadata
+
+#: Metadata every file of the family must have (without the "{arch}." prefix).
+REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
+    "block_count": int,
+    "embedding_length": int,
+    "feed_forward_length": int,
+    "attention.head_count": int,
+    "attention.layer_norm_rms_epsilon": float,
+}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    norm_eps: float
+    context_length: int | None  # None when the file does not say
+    rope: RopeSpec  # without freq factors (see the model: they are per file / per context)
+    rope_scaling: str  # "none" | "linear" | "yarn" | "longrope"
+
+    @property
+    def n_q(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def n_kv(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @classmethod
+    def from_gguf(cls, model, *, neox: bool, full_rotary: bool = False) -> "DecoderConfig":
+        """`full_rotary`: the architecture requires rope.dimension_count == head_dim (llama)."""
+        arch = model.architecture
+
+        def req(suffix: str, kind):
+            return model.require(f"{arch}.{suffix}", kind)
+
+        def uniform_int(suffix: str, default: int) -> int:
+            value = model.get(f"{arch}.{suffix}", default)
+            if isinstance(value, list):  # per-layer arrays: this family needs them all equal
+                if not value or len(set(value)) != 1:
+                    raise GGUFMetadataError(model.path, f"metadata {arch}.{suffix} varies per layer: {value}")
+                value = value[0]
+            if not isinstance(value, int) or value <= 0:
+                raise GGUFMetadataError(model.path, f"metadata {arch}.{suffix} is {value!r}, expected a positive int")
+            return value
+
+        n_embd, n_head = req("embedding_length", int), req("attention.head_count", int)
+        if n_head <= 0 or n_embd % n_head:
+            raise GGUFMetadataError(model.path, f"{arch}.attention.head_count {n_head} does not divide embedding_length {n_embd}")
+        head_dim = uniform_int("attention.key_length", n_embd // n_head)
+        if uniform_int("attention.value_length", head_dim) != head_dim:
+            raise GGUFMetadataError(model.path, f"{arch}: key and value head sizes differ")
+        n_head_kv = uniform_int("attention.head_count_kv", n_head)
+        if n_head % n_head_kv:
+            raise GGUFMetadataError(model.path, f"{arch}: {n_head} heads is not a multiple of {n_head_kv} KV heads")
+        n_rot = uniform_int("rope.dimension_count", head_dim)
+        if n_rot > head_dim or n_rot % 2 or (full_rotary and n_rot != head_dim):
+            raise GGUFMetadataError(model.path, f"{arch}.rope.dimension_count is {n_rot}, head size {head_dim}")
+        embd = model.tensors.get("token_embd.weight")
+        if embd is None:
+            raise GGUFMetadataError(model.path, "tensor 'token_embd.weight' is missing")
+        ctx = model.get(f"{arch}.context_length")
+        return cls(
+            arch=arch,
+            n_vocab=int(embd.np_shape[0]),
+            n_embd=n_embd,
+            n_layer=req("block_count", int),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_ff=uniform_int("feed_forward_length", 0),
+            norm_eps=float(req("attention.layer_norm_rms_epsilon", float)),
+            context_length=int(ctx) if isinstance(ctx, int) and ctx > 0 else None,
+            rope=rope_spec_from_metadata(model, n_rot=n_rot, neox=neox),
+            rope_scaling=rope_scaling_type(model),
+        )
