@@ -14,3 +14,11 @@ def orcd_register_quant_formats(register):
 
     for fmt in FORMATS:
         register(fmt)
+
+
+@hookimpl
+def orcd_register_tokenizers(register):
+    from .tokenizer.backends import BUILTIN_BACKENDS
+
+    for backend in BUILTIN_BACKENDS:
+        register(backend)

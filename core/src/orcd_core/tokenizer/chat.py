@@ -1,0 +1,212 @@
+"""Chat templates: `tokenizer.chat_template` rendered with Jinja2 in an `ImmutableSandboxedEnvironment`.
+
+The environment matches what Hugging Face transformers gives templates (trim_blocks, lstrip_blocks,
+the `loopcontrols` extension, a `tojson` that does not HTML-escape, `raise_exception`,
+`strftime_now`), with `messages`, `add_generation_prompt`, `bos_token`, `eos_token` and any extra
+variables (e.g. `tools`) in the context.
+
+Limits, all reported as `ChatTemplateError` for that request (never a crash of the worker):
+- time: the render runs in a helper thread; past `timeout_s` an exception is raised inside it
+  (`PyThreadState_SetAsyncExc`), which stops any Python-level loop of the compiled template;
+- size: the output is assembled chunk by chunk and stops at `max_output_chars`; string and list
+  repetition (`*`), `**`, and filter or method calls with integer arguments above that limit (e.g.
+  `center(10**9)`) are refused before they allocate;
+- sandbox: attribute access to internals (`__class__`, `__globals__`, `mro`, ...) and mutation of
+  arguments raise `SecurityError` -> `ChatTemplateError`.
+
+Fallback: a model without a template gets ChatML (`CHATML_TEMPLATE`, as llama.cpp falls back to):
+    <|im_start|>{role}\\n{content}<|im_end|>\\n ... and, with add_generation_prompt,
+    <|im_start|>assistant\\n
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import ChatTemplateError
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_MAX_OUTPUT_CHARS = 1_000_000
+
+
+class _TemplateAbort(BaseException):
+    """Raised inside the render thread on timeout (a BaseException: template-level code and Jinja's
+    `except Exception` blocks do not swallow it)."""
+
+
+class _RaisedByTemplate(Exception):
+    pass
+
+
+class _Limits:
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+
+
+class _GuardedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox plus size guards on operations that can allocate without bound."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, limits: _Limits, **kw: Any):
+        super().__init__(**kw)
+        self._limits = limits
+
+    def _check_size(self, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict)) and len(value) > self._limits.max_chars:
+            raise ChatTemplateError(f"chat template built a value of {len(value)} items, over the limit {self._limits.max_chars}")
+        return value
+
+    def _check_args(self, args, kwargs) -> None:
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > self._limits.max_chars:
+                raise ChatTemplateError(f"chat template passed the integer {v}, over the limit {self._limits.max_chars}")
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 64:
+                raise ChatTemplateError(f"chat template computes a power with exponent {right}")
+        elif operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                    if len(seq) * count > self._limits.max_chars:
+                        raise ChatTemplateError("chat template repeats a value beyond the output limit")
+        return self._check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+        __self._check_args(args, kwargs)
+        return __self._check_size(super().call(__context, __obj, *args, **kwargs))
+
+
+def _guard_filter(env: _GuardedEnvironment, fn):
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        env._check_args(args[1:], kwargs)
+        return env._check_size(fn(*args, **kwargs))
+
+    return guarded
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str = "") -> None:
+    raise _RaisedByTemplate(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(source: str, max_chars: int):
+    limits = _Limits(max_chars)
+    env = _GuardedEnvironment(limits, trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters = {name: _guard_filter(env, fn) for name, fn in env.filters.items()}
+    env.filters["tojson"] = _guard_filter(env, _tojson)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def _async_raise(thread: threading.Thread, exc_type: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
+
+
+def render_chat(
+    tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    *,
+    template: str | None = None,
+    extra_context: Mapping[str, Any] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
+) -> str:
+    """Render `messages` with the model's chat template (or `template`, or the ChatML fallback).
+    Raises `ChatTemplateError` on any failure: syntax, `raise_exception`, sandbox violation, time or
+    size limit, bad `messages`."""
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        raise ChatTemplateError("messages must be a list of objects with 'role' and 'content'")
+    source = template if template is not None else (getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE)
+    try:
+        compiled = _compile(source, max_output_chars)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"chat template syntax error at line {exc.lineno}: {exc.message}") from None
+    except Exception as exc:
+        raise ChatTemplateError(f"chat template cannot be compiled: {type(exc).__name__}: {exc}") from None
+
+    context = dict(extra_context or {})
+    context.update(
+        messages=[dict(m) for m in messages],
+        add_generation_prompt=bool(add_generation_prompt),
+        bos_token=getattr(tokenizer, "bos_text", ""),
+        eos_token=getattr(tokenizer, "eos_text", ""),
+    )
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            parts: list[str] = []
+            size = 0
+            for chunk in compiled.generate(**context):
+                size += len(chunk)
+                if size > max_output_chars:
+                    raise ChatTemplateError(f"chat template output exceeds {max_output_chars} characters")
+                parts.append(chunk)
+            result["text"] = "".join(parts)
+        except _TemplateAbort:
+            result["error"] = ChatTemplateError(f"chat template did not finish within {timeout_s} s")
+        except ChatTemplateError as exc:
+            result["error"] = exc
+        except _RaisedByTemplate as exc:
+            result["error"] = ChatTemplateError(f"chat template raised: {exc}")
+        except jinja2.exceptions.SecurityError as exc:
+            result["error"] = ChatTemplateError(f"chat template violated the sandbox: {exc}")
+        except RecursionError:
+            result["error"] = ChatTemplateError("chat template recursed too deeply")
+        except MemoryError:
+            result["error"] = ChatTemplateError("chat template ran out of memory")
+        except Exception as exc:  # any template runtime error (undefined variable, type error, ...)
+            result["error"] = ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}")
+
+    def run() -> None:
+        try:
+            work()
+        except _TemplateAbort:  # arrived after the render had finished
+            pass
+
+    thread = threading.Thread(target=run, name="orcd-chat-template", daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        _async_raise(thread, _TemplateAbort)
+        thread.join(1.0)
+        if thread.is_alive():  # stuck inside one C call; it is abandoned (daemon) and reported
+            raise ChatTemplateError(f"chat template did not finish within {timeout_s} s")
+        result.setdefault("error", ChatTemplateError(f"chat template did not finish within {timeout_s} s"))
+    if "error" in result:
+        raise result["error"]
+    if "text" not in result:
+        raise ChatTemplateError(f"chat template stopped without output after {time.monotonic() - start:.2f} s")
+    return result["text"]
