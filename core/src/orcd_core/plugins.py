@@ -192,8 +192,8 @@ class Registry:
                 raise PluginError(f"plugin {plugin.name!r}: quant format {_describe(fmt)} needs an int ggml_type and a str name")
             known = _quant_geometry_table().get(type_id)
             if known is None:
-                # gguf.GGUFReader cannot parse a tensor of a type id it does not know, so no file
-                # could ever use such a format: refuse it here rather than register dead weight.
+                # open_gguf() sizes and validates every tensor from gguf-py's type table and rejects
+                # ids it lacks, so no file could ever use such a format: refuse it here.
                 raise PluginError(
                     f"plugin {plugin.name!r}: quant format {name!r} has GGML type id {type_id}, "
                     "which gguf-py does not know (formats must implement a GGML type of gguf.GGMLQuantizationType)"
