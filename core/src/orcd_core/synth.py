@@ -1,0 +1,673 @@
+"""Synthetic GGUF models: the tensor names, shapes, types and metadata that llama.cpp's converter and
+`llama-quantize` write for a real model, filled with random valid blocks, deterministic from a seed.
+
+Architectures (`ARCHS`) and their full-size models:
+
+- `qwen2`   Qwen2.5-0.5B-Instruct Q4_K_M (24 layers, 896 wide, GQA 14/2, ff 4864, QKV biases, tied embeddings)
+- `llama`   SmolLM2-135M-Instruct Q4_1 (30 layers, 576 wide, GQA 9/3, ff 1536, tied embeddings)
+- `phi3`    Phi-3-mini-4k-instruct Q4_K_M (32 layers, 3072 wide, 32 heads, fused attn_qkv, fused gate|up)
+- `gpt-oss` gpt-oss-20b MXFP4 (24 layers, 2880 wide, 64/8 heads of 64, 32 experts top-4, sinks, SWA 128, YaRN)
+- `gpt2`    GPT-2 small (12 layers, 768 wide, LayerNorm, GELU, learned positions, fused attn_qkv)
+
+`size="tiny"` scales the widths down while keeping every structural feature (GQA ratio, head size and rope
+dimension, the type mix including the legacy fall-backs of widths not divisible by 256, experts, sinks,
+window, YaRN); `layers` overrides the layer count.
+
+Types follow a *recipe* named like llama.cpp's file types: `Q4_K_M` (the mixture logic of llama-quantize:
+attn_v / ffn_down get Q6_K on the `use_more_bits` layers, fused QKV gets Q5_K, output Q6_K, and types whose
+block does not divide the row fall back to Q5_0 / Q5_1 / Q8_0), `MXFP4_MOE` (experts MXFP4, the rest Q8_0),
+or any GGML type name (every quantizable tensor in that type, as `llama-quantize ... TYPE` does; `F32`/`F16`
+give unquantized files). Tensors that the converter always keeps in F32 (norms, biases, 1-D tensors, the
+router, learned positions) stay F32. Tensors are written in the order the converter emits them for a
+single-file checkpoint (sorted by Hugging Face name), because llama-quantize's per-layer choices count
+tensors in file order; with `tied=False` the `qwen2` plan reproduces the real Qwen2.5-Coder test file's
+tensor table exactly (checked by a test).
+
+Random data comes from the registered `QuantFormat.random_blocks` of each type, in chunks of whole rows,
+each chunk from its own generator seeded by (seed, tensor index, chunk index): the output does not depend
+on the number of threads. Weights have magnitude ~1/sqrt(fan_in), norms ~1, biases ~0.02, so activations
+stay finite through many layers. The file is streamed: tensor infos first, then data produced by a thread
+pool (NumPy releases the GIL) and written in order with a bounded number of chunks in flight.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OrcdError
+
+ARCHS = ("qwen2", "llama", "phi3", "gpt-oss", "gpt2")
+SIZES = ("full", "tiny")
+CHUNK_BYTES = 8 << 20  # bytes of output per generation task
+ALIGNMENT = 32
+
+
+class SynthError(OrcdError):
+    """A synthetic model cannot be built as asked (unknown arch, missing vocabulary or quant type)."""
+
+
+# -- shapes ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Hyper-parameters of one synthetic model (GGUF metadata names in comments)."""
+
+    n_layer: int  # block_count
+    n_embd: int  # embedding_length
+    n_ff: int  # feed_forward_length (per expert for MoE)
+    n_head: int  # attention.head_count
+    n_head_kv: int  # attention.head_count_kv
+    head_dim: int  # n_embd / n_head unless the arch decouples them (gpt-oss)
+    n_ctx: int  # context_length
+    n_expert: int = 0
+    n_expert_used: int = 0
+    rope_dim: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_FULL = {
+    "qwen2": Dims(24, 896, 4864, 14, 2, 64, 32768),
+    "llama": Dims(30, 576, 1536, 9, 3, 64, 8192),
+    "phi3": Dims(32, 3072, 8192, 32, 32, 96, 4096, rope_dim=96),
+    "gpt-oss": Dims(24, 2880, 2880, 64, 8, 64, 131072, n_expert=32, n_expert_used=4),
+    "gpt2": Dims(12, 768, 3072, 12, 12, 64, 1024),
+}
+# Tiny: same head size, GQA ratio, rope dim, experts; widths chosen so the type mix keeps its fall-backs
+# (qwen2 224 and llama 192 are not multiples of 256, like 896 and 576; phi3 768 and gpt2 256 are).
+_TINY = {
+    "qwen2": Dims(2, 224, 1280, 14, 2, 16, 4096),
+    "llama": Dims(2, 192, 512, 3, 1, 64, 2048),
+    "phi3": Dims(2, 768, 512, 8, 8, 96, 4096, rope_dim=96),
+    "gpt-oss": Dims(2, 320, 256, 8, 1, 64, 131072, n_expert=32, n_expert_used=4),
+    "gpt2": Dims(2, 256, 1024, 4, 4, 64, 256),
+}
+_DEFAULT_RECIPE = {"qwen2": "Q4_K_M", "llama": "Q4_1", "phi3": "Q4_K_M", "gpt-oss": "MXFP4_MOE", "gpt2": "Q4_K_M"}
+_DEFAULT_TIED = {"qwen2": True, "llama": True, "phi3": False, "gpt-oss": False, "gpt2": True}
+_NAMES = {
+    "qwen2": "Qwen2.5-0.5B-Instruct",
+    "llama": "SmolLM2-135M-Instruct",
+    "phi3": "Phi-3-mini-4k-instruct",
+    "gpt-oss": "gpt-oss-20b",
+    "gpt2": "GPT-2",
+}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor: GGML shape (ne0 first), type name, how to fill it."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_name: str
+    role: str  # "weight" | "norm" | "bias" | "sinks"
+    scale: float
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SynthPlan:
+    arch: str
+    size: str
+    recipe: str
+    dims: Dims
+    metadata: list[tuple[str, bytes]]  # (key, encoded value: GGUF type id + value bytes)
+    tensors: list[TensorPlan]
+    vocab_path: Path
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.type_name] = counts.get(t.type_name, 0) + 1
+        return counts
+
+
+# -- tensor tables (converter order: sorted by Hugging Face name) -------------------------------------
+
+
+def _layer_order(n_layer: int) -> list[int]:
+    """Layers in the order of their HF names sorted as strings (0, 1, 10, 11, ..., 2, 20, ...)."""
+    return sorted(range(n_layer), key=str)
+
+
+def _tensor_table(arch: str, d: Dims, n_vocab: int, tied: bool) -> list[tuple[str, tuple[int, ...], str, int]]:
+    """(name, GGML shape, role, fan_in) in file order."""
+    E, F, L = d.n_embd, d.n_ff, d.n_layer
+    q_dim, kv_dim = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
+    out: list[tuple[str, tuple[int, ...], str, int]] = []
+
+    def add(name, shape, role="weight", fan_in=None):
+        out.append((name, tuple(int(x) for x in shape), role, int(fan_in if fan_in is not None else shape[0])))
+
+    if arch in ("qwen2", "llama", "phi3"):
+        if not tied:
+            add("output.weight", (E, n_vocab))
+        add("token_embd.weight", (E, n_vocab), fan_in=E)
+        for i in _layer_order(L):
+            b = f"blk.{i}."
+            add(b + "attn_norm.weight", (E,), "norm")
+            add(b + "ffn_down.weight", (F, E))
+            if arch == "phi3":
+                add(b + "ffn_up.weight", (E, 2 * F))  # gate | up fused by the checkpoint (gate_up_proj)
+                add(b + "ffn_norm.weight", (E,), "norm")
+                add(b + "attn_output.weight", (q_dim, E))
+                add(b + "attn_qkv.weight", (E, q_dim + 2 * kv_dim))
+                continue
+            add(b + "ffn_gate.weight", (E, F))
+            add(b + "ffn_up.weight", (E, F))
+            add(b + "ffn_norm.weight", (E,), "norm")
+            for proj, dim in (("k", kv_dim), ("output", E), ("q", q_dim), ("v", kv_dim)):
+                if proj == "output":
+                    add(b + "attn_output.weight", (q_dim, E))
+                    continue
+                if arch == "qwen2":
+                    add(b + f"attn_{proj}.bias", (dim,), "bias")
+                add(b + f"attn_{proj}.weight", (E, dim))
+        add("output_norm.weight", (E,), "norm")
+    elif arch == "gpt-oss":
+        X = d.n_expert
+        for i in _layer_order(L):  # MXFP4 experts are repacked and written first
+            b = f"blk.{i}."
+            add(b + "ffn_down_exps.weight", (F, E, X), fan_in=F)
+            add(b + "ffn_gate_exps.weight", (E, F, X), fan_in=E)
+            add(b + "ffn_up_exps.weight", (E, F, X), fan_in=E)
+        add("output.weight", (E, n_vocab))
+        add("token_embd.weight", (E, n_vocab), fan_in=E)
+        for i in _layer_order(L):
+            b = f"blk.{i}."
+            add(b + "attn_norm.weight", (E,), "norm")
+            add(b + "ffn_down_exps.bias", (E, X), "bias")
+            add(b + "ffn_gate_exps.bias", (F, X), "bias")
+            add(b + "ffn_up_exps.bias", (F, X), "bias")
+            add(b + "ffn_gate_inp.bias", (X,), "bias")
+            add(b + "ffn_gate_inp.weight", (E, X))
+            add(b + "post_attention_norm.weight", (E,), "norm")
+            add(b + "attn_k.bias", (kv_dim,), "bias")
+            add(b + "attn_k.weight", (E, kv_dim))
+            add(b + "attn_output.bias", (E,), "bias")
+            add(b + "attn_output.weight", (q_dim, E))
+            add(b + "attn_q.bias", (q_dim,), "bias")
+            add(b + "attn_q.weight", (E, q_dim))
+            add(b + "attn_sinks.weight", (d.n_head,), "sinks")
+            add(b + "attn_v.bias", (kv_dim,), "bias")
+            add(b + "attn_v.weight", (E, kv_dim))
+        add("output_norm.weight", (E,), "norm")
+    elif arch == "gpt2":
+        for i in _layer_order(L):
+            b = f"blk.{i}."
+            add(b + "attn_qkv.bias", (3 * E,), "bias")
+            add(b + "attn_qkv.weight", (E, 3 * E))
+            add(b + "attn_output.bias", (E,), "bias")
+            add(b + "attn_output.weight", (E, E))
+            add(b + "attn_norm.bias", (E,), "bias")
+            add(b + "attn_norm.weight", (E,), "norm")
+            add(b + "ffn_norm.bias", (E,), "bias")
+            add(b + "ffn_norm.weight", (E,), "norm")
+            add(b + "ffn_up.bias", (F,), "bias")
+            add(b + "ffn_up.weight", (E, F))
+            add(b + "ffn_down.bias", (E,), "bias")
+            add(b + "ffn_down.weight", (F, E))
+        add("output_norm.bias", (E,), "bias")
+        add("output_norm.weight", (E,), "norm")
+        add("position_embd.weight", (E, d.n_ctx), fan_in=E)
+        if not tied:
+            add("output.weight", (E, n_vocab))
+        add("token_embd.weight", (E, n_vocab), fan_in=E)
+    else:
+        raise SynthError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    return out
+
+
+# -- type recipes (llama-quantize's choices, written from its documented behaviour) -------------------
+
+_BLOCK = {  # type name -> block size (elements per block)
+    "F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+    "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "MXFP4": 32,
+}  # fmt: skip
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
+_FLOATS = ("F32", "F16", "BF16")
+RECIPES = ("Q4_K_M", "MXFP4_MOE", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", *_FLOATS)
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
+    """Tensors the converter writes in F32 and llama-quantize leaves alone."""
+    return (
+        len(shape) < 2
+        or not name.endswith(".weight")
+        or name.endswith("_norm.weight")
+        or "ffn_gate_inp." in name
+        or name == "position_embd.weight"
+    )
+
+
+def _fallback(type_name: str, ne0: int) -> str:
+    if ne0 % _BLOCK[type_name] == 0:
+        return type_name
+    fb = _FALLBACK.get(type_name, type_name)
+    return fb if ne0 % _BLOCK[fb] == 0 else "F16"
+
+
+def _assign_types(table, recipe: str, n_layer: int) -> list[str]:
+    """The GGML type of each tensor of `table` under `recipe`, counting as llama-quantize does (file order)."""
+    if recipe not in RECIPES:
+        raise SynthError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    tied = not any(name == "output.weight" for name, *_ in table)
+    n_attn_v = sum(1 for name, *_ in table if name.endswith(("attn_v.weight", "attn_qkv.weight")))
+    i_attn_v = i_ffn_down = 0
+    default = {"Q4_K_M": "Q4_K", "MXFP4_MOE": "MXFP4"}.get(recipe, recipe)
+    types = []
+    for name, shape, _role, _fan in table:
+        if _keeps_f32(name, shape):
+            types.append("F32")
+            continue
+        if recipe in _FLOATS:
+            types.append(recipe)
+            continue
+        ne0 = shape[0]
+        t = default
+        if name == "output.weight" or (tied and name == "token_embd.weight"):
+            if recipe == "MXFP4_MOE" or ne0 % _BLOCK[default]:
+                t = "Q8_0"
+            elif t != "Q8_0":
+                t = "Q6_K"
+        elif recipe == "MXFP4_MOE":
+            t = "MXFP4" if len(shape) == 3 and shape[2] > 1 else "Q8_0"
+        elif name.endswith(("attn_v.weight", "attn_qkv.weight")):
+            if recipe == "Q4_K_M":
+                if name.endswith("attn_qkv.weight"):
+                    t = "Q5_K"
+                elif _use_more_bits(i_attn_v, n_attn_v):
+                    t = "Q6_K"
+            i_attn_v += 1
+        elif name.endswith(("ffn_down.weight", "ffn_down_exps.weight")):
+            i_layer = int(name.split(".")[1]) if len(shape) == 3 else i_ffn_down
+            if recipe == "Q4_K_M" and _use_more_bits(i_layer, n_layer):
+                t = "Q6_K"
+            i_ffn_down += 1
+        types.append(_fallback(t, ne0))
+    return types
+
+
+# -- vocabularies ------------------------------------------------------------------------------------
+
+
+def default_vocab(arch: str, progress: Callable[[str], None] | None = None) -> Path:
+    """The real vocabulary GGUF used for `arch` (fetched into the cache on first use)."""
+    from . import testmodels
+
+    if arch == "llama":
+        return testmodels.fetch_model("smollm2", progress=progress)
+    if arch == "gpt-oss":
+        try:
+            from .tokenizer.o200k import o200k_vocab_gguf  # provided by the tokenizer package
+        except ImportError as exc:
+            raise SynthError(
+                f"gpt-oss needs the o200k_harmony vocabulary: orcd_core.tokenizer.o200k is not available ({exc}); "
+                "pass --vocab VOCAB.gguf"
+            ) from None
+        return Path(o200k_vocab_gguf())
+    name = {"qwen2": "qwen2", "phi3": "phi-3", "gpt2": "gpt-2"}[arch]
+    return testmodels.llama_cpp_models_dir(progress=progress) / f"ggml-vocab-{name}.gguf"
+
+
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_T_STRING, _T_ARRAY, _T_UINT32, _T_FLOAT32 = 8, 9, 4, 6
+
+
+def _vocab_fields(path: Path) -> tuple[list[tuple[str, bytes]], int]:
+    """The `tokenizer.*` metadata entries of a GGUF file as raw encoded values (type + value bytes, copied
+    verbatim) and its token count. A small scanner of our own: copying 300k tokens through a generic
+    reader and writer takes tens of seconds, slicing the bytes takes a fraction of one."""
+    if not path.is_file():
+        raise SynthError(f"vocabulary file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        fields, n_vocab = _scan_tokenizer_kv(data)
+    except (struct.error, IndexError, ValueError) as exc:
+        raise SynthError(f"{path}: not a readable GGUF vocabulary ({exc})") from None
+    if not n_vocab:
+        raise SynthError(f"{path}: no tokenizer.ggml.tokens array (not a vocabulary GGUF)")
+    return fields, n_vocab
+
+
+def _scan_tokenizer_kv(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
+    if data[:4] != b"GGUF":
+        raise ValueError("bad magic")
+    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}")
+    pos = 24
+    out: list[tuple[str, bytes]] = []
+    n_vocab = 0
+
+    def skip_value(vtype: int, pos: int) -> tuple[int, int]:
+        """End of the value at `pos`, and its array length (0 for scalars)."""
+        if vtype in _GGUF_SCALAR_SIZES:
+            return pos + _GGUF_SCALAR_SIZES[vtype], 0
+        if vtype == _T_STRING:
+            (n,) = struct.unpack_from("<Q", data, pos)
+            return pos + 8 + n, 0
+        if vtype == _T_ARRAY:
+            sub, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if sub in _GGUF_SCALAR_SIZES:
+                return pos + n * _GGUF_SCALAR_SIZES[sub], n
+            for _ in range(n):
+                pos, _len = skip_value(sub, pos)
+            return pos, n
+        raise ValueError(f"unknown metadata type {vtype}")
+
+    for _ in range(n_kv):
+        (klen,) = struct.unpack_from("<Q", data, pos)
+        key = data[pos + 8 : pos + 8 + klen].decode("utf-8")
+        pos += 8 + klen
+        (vtype,) = struct.unpack_from("<I", data, pos)
+        end, length = skip_value(vtype, pos + 4)
+        if end > len(data):
+            raise ValueError(f"metadata {key!r} runs past the end of the file")
+        if key.startswith("tokenizer."):
+            out.append((key, data[pos:end]))
+            if key == "tokenizer.ggml.tokens":
+                n_vocab = length
+        pos = end
+    return out, n_vocab
+
+
+def _kv_value(value: Any, kind: str) -> bytes:
+    """Encode one scalar metadata value (type id + value)."""
+    if kind == "u32":
+        return struct.pack("<II", _T_UINT32, value)
+    if kind == "f32":
+        return struct.pack("<If", _T_FLOAT32, value)
+    if kind == "str":
+        raw = value.encode("utf-8")
+        return struct.pack("<IQ", _T_STRING, len(raw)) + raw
+    raise ValueError(kind)
+
+
+def _gguf_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+
+
+def _arch_metadata(arch: str, d: Dims, n_vocab: int) -> list[tuple[str, Any, str]]:
+    """(key suffix after the arch prefix, value, kind) with kind one of u32 / f32 / str."""
+    md: list[tuple[str, Any, str]] = [
+        ("block_count", d.n_layer, "u32"),
+        ("context_length", d.n_ctx, "u32"),
+        ("embedding_length", d.n_embd, "u32"),
+        ("feed_forward_length", d.n_ff, "u32"),
+        ("attention.head_count", d.n_head, "u32"),
+    ]
+    if arch != "gpt2":
+        md.append(("attention.head_count_kv", d.n_head_kv, "u32"))
+    if arch == "qwen2":
+        md += [("rope.freq_base", 1_000_000.0, "f32"), ("attention.layer_norm_rms_epsilon", 1e-6, "f32")]
+    elif arch == "llama":
+        md += [
+            ("rope.freq_base", 100_000.0, "f32"),
+            ("attention.layer_norm_rms_epsilon", 1e-5, "f32"),
+            ("vocab_size", n_vocab, "u32"),
+            ("rope.dimension_count", d.head_dim, "u32"),
+        ]
+    elif arch == "phi3":
+        md += [
+            ("rope.scaling.original_context_length", d.n_ctx, "u32"),
+            ("attention.layer_norm_rms_epsilon", 1e-5, "f32"),
+            ("rope.dimension_count", d.rope_dim or d.head_dim, "u32"),
+            ("rope.freq_base", 10_000.0, "f32"),
+            ("attention.sliding_window", 2047, "u32"),
+        ]
+    elif arch == "gpt-oss":
+        md += [
+            ("rope.scaling.type", "yarn", "str"),
+            ("rope.scaling.factor", 32.0, "f32"),
+            ("rope.scaling.original_context_length", 4096, "u32"),
+            ("rope.scaling.yarn_beta_fast", 32.0, "f32"),
+            ("rope.scaling.yarn_beta_slow", 1.0, "f32"),
+            ("rope.freq_base", 150_000.0, "f32"),
+            ("attention.layer_norm_rms_epsilon", 1e-5, "f32"),
+            ("expert_count", d.n_expert, "u32"),
+            ("expert_used_count", d.n_expert_used, "u32"),
+            ("attention.key_length", d.head_dim, "u32"),
+            ("attention.value_length", d.head_dim, "u32"),
+            ("attention.sliding_window", 128, "u32"),
+            ("expert_feed_forward_length", d.n_ff, "u32"),
+        ]
+    elif arch == "gpt2":
+        md += [("attention.layer_norm_epsilon", 1e-5, "f32")]
+    return md
+
+
+def _file_type(recipe: str) -> int:
+    import gguf
+
+    if recipe == "F32":
+        return int(gguf.LlamaFileType.ALL_F32)
+    try:
+        return int(gguf.LlamaFileType[f"MOSTLY_{recipe}"])
+    except KeyError:
+        return int(gguf.LlamaFileType.GUESSED)
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+
+
+def build_plan(
+    arch: str,
+    size: str = "tiny",
+    layers: int | None = None,
+    recipe: str | None = None,
+    vocab: str | os.PathLike[str] | None = None,
+    tied: bool | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> SynthPlan:
+    """Everything about the file except the random data: metadata and the tensor table."""
+    if arch not in ARCHS:
+        raise SynthError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    if size not in SIZES:
+        raise SynthError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
+    dims = (_FULL if size == "full" else _TINY)[arch]
+    if layers is not None:
+        if layers < 1:
+            raise SynthError(f"--layers must be at least 1, got {layers}")
+        dims = replace(dims, n_layer=layers)
+    recipe = recipe or _DEFAULT_RECIPE[arch]
+    tied = _DEFAULT_TIED[arch] if tied is None else tied
+    if arch == "gpt-oss" and tied:
+        raise SynthError("gpt-oss always has a separate output.weight (llama.cpp requires it)")
+    vocab_path = Path(vocab) if vocab is not None else default_vocab(arch, progress)
+    tok_fields, n_vocab = _vocab_fields(vocab_path)
+
+    table = _tensor_table(arch, dims, n_vocab, tied)
+    types = _assign_types(table, recipe, dims.n_layer)
+    tensors = []
+    for (name, shape, role, fan_in), type_name in zip(table, types, strict=True):
+        if role in ("weight",):
+            scale = 1.0 / math.sqrt(fan_in)
+        elif role == "bias":
+            scale = 0.02
+        else:
+            scale = 1.0
+        tensors.append(TensorPlan(name, shape, type_name, role, scale))
+
+    metadata: list[tuple[str, bytes]] = [
+        ("general.architecture", _kv_value(arch, "str")),
+        ("general.type", _kv_value("model", "str")),
+        ("general.name", _kv_value(f"orcd synthetic {_NAMES[arch]} ({size}, {dims.n_layer} layers, seed {seed})", "str")),
+    ]
+    metadata += [(f"{arch}.{k}", _kv_value(v, kind)) for k, v, kind in _arch_metadata(arch, dims, n_vocab)]
+    metadata.append(("general.file_type", _kv_value(_file_type(recipe), "u32")))
+    metadata += tok_fields
+    metadata.append(("general.quantization_version", _kv_value(2, "u32")))
+    return SynthPlan(arch, size, recipe, dims, metadata, tensors, vocab_path)
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    path: Path
+    bytes: int
+    tensors: int
+    seconds: float
+    threads: int
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _formats_for(plan: SynthPlan, registry) -> dict[str, Any]:
+    formats = {}
+    for t in plan.tensors:
+        if t.type_name in formats:
+            continue
+        fmt = registry.quant_format_by_name(t.type_name)
+        if fmt is None:
+            raise SynthError(
+                f"tensor {t.name!r} needs type {t.type_name}, which no installed plugin provides "
+                f"(installed: {registry.describe_installed()}); choose another --recipe"
+            )
+        formats[t.type_name] = fmt
+    return formats
+
+
+def _chunk_tasks(plan: SynthPlan, formats: dict[str, Any]):
+    """Yield (tensor index, chunk index, tensor, format, rows) for every chunk of whole rows, in file order."""
+    for ti, t in enumerate(plan.tensors):
+        fmt = formats[t.type_name]
+        row_bytes = fmt.row_bytes(t.shape[0])
+        n_rows = t.n_elements // t.shape[0]
+        rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
+        for ci, start in enumerate(range(0, n_rows, rows_per_chunk)):
+            yield ti, ci, t, fmt, min(rows_per_chunk, n_rows - start)
+
+
+def _generate(seed: int, ti: int, ci: int, t: TensorPlan, fmt, rows: int) -> np.ndarray:
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, ti, ci])))
+    n = rows * t.shape[0]
+    if t.role == "norm":  # norm gains around 1, never quantized
+        if t.type_name != "F32":
+            raise SynthError(f"{t.name}: norm weights must be F32, planned {t.type_name}")
+        return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).view(np.uint8)
+    blocks = fmt.random_blocks(rng, n // fmt.block_size, t.scale)
+    return np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1)
+
+
+def write_plan(
+    plan: SynthPlan,
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    registry=None,
+    threads: int | None = None,
+) -> WriteStats:
+    """Stream the file of `plan` to `out` (atomically: a temporary file renamed at the end)."""
+    if registry is None:
+        from .plugins import default_registry
+
+        registry = default_registry()
+    formats = _formats_for(plan, registry)
+    threads = threads or min(32, os.cpu_count() or 1)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
+    header = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(plan.tensors), len(plan.metadata)))
+    for key, value in plan.metadata:
+        header += _gguf_string(key) + value
+    offset = 0
+    for t in plan.tensors:
+        fmt = formats[t.type_name]
+        header += _gguf_string(t.name) + struct.pack("<I", len(t.shape))
+        header += struct.pack(f"<{len(t.shape)}Q", *t.shape)
+        header += struct.pack("<IQ", int(fmt.ggml_type), offset)
+        offset += _padded(fmt.row_bytes(t.shape[0]) * (t.n_elements // t.shape[0]))
+    header += b"\0" * (-len(header) % ALIGNMENT)
+    try:
+        with open(tmp, "wb") as fout:
+            fout.write(header)
+            _write_data(plan, fout, formats, seed, threads)
+            size = fout.tell()
+        if size != len(header) + offset:
+            raise SynthError(f"{out}: wrote {size} bytes, expected {len(header) + offset}")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return WriteStats(out, size, len(plan.tensors), time.perf_counter() - t0, threads)
+
+
+def _padded(n: int) -> int:
+    return n + (-n % ALIGNMENT)
+
+
+def _write_data(plan: SynthPlan, fout, formats, seed: int, threads: int) -> int:
+    expected = {ti: formats[t.type_name].row_bytes(t.shape[0]) * (t.n_elements // t.shape[0]) for ti, t in enumerate(plan.tensors)}
+    written = dict.fromkeys(expected, 0)
+    max_in_flight = 2 * threads
+    total = 0
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="synth") as pool:
+        pending: deque = deque()
+
+        def drain_one():
+            nonlocal total
+            ti, fut = pending.popleft()
+            data = fut.result()
+            fout.write(memoryview(data))
+            written[ti] += data.nbytes
+            total += data.nbytes
+            if written[ti] == expected[ti]:
+                fout.write(b"\0" * (-expected[ti] % ALIGNMENT))
+
+        for ti, ci, t, fmt, rows in _chunk_tasks(plan, formats):
+            pending.append((ti, pool.submit(_generate, seed, ti, ci, t, fmt, rows)))
+            if len(pending) >= max_in_flight:
+                drain_one()
+        while pending:
+            drain_one()
+    for ti, n in written.items():
+        if n != expected[ti]:
+            raise SynthError(f"{plan.tensors[ti].name}: generated {n} bytes, expected {expected[ti]}")
+    return total
+
+
+def synthesize(
+    arch: str,
+    out: str | os.PathLike[str],
+    *,
+    size: str = "tiny",
+    layers: int | None = None,
+    seed: int = 0,
+    recipe: str | None = None,
+    vocab: str | os.PathLike[str] | None = None,
+    tied: bool | None = None,
+    registry=None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> WriteStats:
+    """Build the plan for `arch` and write it to `out`. See the module docstring."""
+    plan = build_plan(arch, size, layers, recipe, vocab, tied, seed, progress)
+    return write_plan(plan, out, seed, registry, threads)
