@@ -614,6 +614,9 @@ def write_plan(
         if size != len(header) + offset:
             raise SynthError(f"{out}: wrote {size} bytes, expected {len(header) + offset}")
         os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SynthError(f"{out}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
