@@ -55,6 +55,13 @@ class FakeArch(Architecture):
 
 class FakeTokenizer:
     kind = "orcd-test-tokenizer"
+    priority = 0
+
+    def applies(self, model, tokenizer_json):
+        return model.get("tokenizer.ggml.model") == "orcd-test"
+
+    def load(self, model, tokenizer_json):
+        return ("tokenizer for", model.path.name)
 
 
 class Plugin:
@@ -196,18 +203,42 @@ def test_orcd_register_architectures_is_validated_and_unique():
 def test_orcd_register_tokenizers_registers_and_is_unique():
     tok = FakeTokenizer()
     nameless = type("Nameless", (), {"kind": ""})()
-    reg = load_with(Plugin("p-tok", tok=[tok]), Plugin("p-tok2", tok=[FakeTokenizer()]), Plugin("p-tok3", tok=[nameless]))
+    no_load = type("NoLoad", (), {"kind": "x", "applies": lambda self, m, t: True})()
+    reg = load_with(
+        Plugin("p-tok", tok=[tok]),
+        Plugin("p-tok2", tok=[FakeTokenizer()]),
+        Plugin("p-tok3", tok=[nameless]),
+        Plugin("p-tok4", tok=[no_load]),
+    )
     assert reg.tokenizer("orcd-test-tokenizer") is tok and reg.owner("tokenizer", "orcd-test-tokenizer") == "p-tok"
     assert next(p for p in reg.plugins if p.name == "p-tok").tokenizers == ["orcd-test-tokenizer"]
     assert "'p-tok' already registered" in failure_of(reg, "p-tok2")
     assert "has no kind" in failure_of(reg, "p-tok3")
+    assert "lacks the method 'load'" in failure_of(reg, "p-tok4")
+
+
+def test_orcd_register_tokenizers_backend_is_chosen_by_load_tokenizer(tmp_path):
+    from gguf import GGUFWriter
+
+    from orcd_core.tokenizer import load_tokenizer
+
+    path = tmp_path / "tok.gguf"
+    w = GGUFWriter(str(path), "orcd-test-arch")
+    w.add_tokenizer_model("orcd-test")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    reg = load_with(Plugin("p-tok", tok=[FakeTokenizer()]))
+    assert load_tokenizer(open_gguf(path), reg) == ("tokenizer for", "tok.gguf")
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)
 def test_a_plugin_failing_in_any_hook_keeps_nothing(hook):
     reg = load_with(Plugin("p-half", quant=[FakeIQ4NL()], arch=[FakeArch()], tok=[FakeTokenizer()], raise_in=hook))
     assert f"fails in {hook}" in failure_of(reg, "p-half")
-    assert reg.quant_format(20) is None and reg.architectures == {} and reg.tokenizers == {}
+    core_only = load_with()
+    assert reg.quant_format(20) is None and reg.architectures == {}
+    assert set(reg.tokenizers) == set(core_only.tokenizers) and "orcd-test-tokenizer" not in reg.tokenizers
     assert [p.name for p in reg.plugins] == [CORE_PLUGIN]
     assert not reg.pm.has_plugin("p-half")
 
@@ -363,6 +394,12 @@ def test_third_party_entry_point_registers_through_hooks(tmp_path):
 
             class Tok:
                 kind = "tiny-kind"
+
+                def applies(self, model, tokenizer_json):
+                    return False
+
+                def load(self, model, tokenizer_json):
+                    raise NotImplementedError
 
             @hookimpl
             def orcd_register_tokenizers(register):

@@ -222,6 +222,9 @@ class Registry:
             kind = getattr(backend, "kind", None)
             if not isinstance(kind, str) or not kind:
                 raise PluginError(f"plugin {plugin.name!r}: tokenizer backend {_describe(backend)} has no kind")
+            for method in ("applies", "load"):
+                if not callable(getattr(backend, method, None)):
+                    raise PluginError(f"plugin {plugin.name!r}: tokenizer backend {kind!r} lacks the method {method!r}")
             stage("tokenizer", self.tokenizers, kind, backend, kind)
             plugin.tokenizers.append(kind)
 
