@@ -1,0 +1,579 @@
+"""`CudaDevice`: the device interface on an NVIDIA GPU, through CuPy and our own kernels.
+
+Weights stay in their GGUF type in one 256-byte-aligned VRAM arena (more only if an adapter uploads
+more than the file holds), filled from the memory-mapped file by `ChunkedUploader`. A decode-size
+`linear` (T <= 4) is one dequantize-in-registers GEMV; a prefill-size one dequantizes the weight to
+fp16 (in row chunks through one scratch buffer) and runs cuBLAS (fp16 in, fp32 accumulate and out).
+Activations live in a per-step workspace; KV caches are fp16, one cudaMalloc per request.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any, Sequence
+
+import cupy
+import numpy as np
+from cupy_backends.cuda.libs import cublas
+
+from ... import kernels as ksrc
+from ...device import Device, KVCache, RopeSpec, Step, Weight
+from ...errors import InsufficientVram, OrcdError
+from ...generation import CudaError, VramOOM
+from .kernels import NULL, KernelSet, f32, i32, i64, launch
+from .memory import ALIGN, Arena, ChunkedUploader, DeviceTensor, Workspace, align, raw_alloc, view
+
+GEMV_MAX_T = 4  # quant_kernels.cuh
+GEMV_ROWS_PER_BLOCK = 4
+ATTN_MAX_HEAD_DIM = 128
+DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
+ARGMAX_BLOCKS = 64
+DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
+PREFILL_CHUNK = 512  # tokens per prefill step the workspace estimate plans for
+
+
+class GpuDeviceError(OrcdError):
+    """`--gpu-device` names no GPU of this machine."""
+
+
+def _device_count() -> int:
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return 0
+
+
+class CudaDevice(Device):
+    """The CUDA backend (one GPU per process)."""
+
+    name = "cuda"
+
+    def __init__(self, gpu_device: int = 0, *, load_chunk_mb: float = 1, residency_check_s: float = 60.0,
+                 registry=None):
+        n = _device_count()
+        if not 0 <= int(gpu_device) < n:
+            raise GpuDeviceError(f"--gpu-device {gpu_device}: this machine has {n} CUDA device(s)"
+                                 + (f" (valid: 0..{n - 1})" if n else ""))
+        self.gpu = int(gpu_device)
+        self.dev = cupy.cuda.Device(self.gpu)
+        self.dev.use()
+        props = cupy.cuda.runtime.getDeviceProperties(self.gpu)
+        self.gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        self.sm = f"{props['major']}{props['minor']}"
+        self.n_sm = int(props["multiProcessorCount"])
+        self.cuda_runtime_version = int(cupy.cuda.runtime.runtimeGetVersion())
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.stream.use()
+        self.chunk_bytes = int(float(load_chunk_mb) * (1 << 20))
+        self.registry = registry
+        self._modules: dict[str, KernelSet] = {}
+        self.core = self._module("core.cu", ksrc.expand(ksrc.read("core.cu")))
+        self.arenas: list[Arena] = []
+        self._kv_live: dict[int, int] = {}
+        self._kv_mem: dict[int, Any] = {}
+        self.workspace = Workspace(8 << 20)
+        self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
+        self._weights_bytes = 0
+        self._uploaded = 0
+        self._planned = 0
+        self._progress = None
+        self._uploader: ChunkedUploader | None = None
+        self.model_path = ""
+        self._healthy = True
+        self.residency_failure: str | None = None
+        self._cublas = cublas.create()
+        self._one = np.array([1.0], np.float32)
+        self._zero = np.array([0.0], np.float32)
+        self._check_s = float(residency_check_s)
+        self._timer: threading.Timer | None = None
+        self._closed = False
+        self.sampler = None  # created on first non-greedy sample
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def _enter(self) -> None:
+        """Make this GPU and our stream current for the calling thread (CuPy keeps both per thread)."""
+        self.dev.use()
+        self.stream.use()
+
+    def _module(self, label: str, source: str) -> KernelSet:
+        ks = self._modules.get(label)
+        if ks is None:
+            ks = self._modules[label] = KernelSet(label, source)
+        return ks
+
+    def _fmt_module(self, fmt) -> KernelSet:
+        if fmt.cuda_source is None:
+            raise NotImplementedError(f"tensor type {fmt.name} has no CUDA kernels (its plugin sets no cuda_source)")
+        label = "%s/%s" % tuple(fmt.cuda_source)
+        return self._module(label, ksrc.expand(fmt.cuda_source_text()))
+
+    def _ws(self, shape, dtype=np.float32) -> cupy.ndarray:
+        return self.workspace.alloc(tuple(int(s) for s in shape), dtype)
+
+    def _c(self, x) -> cupy.ndarray:
+        """x as a C-contiguous float32 device array (copying a row-strided view into the workspace)."""
+        if x.dtype != np.float32:
+            raise TypeError(f"expected float32 activations, got {x.dtype}")
+        if x.flags.c_contiguous:
+            return x
+        rows = x.shape[0]
+        cols = int(np.prod(x.shape[1:]))
+        inner = x[0] if x.ndim > 1 else x
+        if x.ndim < 2 or x.strides[-1] != 4 or (inner.size > 0 and not inner.flags.c_contiguous):
+            raise ValueError(f"unsupported strided activation: shape {x.shape}, strides {x.strides}")
+        y = self._ws(x.shape)
+        launch(self.core.fn("copy_rows_f32"), (_blocks(rows * cols, 256),), (256,),
+               (x, y, i32(rows), i32(cols), i64(x.strides[0] // 4)))
+        return y
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def prepare_load(self, model, *, n_ctx: int, progress=None) -> None:
+        self._enter()
+        self.model_path = str(model.path)
+        self._progress = progress
+        tensors = list(model.tensors.values())
+        weight_bytes = sum(align(t.nbytes) for t in tensors)
+        weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
+        kv = self.kv_bytes_estimate(model, n_ctx)
+        ws = self.workspace_estimate(model)
+        scratch = self._scratch_bytes(model)
+        need = weight_bytes + kv + ws + scratch
+        free, total = cupy.cuda.runtime.memGetInfo()
+        if need > free:
+            raise InsufficientVram(
+                model.path,
+                f"not enough VRAM on GPU {self.gpu} ({self.gpu_name}): {need} bytes required "
+                f"(weights {weight_bytes}, KV cache {kv} for {n_ctx} positions, workspace {ws + scratch}), "
+                f"{free} bytes available of {total}")
+        self._planned = sum(t.nbytes for t in tensors)
+        try:
+            self.arenas.append(Arena(weight_bytes, "weights"))
+            self._scratch = view(raw_alloc(scratch), 0, (scratch // 2,), np.float16) if scratch else None
+            self.workspace = Workspace(ws)
+        except cupy.cuda.memory.OutOfMemoryError as exc:
+            self.arenas.clear()
+            raise InsufficientVram(model.path, f"VRAM allocation on GPU {self.gpu} failed: {exc}") from None
+        self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
+        if progress:
+            progress(0.0)
+
+    @staticmethod
+    def kv_bytes_estimate(model, n_ctx: int) -> int:
+        arch = model.architecture
+        g = model.metadata.get
+        n_layer = int(g(f"{arch}.block_count", 0) or 0)
+        n_head = int(g(f"{arch}.attention.head_count", 1) or 1)
+        n_kv = int(g(f"{arch}.attention.head_count_kv", n_head) or n_head)
+        d = int(g(f"{arch}.embedding_length", 0) or 0)
+        hd_k = int(g(f"{arch}.attention.key_length", d // max(n_head, 1)) or 0)
+        hd_v = int(g(f"{arch}.attention.value_length", hd_k) or hd_k)
+        return n_layer * int(n_ctx) * n_kv * (hd_k + hd_v) * 2
+
+    @staticmethod
+    def workspace_estimate(model, chunk: int = PREFILL_CHUNK) -> int:
+        """Activations of one prefill chunk: the bump workspace keeps every op's output of a step, so
+        about (hidden x 8 + FFN x 4 + QKV x 3) float32 per token per layer, plus the logits."""
+        arch = model.architecture
+        g = model.metadata.get
+        n_layer = int(g(f"{arch}.block_count", 0) or 0)
+        d = int(g(f"{arch}.embedding_length", 0) or 0)
+        f = int(g(f"{arch}.feed_forward_length", 4 * d) or 4 * d)
+        n_vocab = 0
+        for name in ("output.weight", "token_embd.weight"):
+            if name in model.tensors:
+                n_vocab = int(model.tensors[name].shape[-1])
+                break
+        per_tok = (8 * d + 4 * f + 3 * 2 * d) * 4 * max(n_layer, 1) + 2 * d * 4
+        return align(chunk * per_tok + chunk * n_vocab * 4 + (16 << 20))
+
+    @staticmethod
+    def _scratch_bytes(model) -> int:
+        biggest = max((t.n_elements * 2 for t in model.tensors.values() if len(t.shape) >= 2), default=0)
+        return align(min(biggest, DEQUANT_SCRATCH_BYTES))
+
+    def _place(self, nbytes: int) -> tuple[cupy.cuda.MemoryPointer, int]:
+        for a in self.arenas:
+            off = a.take(nbytes)
+            if off is not None:
+                return a.base, off
+        try:  # no (or a full) arena: a new segment; without prepare_load, 256 MiB at a time
+            a = Arena(max(nbytes, (256 << 20) if not self._planned else (1 << 20)), "weights")
+        except cupy.cuda.memory.OutOfMemoryError:
+            raise InsufficientVram(self.model_path or "(model)",
+                                   f"VRAM on GPU {self.gpu} ran out while uploading {nbytes} more weight bytes") from None
+        self.arenas.append(a)
+        return a.base, a.take(nbytes)
+
+    def _report(self, n: int) -> None:
+        self._uploaded += n
+        if self._progress and self._planned:
+            self._progress(min(1.0, self._uploaded / self._planned))
+
+    def upload_weight(self, name: str, parts, fmt) -> Weight:
+        self._enter()
+        if not parts:
+            raise ValueError(f"weight {name!r}: no parts")
+        shapes = [tuple(p.np_shape) for p in parts]
+        for p in parts:
+            if int(p.ggml_type) != int(fmt.ggml_type):
+                raise ValueError(f"tensor {p.name!r} is {p.type_name}, not {fmt.name}")
+        if any(len(s) != len(shapes[0]) or s[-1] != shapes[0][-1] for s in shapes):
+            raise ValueError(f"weight {name!r}: parts {shapes} do not share a row length")
+        cols = shapes[0][-1]
+        row_bytes = fmt.row_bytes(cols)
+        nbytes = sum(p.nbytes for p in parts)
+        if self._uploader is None:
+            self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
+        base, off = self._place(nbytes)
+        dst = int(base.ptr) + off
+        if len(shapes[0]) == 3 and len(parts) > 1:  # stacked experts: concatenate rows per expert
+            n_exp = shapes[0][0]
+            if any(s[0] != n_exp for s in shapes):
+                raise ValueError(f"weight {name!r}: parts {shapes} differ in expert count")
+            o = dst
+            for e in range(n_exp):
+                for p, s in zip(parts, shapes):
+                    per = p.nbytes // n_exp
+                    self._uploader.copy(o, p.data.reshape(-1)[e * per : (e + 1) * per])
+                    o += per
+            shape = (n_exp, sum(s[1] for s in shapes), cols)
+        else:
+            o = dst
+            for p in parts:
+                self._uploader.copy(o, p.data)
+                o += p.nbytes
+            shape = (sum(s[0] for s in shapes),) + shapes[0][1:] if len(shapes[0]) > 1 else (sum(s[0] for s in shapes),)
+        self._report(nbytes)
+        self._weights_bytes += nbytes
+        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        data = view(base, off, (rows, row_bytes), np.uint8)
+        return Weight(name=name, shape=tuple(int(s) for s in shape), fmt=fmt,
+                      data=DeviceTensor(data, rows, cols, row_bytes, dst), nbytes=nbytes)
+
+    def upload_array(self, name: str, array) -> cupy.ndarray:
+        self._enter()
+        host = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+        base, off = self._place(host.nbytes)
+        out = view(base, off, host.shape, np.float32)
+        self.stream.synchronize()
+        out.set(host, stream=self.stream)
+        self.stream.synchronize()
+        self._weights_bytes += host.nbytes
+        return out
+
+    def finish_load(self) -> None:
+        """Wait for the last chunk, drop the staging buffers, check residency, start the timer."""
+        self._enter()
+        if self._uploader is not None:
+            self._uploader.close()
+            self._uploader = None
+        self.stream.synchronize()
+        if self._progress:
+            self._progress(1.0)
+        self.check_residency()
+        if self._check_s > 0 and self._timer is None:
+            self._schedule()
+
+    # ---- health ----------------------------------------------------------------------------------
+    def check_residency(self) -> bool:
+        """Every weight arena is device memory (cudaPointerGetAttributes: type device, no host
+        pointer), checked at its first and last byte. A failure marks the device unhealthy."""
+        try:
+            with self.dev:
+                for a in self.arenas:
+                    for ptr in (a.ptr, a.ptr + a.size - 1):
+                        attrs = cupy.cuda.runtime.pointerGetAttributes(ptr)
+                        if int(attrs.type) != 2 or int(attrs.hostPointer or 0) != 0:
+                            raise RuntimeError(f"arena {a.label} at {ptr:#x}: memory type {attrs.type}, "
+                                               f"host pointer {attrs.hostPointer}")
+        except Exception as exc:  # any failure to prove residency is a failure
+            self._healthy = False
+            self.residency_failure = str(exc)
+            return False
+        return True
+
+    def _schedule(self) -> None:
+        def tick():
+            if self._closed:
+                return
+            self.check_residency()
+            self._schedule()
+
+        self._timer = threading.Timer(self._check_s, tick)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def new_kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int,
+                     window: Sequence[int] | None = None) -> KVCache:
+        self._enter()
+        windows = list(window) if window is not None else [0] * n_layers
+        if len(windows) != n_layers:
+            raise ValueError(f"window has {len(windows)} entries for {n_layers} layers")
+        rows = [min(w, n_ctx) if w > 0 else n_ctx for w in windows]
+        per_row = n_kv_heads * head_dim * 2
+        sizes = [align(r * per_row) for r in rows]
+        total = 2 * sum(sizes)
+        try:
+            base = raw_alloc(total)
+        except (cupy.cuda.memory.OutOfMemoryError, cupy.cuda.runtime.CUDARuntimeError) as exc:
+            free, _ = cupy.cuda.runtime.memGetInfo()
+            raise VramOOM(f"KV cache of {total} bytes ({n_ctx} positions) does not fit: {free} bytes free on "
+                          f"GPU {self.gpu}", required=total, available=int(free)) from exc
+        k, v, off = [], [], 0
+        for r, sz in zip(rows, sizes):
+            k.append(view(base, off, (r, n_kv_heads, head_dim), np.float16))
+            off += sz
+            v.append(view(base, off, (r, n_kv_heads, head_dim), np.float16))
+            off += sz
+        cache = KVCache(n_layers, n_ctx, n_kv_heads, head_dim, k, v, windows, total)
+        self._kv_live[id(cache)] = total
+        self._kv_mem[id(cache)] = base
+        return cache
+
+    def free_kv_cache(self, cache: KVCache) -> None:
+        self._kv_live.pop(id(cache), None)
+        mem = self._kv_mem.pop(id(cache), None)
+        cache.k, cache.v = [], []
+        del mem  # the last reference: cudaFree
+
+    def to_device(self, array, dtype: str = "int32") -> cupy.ndarray:
+        """A small host array (ids, positions) as a device array that outlives the step (CuPy's pool:
+        callers build a Step's inputs before `begin_step`)."""
+        self._enter()
+        if self.stream.is_capturing():
+            raise CudaError("to_device inside a captured step (step inputs must be device buffers)")
+        host = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        out = cupy.empty(host.shape, host.dtype)
+        out.set(host, stream=self.stream)
+        return out
+
+    def to_host(self, array) -> np.ndarray:
+        try:
+            out = cupy.asnumpy(array, stream=self.stream)
+            self.stream.synchronize()
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise CudaError(f"GPU {self.gpu}: {exc}") from exc
+        return out
+
+    def begin_step(self) -> None:
+        self._enter()
+        self.workspace.reset()
+
+    def memory_report(self) -> dict[str, int]:
+        return {
+            "weights": sum(a.size for a in self.arenas),
+            "kv_cache": sum(self._kv_live.values()),
+            "workspace": self.workspace.nbytes + (self._scratch.nbytes if self._scratch is not None else 0)
+            + (self.sampler.nbytes if self.sampler is not None else 0),
+        }
+
+    def vram_bytes_used(self) -> int:
+        return sum(self.memory_report().values())
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            self.stream.synchronize()
+        except Exception:
+            pass
+        self.arenas = []
+        self._scratch = None
+        self._kv_mem.clear()
+        self._kv_live.clear()
+        self.workspace = None
+        self.sampler = None
+        if self._cublas:
+            cublas.destroy(self._cublas)
+            self._cublas = 0
+
+    # ---- ops -------------------------------------------------------------------------------------
+    def embedding(self, table: Weight, ids) -> cupy.ndarray:
+        t = table.data
+        T = int(ids.shape[0])
+        if t.cols % 32:
+            raise ValueError(f"embedding {table.name}: row length {t.cols} is not a multiple of 32")
+        out = self._ws((T, t.cols))
+        ks = self._fmt_module(table.fmt)
+        n_items = t.cols // 32
+        launch(ks.fn(f"get_rows_{table.fmt.name}"), (_blocks(n_items, 128), T), (128,),
+               (t.data, i64(t.row_bytes), ids, out, i32(t.rows), i32(t.cols)))
+        return out
+
+    def linear(self, x, w: Weight, bias=None) -> cupy.ndarray:
+        t = w.data
+        if len(w.shape) != 2:
+            raise ValueError(f"linear: weight {w.name!r} has shape {w.shape}; expert stacks go through moe()")
+        x = self._c(x)
+        T, K = x.shape
+        N = t.rows
+        if K != t.cols:
+            raise ValueError(f"linear {w.name}: x has {K} columns, the weight {t.cols}")
+        if K % 32:
+            raise NotImplementedError(f"linear {w.name}: row length {K} is not a multiple of 32")
+        if bias is not None and bias.shape != (N,):
+            raise ValueError(f"linear {w.name}: bias shape {bias.shape}, expected ({N},)")
+        y = self._ws((T, N))
+        ks = self._fmt_module(w.fmt)
+        name = w.fmt.name
+        if T <= GEMV_MAX_T:
+            launch(ks.fn(f"gemv_{name}"), (_blocks(N, GEMV_ROWS_PER_BLOCK),), (32 * GEMV_ROWS_PER_BLOCK,),
+                   (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T)))
+            return y
+        x16 = self._ws((T, K), np.float16)
+        launch(self.core.fn("f32_to_f16"), (_blocks(T * K, 256),), (256,), (x, x16, i64(T * K)))
+        scratch = self._scratch
+        if scratch is None or scratch.size < K:  # prepare_load sizes it; else the first prefill does
+            self._scratch = None
+            self._scratch = scratch = view(raw_alloc(max(DEQUANT_SCRATCH_BYTES, align(K * 2))), 0,
+                                           (max(DEQUANT_SCRATCH_BYTES, align(K * 2)) // 2,), np.float16)
+        chunk = max(1, min(N, scratch.size // K))
+        dq = ks.fn(f"dequant_f16_{name}")
+        cublas.setStream(self._cublas, self.stream.ptr)
+        cublas.setPointerMode(self._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
+        for r0 in range(0, N, chunk):
+            n = min(chunk, N - r0)
+            launch(dq, (_blocks(n * (K // 32), 128),), (128,), (t.data, i64(t.row_bytes), scratch, i32(r0), i32(n), i32(K)))
+            # column-major view: C[N, T] (= y row-major [T, N]) = W^T[K, N]^T X[K, T]
+            cublas.gemmEx(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, T, K,
+                          self._one.ctypes.data, scratch.data.ptr, 2, K, x16.data.ptr, 2, K,
+                          self._zero.ctypes.data, y.data.ptr + 4 * r0, 0, N, 68, -1)
+        if bias is not None:
+            return self.add(y, bias)
+        return y
+
+    def rms_norm(self, x, weight, eps: float) -> cupy.ndarray:
+        x = self._c(x)
+        D = x.shape[-1]
+        rows = x.size // D
+        y = self._ws(x.shape)
+        launch(self.core.fn("rms_norm_f32"), (rows,), (_norm_threads(D),), (x, weight, y, i32(D), f32(eps)))
+        return y
+
+    def layer_norm(self, x, weight, bias, eps: float) -> cupy.ndarray:
+        x = self._c(x)
+        D = x.shape[-1]
+        rows = x.size // D
+        y = self._ws(x.shape)
+        launch(self.core.fn("layer_norm_f32"), (rows,), (_norm_threads(D),),
+               (x, weight if weight is not None else NULL, bias if bias is not None else NULL, y, i32(D), f32(eps)))
+        return y
+
+    def rope(self, x, positions, spec: RopeSpec) -> cupy.ndarray:
+        x = self._c(x)
+        T, H, hd = x.shape
+        if spec.n_rot > hd or spec.n_rot % 2 or hd % 2:
+            raise ValueError(f"rope: n_rot {spec.n_rot} for head dim {hd}")
+        y = self._ws(x.shape)
+        theta_scale = float(np.power(np.float32(spec.base), np.float32(-2.0) / np.float32(spec.n_rot), dtype=np.float32))
+        c0 = c1 = 0.0
+        if spec.ext_factor != 0.0:
+            from ..reference import yarn_corr_dims
+
+            c0, c1 = yarn_corr_dims(spec.n_rot, spec.n_ctx_orig, spec.base, spec.beta_fast, spec.beta_slow)
+        ff = spec.freq_factors if spec.freq_factors is not None else NULL
+        launch(self.core.fn("rope_f32"), (_blocks(T * H * (hd // 2), 128),), (128,),
+               (x, y, positions, ff, i32(T), i32(H), i32(hd), i32(spec.n_rot), i32(1 if spec.neox else 0),
+                f32(theta_scale), f32(spec.freq_scale), f32(spec.ext_factor), f32(spec.attn_factor), f32(c0), f32(c1)))
+        return y
+
+    def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
+                  sinks=None, window: int = 0) -> cupy.ndarray:
+        q, k, v = self._c(q), self._c(k), self._c(v)
+        T, Hq, hd = q.shape
+        Hkv = k.shape[1]
+        if Hq % Hkv or k.shape != (T, Hkv, hd) or v.shape != (T, Hkv, hd):
+            raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}")
+        if hd > ATTN_MAX_HEAD_DIM or hd % 8:
+            raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {ATTN_MAX_HEAD_DIM})")
+        kc, vc = cache.k[layer], cache.v[layer]
+        n_rows = int(kc.shape[0])
+        launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
+               (k, v, kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
+        out = self._ws((T, Hq, hd))
+        sk = sinks if sinks is not None else NULL
+        if T == 1:
+            S = max(1, math.ceil(cache.n_ctx / DECODE_CHUNK))
+            part_o = self._ws((Hq, S, hd))
+            part_ml = self._ws((Hq, S, 2))
+            launch(self.core.fn("attn_decode_part"), (Hq, S), (128,),
+                   (q, kc, vc, step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
+                    f32(scale), i32(window), i32(DECODE_CHUNK)))
+            launch(self.core.fn("attn_decode_combine"), (Hq,), (128,), (part_o, part_ml, sk, out, i32(Hq), i32(S), i32(hd)))
+        else:
+            launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
+                   (q, kc, vc, step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
+                    f32(scale), i32(window)))
+        return out
+
+    def _eltwise(self, name: str, *arrays) -> cupy.ndarray:
+        arrays = [self._c(a) for a in arrays]
+        n = arrays[0].size
+        if any(a.shape != arrays[0].shape for a in arrays):
+            raise ValueError(f"{name}: shapes {[a.shape for a in arrays]}")
+        y = self._ws(arrays[0].shape)
+        launch(self.core.fn(name), (_blocks(n, 256),), (256,), (*arrays, y, i64(n)))
+        return y
+
+    def add(self, a, b) -> cupy.ndarray:
+        a, b = self._c(a), self._c(b)
+        if b.shape != a.shape and not (b.ndim == 1 and b.shape[0] == a.shape[-1]):
+            raise ValueError(f"add: shapes {a.shape} and {b.shape}")
+        y = self._ws(a.shape)
+        launch(self.core.fn("add_f32"), (_blocks(a.size, 256),), (256,), (a, b, y, i64(a.size), i64(b.size)))
+        return y
+
+    def silu_mul(self, gate, up) -> cupy.ndarray:
+        return self._eltwise("silu_mul_f32", gate, up)
+
+    def gelu(self, x) -> cupy.ndarray:
+        return self._eltwise("gelu_f32", x)
+
+    def moe(self, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, top_k, act,
+            alpha=1.702, limit=7.0):
+        raise NotImplementedError("the cuda backend has no mixture-of-experts kernels yet (gpt-oss runs on "
+                                  "--backend reference)")
+
+    def logits_last(self, x) -> cupy.ndarray:
+        return x[-1]
+
+    def argmax(self, logits) -> cupy.ndarray:
+        logits = self._c(logits)
+        V = logits.size
+        pv = self._ws((ARGMAX_BLOCKS,))
+        pi = self._ws((ARGMAX_BLOCKS,), np.int32)
+        out = self._ws((1,), np.int32)
+        launch(self.core.fn("argmax_part"), (ARGMAX_BLOCKS,), (256,), (logits, i32(V), pv, pi))
+        launch(self.core.fn("argmax_final"), (1,), (64,), (pv, pi, i32(ARGMAX_BLOCKS), out, NULL))
+        return out
+
+    def sample(self, logits, params, recent_ids, step_index) -> cupy.ndarray:
+        from .sampler import Sampler
+
+        logits = self._c(logits)
+        if self.sampler is None or self.sampler.V < logits.size:
+            self.sampler = Sampler(self, logits.size)
+        return self.sampler.sample(logits, params, recent_ids, step_index)
+
+    # ---- decode loop ------------------------------------------------------------------------------
+    def decoder(self, forward, *, first_id: int, position: int, params, step_index: int, recent_ids):
+        from .graph import GraphDecoder
+
+        return GraphDecoder(self, forward, first_id=first_id, position=position, params=params,
+                            step_index=step_index, recent_ids=recent_ids)
+
+
+def _blocks(n: int, per: int) -> int:
+    return max(1, (int(n) + per - 1) // per)
+
+
+def _norm_threads(D: int) -> int:
+    return 1024 if D >= 4096 else 512 if D >= 1024 else 256

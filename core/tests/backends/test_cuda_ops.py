@@ -1,0 +1,327 @@
+"""Every CUDA kernel against the NumPy reference, on random data (never zeros), for every tensor type
+the installed plugins register, on odd and aligned shapes. The per-step workspace (where every op's
+output lives) is filled with NaN bytes before each op, so an element a kernel fails to write fails
+the comparison.
+
+Thresholds: GEMV (fp32 accumulation over dequantized weights) relative L2 <= 1e-3 and elementwise
+within 1e-3 of the largest output; anything through fp16 (the prefill GEMM operands, the KV cache)
+<= 1e-2; norms, RoPE, element-wise ops 1e-5..1e-4; the row gather and argmax/sampling exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gguf_dequantize
+
+from orcd_core.backends.reference import ReferenceDevice
+from orcd_core.device import RopeSpec, Step
+from orcd_core.generation import SamplingParams
+from orcd_core.gguf_file import TensorInfo
+from orcd_core.plugins import default_registry
+from orcd_core import sampling
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy")
+try:
+    _N_GPU = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver
+    _N_GPU = 0
+if _N_GPU == 0:
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+REG = default_registry()
+FORMATS = sorted((f for f in REG.quant_formats.values() if f.cuda_source is not None), key=lambda f: f.name)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    from orcd_core.backends.cuda import CudaDevice
+
+    d = CudaDevice(0, residency_check_s=0)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(abs(hash(request.node.name)) % (1 << 32))
+
+
+def tensor(name, fmt, np_shape, rng, scale=1.0):
+    raw = fmt.quantize_random(rng, np_shape, scale).reshape(-1)
+    return TensorInfo(name, fmt.ggml_type, fmt.name, tuple(reversed(np_shape)), 0, raw.nbytes, raw)
+
+
+def dequant(t: TensorInfo) -> np.ndarray:
+    return gguf_dequantize(t.data, t.ggml_type).reshape(t.np_shape).astype(np.float64)
+
+
+def poison(dev):
+    """A new step whose workspace holds NaN everywhere."""
+    dev.begin_step()
+    a = dev.workspace.arena
+    cupy.cuda.runtime.memsetAsync(a.ptr, 0xFF, a.size, dev.stream.ptr)
+
+
+def host(dev, x):
+    return np.asarray(dev.to_host(x), dtype=np.float64)
+
+
+def rel_l2(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def shapes_for(fmt):
+    qk = max(fmt.block_size, 32)
+    return [(37, 3 * qk), (128, 8 * qk)]  # odd rows / odd block count, and aligned
+
+
+# ---- quantized weights -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("shape_i", [0, 1], ids=["odd", "aligned"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_gemv_matches_dequantized_matmul(dev, rng, fmt, shape_i, T):
+    N, K = shapes_for(fmt)[shape_i]
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    x = randn(rng, T, K)
+    bias = randn(rng, N)
+    ref = x.astype(np.float64) @ dequant(t).T + bias
+    poison(dev)
+    y = host(dev, dev.linear(dev.to_device(x, "float32"), w, dev.upload_array("b", bias)))
+    assert y.shape == (T, N) and np.isfinite(y).all()
+    assert rel_l2(y, ref) <= 1e-3
+    assert np.max(np.abs(y - ref)) <= 1e-3 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("shape_i", [0, 1], ids=["odd", "aligned"])
+def test_prefill_linear_dequantize_f16_and_cublas(dev, rng, fmt, shape_i):
+    N, K = shapes_for(fmt)[shape_i]
+    T = 37
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    x = randn(rng, T, K)
+    ref = x.astype(np.float64) @ dequant(t).T
+    poison(dev)
+    y = host(dev, dev.linear(dev.to_device(x, "float32"), w))
+    assert np.isfinite(y).all()
+    assert rel_l2(y, ref) <= 1e-2  # fp16 operands, fp32 accumulation
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_dequantize_f16_kernel(dev, rng, fmt):
+    N, K = shapes_for(fmt)[0]
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    out = cupy.full((N, K), np.nan, dtype=np.float16)
+    ks = dev._fmt_module(fmt)
+    from orcd_core.backends.cuda.kernels import i32, i64, launch
+
+    launch(ks.fn(f"dequant_f16_{fmt.name}"), ((N * K // 32 + 127) // 128,), (128,),
+           (w.data.data, i64(w.data.row_bytes), out, i32(0), i32(N), i32(K)))
+    got = cupy.asnumpy(out).astype(np.float64)
+    ref = dequant(t)
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3 * np.max(np.abs(ref)) * 1e-2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_embedding_row_gather_is_exact(dev, rng, fmt):
+    N, K = shapes_for(fmt)[0]
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    ids = np.array([0, N - 1, 5, 5, 17], np.int32)
+    poison(dev)
+    got = host(dev, dev.embedding(w, dev.to_device(ids)))
+    np.testing.assert_array_equal(got.astype(np.float32), dequant(t).astype(np.float32)[ids])
+
+
+def test_fused_upload_concatenates_rows(dev, rng):
+    fmt = REG.quant_format_by_name("Q8_0")
+    a, b = tensor("a", fmt, (7, 64), rng), tensor("b", fmt, (5, 64), rng)
+    w = dev.upload_weight("ab", [a, b], fmt)
+    assert w.shape == (12, 64)
+    x = randn(rng, 1, 64)
+    poison(dev)
+    y = host(dev, dev.linear(dev.to_device(x, "float32"), w))
+    ref = x.astype(np.float64) @ np.concatenate([dequant(a), dequant(b)]).T
+    assert rel_l2(y, ref) <= 1e-3
+
+
+# ---- norms, rope, element-wise -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return ReferenceDevice()
+
+
+@pytest.mark.parametrize("D", [897, 1024, 3072])
+def test_rms_norm_and_layer_norm(dev, ref, rng, D):
+    x, w, b = randn(rng, 5, D) * 3, randn(rng, D), randn(rng, D)
+    poison(dev)
+    got = host(dev, dev.rms_norm(dev.to_device(x, "float32"), dev.upload_array("w", w), 1e-6))
+    np.testing.assert_allclose(got, ref.rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-5)
+    poison(dev)
+    got = host(dev, dev.layer_norm(dev.to_device(x, "float32"), dev.upload_array("w", w), dev.upload_array("b", b), 1e-5))
+    np.testing.assert_allclose(got, ref.layer_norm(x, w, b, 1e-5), rtol=1e-4, atol=1e-4)
+
+
+ROPES = {
+    "neox": dict(n_rot=64, neox=True, base=1e6),
+    "normal": dict(n_rot=64, neox=False, base=1e4),
+    "partial": dict(n_rot=32, neox=True, base=1e4),
+    "phi3-96": dict(n_rot=96, neox=True, base=1e4),
+    "freq-factors": dict(n_rot=64, neox=False, base=5e5),
+    "yarn": dict(n_rot=64, neox=True, base=1.5e5, freq_scale=1 / 32, ext_factor=1.0, attn_factor=1.0,
+                 beta_fast=32.0, beta_slow=1.0, n_ctx_orig=4096),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_rope(dev, ref, rng, kind):
+    kw = dict(ROPES[kind])
+    hd = 96 if kind == "phi3-96" else 64
+    T, H = 7, 5
+    ff = (1.0 + rng.random(kw["n_rot"] // 2)).astype(np.float32) if kind == "freq-factors" else None
+    x = randn(rng, T, H, hd)
+    pos = np.array([0, 1, 2, 100, 1000, 4000, 30000], np.int32)
+    spec_ref = RopeSpec(**kw, freq_factors=ff)
+    spec_gpu = RopeSpec(**kw, freq_factors=dev.upload_array("ff", ff) if ff is not None else None)
+    poison(dev)
+    got = host(dev, dev.rope(dev.to_device(x, "float32"), dev.to_device(pos), spec_gpu))
+    want = ref.rope(x, pos, spec_ref)
+    # angles up to 3e4 rad in float32: the two sides' theta differ by a few ulp of the angle
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-5, atol=1e-5)
+
+
+def test_strided_activation_views_are_made_contiguous(dev, rng):
+    x = randn(rng, 6, 40)
+    poison(dev)
+    xs = dev.to_device(x, "float32")[:, 8:24]  # a column slice, as q|k|v splits
+    got = host(dev, dev.add(xs, xs))
+    np.testing.assert_array_equal(got, 2 * x[:, 8:24])
+
+
+def test_elementwise(dev, ref, rng):
+    a, b = randn(rng, 3, 1001) * 4, randn(rng, 3, 1001)
+    bias = randn(rng, 1001)
+    A, B = dev.to_device(a, "float32"), dev.to_device(b, "float32")
+    poison(dev)
+    np.testing.assert_allclose(host(dev, dev.add(A, B)), a + b, rtol=1e-6)
+    poison(dev)
+    np.testing.assert_allclose(host(dev, dev.add(A, dev.upload_array("bias", bias))), a + bias, rtol=1e-6)
+    poison(dev)
+    np.testing.assert_allclose(host(dev, dev.silu_mul(A, B)), ref.silu_mul(a, b), rtol=1e-5, atol=1e-6)
+    poison(dev)
+    np.testing.assert_allclose(host(dev, dev.gelu(A)), ref.gelu(a), rtol=1e-5, atol=1e-6)
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+
+
+def _step(d, positions, n_past):
+    positions = list(positions)
+    return Step(len(positions), d.to_device(positions), d.to_device(positions), d.to_device([n_past]))
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(Hq=14, Hkv=2, hd=64, T=45, window=0, sinks=False),
+    dict(Hq=32, Hkv=32, hd=96, T=33, window=0, sinks=False),
+    dict(Hq=8, Hkv=2, hd=128, T=20, window=0, sinks=False),
+    dict(Hq=8, Hkv=2, hd=64, T=40, window=16, sinks=True),
+], ids=["qwen-gqa", "phi3-mha-96", "hd128", "window-sinks"])
+def test_attention_prefill_then_decode(dev, ref, rng, cfg):
+    Hq, Hkv, hd, T, window = cfg["Hq"], cfg["Hkv"], cfg["hd"], cfg["T"], cfg["window"]
+    n_ctx = 700
+    sinks = randn(rng, Hq) if cfg["sinks"] else None
+    gc = dev.new_kv_cache(1, n_ctx, Hkv, hd)
+    rc = ref.new_kv_cache(1, n_ctx, Hkv, hd)
+    scale = 1.0 / math.sqrt(hd)
+    sk = dev.upload_array("sinks", sinks) if sinks is not None else None
+    # prefill in two chunks (the second reads the first from the cache), then 3 decode steps
+    chunks = [(0, T - 7), (T - 7, T)] + [(T + i, T + i + 1) for i in range(3)]
+    try:
+        for lo, hi in chunks:
+            n = hi - lo
+            q, k, v = randn(rng, n, Hq, hd), randn(rng, n, Hkv, hd), randn(rng, n, Hkv, hd)
+            want = ref.attention(q, k, v, rc, 0, _step(ref, range(lo, hi), lo), scale=scale, sinks=sinks, window=window)
+            step = _step(dev, range(lo, hi), lo)
+            poison(dev)
+            got = host(dev, dev.attention(dev.to_device(q, "float32"), dev.to_device(k, "float32"),
+                                          dev.to_device(v, "float32"), gc, 0, step, scale=scale, sinks=sk,
+                                          window=window))
+            assert got.shape == (n, Hq, hd) and np.isfinite(got).all()
+            assert rel_l2(got, want) <= 1e-3, (lo, hi)
+    finally:
+        dev.free_kv_cache(gc)
+
+
+def test_decode_attention_splits_over_a_long_context(dev, ref, rng):
+    Hq, Hkv, hd, n_ctx = 4, 1, 64, 2048
+    gc, rc = dev.new_kv_cache(1, n_ctx, Hkv, hd), ref.new_kv_cache(1, n_ctx, Hkv, hd)
+    try:
+        P = 1500  # six 256-key splits
+        k, v = randn(rng, P, Hkv, hd), randn(rng, P, Hkv, hd)
+        q = randn(rng, P, Hq, hd)
+        ref.attention(q, k, v, rc, 0, _step(ref, range(P), 0), scale=0.125)
+        dev.begin_step()
+        dev.attention(dev.to_device(q, "float32"), dev.to_device(k, "float32"), dev.to_device(v, "float32"), gc, 0,
+                      _step(dev, range(P), 0), scale=0.125)
+        q1, k1, v1 = randn(rng, 1, Hq, hd) * 3, randn(rng, 1, Hkv, hd), randn(rng, 1, Hkv, hd)
+        want = ref.attention(q1, k1, v1, rc, 0, _step(ref, [P], P), scale=0.125)
+        poison(dev)
+        got = host(dev, dev.attention(dev.to_device(q1, "float32"), dev.to_device(k1, "float32"),
+                                      dev.to_device(v1, "float32"), gc, 0, _step(dev, [P], P), scale=0.125))
+        assert rel_l2(got, want) <= 1e-3
+    finally:
+        dev.free_kv_cache(gc)
+
+
+# ---- argmax and sampling -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("V", [1001, 151936])
+def test_argmax_lowest_id_on_ties(dev, rng, V):
+    x = randn(rng, V)
+    x[V // 3] = x[V - 2] = x.max() + 1.0  # a tie: the lowest id wins
+    poison(dev)
+    got = int(dev.to_host(dev.argmax(dev.to_device(x, "float32")))[0])
+    assert got == V // 3
+
+
+SAMPLERS = {
+    "greedy": SamplingParams(temperature=0.0),
+    "greedy-penalty": SamplingParams(temperature=0.0, repetition_penalty=1.5),
+    "temp": SamplingParams(temperature=0.7, seed=42),
+    "top-k": SamplingParams(temperature=1.0, top_k=40, seed=7),
+    "top-p": SamplingParams(temperature=0.9, top_p=0.9, seed=3),
+    "min-p": SamplingParams(temperature=1.3, min_p=0.05, seed=11),
+    "all": SamplingParams(temperature=0.8, top_k=100, top_p=0.95, min_p=0.02, repetition_penalty=1.3, seed=2**63 + 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("V", [1001, 151936])
+def test_sampling_reproduces_the_reference_rule(dev, rng, name, V):
+    params = SAMPLERS[name]
+    for step_index in range(12):
+        logits = randn(rng, V) * 3
+        logits[rng.integers(0, V, 3)] += 8  # a few strong candidates, as real logits have
+        recent = rng.integers(0, V, 64).astype(np.int32)
+        recent[:5] = -1
+        want = sampling.sample(logits, params, recent[recent >= 0], step_index)
+        poison(dev)
+        got = dev.sample(dev.to_device(logits, "float32"), params, dev.to_device(recent), dev.to_device([step_index]))
+        assert int(dev.to_host(got)[0]) == want, (name, step_index)

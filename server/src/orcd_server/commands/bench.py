@@ -1,0 +1,127 @@
+"""`orcd-worker bench MODEL [--backend cuda] [-p 512] [-n 128] [-r 3] [--json]`: llama-bench's two tests.
+
+- load: wall time of `Engine.load` (open + validate, tokenizer, weights uploaded to the device).
+- pp N: prompt processing. N random token ids (seeded) prefilled from position 0 into a fresh KV
+  cache; tok/s = N / time of the prefill (the last chunk's logits included, synchronized).
+- tg N: text generation. One random token prefilled, then N decode steps, each feeding the previous
+  step's token (greedy, chosen on the device; the CUDA backend replays one CUDA graph per step);
+  tok/s = N / time of the N steps.
+Each test runs once as a warm-up (kernel compilation, workspace sizing, graph capture stay out of
+the numbers), then `-r` times; the median is reported with the spread (min..max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from orcd_core.generation import SamplingParams
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="measure load time, prompt processing and generation speed",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="path to a GGUF file")
+    parser.add_argument("--backend", choices=("reference", "cuda"), default=None,
+                        help="where to run (default: cuda when a GPU is usable)")
+    parser.add_argument("--gpu-device", type=int, default=0, metavar="N", help="CUDA device index (default 0)")
+    parser.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N", help="prompt tokens for pp (512; 0 = skip)")
+    parser.add_argument("-n", "--n-gen", type=int, default=128, metavar="N", help="generated tokens for tg (128; 0 = skip)")
+    parser.add_argument("-r", "--repetitions", type=int, default=3, metavar="R", help="timed runs per test (3)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the random prompt ids (1234)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _sync(dev, x) -> None:
+    dev.to_host(x.reshape(-1)[:1])  # a 4-byte copy: waits for everything queued before it
+
+
+def bench_pp(engine, n: int, reps: int, rng) -> list[float]:
+    dev, model = engine.device, engine.model
+    vocab = int(engine.config.n_vocab)
+    times = []
+    for r in range(reps + 1):
+        ids = rng.integers(0, vocab, n).tolist()
+        cache = model.new_kv_cache(n)
+        try:
+            _sync(dev, dev.to_device([0]))
+            t0 = time.perf_counter()
+            logits = engine.prefill(ids, cache)
+            _sync(dev, logits)
+            dt = time.perf_counter() - t0
+        finally:
+            dev.free_kv_cache(cache)
+        if r:
+            times.append(dt)
+    return times
+
+
+def bench_tg(engine, n: int, reps: int, rng) -> list[float]:
+    dev, model = engine.device, engine.model
+    vocab = int(engine.config.n_vocab)
+    greedy = SamplingParams(temperature=0.0, repetition_window=0)
+    times = []
+    for r in range(reps + 1):
+        first = int(rng.integers(0, vocab))
+        cache = model.new_kv_cache(n + 1)
+        decoder = None
+        try:
+            engine.prefill([first], cache)
+            decoder = dev.decoder(lambda step, cache=cache: dev.logits_last(model.forward(step, cache)),
+                                  first_id=int(rng.integers(0, vocab)), position=1, params=greedy, step_index=1,
+                                  recent_ids=[])
+            _sync(dev, dev.to_device([0]))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                decoder.next()
+            dt = time.perf_counter() - t0
+        finally:
+            if decoder is not None:
+                decoder.close()
+            dev.free_kv_cache(cache)
+        if r:
+            times.append(dt)
+    return times
+
+
+def run(args: argparse.Namespace) -> int:
+    from orcd_core.engine import Engine
+
+    from ._model_args import backend
+
+    rng = np.random.default_rng(args.seed)
+    reps = max(1, args.repetitions)
+    be = backend(args)
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device,
+                         max_context=max(args.n_prompt, args.n_gen + 1, 1))
+    load_s = time.perf_counter() - t0
+    results = {"model": str(args.model), "architecture": engine.architecture, "backend": be,
+               "gpu": getattr(engine.device, "gpu_name", None), "load_s": round(load_s, 3),
+               "file_bytes": engine.gguf.file_size, "repetitions": reps}
+    try:
+        for test, n, fn in (("pp", args.n_prompt, bench_pp), ("tg", args.n_gen, bench_tg)):
+            if n <= 0:
+                continue
+            times = fn(engine, n, reps, rng)
+            rates = sorted(n / t for t in times)
+            results[f"{test}{n}"] = {"tok_s": round(statistics.median(rates), 2), "min": round(rates[0], 2),
+                                     "max": round(rates[-1], 2), "runs_s": [round(t, 5) for t in times]}
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"model: {results['model']} ({results['architecture']}, {results['file_bytes'] / 2**20:.0f} MiB)  "
+          f"backend: {be}{' on ' + results['gpu'] if results['gpu'] else ''}")
+    print(f"{'test':>8} {'tok/s (median)':>16} {'min..max':>20}")
+    print(f"{'load':>8} {results['load_s']:>14.3f} s")
+    for key, val in results.items():
+        if isinstance(val, dict):
+            print(f"{key:>8} {val['tok_s']:>16.2f} {val['min']:>9.2f}..{val['max']:<9.2f}")
+    return 0
