@@ -136,6 +136,11 @@ class Device(abc.ABC):
         `orcd_core.errors.InsufficientVram`) and reserves its weight arena; `progress(fraction)` is
         then called as weight bytes reach the device. The reference backend needs nothing."""
 
+    def finish_load(self) -> None:
+        """Called by the engine once the adapter has uploaded every weight: the CUDA backend waits
+        for the last chunk, frees its staging buffers, checks that every weight is resident in
+        device memory and starts the periodic residency check. The reference backend needs nothing."""
+
     @property
     def healthy(self) -> bool:
         """False once a periodic check found a weight no longer resident in device memory."""
