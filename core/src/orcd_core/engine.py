@@ -95,6 +95,7 @@ class Engine:
         device.prepare_load(gguf, n_ctx=int(n_ctx), progress=progress)
         reports_progress = type(device).prepare_load is not Device.prepare_load
         model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
+        device.finish_load()
         return cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
                    n_ctx=int(n_ctx), backend=backend, registry=registry)
 
