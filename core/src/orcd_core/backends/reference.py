@@ -67,11 +67,16 @@ class ReferenceDevice(Device):
         if len(windows) != n_layers:
             raise ValueError(f"window has {len(windows)} entries for {n_layers} layers")
         k, v, nbytes = [], [], 0
-        for w in windows:
-            rows = min(w, n_ctx) if w > 0 else n_ctx
-            k.append(np.zeros((rows, n_kv_heads, head_dim), np.float16))
-            v.append(np.zeros((rows, n_kv_heads, head_dim), np.float16))
-            nbytes += 2 * k[-1].nbytes
+        try:
+            for w in windows:
+                rows = min(w, n_ctx) if w > 0 else n_ctx
+                k.append(np.zeros((rows, n_kv_heads, head_dim), np.float16))  # calloc: pages on first write
+                v.append(np.zeros((rows, n_kv_heads, head_dim), np.float16))
+                nbytes += 2 * k[-1].nbytes
+        except MemoryError:
+            from ..generation import VramOOM
+
+            raise VramOOM(f"the KV cache for {n_ctx} positions ({n_layers} layers) does not fit in host memory") from None
         self._kv_bytes += nbytes
         return KVCache(n_layers, n_ctx, n_kv_heads, head_dim, k, v, windows, nbytes)
 
