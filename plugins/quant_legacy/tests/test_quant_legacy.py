@@ -114,6 +114,13 @@ def test_random_blocks_deterministic_and_quant_bits_random(fmt):
 
 
 @by_name
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan"), 1e12, 1e-12])
+def test_random_blocks_refuses_scales_fp16_cannot_hold(fmt, scale):
+    with pytest.raises(ValueError, match=fmt.name):
+        fmt.random_blocks(np.random.default_rng(0), 64, scale)
+
+
+@by_name
 def test_rejects_wrong_block_shape(fmt):
     with pytest.raises(ValueError, match=fmt.name):
         fmt.dequantize_blocks(np.zeros((2, fmt.type_size + 1), dtype=np.uint8))

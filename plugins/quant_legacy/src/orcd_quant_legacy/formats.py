@@ -16,6 +16,18 @@ from orcd_core.quant import QuantFormat, as_blocks, dequantize_in_chunks, random
 QK = 32  # weights per block in every legacy type
 
 
+def _positive_f16(rng: np.random.Generator, n: int, value: float, name: str) -> np.ndarray:
+    """`random_f16_scales` (positive, in [0.5, 1.5] * value, uint16 bits), refusing a `value` whose
+    scales would overflow or flush to zero in fp16 (such blocks would not have the asked magnitude)."""
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: random_blocks needs a positive finite scale, got {value!r}")
+    with np.errstate(over="ignore"):  # checked just below
+        bits = random_f16_scales(rng, n, value)
+    if n and (((bits & 0x7C00) == 0x7C00).any() or not (bits & 0x7FFF).all()):
+        raise ValueError(f"{name}: scale {value!r} is outside what this format's fp16 scales can hold")
+    return bits
+
+
 def _bit_spread_table() -> np.ndarray:
     """uint64 `[256]`: entry v has byte i = 0x10 if bit i of v is set, else 0 (little-endian bytes).
 
@@ -72,7 +84,7 @@ class Q4_0(_Legacy):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = random_f16_scales(rng, n_blocks, scale / 8)
+        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / 8, self.name)
         return blocks
 
 
@@ -91,8 +103,8 @@ class Q4_1(_Legacy):
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
         halves = blocks.view(np.uint16)
-        halves[:, 0] = random_f16_scales(rng, n_blocks, 2 * scale / 15)
-        halves[:, 1] = random_f16_scales(rng, n_blocks, scale) | np.uint16(0x8000)  # m < 0: values span about ±scale
+        halves[:, 0] = _positive_f16(rng, n_blocks, 2 * scale / 15, self.name)
+        halves[:, 1] = _positive_f16(rng, n_blocks, scale, self.name) | np.uint16(0x8000)  # m < 0: values span about ±scale
         return blocks
 
 
@@ -113,7 +125,7 @@ class Q5_0(_Legacy):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = random_f16_scales(rng, n_blocks, scale / 16)
+        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / 16, self.name)
         return blocks
 
 
@@ -135,8 +147,8 @@ class Q5_1(_Legacy):
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
         halves = blocks.view(np.uint16)
-        halves[:, 0] = random_f16_scales(rng, n_blocks, 2 * scale / 31)
-        halves[:, 1] = random_f16_scales(rng, n_blocks, scale) | np.uint16(0x8000)
+        halves[:, 0] = _positive_f16(rng, n_blocks, 2 * scale / 31, self.name)
+        halves[:, 1] = _positive_f16(rng, n_blocks, scale, self.name) | np.uint16(0x8000)
         return blocks
 
 
@@ -152,7 +164,7 @@ class Q8_0(_Legacy):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = random_f16_scales(rng, n_blocks, scale / 128)
+        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / 128, self.name)
         return blocks
 
 
