@@ -88,6 +88,12 @@ def test_random_blocks_deterministic_and_quant_bits_random():
     assert ((a[:, 0] >= 2) & (a[:, 0] <= 254)).all()  # normal, finite scales
 
 
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan"), 1e40, 1e-40])
+def test_random_blocks_refuses_scales_e8m0_cannot_hold(scale):
+    with pytest.raises(ValueError, match="MXFP4"):
+        FMT.random_blocks(np.random.default_rng(0), 64, scale)
+
+
 def test_rejects_wrong_block_shape():
     with pytest.raises(ValueError, match="MXFP4"):
         FMT.dequantize_blocks(np.zeros((2, 18), dtype=np.uint8))

@@ -69,10 +69,14 @@ class MXFP4(QuantFormat):
             np.multiply(pairs.transpose(0, 2, 1), half_scale, out=out.reshape(n, 2, 16))
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
-        blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"{self.name}: random_blocks needs a positive finite scale, got {scale!r}")
         # the largest magnitude, 12 * 2**(e - 128), lands in [scale/4, scale]
         top = 128 + int(np.floor(np.log2(scale / 12)))
-        blocks[:, 0] = np.clip(top - rng.integers(0, 2, size=n_blocks), 2, 254).astype(np.uint8)
+        if not 3 <= top <= 254:
+            raise ValueError(f"{self.name}: scale {scale!r} is outside what an E8M0 scale can hold")
+        blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
+        blocks[:, 0] = (top - rng.integers(0, 2, size=n_blocks)).astype(np.uint8)
         return blocks
 
 
