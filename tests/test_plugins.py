@@ -383,6 +383,18 @@ def test_plugin_that_fails_to_import_is_reported_loudly(tmp_path):
     assert "plugin_import_failed" in proc.stderr and "needs libfoo 2.0" in proc.stderr
 
 
+def test_two_distributions_with_one_entry_point_name_are_reported(tmp_path):
+    make_dist(tmp_path / "a", "orcd-clash-a", {"clash": "orcd_clash_a"}, {"orcd_clash_a": ""})
+    make_dist(tmp_path / "b", "orcd-clash-b", {"clash": "orcd_clash_b"}, {"orcd_clash_b": ""})
+    proc = run_python(LIST_LOADED, path=Path(f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert "clash" in out["loaded"]
+    (failed,) = out["failed"]
+    assert failed["name"] == "orcd-clash-b" and failed["module"] == "orcd_clash_b"
+    assert "also used by orcd-clash-a (orcd_clash_a), which was loaded instead" in failed["error"]
+
+
 def test_third_party_entry_point_registers_through_hooks(tmp_path):
     make_dist(
         tmp_path,

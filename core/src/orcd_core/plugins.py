@@ -244,14 +244,18 @@ def _allowlist() -> set[str] | None:
     return {_normalize(part.strip()) for part in raw.split(",") if part.strip()}
 
 
-def _entry_points() -> list[metadata.EntryPoint]:
-    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    # one entry point per name (the first on sys.path wins, as for imports); sorted for a stable
-    # order of registration and reporting
+def _entry_points() -> tuple[list[metadata.EntryPoint], list[tuple[metadata.EntryPoint, metadata.EntryPoint]]]:
+    """The group's entry points, one per name, sorted (a stable order of registration and reporting),
+    and the `(dropped, kept)` pairs where two distributions use the same entry-point name (the first
+    on sys.path wins, as for imports; the other is reported, not silently ignored)."""
     seen: dict[str, metadata.EntryPoint] = {}
-    for ep in eps:
-        seen.setdefault(ep.name, ep)
-    return [seen[name] for name in sorted(seen)]
+    clashes = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in seen:
+            clashes.append((ep, seen[ep.name]))
+        else:
+            seen[ep.name] = ep
+    return [seen[name] for name in sorted(seen)], clashes
 
 
 def _dist_of(ep: metadata.EntryPoint) -> tuple[str | None, str | None]:
@@ -279,7 +283,16 @@ def load_plugins(allow: Iterable[str] | None = None, extra_modules: Iterable[obj
 
     candidates: list[tuple[str, str, str | None, str | None, Any]] = []
     matched: set[str] = set()
-    for ep in _entry_points():
+    entry_points, clashes = _entry_points()
+    for dropped, kept in clashes:
+        dist, version = _dist_of(dropped)
+        exc = PluginError(
+            f"entry point name {dropped.name!r} ({dropped.value}) is also used by "
+            f"{_dist_of(kept)[0] or '?'} ({kept.value}), which was loaded instead"
+        )
+        registry.failed.append(FailedPlugin(dropped.name, dropped.value, dist, f"PluginError: {exc}", "", version))
+        log.error("plugin_name_clash", plugin=dropped.name, module=dropped.value, distribution=dist, error=str(exc))
+    for ep in entry_points:
         dist, version = _dist_of(ep)
         keys = {_normalize(ep.name)} | ({_normalize(dist)} if dist else set())
         if allowed is not None and ep.name != CORE_PLUGIN and not (keys & allowed):
