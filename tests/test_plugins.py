@@ -383,6 +383,17 @@ def test_plugin_that_fails_to_import_is_reported_loudly(tmp_path):
     assert "plugin_import_failed" in proc.stderr and "needs libfoo 2.0" in proc.stderr
 
 
+def test_orcd_trace_plugins_logs_every_hook_call():
+    proc = run_python(LIST_LOADED, env={ENV_ALLOWLIST: "quant-legacy", "ORCD_TRACE_PLUGINS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    calls = [line for line in proc.stderr.splitlines() if "plugin_hook_call" in line]
+    # 3 hooks for each of the 2 plugins, each call reaching only that plugin
+    assert len(calls) == 3 * 2, proc.stderr
+    for hook in HOOK_NAMES:
+        assert sum(hook in line for line in calls) == 2
+    assert any("quant-legacy" in line for line in calls) and any("'core'" in line for line in calls)
+
+
 def test_two_distributions_with_one_entry_point_name_are_reported(tmp_path):
     make_dist(tmp_path / "a", "orcd-clash-a", {"clash": "orcd_clash_a"}, {"orcd_clash_a": ""})
     make_dist(tmp_path / "b", "orcd-clash-b", {"clash": "orcd_clash_b"}, {"orcd_clash_b": ""})

@@ -32,6 +32,8 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "orcd_worker"
 ENV_ALLOWLIST = "ORCD_LOAD_PLUGINS"
+#: Set (to anything but "" or "0") to log every hook call, its plugin and what it registered.
+ENV_TRACE = "ORCD_TRACE_PLUGINS"
 #: Entry point of the core's own plugin; loaded even when `ORCD_LOAD_PLUGINS` does not name it.
 CORE_PLUGIN = "core"
 #: Every hook of `orcd_core.hookspecs`, in the order `load_plugins()` calls them.
@@ -280,6 +282,8 @@ def load_plugins(allow: Iterable[str] | None = None, extra_modules: Iterable[obj
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     registry.pm = pm
+    if os.environ.get(ENV_TRACE, "") not in ("", "0"):
+        _enable_tracing(pm)
 
     candidates: list[tuple[str, str, str | None, str | None, Any]] = []
     matched: set[str] = set()
@@ -334,6 +338,20 @@ def load_plugins(allow: Iterable[str] | None = None, extra_modules: Iterable[obj
             continue
         registry._commit(info, staged)
     return registry
+
+
+def _enable_tracing(pm: pluggy.PluginManager) -> None:
+    """Log each hook call with the plugins it reaches (a plugin author's first debugging aid)."""
+
+    def before(hook_name, impls, kwargs):
+        log.info("plugin_hook_call", hook=hook_name, plugins=[impl.plugin_name for impl in impls])
+
+    def after(outcome, hook_name, impls, kwargs):
+        exc = outcome.exception
+        log.info("plugin_hook_done", hook=hook_name, plugins=[impl.plugin_name for impl in impls],
+                 error=None if exc is None else f"{type(exc).__name__}: {exc}")
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 def _check_hookimpls(pm: pluggy.PluginManager, module: object, name: str) -> None:
