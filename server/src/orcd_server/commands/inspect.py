@@ -6,7 +6,8 @@ bytes; the bytes add up to the file's tensor data), tokenizer kind, context leng
 file does not say), vocabulary size, whether the installed plugins support the file, and an estimate
 of the VRAM the CUDA backend needs for the weights (each tensor in a 256-byte-aligned arena) plus an
 fp16 KV cache at `--context` tokens (default: the model's context length, else 4096). Activations
-and workspaces are not included. A malformed file prints one line and exits 1.
+and workspaces are not included; sliding-window layers are counted at the full context (an upper
+bound for gpt-oss). A malformed file prints one line and exits 1.
 """
 
 from __future__ import annotations
