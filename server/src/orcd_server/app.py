@@ -172,7 +172,7 @@ def _generation_request(req: schemas.ExecuteRequest, max_tokens: int, seed: int)
     return GenerationRequest(
         prompt=req.prompt,
         messages=messages,
-        chat=bool(req.chat or messages is not None),
+        chat=bool(req.chat) and messages is None,  # `messages` always goes through the template
         max_tokens=max_tokens,
         stop=tuple(req.stop),
         sampling=SamplingParams(
@@ -193,7 +193,7 @@ def _prepare(engine, request: GenerationRequest, n_ctx: int):
     except ContextLengthExceeded as exc:
         raise RequestError(400, "CONTEXT_LENGTH_EXCEEDED", str(exc), **_context_details(exc, request, n_ctx)) from None
     except InvalidRequest as exc:
-        raise invalid(exc.details.get("field"), str(exc)) from None
+        raise invalid(exc.details.get("field") or _field_named_in(str(exc)), str(exc)) from None
     except OrcdError as exc:  # chat template errors, tokenizer errors
         field = "messages" if request.messages is not None else ("chat" if request.chat else "prompt")
         raise invalid(field, str(exc)) from None
@@ -207,6 +207,15 @@ def _prepare(engine, request: GenerationRequest, n_ctx: int):
             n_ctx=n_ctx,
         )
     return prepared
+
+
+_REQUEST_FIELDS = set(schemas.ExecuteRequest.__struct_fields__)
+
+
+def _field_named_in(message: str) -> str | None:
+    """The request field an engine message starts with ("top_p must be in (0, 1]" -> "top_p")."""
+    first = message.split(" ", 1)[0].strip(":,")
+    return first if first in _REQUEST_FIELDS else None
 
 
 def _context_details(exc: ContextLengthExceeded, request: GenerationRequest, n_ctx: int) -> dict[str, Any]:

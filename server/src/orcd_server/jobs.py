@@ -69,15 +69,22 @@ class Job:
     def done(self) -> bool:
         return self._terminal_sent
 
-    def emit(self, name: str, data: dict) -> bool:
-        """Send an event from any thread. A terminal event is sent once; later ones are dropped
-        (returns False). Events after the terminal one are dropped too."""
+    def claim_terminal(self) -> bool:
+        """Reserve the job's one terminal event (True once, then False); send it with `emit`."""
         with self._lock:
             if self._terminal_sent:
                 return False
-            if name in TERMINAL_EVENTS:
-                self._terminal_sent = True
-                self.state = JobState.DONE
+            self._terminal_sent = True
+            self.state = JobState.DONE
+            return True
+
+    def emit(self, name: str, data: dict) -> bool:
+        """Send an event from any thread (returns False when dropped). A terminal event must have
+        been claimed first (`claim_terminal`), so that what follows it (metrics, logs) can be done
+        before the client sees it; nothing is sent after the terminal event."""
+        with self._lock:
+            if self._terminal_sent and name not in TERMINAL_EVENTS:
+                return False
         try:
             self.loop.call_soon_threadsafe(self._deliver, name, data)
         except RuntimeError:  # the event loop is closed: nobody is listening any more

@@ -256,6 +256,7 @@ class EngineWorker:
         pieces: list[str] = []
         last = None
         gen = None
+        terminal: dict[str, Any]
         try:
             gen = self.engine.run(job.prepared, job.cancel_token)
             while True:
@@ -294,40 +295,33 @@ class EngineWorker:
                     "predicted_per_second": _per_second(tokens_out, decode_ms),
                 },
             }
-            self._terminal(job, "completed", end=end, output="".join(pieces))
+            terminal = {"outcome": "completed", "end": end}
         except Cancelled:
             if job.cancel_reason == "timeout":
-                self._terminal(
-                    job,
-                    "timeout",
-                    error=("INFERENCE_TIMEOUT", f"inference exceeded --inference-timeout-sec {self.inference_timeout_s:g}", True),
-                    output="".join(pieces),
-                )
+                message = f"inference exceeded --inference-timeout-sec {self.inference_timeout_s:g}"
+                terminal = {"outcome": "timeout", "error": ("INFERENCE_TIMEOUT", message, True)}
             else:
                 reason = job.cancel_reason or "cancelled"
-                retriable = reason == "shutdown"
-                self._terminal(job, "cancelled", error=("CANCELLED", f"job cancelled ({reason})", retriable),
-                               output="".join(pieces))
+                terminal = {"outcome": "cancelled", "error": ("CANCELLED", f"job cancelled ({reason})", reason == "shutdown")}
         except GenerationError as exc:
-            self._terminal(job, "error", error=(exc.code, str(exc), bool(exc.retriable)), output="".join(pieces))
+            terminal = {"outcome": "error", "error": (exc.code, str(exc), bool(exc.retriable))}
         except Exception as exc:
             job.log.error("error", code="INTERNAL", message=repr(exc), traceback=traceback.format_exc())
-            self._terminal(job, "error", error=("INTERNAL", f"internal error: {exc!r}", False), output="".join(pieces))
+            terminal = {"outcome": "error", "error": ("INTERNAL", f"internal error: {exc!r}", False)}
         finally:
             timer.cancel()
             if gen is not None:
-                gen.close()  # frees the KV cache (the engine's `finally`)
+                gen.close()  # the engine's `finally` frees the KV cache (already done unless we failed)
+        # the job's resources are released: it stops counting as running before its terminal event
+        self._terminal(job, terminal.pop("outcome"), output="".join(pieces), **terminal)
 
     def _terminal(self, job: Job, outcome: str, *, end: dict | None = None,
                   error: tuple[str, str, bool] | None = None, output: str = "") -> None:
-        """Send the job's one terminal event, count it, log execute_end."""
-        if end is not None:
-            sent = job.emit("end", end)
-        else:
-            code, message, retriable = error
-            sent = job.emit("error", {"code": code, "message": message, "retriable": retriable})
-        if not sent:
+        """Count and log the job's one terminal event, then send it (so that a client that reads
+        /metrics right after its stream ended sees the job counted)."""
+        if not job.claim_terminal():
             return
+        self.queue.finish(job)
         job.outcome = outcome
         duration = time.monotonic() - job.accepted_at
         self.metrics.outcome(outcome)
@@ -339,7 +333,12 @@ class EngineWorker:
                           tokens_out=end["tokens_out"], timings=end["timings"])
         else:
             fields.update(code=error[0], message=error[1])
-            if outcome not in ("cancelled",):
+            if outcome != "cancelled":
                 job.log.error("error", code=error[0], message=error[1])
         fields.update(text_fields("output", output, self.log_prompts))
         job.log.info("execute_end", **fields)
+        if end is not None:
+            job.emit("end", end)
+        else:
+            code, message, retriable = error
+            job.emit("error", {"code": code, "message": message, "retriable": retriable})

@@ -23,6 +23,10 @@ from urllib.parse import urlsplit
 from orcd_core.errors import OrcdError
 
 BACKENDS = ("cuda", "reference")
+# The engine thread runs Python between device calls (and NumPy on the reference backend); the
+# event loop needs the GIL back quickly to answer /health and /metrics while a job streams.
+# CPython's default switch interval is 5 ms; each request needs several GIL hand-overs.
+GIL_SWITCH_INTERVAL_S = 0.0005
 KV_BYTES_PER_ELEMENT = 2  # the KV cache holds fp16 keys and values
 
 
@@ -277,6 +281,7 @@ def serve_app(settings, load, *, host: str, port: int) -> int:
         server.should_exit = True
 
     app = create_app(settings, load, on_exit=on_exit)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     config = uvicorn.Config(
         app,
         host=host,

@@ -1,0 +1,83 @@
+"""`orcd-worker serve` argument validation: one line on stderr, exit code 1, nothing started."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from orcd_server.cli import main
+from orcd_server.commands.serve import gpu_count
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    return str(path)
+
+
+CASES = [
+    (["--worker-id", "not-a-uuid"], "--worker-id must be a UUID"),
+    (["--worker-id", "123e4567-e89b-12d3-a456-42661417400"], "--worker-id must be a UUID"),
+    (["--backend", "tpu"], "--backend must be one of cuda, reference"),
+    (["--port", "0"], "--port must be between 1 and 65535"),
+    (["--port", "70000"], "--port must be between 1 and 65535"),
+    (["--port", "http"], "--port must be an integer"),
+    (["--gpu-device", "-1"], "--gpu-device must be >= 0"),
+    (["--gpu-device", "1"], "--gpu-device must be 0 with --backend reference"),
+    (["--max-context", "0"], "--max-context must be >= 1"),
+    (["--max-tokens-out", "0"], "--max-tokens-out must be between 1 and 2048"),
+    (["--max-tokens-out", "4096"], "--max-tokens-out must be between 1 and 2048"),
+    (["--inference-timeout-sec", "0"], "--inference-timeout-sec must be > 0"),
+    (["--inference-timeout-sec", "nan"], "--inference-timeout-sec must be > 0"),
+    (["--shutdown-timeout-sec", "-1"], "--shutdown-timeout-sec must be >= 0"),
+    (["--kv-cache-size-mb", "0"], "--kv-cache-size-mb must be >= 1"),
+    (["--queue-size", "0"], "--queue-size must be between 1 and 100000"),
+    (["--callback-url", "ftp://example.org/x"], "--callback-url must be an http(s) URL"),
+    (["--callback-url", "http://"], "--callback-url must be an http(s) URL"),
+    (["--log-format", "xml"], "--log-format must be json or console"),
+]
+
+
+@pytest.mark.parametrize("extra, message", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_argument_is_one_line_and_exit_1(extra, message, model, capsys):
+    code = main(["serve", "--backend", "reference", "--model", model, *extra])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("orcd-worker serve: error: ")
+    assert message in err
+
+
+def test_unreadable_model(tmp_path, capsys):
+    assert main(["serve", "--backend", "reference", "--model", str(tmp_path / "missing.gguf")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["serve", "--backend", "reference", "--model", str(tmp_path)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_port_in_use(model, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--backend", "reference", "--model", model, "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+
+
+def test_no_gpu_without_reference_backend_exits_1(model):
+    """A real process: no traceback, one line, exit 1 (no silent CPU fallback)."""
+    if gpu_count() > 0:
+        args = ["--gpu-device", str(gpu_count())]
+        expect = "out of range"
+    else:
+        args = []
+        expect = "no CUDA GPU found"
+    proc = subprocess.run([sys.executable, "-m", "orcd_server.cli", "serve", "--model", model, *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and expect in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
