@@ -1,0 +1,43 @@
+"""The specification's haiku test: the real Qwen2.5 test model behind `orcd-worker serve`,
+"Write a haiku about GPU computing" as a chat prompt, max_tokens 50, temperature 0.7, seed 42, sent
+twice: both streams are `started`, tokens, `end`, and their tokens are identical."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from serve_helpers import ProcessServer, collect, tokens
+
+from orcd_server.commands.serve import gpu_count
+
+BACKENDS = [pytest.param("reference", id="reference"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+HAIKU = {"prompt": "Write a haiku about GPU computing", "chat": True, "max_tokens": 50, "temperature": 0.7, "seed": 42}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_haiku_twice_gives_identical_streams(backend, tmp_path):
+    if backend == "cuda" and gpu_count() == 0:
+        pytest.skip("no CUDA GPU")
+    from orcd_core.testmodels import fetch_model
+
+    srv = ProcessServer(["--backend", backend, "--model", str(fetch_model("qwen")), "--max-context", "256"],
+                        tmp_path).start()
+    try:
+        health = srv.wait_ready(900)
+        assert health["quant_kind"] == "Q4_K_M" and health["tokenizer_kind"]
+        client = httpx.Client(base_url=srv.url, timeout=900)
+        streams = [collect(client, {"job_id": f"haiku-{k}", **HAIKU}) for k in range(2)]
+        for events in streams:
+            names = [n for n, _ in events]
+            assert names[0] == "started" and names[-1] == "end" and set(names[1:-1]) == {"token"}, names
+            assert events[0][1]["seed"] == 42 and events[0][1]["n_prompt_tokens"] > 10  # the chat template
+            assert events[-1][1]["finish_reason"] in ("stop", "length")
+            assert 1 <= len(tokens(events)) <= 50
+        assert tokens(streams[0]) == tokens(streams[1])
+        text = "".join(t for t, _, _ in tokens(streams[0]))
+        end = streams[0][-1][1]
+        print(f"[{backend}] haiku ({end['tokens_out']} tokens, {end['timings']['predicted_per_second']:.1f} tok/s): {text!r}")
+        assert text.strip()
+    finally:
+        srv.stop()
