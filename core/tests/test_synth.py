@@ -171,3 +171,13 @@ def test_llama_cpp_loads_and_computes_finite_logits(files, arch):
         finally:
             llm.close()
     assert not np.array_equal(logits[0], logits[1]), "different seeds must give different models"
+
+
+def test_format_refusal_names_the_tensor(tmp_path):
+    """A format that cannot produce the planned magnitude fails with a SynthError naming the tensor."""
+    plan = synth.build_plan("gpt2", layers=1)
+    t = next(t for t in plan.tensors if t.type_name == "Q4_K")
+    plan.tensors[plan.tensors.index(t)] = synth.TensorPlan(t.name, t.shape, t.type_name, t.role, 1e30)
+    with pytest.raises(synth.SynthError, match=t.name.replace(".", r"\.")):
+        synth.write_plan(plan, tmp_path / "x.gguf", threads=1)
+    assert not list(tmp_path.iterdir())

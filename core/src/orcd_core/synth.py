@@ -575,7 +575,10 @@ def _generate(seed: int, ti: int, ci: int, t: TensorPlan, fmt, rows: int) -> np.
         if t.type_name != "F32":
             raise SynthError(f"{t.name}: norm weights must be F32, planned {t.type_name}")
         return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).view(np.uint8)
-    blocks = fmt.random_blocks(rng, n // fmt.block_size, t.scale)
+    try:
+        blocks = fmt.random_blocks(rng, n // fmt.block_size, t.scale)
+    except ValueError as exc:  # e.g. a scale the format's block scales cannot hold
+        raise SynthError(f"{t.name} ({t.type_name}, scale {t.scale:.3g}): {exc}") from None
     return np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1)
 
 
