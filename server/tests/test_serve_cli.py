@@ -81,3 +81,26 @@ def test_no_gpu_without_reference_backend_exits_1(model):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and expect in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_kv_cache_size_caps_the_context():
+    """--kv-cache-size-mb: the most tokens whose fp16 K and V of every layer fit, from the file's
+    metadata read here with gguf-py (an independent reader)."""
+    import gguf
+
+    from orcd_core.testmodels import fetch_model
+    from orcd_server.commands.serve import kv_context_cap
+
+    path = fetch_model("smollm2")
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        f = reader.fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    n_layer, n_head = field("llama.block_count"), field("llama.attention.head_count")
+    n_kv, n_embd = field("llama.attention.head_count_kv"), field("llama.embedding_length")
+    per_token = n_layer * n_kv * 2 * (n_embd // n_head) * 2
+    assert per_token == 30 * 3 * 2 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64
+    for mb in (1, 7, 64):
+        assert kv_context_cap(path, mb) == (mb << 20) // per_token

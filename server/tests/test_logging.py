@@ -1,0 +1,90 @@
+"""Structured logs: JSON lines off a terminal, console lines with a progress bar on one, the worker's
+context on every line, and no prompt or output text unless --log-prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import httpx
+import pytest
+import structlog
+from fake_engine import FakeEngine
+from serve_helpers import ThreadServer, collect
+
+from orcd_server.app import ServerSettings, create_app
+from orcd_server.logging import bind_worker, configure_logging, get_logger, resolve_format, text_fields
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    yield
+    structlog.reset_defaults()
+    bind_worker()
+
+
+def test_format_follows_the_terminal():
+    assert resolve_format(None, io.StringIO()) == "json"
+    assert resolve_format(None, _Tty()) == "console"
+    assert resolve_format("json", _Tty()) == "json"
+
+
+def test_json_lines_carry_the_worker_context():
+    out = io.StringIO()
+    bind_worker(worker_id="w-1", model_ref="/m.gguf", gpu_device=0)
+    assert configure_logging(None, out) == "json"
+    get_logger("t").info("ready")
+    get_logger("t", job_id="j-9").info("execute_start", n_prompt_tokens=3)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["ready", "execute_start"]
+    for line in lines:
+        assert line["worker_id"] == "w-1" and line["model_ref"] == "/m.gguf" and line["gpu_device"] == 0
+        assert line["level"] == "info" and line["timestamp"].endswith("Z")
+    assert lines[1]["job_id"] == "j-9" and "job_id" not in lines[0]
+
+
+def test_console_draws_a_progress_bar_for_the_model_load():
+    out = _Tty()
+    assert configure_logging(None, out) == "console"
+    for percent in (0, 50, 100):
+        get_logger("t").info("model_load_progress", percent=percent)
+    text = out.getvalue()
+    assert "[........................]   0%" in text
+    assert "[############............]  50%" in text
+    assert "[########################] 100%" in text
+
+
+def test_text_fields_hash_unless_asked():
+    text = "秘密 prompt 🙂"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert text_fields("prompt", text, False) == {"prompt_sha256": digest, "prompt_chars": len(text)}
+    assert text_fields("prompt", text, True)["prompt"] == text
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_log_prompts_flag(log_prompts):
+    loader = FakeEngine.loader()
+    app = create_app(ServerSettings(worker_id="w", model_ref="fake", backend="reference", log_prompts=log_prompts),
+                     loader)
+    with structlog.testing.capture_logs() as logs, ThreadServer(app) as srv:
+        client = httpx.Client(base_url=srv.url, timeout=30)
+        while client.get("/health").status_code != 200:
+            pass
+        events = collect(client, {"job_id": "lp", "prompt": "a secret prompt", "max_tokens": 3, "seed": 1})
+    output = "".join(d["t"] for n, d in events if n == "token")
+    start = next(line for line in logs if line["event"] == "execute_start")
+    end = next(line for line in logs if line["event"] == "execute_end")
+    assert start["job_id"] == end["job_id"] == "lp"
+    assert start["prompt_chars"] == len("a secret prompt") and end["output_chars"] == len(output)
+    assert end["output_sha256"] == hashlib.sha256(output.encode()).hexdigest()[:16]
+    if log_prompts:
+        assert start["prompt"] == "a secret prompt" and end["output"] == output
+    else:
+        assert all("a secret prompt" not in repr(line) for line in logs)
+        assert "prompt" not in start and "output" not in end
