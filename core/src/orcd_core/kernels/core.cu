@@ -45,7 +45,8 @@ extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const flo
 }
 
 // ================================================================================================
-// RoPE (ggml_rope_ext semantics). x, y: [T, H, hd]; one thread per pair of a head.
+// RoPE (ggml_rope_ext semantics). x: [T, H, hd] with token stride x_stride (elements), y contiguous;
+// one thread per pair of a head.
 // neox: pairs (i, i + n_rot/2); normal: pairs (2i, 2i + 1). Dims >= n_rot pass through.
 // theta = pos * base^(-2i/n_rot) / freq_factor[i], then YaRN mixing (ext_factor != 0) as rope_yarn.
 // ================================================================================================
@@ -54,7 +55,8 @@ __device__ __forceinline__ float yarn_ramp(float low, float high, int i0) {
     return 1.0f - fminf(1.0f, fmaxf(0.0f, y));
 }
 
-extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ y, const int* __restrict__ positions,
+extern "C" __global__ void rope_f32(const float* __restrict__ x, i64 x_stride, float* __restrict__ y,
+                                    const int* __restrict__ positions,
                                     const float* __restrict__ freq_factors, int T, int H, int hd, int n_rot, int neox,
                                     float theta_scale, float freq_scale, float ext_factor, float attn_factor,
                                     float corr0, float corr1) {
@@ -64,7 +66,7 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restri
     const int p = (int)(g % half_hd);
     const i64 row = g / half_hd;  // t * H + h
     const int t = (int)(row / H);
-    const float* xr = x + row * hd;
+    const float* xr = x + (i64)t * x_stride + (row - (i64)t * H) * hd;  // x rows may be a column slice
     float* yr = y + row * hd;
     const int half_rot = n_rot >> 1;
     if (p >= half_rot) {  // pass-through dims n_rot + 2(p - half_rot) + {0, 1}
@@ -100,12 +102,14 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
     if (i < n) y[i] = a[i] + b[nb == n ? i : i % nb];
 }
 
-extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
-                                        i64 n) {
+// y[r, c] = silu(g[r * gs + c]) * u[r * us + c]: gate and up may be column slices of one gate|up output
+extern "C" __global__ void silu_mul_f32(const float* __restrict__ g, i64 gs, const float* __restrict__ u, i64 us,
+                                        float* __restrict__ y, int rows, int cols) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        const float v = g[i];
-        y[i] = v / (1.0f + expf(-v)) * u[i];
+    if (i < (i64)rows * cols) {
+        const i64 r = i / cols, c = i - r * cols;
+        const float v = g[r * gs + c];
+        y[i] = v / (1.0f + expf(-v)) * u[r * us + c];
     }
 }
 
@@ -134,19 +138,20 @@ extern "C" __global__ void copy_rows_f32(const float* __restrict__ x, float* __r
 }
 
 // ================================================================================================
-// KV cache: k, v [T, Hkv, hd] float32 -> cache [n_rows, Hkv, hd] fp16 at slot positions[t] % n_rows
+// KV cache: k, v [T, Hkv, hd] float32 (token strides ks, vs) -> cache [n_rows, Hkv, hd] fp16 at slot
+// positions[t] % n_rows
 // ================================================================================================
-extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, half_bits* __restrict__ kc,
-                                   half_bits* __restrict__ vc, const int* __restrict__ positions, int T, int Hkv, int hd,
-                                   int n_rows) {
+extern "C" __global__ void kv_write(const float* __restrict__ k, i64 ks, const float* __restrict__ v, i64 vs,
+                                   half_bits* __restrict__ kc, half_bits* __restrict__ vc, const int* __restrict__ positions,
+                                   int T, int Hkv, int hd, int n_rows) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const i64 per_t = (i64)Hkv * hd;
     if (i >= (i64)T * per_t) return;
     const int t = (int)(i / per_t);
     const i64 r = i - (i64)t * per_t;
     const i64 dst = (i64)(positions[t] % n_rows) * per_t + r;
-    kc[dst] = f2h(k[i]);
-    vc[dst] = f2h(v[i]);
+    kc[dst] = f2h(k[(i64)t * ks + r]);
+    vc[dst] = f2h(v[(i64)t * vs + r]);
 }
 
 // ================================================================================================
@@ -198,6 +203,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[qi][c] = 0.0f;
     }
+    const float* q4 = qs[warp * 4];
     for (int k0 = kmin; k0 <= kmax; k0 += AP_KT) {
         __syncthreads();
         for (int i = threadIdx.x; i < AP_KT * hd; i += blockDim.x) {
@@ -213,32 +219,45 @@ extern "C" __global__ void __launch_bounds__(128)
             vs[j][d] = vv;
         }
         __syncthreads();
+        // lane = key: its score against the warp's 4 queries (one K read feeds 4 FMA chains)
+        float sc4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 8
+        for (int d = 0; d < hd; ++d) {
+            const float kd = ks[lane][d];
+#pragma unroll
+            for (int qi = 0; qi < 4; ++qi) sc4[qi] += q4[qi * AP_MAXD + d] * kd;
+        }
+        const int kp = k0 + lane;
+        float pr[4];
 #pragma unroll
         for (int qi = 0; qi < 4; ++qi) {
             const int p = qpos[qi];
-            if (p < 0) continue;
-            const int kp = k0 + lane;
-            const bool valid = kp <= p && (window <= 0 || kp > p - window);
-            const float* qr = qs[warp * 4 + qi];
-            float s = 0.0f;
-            for (int d = 0; d < hd; ++d) s += qr[d] * ks[lane][d];
-            s = valid ? s : -INFINITY;
-            const float m_new = fmaxf(m[qi], warp_max(s));
-            if (m_new == -INFINITY) continue;  // nothing visible yet in this tile
-            const float pr = valid ? expf(s - m_new) : 0.0f;
+            const bool valid = p >= 0 && kp <= p && (window <= 0 || kp > p - window);
+            const float sv = valid ? sc4[qi] : -INFINITY;
+            const float m_new = fmaxf(m[qi], warp_max(sv));
+            pr[qi] = 0.0f;
+            if (m_new == -INFINITY) continue;  // nothing visible yet for this query
+            pr[qi] = valid ? expf(sv - m_new) : 0.0f;
             const float corr = expf(m[qi] - m_new);
-            l[qi] = l[qi] * corr + warp_sum(pr);
+            l[qi] = l[qi] * corr + warp_sum(pr[qi]);
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[qi][c] *= corr;
-            for (int j = 0; j < AP_KT; ++j) {
-                const float pj = __shfl_sync(0xffffffffu, pr, j);
-#pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const int d = lane + 32 * c;
-                    if (d < hd) acc[qi][c] += pj * vs[j][d];
-                }
-            }
             m[qi] = m_new;
+        }
+        // values: one V read per (key, dim) feeds the 4 queries
+        for (int j = 0; j < AP_KT; ++j) {
+            float vd[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int d = lane + 32 * c;
+                vd[c] = d < hd ? vs[j][d] : 0.0f;
+            }
+#pragma unroll
+            for (int qi = 0; qi < 4; ++qi) {
+                const float pj = __shfl_sync(0xffffffffu, pr[qi], j);
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[qi][c] += pj * vd[c];
+            }
         }
     }
 #pragma unroll
@@ -265,7 +284,9 @@ extern "C" __global__ void __launch_bounds__(128)
 // Attention for one decode token, split over the sequence (flash-decoding).
 // Part 1, grid (Hq, S), 128 threads: split s covers keys [s*chunk, (s+1)*chunk) ∩ visible keys of the
 // query at positions[0]; writes its unnormalized output, max and denominator. Part 2, grid Hq:
-// combines the S splits (and the sink). `chunk` <= 256.
+// combines the S splits (and the sink). chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
+// Scores: one thread per key (16-byte K loads). Values: a thread owns a pair of dims (4-byte loads)
+// and one of G = 128 / (hd/2) key groups; its loop is unrolled so several V loads are in flight.
 // ================================================================================================
 #define AD_CHUNK 256
 
@@ -276,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float qsh[AP_MAXD];
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
-    __shared__ float accs[128];
+    __shared__ float2 accs[128];
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int p = positions[0];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
@@ -291,9 +312,10 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)h * hd + d] * scale;
     __syncthreads();
     const int n = ke - kb;
+    const i64 row = (i64)Hkv * hd;  // elements per cache position
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const half_bits* kr = kc + ((i64)((kb + j) % n_rows) * Hkv + kvh) * hd;
+        const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
         float dot = 0.0f;
         for (int d = 0; d < hd; d += 8) {
             const uint4 w = ld16(kr + d);
@@ -311,18 +333,30 @@ extern "C" __global__ void __launch_bounds__(128)
         sum += e;
     }
     sum = block_sum(sum, red);  // (its barriers also publish sc[])
-    const int G = blockDim.x / hd;  // key groups working side by side
-    const int g = threadIdx.x / hd, d = threadIdx.x - g * hd;
-    float a = 0.0f;
+    const int P = hd >> 1;          // threads per key group: one pair of dims each
+    const int G = blockDim.x / P;   // key groups
+    const int g = threadIdx.x / P, t = threadIdx.x - g * P;
+    float2 a = make_float2(0.0f, 0.0f);
     if (g < G) {
-        for (int j = g; j < n; j += G) a += sc[j] * h2f(vc[((i64)((kb + j) % n_rows) * Hkv + kvh) * hd + d]);
-        accs[threadIdx.x] = a;
+        const half_bits* vb = vc + (i64)kvh * hd + 2 * t;
+#pragma unroll 4
+        for (int j = g; j < n; j += G) {
+            const u32 w = ld4(vb + (i64)((kb + j) % n_rows) * row);
+            const float pj = sc[j];
+            a.x += pj * h2f_lo(w);
+            a.y += pj * h2f_hi(w);
+        }
     }
+    accs[threadIdx.x] = a;
     __syncthreads();
-    if (threadIdx.x < hd) {
-        float o = 0.0f;
-        for (int gg = 0; gg < G; ++gg) o += accs[gg * hd + threadIdx.x];
-        po[threadIdx.x] = o;
+    if (threadIdx.x < P) {
+        float2 o = make_float2(0.0f, 0.0f);
+        for (int gg = 0; gg < G; ++gg) {
+            o.x += accs[gg * P + threadIdx.x].x;
+            o.y += accs[gg * P + threadIdx.x].y;
+        }
+        po[2 * threadIdx.x] = o.x;
+        po[2 * threadIdx.x + 1] = o.y;
     }
     if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
 }

@@ -15,7 +15,8 @@
 // consecutive items, so a warp reads consecutive bytes of the row.
 //
 // ORCD_QUANT_KERNELS(NAME, F) then defines, with uniform names per format:
-//   gemv_NAME        y[t, n] = sum_k W[n, k] x[t, k] (+ bias[n])   decode matvec, T <= GEMV_MAX_T
+//   gemv_NAME        y[n] = sum_k W[n, k] x[k] (+ bias[n])         decode matvec (one token), R rows per warp
+//   gemv_t4_NAME     the same for T <= GEMV_MAX_T tokens: y[t, n]
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
@@ -24,27 +25,35 @@
 #define GEMV_MAX_T 4
 #define GEMV_WARPS 4  // rows per block: one warp per row
 
-template <class F>
+// One warp per R consecutive rows (R = rows_per_warp, 1..GEMV_MAX_R, chosen by the launcher so a warp
+// has a few items per lane even for short rows): the warp walks the R rows' items as one flat list,
+// lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced per row at the end.
+#define GEMV_MAX_R 4
+
+template <class F, int MAXT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
                                           float* __restrict__ y, const float* __restrict__ bias, int N, int K,
-                                          int T) {
+                                          int T, int R) {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (row >= N) return;
-    const u8* wrow = W + (i64)row * row_bytes;
+    const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
+    if (row0 >= N) return;
     const int n_items = K >> 5;
-    float acc[GEMV_MAX_T];
+    const int total = min(R, N - row0) * n_items;
+    float acc[MAXT][GEMV_MAX_R];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_T; ++t) acc[t] = 0.0f;
+    for (int t = 0; t < MAXT; ++t)
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_R; ++r) acc[t][r] = 0.0f;
 #pragma unroll 2
-    for (int it = lane; it < n_items; it += 32) {
+    for (int f = lane; f < total; f += 32) {
+        const int r = f / n_items, it = f - r * n_items;
         const int b = it / F::IPB, i = it - b * F::IPB;
         float v[32];
         int x0, x1;
-        F::item(wrow + (i64)b * F::TS, i, v, x0, x1);
+        F::item(W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS, i, v, x0, x1);
         const int base = b * F::QK;
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_T; ++t) {
+        for (int t = 0; t < MAXT; ++t) {
             if (t < T) {
                 const float4* xa = (const float4*)(x + (i64)t * K + base + x0);
                 const float4* xb = (const float4*)(x + (i64)t * K + base + x1);
@@ -55,15 +64,21 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
                     s += v[4 * c] * a.x + v[4 * c + 1] * a.y + v[4 * c + 2] * a.z + v[4 * c + 3] * a.w;
                     s += v[16 + 4 * c] * bb.x + v[16 + 4 * c + 1] * bb.y + v[16 + 4 * c + 2] * bb.z + v[16 + 4 * c + 3] * bb.w;
                 }
-                acc[t] += s;
+#pragma unroll
+                for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
             }
         }
     }
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_T; ++t) {
-        if (t < T) {
-            const float s = warp_sum(acc[t]);
-            if (lane == 0) y[(i64)t * N + row] = s + (bias ? bias[row] : 0.0f);
+    for (int rr = 0; rr < GEMV_MAX_R; ++rr) {
+        if (rr < R && row0 + rr < N) {
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
+                    const float s = warp_sum(acc[t][rr]);
+                    if (lane == 0) y[(i64)t * N + row0 + rr] = s + (bias ? bias[row0 + rr] : 0.0f);
+                }
+            }
         }
     }
 }
@@ -123,8 +138,13 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 #define ORCD_QUANT_KERNELS(NAME, F)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
         gemv_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,   \
-                    int T) {                                                                                 \
-        gemv_impl<F>(W, row_bytes, x, y, bias, N, K, T);                                                     \
+                    int T, int R) {                                                                          \
+        gemv_impl<F, 1>(W, row_bytes, x, y, bias, N, K, 1, R);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
+        gemv_t4_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,\
+                       int T, int R) {                                                                       \
+        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, y, bias, N, K, T, R);                                      \
     }                                                                                                        \
     extern "C" __global__ void dequant_f16_##NAME(const u8* W, i64 row_bytes, half_bits* out, int row0,      \
                                                   int n_rows, int K) {                                       \

@@ -26,7 +26,8 @@ from .kernels import NULL, KernelSet, f32, i32, i64, launch
 from .memory import ALIGN, Arena, ChunkedUploader, DeviceTensor, Workspace, align, raw_alloc, view
 
 GEMV_MAX_T = 4  # quant_kernels.cuh
-GEMV_ROWS_PER_BLOCK = 4
+GEMV_WARPS = 4  # warps per block
+GEMV_MAX_R = 4  # rows per warp at most
 ATTN_MAX_HEAD_DIM = 128
 DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
 ARGMAX_BLOCKS = 64
@@ -69,6 +70,7 @@ class CudaDevice(Device):
         self.chunk_bytes = int(float(load_chunk_mb) * (1 << 20))
         self.registry = registry
         self._modules: dict[str, KernelSet] = {}
+        self._by_fmt: dict[int, KernelSet] = {}  # ggml type -> its compiled source (looked up per op)
         self.core = self._module("core.cu", ksrc.expand(ksrc.read("core.cu")))
         self.arenas: list[Arena] = []
         self._kv_live: dict[int, int] = {}
@@ -104,13 +106,17 @@ class CudaDevice(Device):
         return ks
 
     def _fmt_module(self, fmt) -> KernelSet:
-        if fmt.cuda_source is None:
-            raise NotImplementedError(f"tensor type {fmt.name} has no CUDA kernels (its plugin sets no cuda_source)")
-        label = "%s/%s" % tuple(fmt.cuda_source)
-        return self._module(label, ksrc.expand(fmt.cuda_source_text()))
+        ks = self._by_fmt.get(fmt.ggml_type)
+        if ks is None:
+            if fmt.cuda_source is None:
+                raise NotImplementedError(f"tensor type {fmt.name} has no CUDA kernels (its plugin sets no cuda_source)")
+            label = "%s/%s" % tuple(fmt.cuda_source)
+            ks = self._modules.get(label) or self._module(label, ksrc.expand(fmt.cuda_source_text()))
+            self._by_fmt[fmt.ggml_type] = ks
+        return ks
 
     def _ws(self, shape, dtype=np.float32) -> cupy.ndarray:
-        return self.workspace.alloc(tuple(int(s) for s in shape), dtype)
+        return self.workspace.alloc(shape, dtype)
 
     def _c(self, x) -> cupy.ndarray:
         """x as a C-contiguous float32 device array (copying a row-strided view into the workspace)."""
@@ -127,6 +133,26 @@ class CudaDevice(Device):
         launch(self.core.fn("copy_rows_f32"), (_blocks(rows * cols, 256),), (256,),
                (x, y, i32(rows), i32(cols), i64(x.strides[0] // 4)))
         return y
+
+    def _rows(self, x) -> tuple[cupy.ndarray, int]:
+        """(x, token stride in elements) for an activation whose rows may be a column slice (q|k|v,
+        gate|up splits): everything after the first axis must be C-contiguous; else a copy."""
+        if x.dtype != np.float32:
+            raise TypeError(f"expected float32 activations, got {x.dtype}")
+        shape, strides = x.shape, x.strides
+        inner = math.prod(shape[1:])
+        if x.flags.c_contiguous:
+            return x, inner
+        expect = 4
+        for n, st in zip(reversed(shape[1:]), reversed(strides[1:])):
+            if st != expect and n != 1:
+                break
+            expect *= n
+        else:
+            if strides[0] % 4 == 0:
+                return x, strides[0] // 4
+        x = self._c(x)
+        return x, inner
 
     # ---- loading ---------------------------------------------------------------------------------
     def prepare_load(self, model, *, n_ctx: int, progress=None) -> None:
@@ -425,8 +451,11 @@ class CudaDevice(Device):
         ks = self._fmt_module(w.fmt)
         name = w.fmt.name
         if T <= GEMV_MAX_T:
-            launch(ks.fn(f"gemv_{name}"), (_blocks(N, GEMV_ROWS_PER_BLOCK),), (32 * GEMV_ROWS_PER_BLOCK,),
-                   (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T)))
+            # rows per warp: enough 32-weight items per warp (~96) that every lane has several loads
+            R = min(GEMV_MAX_R, max(1, -(-96 // (K // 32))))
+            launch(ks.fn(f"gemv_{name}" if T == 1 else f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
+                   (32 * GEMV_WARPS,),
+                   (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)))
             return y
         x16 = self._ws((T, K), np.float16)
         launch(self.core.fn("f32_to_f16"), (_blocks(T * K, 256),), (256,), (x, x16, i64(T * K)))
@@ -468,7 +497,7 @@ class CudaDevice(Device):
         return y
 
     def rope(self, x, positions, spec: RopeSpec) -> cupy.ndarray:
-        x = self._c(x)
+        x, xs = self._rows(x)
         T, H, hd = x.shape
         if spec.n_rot > hd or spec.n_rot % 2 or hd % 2:
             raise ValueError(f"rope: n_rot {spec.n_rot} for head dim {hd}")
@@ -481,13 +510,14 @@ class CudaDevice(Device):
             c0, c1 = yarn_corr_dims(spec.n_rot, spec.n_ctx_orig, spec.base, spec.beta_fast, spec.beta_slow)
         ff = spec.freq_factors if spec.freq_factors is not None else NULL
         launch(self.core.fn("rope_f32"), (_blocks(T * H * (hd // 2), 128),), (128,),
-               (x, y, positions, ff, i32(T), i32(H), i32(hd), i32(spec.n_rot), i32(1 if spec.neox else 0),
+               (x, i64(xs), y, positions, ff, i32(T), i32(H), i32(hd), i32(spec.n_rot), i32(1 if spec.neox else 0),
                 f32(theta_scale), f32(spec.freq_scale), f32(spec.ext_factor), f32(spec.attn_factor), f32(c0), f32(c1)))
         return y
 
     def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
                   sinks=None, window: int = 0) -> cupy.ndarray:
-        q, k, v = self._c(q), self._c(k), self._c(v)
+        q = self._c(q)
+        (k, ks), (v, vs) = self._rows(k), self._rows(v)
         T, Hq, hd = q.shape
         Hkv = k.shape[1]
         if Hq % Hkv or k.shape != (T, Hkv, hd) or v.shape != (T, Hkv, hd):
@@ -497,16 +527,18 @@ class CudaDevice(Device):
         kc, vc = cache.k[layer], cache.v[layer]
         n_rows = int(kc.shape[0])
         launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
-               (k, v, kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
+               (k, i64(ks), v, i64(vs), kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
         out = self._ws((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
         if T == 1:
-            S = max(1, math.ceil(cache.n_ctx / DECODE_CHUNK))
+            # keys per split: small splits (many blocks) for short contexts, at most 128 splits
+            chunk = min(DECODE_CHUNK, max(64, -(-cache.n_ctx // 128)))
+            S = max(1, math.ceil(cache.n_ctx / chunk))
             part_o = self._ws((Hq, S, hd))
             part_ml = self._ws((Hq, S, 2))
             launch(self.core.fn("attn_decode_part"), (Hq, S), (128,),
                    (q, kc, vc, step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    f32(scale), i32(window), i32(DECODE_CHUNK)))
+                    f32(scale), i32(window), i32(chunk)))
             launch(self.core.fn("attn_decode_combine"), (Hq,), (128,), (part_o, part_ml, sk, out, i32(Hq), i32(S), i32(hd)))
         else:
             launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
@@ -532,7 +564,15 @@ class CudaDevice(Device):
         return y
 
     def silu_mul(self, gate, up) -> cupy.ndarray:
-        return self._eltwise("silu_mul_f32", gate, up)
+        (g, gs), (u, us) = self._rows(gate), self._rows(up)
+        if g.shape != u.shape:
+            raise ValueError(f"silu_mul: shapes {g.shape} and {u.shape}")
+        rows = g.shape[0] if g.ndim > 1 else 1
+        cols = g.size // rows
+        y = self._ws(g.shape)
+        launch(self.core.fn("silu_mul_f32"), (_blocks(g.size, 256),), (256,),
+               (g, i64(gs if g.ndim > 1 else cols), u, i64(us if u.ndim > 1 else cols), y, i32(rows), i32(cols)))
+        return y
 
     def gelu(self, x) -> cupy.ndarray:
         return self._eltwise("gelu_f32", x)

@@ -61,18 +61,14 @@ class KernelSet:
         return f
 
 
-_MAX_GRID = (2**31 - 1, 65535, 65535)
-
-
-def launch(fn, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
-    """Launch `fn` on the current stream after validating the geometry."""
-    g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
-    b = tuple(int(v) for v in block) + (1,) * (3 - len(block))
-    if any(v < 1 for v in g) or any(v > m for v, m in zip(g, _MAX_GRID)):
-        raise CudaError(f"kernel {getattr(fn, 'kernel', fn)}: invalid grid {g}")
-    if any(v < 1 for v in b) or b[0] * b[1] * b[2] > 1024:
-        raise CudaError(f"kernel {getattr(fn, 'kernel', fn)}: invalid block {b}")
-    fn(g, b, args, shared_mem=shared_mem)
+def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+    """Launch `fn` on the current stream after validating the geometry (kept cheap: it runs for every
+    op of a prefill step, where Python time is on the critical path)."""
+    n = len(grid)
+    if (not 0 < grid[0] < 2**31 or (n > 1 and not 0 < grid[1] <= 65535) or (n > 2 and not 0 < grid[2] <= 65535)
+            or not 0 < block[0] <= 1024 or len(block) != 1):
+        raise CudaError(f"kernel {getattr(fn, 'kernel', fn)}: invalid grid {grid} / block {block}")
+    fn(grid, block, args, shared_mem=shared_mem)
     if _CHECK and not cupy.cuda.get_current_stream().is_capturing():
         try:
             cupy.cuda.get_current_stream().synchronize()

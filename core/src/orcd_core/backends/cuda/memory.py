@@ -7,6 +7,7 @@ KV cache gives its memory back at once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cupy
@@ -79,7 +80,7 @@ class Workspace:
 
     def alloc(self, shape, dtype) -> cupy.ndarray:
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         self._step_bytes += align(nbytes)
         off = self.arena.take(nbytes)
         if off is not None:

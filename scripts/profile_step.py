@@ -1,0 +1,158 @@
+"""Per-kernel GPU time of one prefill step and one decode step on the CUDA backend.
+
+    python3 scripts/profile_step.py MODEL [-p 512] [--ctx 640]
+
+Every launch (and cuBLAS GEMM) of one step is recorded, then each is captured 20 times into a CUDA
+graph whose replay is timed between two CUDA events: its device time without launch gaps (weights that fit in L2 stay there, so
+small GEMVs read as faster than cold); the table lists kernels by total time per step. Also prints the wall time of issuing a decode step from Python and of a
+replayed graph step. Numbers go to docs/perf-notes.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import cupy
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=640)
+    args = ap.parse_args()
+
+    from orcd_core.backends.cuda import kernels as K
+    from orcd_core.backends.cuda import device as D
+    from orcd_core.device import Step
+    from orcd_core.engine import Engine
+    from orcd_core.generation import SamplingParams
+
+    eng = Engine.load(args.model, backend="cuda", max_context=args.ctx)
+    dev, model = eng.device, eng.model
+    names: dict[int, str] = {}
+    orig_fn = K.KernelSet.fn
+
+    def fn(self, name):
+        f = orig_fn(self, name)
+        names[id(f)] = name
+        return f
+
+    K.KernelSet.fn = fn
+    stats = collections.defaultdict(lambda: [0, 0.0])
+    timing = {"on": False}
+    orig_launch = K.launch
+
+    recorded = []
+
+    def timed_launch(f, grid, block, args, shared_mem=0):
+        orig_launch(f, grid, block, args, shared_mem)
+        if timing["on"]:
+            key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
+            recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem)))
+
+    for mod in (K, D):
+        mod.launch = timed_launch
+    import orcd_core.backends.cuda.sampler as S
+    import orcd_core.backends.cuda.graph as G
+
+    S.launch = G.launch = timed_launch
+    gemm = D.cublas.gemmEx
+
+    def timed_gemm(*a):
+        gemm(*a)
+        if timing["on"]:
+            recorded.append((f"cublas gemmEx m={a[3]} n={a[4]} k={a[5]}", lambda: gemm(*a)))
+
+    D.cublas.gemmEx = timed_gemm
+
+    def replay_all():
+        dev.stream.synchronize()
+        for key, again in recorded:
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            again()
+            if key.startswith("cublas"):  # CuPy refuses cuBLAS calls during capture: back to back
+                e0.record(dev.stream)
+                for _ in range(20):
+                    again()
+                e1.record(dev.stream)
+            else:
+                dev.stream.begin_capture()
+                for _ in range(20):
+                    again()
+                graph = dev.stream.end_capture()
+                graph.launch(dev.stream)
+                e0.record(dev.stream)
+                graph.launch(dev.stream)
+                e1.record(dev.stream)
+            e1.synchronize()
+            st = stats[key]
+            st[0] += 1
+            st[1] += cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
+        recorded.clear()
+
+    rng = np.random.default_rng(0)
+    V = int(eng.config.n_vocab)
+
+    def report(title):
+        total = sum(v[1] for v in stats.values())
+        print(f"\n{title}: {total:.1f} us in {sum(v[0] for v in stats.values())} launches (each replayed 20x)")
+        for k, (n, us) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:18]:
+            print(f"  {us:9.1f} us {n:5d}x  {k}")
+        stats.clear()
+
+    cache = model.new_kv_cache(args.ctx)
+    ids = rng.integers(0, V, args.p).tolist()
+    eng.prefill(ids, cache)  # warm-up
+    dev.stream.synchronize()
+    timing["on"] = True
+    eng.prefill(ids, cache)
+    dev.stream.synchronize()
+    timing["on"] = False
+    replay_all()
+    report(f"prefill T={args.p}")
+    t0 = time.perf_counter()
+    eng.prefill(ids, cache)
+    dev.stream.synchronize()
+    print(f"prefill wall (not isolated): {(time.perf_counter() - t0) * 1e3:.2f} ms")
+
+    step = Step(1, dev.to_device([1]), dev.to_device([args.p]), dev.to_device([args.p]))
+    dev.begin_step()
+    out = dev.logits_last(model.forward(step, cache))
+    dev.stream.synchronize()
+    timing["on"] = True
+    dev.begin_step()
+    out = dev.logits_last(model.forward(step, cache))
+    dev.argmax(out)
+    timing["on"] = False
+    replay_all()
+    report(f"decode step at position {args.p}")
+    dev.stream.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dev.begin_step()
+        dev.argmax(dev.logits_last(model.forward(step, cache)))
+    t1 = time.perf_counter()
+    dev.stream.synchronize()
+    t2 = time.perf_counter()
+    print(f"decode step eager: issue {(t1 - t0) * 1e5:.0f} us/step, issue+run {(t2 - t0) * 1e5:.0f} us/step")
+    greedy = SamplingParams(temperature=0.0, repetition_window=0)
+    dec = dev.decoder(lambda st: dev.logits_last(model.forward(st, cache)), first_id=1, position=args.p,
+                      params=greedy, step_index=1, recent_ids=[])
+    for _ in range(3):
+        dec.next()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        dec.next()
+    print(f"decode step graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
+          f"(graph nodes: {getattr(dec.graph, 'num_nodes', '?')})")
+    dec.close()
+    dev.free_kv_cache(cache)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
