@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import TokenizerError
-from .vocab import A_CONTROL, A_LSTRIP, A_RSTRIP, A_UNKNOWN, A_USER_DEFINED, TokenAttr
+from .vocab import A_CONTROL, A_LSTRIP, A_RSTRIP, A_UNKNOWN, TokenAttr
 
 _C_SPACE = " \t\n\v\f\r"  # C isspace() in the "C" locale, as llama.cpp applies it to strip flags
 _HIDDEN_WHEN_SKIPPING = A_CONTROL | A_UNKNOWN
@@ -127,7 +127,7 @@ class Tokenizer:
         self._hidden = frozenset(i for i, a in enumerate(self._attrs) if a & _HIDDEN_WHEN_SKIPPING)
         self._special = [
             (i, self._tokens[i], bool(self._attrs[i] & A_LSTRIP), bool(self._attrs[i] & A_RSTRIP),
-             bool(self._attrs[i] & A_USER_DEFINED))
+             not self._attrs[i] & (A_CONTROL | A_UNKNOWN))  # matched even without parse_special
             for i in special_ids
         ]
         self._index_specials()
@@ -172,9 +172,9 @@ class Tokenizer:
         # candidates are found by their first two characters; then looked up by exact text per length
         self._by_len: dict[bool, dict[int, dict[str, int]]] = {True: {}, False: {}}
         prefixes: dict[bool, set[str]] = {True: set(), False: set()}
-        for order, (_, text, _, _, user) in enumerate(self._special):
+        for order, (_, text, _, _, always) in enumerate(self._special):
             for parse_special in (True, False):
-                if not parse_special and not user:
+                if not parse_special and not always:
                     continue
                 self._by_len[parse_special].setdefault(len(text), {})[text] = order
                 prefixes[parse_special].add(text[:2])
