@@ -2,6 +2,10 @@
 the SmolLM2 test model, real HTTP with httpx + httpx-sse. One server per module and backend;
 `--backend reference` in CI, the same suite with `--backend cuda` under `-m gpu`.
 
+`ORCD_SERVE_E2E_MODEL=PATH` runs the suite on another GGUF (e.g. a synthetic one on a GPU machine
+that cannot fetch SmolLM2); what the suite expects of the model (vocabulary size, context length,
+quant kind) is read from the file with gguf-py, an independent reader.
+
 The reference backend decodes a token in about a second on a busy two-core machine, so every
 request asks for a few tokens only, and latency bounds on it are stated relative to the measured
 decode step (the engine checks cancellation between steps); on cuda they are the issue's 100 ms.
@@ -31,10 +35,37 @@ PROMPT = "The capital of France is"
 BACKENDS = [pytest.param("reference", id="reference"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
 
-def smollm2() -> str:
+def model_path() -> str:
+    override = os.environ.get("ORCD_SERVE_E2E_MODEL")
+    if override:
+        return override
     from orcd_core.testmodels import fetch_model
 
     return str(fetch_model("smollm2"))
+
+
+def default_model() -> bool:
+    return not os.environ.get("ORCD_SERVE_E2E_MODEL")
+
+
+def model_facts(path: str) -> dict:
+    """What /health must say about the model, read with gguf-py."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def scalar(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.parts[f.data[0]][0].item()
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    file_type = scalar("general.file_type")
+    return {
+        "architecture": arch,
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "context_length": scalar(f"{arch}.context_length"),
+        "quant_kind": gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None,
+    }
 
 
 def need_backend(backend: str) -> None:
@@ -78,7 +109,7 @@ def worker(request, tmp_path_factory):
     backend = request.param
     need_backend(backend)
     srv = ProcessServer(
-        ["--backend", backend, "--model", smollm2(), "--max-context", str(N_CTX), "--max-tokens-out", str(MAX_OUT),
+        ["--backend", backend, "--model", model_path(), "--max-context", str(N_CTX), "--max-tokens-out", str(MAX_OUT),
          "--queue-size", "1", "--log-format", "json", "--worker-id", WORKER_ID],
         tmp_path_factory.mktemp("serve"),
     ).start()
@@ -105,12 +136,17 @@ def test_health_while_loading_then_ready(worker):
     assert progress == sorted(progress) and progress[0] < 100
     code, body = worker.loading[-1]
     assert code == 200 and body["status"] == "healthy", body
-    assert body["model"] and body["resident"] is True and body["quant_kind"] == "Q4_1"
-    assert body["tokenizer_kind"] and body["vocab_size"] == 49152 and body["context_length"] == 8192
+    facts = model_facts(model_path())
+    if default_model():
+        assert facts == {"architecture": "llama", "vocab_size": 49152, "context_length": 8192, "quant_kind": "Q4_1"}
+    assert body["model"] and body["resident"] is True and body["quant_kind"] == facts["quant_kind"]
+    assert body["tokenizer_kind"] and body["vocab_size"] == facts["vocab_size"]
+    assert body["context_length"] == facts["context_length"]
     assert body["n_ctx"] == N_CTX and body["worker_id"] == WORKER_ID
     assert isinstance(body["uptime_seconds"], float) and body["uptime_seconds"] > 0
     names = {p["name"] for p in body["plugins"]}
-    assert {"orcd-core", "orcd-llama-adapter", "orcd-quant-legacy"} <= names
+    assert {"orcd-core", "orcd-llama-adapter", "orcd-gpt-adapter", "orcd-quant-q4k", "orcd-quant-mxfp4",
+            "orcd-quant-legacy"} <= names
     if worker.backend == "reference":
         assert body["sm"] is None and body["cuda_runtime_version"] is None
     else:
@@ -129,7 +165,7 @@ def test_event_order_and_payloads(worker):
     assert started["job_id"] == "order" and started["seed"] == 5 and started["model"] == worker.health["model"]
     toks = tokens(events)
     assert [i for _, i, _ in toks] == list(range(len(toks)))
-    assert all(0 <= tid < 49152 for _, _, tid in toks)
+    assert all(0 <= tid < worker.health["vocab_size"] for _, _, tid in toks)
     assert set(end) == {"tokens_out", "tokens_in", "decode_time_ms", "finish_reason", "timings"}
     assert end["tokens_out"] == len(toks) and end["finish_reason"] in ("length", "stop")
     if end["finish_reason"] == "length":
@@ -162,7 +198,8 @@ def test_stop_sequence_is_not_emitted(worker):
                                      "stop": [stop]})
     assert events[-1][1]["finish_reason"] == "stop_sequence"
     text = "".join(t for t, _, _ in tokens(events))
-    assert stop not in text and text == greedy[0][0] + greedy[1][0][: greedy[1][0].index(stop)]
+    full = "".join(t for t, _, _ in greedy)
+    assert stop not in text and text == full[: full.index(stop)], (greedy, events)
 
 
 def test_every_validation_rule(worker):
@@ -248,8 +285,9 @@ def _describe(lat: list[float]) -> str:
 def test_health_answers_fast_while_a_job_streams(worker):
     """/health comes from cached state, and the engine runs on its own thread, so /health never
     waits for a decode step. On cuda: median under 10 ms. On the reference backend the engine is
-    NumPy on the same (two, in CI) cores as the server, so the bound is a quarter of the measured
-    decode step for every answer, and 25 ms for the median; the idle figures are printed beside."""
+    NumPy on the same (two, in CI) cores as the server, so the bounds are 25 ms for the median and,
+    for every answer, 50 ms + a quarter of the measured decode step (an answer that waited for a
+    step would take the whole step); the idle figures are printed beside."""
     idle = _health_latencies(worker, lambda: True, limit=50)
     out: list = []
 
@@ -269,7 +307,7 @@ def test_health_answers_fast_while_a_job_streams(worker):
     else:
         step_s = out[-1][1]["timings"]["predicted_ms"] / 1000 / max(1, out[-1][1]["tokens_out"] - 1)
         assert statistics.median(busy) < 0.025
-        assert busy[-1] < step_s / 4, (busy[-1], step_s)
+        assert busy[-1] < 0.05 + step_s / 4, (busy[-1], step_s)
 
 
 def test_queue_full_is_429(worker):
@@ -333,15 +371,15 @@ UTF8_PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
+def model_tokenizer():
     from orcd_core.gguf_file import open_gguf
     from orcd_core.tokenizer import load_tokenizer
 
-    return load_tokenizer(open_gguf(smollm2()))
+    return load_tokenizer(open_gguf(model_path()))
 
 
 @pytest.mark.parametrize("script", list(UTF8_PROMPTS))
-def test_utf8_streaming(worker, script, smollm2_tokenizer):
+def test_utf8_streaming(worker, script, model_tokenizer):
     prompt = UTF8_PROMPTS[script]
     raw = b""
     body = {"job_id": f"utf8-{script}", "prompt": prompt, "max_tokens": 4, "temperature": 0}
@@ -354,13 +392,14 @@ def test_utf8_streaming(worker, script, smollm2_tokenizer):
               for block in text.replace("\r\n", "\n").split("\n\n") if block.startswith("event: ")]
     toks = tokens(events)
     assert events[-1][0] == "end" and toks
-    assert events[0][1]["n_prompt_tokens"] == len(smollm2_tokenizer.encode(prompt, add_special=True, parse_special=True))
+    assert events[0][1]["n_prompt_tokens"] == len(model_tokenizer.encode(prompt, add_special=True, parse_special=True))
     pieces = [t for t, _, _ in toks]
     # A code point split across tokens is held back (empty piece) until complete; U+FFFD may only
     # appear at the very end, where the stream stopped inside a code point.
     assert all("\ufffd" not in p for p in pieces[:-1])
-    assert "".join(pieces) == smollm2_tokenizer.decode([i for _, _, i in toks], skip_special=True)
-    assert any(ord(ch) > 127 for p in pieces for ch in p), pieces
+    assert "".join(pieces) == model_tokenizer.decode([i for _, _, i in toks], skip_special=True)
+    if default_model():  # SmolLM2 answers these prompts in their scripts (measured: 是/美, 🎉, に/ち)
+        assert any(ord(ch) > 127 for p in pieces for ch in p), pieces
 
 
 def test_logs_are_structured_and_carry_the_context(worker):
@@ -371,7 +410,7 @@ def test_logs_are_structured_and_carry_the_context(worker):
     assert [line["percent"] for line in logs if line["event"] == "model_load_progress"] == [0, 25, 50, 75, 100]
     assert events.index("model_load_start") < events.index("model_load_complete") < events.index("ready")
     for line in logs:
-        assert line["worker_id"] == WORKER_ID and line["model_ref"] == smollm2() and line["gpu_device"] == 0, line
+        assert line["worker_id"] == WORKER_ID and line["model_ref"] == model_path() and line["gpu_device"] == 0, line
     jobs = [line for line in logs if line["event"] in ("execute_start", "execute_end")]
     assert all(line.get("job_id") for line in jobs)
     start = next(line for line in logs if line["event"] == "execute_start" and line["job_id"] == "order")
@@ -405,7 +444,7 @@ def test_post_shutdown_finishes_the_running_job_then_exits_0(worker):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_cancels_the_running_job_after_the_deadline_and_exits_0(backend, tmp_path):
     need_backend(backend)
-    srv = ProcessServer(["--backend", backend, "--model", smollm2(), "--max-context", str(N_CTX),
+    srv = ProcessServer(["--backend", backend, "--model", model_path(), "--max-context", str(N_CTX),
                          "--max-tokens-out", str(MAX_OUT), "--shutdown-timeout-sec", "0.5"], tmp_path).start()
     try:
         srv.wait_ready(600)
