@@ -403,3 +403,19 @@ def test_unreachable_callback_url_is_not_fatal():
         assert h.client.get("/health").json()["status"] == "healthy"
     finally:
         h.srv.stop()
+
+
+def test_documented_client_example(h):
+    """examples/sse_client.py, the client docs/http_api.md shows, streams a job and surfaces refusals."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "sse_client.py"
+    spec = importlib.util.spec_from_file_location("sse_client", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    events = list(module.execute(h.srv.url, {"job_id": "doc", "prompt": "Hi", "max_tokens": 2, "seed": 1}))
+    assert [n for n, _ in events] == ["started", "token", "token", "end"]
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        list(module.execute(h.srv.url, {"job_id": "doc2", "prompt": ""}))
+    assert refused.value.response.json()["error"]["field"] == "prompt"
