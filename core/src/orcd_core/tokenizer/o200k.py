@@ -34,7 +34,7 @@ ENCODING = "o200k_harmony"
 N_VOCAB = 201_088
 N_RANKS = 199_998  # ordinary byte-level tokens 0..199997
 BOS, EOS, PAD = 199_998, 200_002, 199_999
-BUILD_VERSION = 1  # bump when the files' content changes
+BUILD_VERSION = 2  # bump when the files' content changes
 CONTEXT_LENGTH = 131_072  # gpt-oss-20b
 
 # tiktoken's o200k pattern (the upstream tokenizer.json regex)
@@ -124,7 +124,9 @@ def build_vocab(enc=None) -> dict:
 
     tokens = [enc_bytes(b) for b in token_bytes]
     specials: dict[int, str] = {}
-    for text in enc.special_tokens_set:
+    # tiktoken maps two names to 200018 ("<|endofprompt|>" and "<|reserved_200018|>"); a vocabulary
+    # holds one text per id: the named one, as gpt-oss's tokenizer.json has it
+    for text in sorted(enc.special_tokens_set, key=lambda t: (not t.startswith("<|reserved_"), t)):
         specials[enc.encode_single_token(text)] = text
     if sorted(specials) != list(range(N_RANKS, N_VOCAB)):
         raise TokenizerError(f"{ENCODING}: special tokens do not fill ids {N_RANKS}..{N_VOCAB - 1}")
