@@ -65,7 +65,7 @@ class ProcessServer:
         self.args = [sys.executable, "-m", "orcd_server.cli", "serve", "--port", str(self.port), *args]
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ProcessServer":
+    def start(self) -> ProcessServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(self.args, stdout=open(self.log_path, "wb"), stderr=open(self.err_path, "wb"), env=env)
         return self

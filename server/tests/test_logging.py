@@ -11,10 +11,15 @@ import httpx
 import pytest
 import structlog
 from fake_engine import FakeEngine
-from serve_helpers import ThreadServer, collect
-
 from orcd_server.app import ServerSettings, create_app
-from orcd_server.logging import bind_worker, configure_logging, get_logger, resolve_format, text_fields
+from orcd_server.logging import (
+    bind_worker,
+    configure_logging,
+    get_logger,
+    resolve_format,
+    text_fields,
+)
+from serve_helpers import ThreadServer, collect
 
 
 class _Tty(io.StringIO):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from orcd_server.cli import main
 from orcd_server.commands.serve import gpu_count
 
@@ -87,7 +86,6 @@ def test_kv_cache_size_caps_the_context():
     """--kv-cache-size-mb: the most tokens whose fp16 K and V of every layer fit, from the file's
     metadata read here with gguf-py (an independent reader)."""
     import gguf
-
     from orcd_core.testmodels import fetch_model
     from orcd_server.commands.serve import kv_context_cap
 

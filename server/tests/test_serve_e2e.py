@@ -23,9 +23,8 @@ import time
 import httpx
 import pytest
 from bad_requests import bad_requests
-from serve_helpers import ProcessServer, collect, metric_value, tokens
-
 from orcd_server.commands.serve import gpu_count
+from serve_helpers import ProcessServer, collect, metric_value, tokens
 
 WORKER_ID = "5f0c6a43-8a51-4d0e-9b0e-2f4a3c1d7e99"
 N_CTX = 2048

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from serve_helpers import ProcessServer, collect, tokens
-
 from orcd_server.commands.serve import gpu_count
+from serve_helpers import ProcessServer, collect, tokens
 
 BACKENDS = [pytest.param("reference", id="reference"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 HAIKU = {"prompt": "Write a haiku about GPU computing", "chat": True, "max_tokens": 50, "temperature": 0.7, "seed": 42}

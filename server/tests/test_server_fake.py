@@ -14,9 +14,8 @@ import httpx
 import pytest
 from bad_requests import bad_requests
 from fake_engine import FakeEngine, VramOOM
-from serve_helpers import ThreadServer, collect, free_port, metric_value, tokens
-
 from orcd_server.app import ServerSettings, create_app
+from serve_helpers import ThreadServer, collect, free_port, metric_value, tokens
 
 
 def settings(**kw) -> ServerSettings:

@@ -16,8 +16,9 @@ import contextlib
 import math
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import msgspec
@@ -25,7 +26,6 @@ from litestar import Litestar, Request, get, post
 from litestar.datastructures import State
 from litestar.response import Response, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-
 from orcd_core.errors import OrcdError
 from orcd_core.generation import (
     ChatMessage,

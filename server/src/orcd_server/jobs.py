@@ -13,8 +13,9 @@ import collections
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from orcd_core.generation import CancelToken
 
@@ -53,7 +54,7 @@ class Job:
     cancel_reason: str | None = None  # "client" | "disconnect" | "shutdown" | "timeout"
     state: JobState = JobState.QUEUED
     accepted_at: float = field(default_factory=time.monotonic)
-    on_terminal: Callable[["Job", str, dict], None] | None = None  # runs on the event loop
+    on_terminal: Callable[[Job, str, dict], None] | None = None  # runs on the event loop
     outcome: str | None = None
     _terminal_sent: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)

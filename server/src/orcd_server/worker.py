@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from orcd_core.errors import ModelLoadError, OrcdError
 from orcd_core.generation import Cancelled, GenerationError
@@ -30,7 +31,7 @@ class _LoadAborted(Exception):
 
 
 def _rfc3339_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _per_second(n: int, ms: float) -> float:

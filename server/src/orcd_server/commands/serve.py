@@ -11,6 +11,7 @@ refuse new work with 503, end waiting jobs with CANCELLED, let the running job f
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -82,7 +83,7 @@ def _float(name: str, text: str, lo: float, strict: bool) -> float:
         value = float(text)
     except ValueError:
         raise ServeArgumentError(f"--{name} must be a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")) or value < lo or (strict and value == lo):
+    if not math.isfinite(value) or value < lo or (strict and value == lo):
         raise ServeArgumentError(f"--{name} must be {'>' if strict else '>='} {lo:g}, got {text}")
     return value
 
@@ -90,7 +91,7 @@ def _float(name: str, text: str, lo: float, strict: bool) -> float:
 def gpu_count() -> int:
     """CUDA devices visible to this process (0 without CuPy, a driver, or a device)."""
     try:
-        import cupy  # noqa: PLC0415 (only the cuda backend needs it)
+        import cupy  # only the cuda backend needs it
 
         return int(cupy.cuda.runtime.getDeviceCount())
     except Exception:
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     from orcd_core.plugins import default_registry
 
-    from ..app import ServerSettings, create_app
+    from ..app import ServerSettings
     from ..logging import bind_worker, configure_logging, get_logger
 
     model_ref = args.model
