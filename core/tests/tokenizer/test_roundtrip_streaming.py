@@ -102,3 +102,21 @@ def test_detokenizer_cost_per_token(target):
         best = min(best, (time.thread_time() - t0) / len(ids))
     print(f"{target}: {best * 1e6:.2f} us/token over {len(ids)} tokens")
     assert best < 20e-6
+
+
+@pytest.mark.parametrize(
+    "target", ["qwen2", "phi-3", "llama-bpe", "gpt-2", "deepseek-llm", "deepseek-coder", "falcon", "starcoder"]
+)
+def test_long_fragments_cut_for_parallel_encoding_give_the_same_ids(target, monkeypatch):
+    """Fragments over 2 * CHUNK_CHARS are cut at letter|space and encoded in parallel; the ids must
+    equal those of one uncut pass over each fragment."""
+    from orcd_core.tokenizer import backends
+
+    tok = tokenizer_for(resolve(target))
+    texts = generate(40, seed=99, long_every=2, long_len=5 * backends.CHUNK_CHARS)
+    cut = [tok.encode(text, add_special=False) for text in texts]
+    assert sum(len(t) >= 2 * backends.CHUNK_CHARS for t in texts) >= 15
+    monkeypatch.setattr(backends, "CHUNK_CHARS", 10**9)
+    uncut = [tok.encode(text, add_special=False) for text in texts]
+    for text, a, b in zip(texts, cut, uncut):
+        assert a == b, text[:80]
