@@ -102,3 +102,21 @@ def test_kv_cache_size_caps_the_context():
     assert per_token == 30 * 3 * 2 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64
     for mb in (1, 7, 64):
         assert kv_context_cap(path, mb) == (mb << 20) // per_token
+
+
+def test_model_that_fails_to_load_exits_1_after_logging_it(model):
+    """The file is readable (argument check passes) but not a valid GGUF: the engine thread's load
+    fails, the error is logged as JSON, the process prints one line and exits 1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "orcd_server.cli", "serve", "--backend", "reference", "--model", model,
+                           "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "GGUF version 0" in proc.stderr and "Traceback" not in proc.stderr
+    import json
+
+    logs = [json.loads(line) for line in proc.stdout.splitlines()]
+    error = next(line for line in logs if line["event"] == "error")
+    assert error["code"] == "MODEL_LOAD_FAILED" and error["model_ref"] == model
+    assert logs[-1]["event"] == "shutdown" and logs[-1]["exit_code"] == 1

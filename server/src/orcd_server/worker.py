@@ -95,7 +95,7 @@ class EngineWorker:
         """Stop taking work; end waiting jobs with CANCELLED; give the running job until the deadline.
         Returns False when a shutdown was already under way."""
         with self._lock:
-            if self.draining:
+            if self.draining or self.stopped.is_set():
                 return False
             self.draining = True
         running = self.queue.running
