@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=640)
+    ap.add_argument("--pyprof", action="store_true", help="cProfile of 10 eager decode steps")
     args = ap.parse_args()
 
     from orcd_core.backends.cuda import kernels as K
@@ -48,11 +49,15 @@ def main() -> None:
 
     recorded = []
 
+    gemvs = {}
+
     def timed_launch(f, grid, block, args, shared_mem=0):
         orig_launch(f, grid, block, args, shared_mem)
         if timing["on"]:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
             recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem)))
+            if names.get(id(f), "").startswith("gemv_"):
+                gemvs.setdefault((names[id(f)], int(args[5]), int(args[6])), (f, block, args))
 
     for mod in (K, D):
         mod.launch = timed_launch
@@ -131,11 +136,19 @@ def main() -> None:
     replay_all()
     report(f"decode step at position {args.p}")
     dev.stream.synchronize()
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
     t0 = time.perf_counter()
     for _ in range(10):
         dev.begin_step()
         dev.argmax(dev.logits_last(model.forward(step, cache)))
     t1 = time.perf_counter()
+    prof.disable()
+    if args.pyprof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     dev.stream.synchronize()
     t2 = time.perf_counter()
     print(f"decode step eager: issue {(t1 - t0) * 1e5:.0f} us/step, issue+run {(t2 - t0) * 1e5:.0f} us/step")
@@ -150,6 +163,24 @@ def main() -> None:
     print(f"decode step graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
           f"(graph nodes: {getattr(dec.graph, 'num_nodes', '?')})")
     dec.close()
+    # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
+    for (name, N, Kd), (f, block, args) in sorted(gemvs.items()):
+        row = []
+        for R in (1, 2, 4):
+            a2 = args[:-1] + (np.int32(R),)
+            grid = ((N + 4 * R - 1) // (4 * R),)
+            dev.stream.begin_capture()
+            for _ in range(20):
+                orig_launch(f, grid, block, a2)
+            graph = dev.stream.end_capture()
+            graph.launch(dev.stream)
+            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+            e0.record(dev.stream)
+            graph.launch(dev.stream)
+            e1.record(dev.stream)
+            e1.synchronize()
+            row.append(f"R={R}: {cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / 20:6.1f} us")
+        print(f"  sweep {name} N={N} K={Kd}: " + "  ".join(row))
     dev.free_kv_cache(cache)
     eng.close()
 

@@ -204,21 +204,47 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int c = 0; c < 4; ++c) acc[qi][c] = 0.0f;
     }
     const float* q4 = qs[warp * 4];
+    // K/V tiles: 16-byte loads into registers, the next tile fetched while this one is computed on
+    const int vpr = hd >> 3;         // uint4 per key row
+    const int n_vec = AP_KT * vpr;   // <= 512 = 4 per thread
+    uint4 kreg[4], vreg[4];
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = threadIdx.x + u * 128;
+            const int j = i / vpr, c = i - j * vpr;
+            const int kp = k0 + j;
+            if (i < n_vec && kp <= kmax) {
+                const i64 off = ((i64)(kp % n_rows) * Hkv + kvh) * hd + 8 * c;
+                kreg[u] = ld16(kc + off);
+                vreg[u] = ld16(vc + off);
+            } else {
+                kreg[u] = make_uint4(0, 0, 0, 0);
+                vreg[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    fetch(kmin);
     for (int k0 = kmin; k0 <= kmax; k0 += AP_KT) {
         __syncthreads();
-        for (int i = threadIdx.x; i < AP_KT * hd; i += blockDim.x) {
-            const int j = i / hd, d = i - j * hd;
-            const int kp = k0 + j;
-            float kv = 0.0f, vv = 0.0f;
-            if (kp <= kmax) {
-                const i64 off = ((i64)(kp % n_rows) * Hkv + kvh) * hd + d;
-                kv = h2f(kc[off]);
-                vv = h2f(vc[off]);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = threadIdx.x + u * 128;
+            if (i < n_vec) {
+                const int j = i / vpr, c = 8 * (i - j * vpr);
+                const u32 kw[4] = {kreg[u].x, kreg[u].y, kreg[u].z, kreg[u].w};
+                const u32 vw[4] = {vreg[u].x, vreg[u].y, vreg[u].z, vreg[u].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    ks[j][c + 2 * e] = h2f_lo(kw[e]);
+                    ks[j][c + 2 * e + 1] = h2f_hi(kw[e]);
+                    vs[j][c + 2 * e] = h2f_lo(vw[e]);
+                    vs[j][c + 2 * e + 1] = h2f_hi(vw[e]);
+                }
             }
-            ks[j][d] = kv;
-            vs[j][d] = vv;
         }
         __syncthreads();
+        if (k0 + AP_KT <= kmax) fetch(k0 + AP_KT);
         // lane = key: its score against the warp's 4 queries (one K read feeds 4 FMA chains)
         float sc4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 8
@@ -282,18 +308,22 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // ================================================================================================
 // Attention for one decode token, split over the sequence (flash-decoding).
-// Part 1, grid (Hq, S), 128 threads: split s covers keys [s*chunk, (s+1)*chunk) ∩ visible keys of the
-// query at positions[0]; writes its unnormalized output, max and denominator. Part 2, grid Hq:
-// combines the S splits (and the sink). chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
+// Grid (Hq, S), 128 threads: split s covers keys [s*chunk, (s+1)*chunk) ∩ visible keys of the query at
+// positions[0]; writes its unnormalized output, max and denominator; the head's last split to finish
+// combines the S partials (and the sink) into out. chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
 // Scores: one thread per key (16-byte K loads). Values: a thread owns a pair of dims (4-byte loads)
 // and one of G = 128 / (hd/2) key groups; its loop is unrolled so several V loads are in flight.
 // ================================================================================================
 #define AD_CHUNK 256
 
+__device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
+                                         int h, int S, int hd);
+
 extern "C" __global__ void __launch_bounds__(128)
     attn_decode_part(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
                      const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml, int Hq,
-                     int Hkv, int hd, int n_rows, float scale, int window, int chunk) {
+                     int Hkv, int hd, int n_rows, float scale, int window, int chunk, unsigned int* __restrict__ counters,
+                     const float* __restrict__ sinks, float* __restrict__ out) {
     __shared__ float qsh[AP_MAXD];
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
@@ -304,77 +334,92 @@ extern "C" __global__ void __launch_bounds__(128)
     const int kb = max(s * chunk, lo), ke = min((s + 1) * chunk, p + 1);
     float* po = part_o + ((i64)h * S + s) * hd;
     float* pml = part_ml + ((i64)h * S + s) * 2;
-    if (kb >= ke) {
+    __shared__ bool last;
+    if (kb >= ke) {  // (block-uniform) no visible key in this split
         for (int d = threadIdx.x; d < hd; d += blockDim.x) po[d] = 0.0f;
         if (threadIdx.x == 0) { pml[0] = -INFINITY; pml[1] = 0.0f; }
-        return;
+    } else {
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)h * hd + d] * scale;
+        __syncthreads();
+        const int n = ke - kb;
+        const i64 row = (i64)Hkv * hd;  // elements per cache position
+        float mx = -INFINITY;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d += 8) {
+                const uint4 w = ld16(kr + d);
+                dot += qsh[d] * h2f_lo(w.x) + qsh[d + 1] * h2f_hi(w.x) + qsh[d + 2] * h2f_lo(w.y) + qsh[d + 3] * h2f_hi(w.y) +
+                       qsh[d + 4] * h2f_lo(w.z) + qsh[d + 5] * h2f_hi(w.z) + qsh[d + 6] * h2f_lo(w.w) + qsh[d + 7] * h2f_hi(w.w);
+            }
+            sc[j] = dot;
+            mx = fmaxf(mx, dot);
+        }
+        mx = block_max(mx, red);
+        float sum = 0.0f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float e = expf(sc[j] - mx);
+            sc[j] = e;
+            sum += e;
+        }
+        sum = block_sum(sum, red);  // (its barriers also publish sc[])
+        const int P = hd >> 1;          // threads per key group: one pair of dims each
+        const int G = blockDim.x / P;   // key groups
+        const int g = threadIdx.x / P, t = threadIdx.x - g * P;
+        float2 a = make_float2(0.0f, 0.0f);
+        if (g < G) {
+            const half_bits* vb = vc + (i64)kvh * hd + 2 * t;
+    #pragma unroll 4
+            for (int j = g; j < n; j += G) {
+                const u32 w = ld4(vb + (i64)((kb + j) % n_rows) * row);
+                const float pj = sc[j];
+                a.x += pj * h2f_lo(w);
+                a.y += pj * h2f_hi(w);
+            }
+        }
+        accs[threadIdx.x] = a;
+        __syncthreads();
+        if (threadIdx.x < P) {
+            float2 o = make_float2(0.0f, 0.0f);
+            for (int gg = 0; gg < G; ++gg) {
+                o.x += accs[gg * P + threadIdx.x].x;
+                o.y += accs[gg * P + threadIdx.x].y;
+            }
+            po[2 * threadIdx.x] = o.x;
+            po[2 * threadIdx.x + 1] = o.y;
+        }
+        if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
     }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)h * hd + d] * scale;
+    // The last split of this head to finish combines all S (no second launch); it resets the
+    // head's counter to 0, so a replayed graph finds it zeroed.
+    __threadfence();
     __syncthreads();
-    const int n = ke - kb;
-    const i64 row = (i64)Hkv * hd;  // elements per cache position
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
-        float dot = 0.0f;
-        for (int d = 0; d < hd; d += 8) {
-            const uint4 w = ld16(kr + d);
-            dot += qsh[d] * h2f_lo(w.x) + qsh[d + 1] * h2f_hi(w.x) + qsh[d + 2] * h2f_lo(w.y) + qsh[d + 3] * h2f_hi(w.y) +
-                   qsh[d + 4] * h2f_lo(w.z) + qsh[d + 5] * h2f_hi(w.z) + qsh[d + 6] * h2f_lo(w.w) + qsh[d + 7] * h2f_hi(w.w);
-        }
-        sc[j] = dot;
-        mx = fmaxf(mx, dot);
-    }
-    mx = block_max(mx, red);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float e = expf(sc[j] - mx);
-        sc[j] = e;
-        sum += e;
-    }
-    sum = block_sum(sum, red);  // (its barriers also publish sc[])
-    const int P = hd >> 1;          // threads per key group: one pair of dims each
-    const int G = blockDim.x / P;   // key groups
-    const int g = threadIdx.x / P, t = threadIdx.x - g * P;
-    float2 a = make_float2(0.0f, 0.0f);
-    if (g < G) {
-        const half_bits* vb = vc + (i64)kvh * hd + 2 * t;
-#pragma unroll 4
-        for (int j = g; j < n; j += G) {
-            const u32 w = ld4(vb + (i64)((kb + j) % n_rows) * row);
-            const float pj = sc[j];
-            a.x += pj * h2f_lo(w);
-            a.y += pj * h2f_hi(w);
-        }
-    }
-    accs[threadIdx.x] = a;
+    if (threadIdx.x == 0) last = atomicAdd(&counters[h], 1u) == (unsigned)(S - 1);
     __syncthreads();
-    if (threadIdx.x < P) {
-        float2 o = make_float2(0.0f, 0.0f);
-        for (int gg = 0; gg < G; ++gg) {
-            o.x += accs[gg * P + threadIdx.x].x;
-            o.y += accs[gg * P + threadIdx.x].y;
-        }
-        po[2 * threadIdx.x] = o.x;
-        po[2 * threadIdx.x + 1] = o.y;
+    if (last) {
+        __threadfence();
+        attn_decode_combine_head(part_o, part_ml, sinks, out, h, S, hd);
+        if (threadIdx.x == 0) counters[h] = 0u;
     }
-    if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
 }
 
-extern "C" __global__ void attn_decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                               const float* __restrict__ sinks, float* __restrict__ out, int Hq, int S,
-                                               int hd) {
-    const int h = blockIdx.x;
+// Reads go through L2 (__ldcg): the partials were written by other blocks of the same launch.
+__device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
+                                         int h, int S, int hd) {
     const float* ml = part_ml + (i64)h * S * 2;
     float M = sinks ? sinks[h] : -INFINITY;
-    for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+    for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
     float L = sinks ? expf(sinks[h] - M) : 0.0f;
-    for (int s = 0; s < S; ++s)
-        if (ml[2 * s] > -INFINITY) L += ml[2 * s + 1] * expf(ml[2 * s] - M);
+    for (int s = 0; s < S; ++s) {
+        const float m = __ldcg(ml + 2 * s);
+        if (m > -INFINITY) L += __ldcg(ml + 2 * s + 1) * expf(m - M);
+    }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < S; ++s)
-            if (ml[2 * s] > -INFINITY) o += part_o[((i64)h * S + s) * hd + d] * expf(ml[2 * s] - M);
+        for (int s = 0; s < S; ++s) {
+            const float m = __ldcg(ml + 2 * s);
+            if (m > -INFINITY) o += __ldcg(part_o + ((i64)h * S + s) * hd + d) * expf(m - M);
+        }
         out[(i64)h * hd + d] = L > 0.0f ? o / L : 0.0f;
     }
 }

@@ -44,9 +44,9 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
     for (int t = 0; t < MAXT; ++t)
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_R; ++r) acc[t][r] = 0.0f;
+    int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
 #pragma unroll 2
     for (int f = lane; f < total; f += 32) {
-        const int r = f / n_items, it = f - r * n_items;
         const int b = it / F::IPB, i = it - b * F::IPB;
         float v[32];
         int x0, x1;
@@ -67,6 +67,11 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
 #pragma unroll
                 for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
             }
+        }
+        it += 32;
+        while (it >= n_items) {
+            it -= n_items;
+            ++r;
         }
     }
 #pragma unroll

@@ -15,8 +15,8 @@ struct FmtQ4_0 {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(q, k);
-            v[k] = d * (float)((int)(b & 0xF) - 8);
-            v[16 + k] = d * (float)((int)(b >> 4) - 8);
+            v[k] = d * small_u2f(b & 0xF, ORCD_MAGIC + 8.0f);
+            v[16 + k] = d * small_u2f(b >> 4, ORCD_MAGIC + 8.0f);
         }
         x0 = 0; x1 = 16;
     }
@@ -33,8 +33,8 @@ struct FmtQ4_1 {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(q, k);
-            v[k] = d * (float)(b & 0xF) + m;
-            v[16 + k] = d * (float)(b >> 4) + m;
+            v[k] = d * small_u2f(b & 0xF, ORCD_MAGIC) + m;
+            v[16 + k] = d * small_u2f(b >> 4, ORCD_MAGIC) + m;
         }
         x0 = 0; x1 = 16;
     }
@@ -51,8 +51,8 @@ struct FmtQ5_0 {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(q, k);
-            v[k] = d * (float)((int)((b & 0xF) | (((qh >> k) & 1) << 4)) - 16);
-            v[16 + k] = d * (float)((int)((b >> 4) | (((qh >> (k + 16)) & 1) << 4)) - 16);
+            v[k] = d * small_u2f((b & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC + 16.0f);
+            v[16 + k] = d * small_u2f((b >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC + 16.0f);
         }
         x0 = 0; x1 = 16;
     }
@@ -69,8 +69,8 @@ struct FmtQ5_1 {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(q, k);
-            v[k] = d * (float)((b & 0xF) | (((qh >> k) & 1) << 4)) + m;
-            v[16 + k] = d * (float)((b >> 4) | (((qh >> (k + 16)) & 1) << 4)) + m;
+            v[k] = d * small_u2f((b & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC) + m;
+            v[16 + k] = d * small_u2f((b >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC) + m;
         }
         x0 = 0; x1 = 16;
     }
@@ -86,8 +86,8 @@ struct FmtQ8_0 {
         const float d = h2f(ld2(blk));
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
-            v[k] = d * (float)(signed char)byte_of(a, k);
-            v[16 + k] = d * (float)(signed char)byte_of(b, k);
+            v[k] = d * small_u2f(byte_of(a, k) ^ 0x80u, ORCD_MAGIC + 128.0f);  // int8 = (byte ^ 0x80) - 128
+            v[16 + k] = d * small_u2f(byte_of(b, k) ^ 0x80u, ORCD_MAGIC + 128.0f);
         }
         x0 = 0; x1 = 16;
     }

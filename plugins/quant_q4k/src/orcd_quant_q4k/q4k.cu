@@ -43,8 +43,8 @@ struct FmtQ4_K {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(q, k);
-            v[k] = d1 * (float)(b & 0xF) - mm1;
-            v[16 + k] = d2 * (float)(b >> 4) - mm2;
+            v[k] = d1 * small_u2f(b & 0xF, ORCD_MAGIC) - mm1;
+            v[16 + k] = d2 * small_u2f(b >> 4, ORCD_MAGIC) - mm2;
         }
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
@@ -71,8 +71,8 @@ struct FmtQ5_K {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(q, k), e = byte_of(hb, k);
-            v[k] = d1 * (float)((b & 0xF) | (((e >> (2 * j)) & 1) << 4)) - mm1;
-            v[16 + k] = d2 * (float)((b >> 4) | (((e >> (2 * j + 1)) & 1) << 4)) - mm2;
+            v[k] = d1 * small_u2f((b & 0xF) | (((e >> (2 * j)) & 1) << 4), ORCD_MAGIC) - mm1;
+            v[16 + k] = d2 * small_u2f((b >> 4) | (((e >> (2 * j + 1)) & 1) << 4), ORCD_MAGIC) - mm2;
         }
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
@@ -100,8 +100,8 @@ struct FmtQ6_K {
 #pragma unroll
         for (int k = 0; k < 16; ++k) {
             const u32 b = byte_of(ql, k), e = byte_of(qh, k);
-            v[k] = d0 * (float)((int)((b & 0xF) | (((e >> sh0) & 3) << 4)) - 32);
-            v[16 + k] = d1 * (float)((int)((b >> 4) | (((e >> sh1) & 3) << 4)) - 32);
+            v[k] = d0 * small_u2f((b & 0xF) | (((e >> sh0) & 3) << 4), ORCD_MAGIC + 32.0f);
+            v[16 + k] = d1 * small_u2f((b >> 4) | (((e >> sh1) & 3) << 4), ORCD_MAGIC + 32.0f);
         }
         x0 = 128 * n + 32 * part + 16 * lh;
         x1 = x0 + 64;

@@ -31,6 +31,7 @@ GEMV_MAX_R = 4  # rows per warp at most
 ATTN_MAX_HEAD_DIM = 128
 DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
 ARGMAX_BLOCKS = 64
+MAX_HEADS = 1024  # per-head split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
 PREFILL_CHUNK = 512  # tokens per prefill step the workspace estimate plans for
 
@@ -76,6 +77,10 @@ class CudaDevice(Device):
         self._kv_live: dict[int, int] = {}
         self._kv_mem: dict[int, Any] = {}
         self.workspace = Workspace(8 << 20)
+        # decode attention: per-head counters of finished splits (each step's last split resets its own)
+        self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
+        self._attn_counters.fill(0)
+        self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
         self._weights_bytes = 0
         self._uploaded = 0
@@ -451,8 +456,9 @@ class CudaDevice(Device):
         ks = self._fmt_module(w.fmt)
         name = w.fmt.name
         if T <= GEMV_MAX_T:
-            # rows per warp: enough 32-weight items per warp (~96) that every lane has several loads
-            R = min(GEMV_MAX_R, max(1, -(-96 // (K // 32))))
+            # rows per warp: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which
+            # gives each lane several independent items in flight (measured: docs/perf-notes.md)
+            R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
             launch(ks.fn(f"gemv_{name}" if T == 1 else f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
                    (32 * GEMV_WARPS,),
                    (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)))
@@ -536,10 +542,11 @@ class CudaDevice(Device):
             S = max(1, math.ceil(cache.n_ctx / chunk))
             part_o = self._ws((Hq, S, hd))
             part_ml = self._ws((Hq, S, 2))
+            if Hq > MAX_HEADS:
+                raise NotImplementedError(f"attention: {Hq} query heads (at most {MAX_HEADS})")
             launch(self.core.fn("attn_decode_part"), (Hq, S), (128,),
                    (q, kc, vc, step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    f32(scale), i32(window), i32(chunk)))
-            launch(self.core.fn("attn_decode_combine"), (Hq,), (128,), (part_o, part_ml, sk, out, i32(Hq), i32(S), i32(hd)))
+                    f32(scale), i32(window), i32(chunk), self._attn_counters, sk, out))
         else:
             launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
                    (q, kc, vc, step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
