@@ -24,6 +24,7 @@ import anyio
 import msgspec
 from litestar import Litestar, Request, get, post
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException
 from litestar.response import Response, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from orcd_core.errors import OrcdError
@@ -85,6 +86,18 @@ def _json(body: Any, status: int, headers: dict[str, str] | None = None) -> Resp
 
 def _request_error_handler(_request: Request, exc: RequestError) -> Response:
     return _json(exc.body(), exc.status, exc.headers)
+
+
+def _other_error_handler(request: Request, exc: Exception) -> Response:
+    """Litestar's own refusals (404, 405, 413, ...) and unexpected failures, in the same error shape."""
+    if isinstance(exc, HTTPException):
+        code = "INVALID_REQUEST" if 400 <= exc.status_code < 500 else "INTERNAL"
+        return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code, exc.headers)
+    srv = getattr(request.app.state, "orcd", None)
+    if srv is not None:
+        srv.log.error("error", code="INTERNAL", path=request.url.path, message=repr(exc),
+                      traceback=traceback.format_exc())
+    return _json({"error": {"code": "INTERNAL", "message": f"internal error: {type(exc).__name__}"}}, 500)
 
 
 # -- GET /health -------------------------------------------------------------------------------------
@@ -245,6 +258,8 @@ async def _execute(request: Request, srv: ServerState) -> ServerSentEvent:
         raise refusal
     req = schemas.decode(await request.body(), schemas.ExecuteRequest)
     engine = worker.engine
+    if engine is None:  # closed by a shutdown since the check above
+        raise RequestError(503, "UNAVAILABLE", "the worker is shutting down; it takes no new work", retriable=True)
     n_ctx = int(worker.n_ctx or 0)
     vocab_size = int(worker.info.get("vocab_size") or engine.tokenizer.vocab_size)
     schemas.validate_execute(
@@ -398,7 +413,7 @@ def create_app(
     return Litestar(
         route_handlers=[health, metrics, execute, cancel, shutdown],
         lifespan=[lifespan],
-        exception_handlers={RequestError: _request_error_handler},
+        exception_handlers={RequestError: _request_error_handler, Exception: _other_error_handler},
         state=State(),
         logging_config=None,
         openapi_config=None,
