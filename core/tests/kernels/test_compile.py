@@ -70,7 +70,7 @@ def _compile_nvrtc(lib, name: str, source: str, arch: str) -> tuple[bool, str]:
 def test_every_format_of_the_cuda_plugins_names_a_source():
     """The built-in quant formats and the core's floats all ship CUDA kernels."""
     names = {f.name for f in _registry_formats() if f.cuda_source is not None}
-    expected = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
+    expected = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"}
     assert expected <= names, f"formats without cuda_source: {sorted(expected - names)}"
 
 

@@ -1,7 +1,8 @@
 """CUDA sources shared by every backend-facing package: `common.cuh` (fp16 helpers, warp/block
 reductions), `quant_kernels.cuh` (the GEMV / dequantize / row-gather templates every tensor format
-instantiates), `core.cu` (norms, RoPE, attention, element-wise, argmax, sampling) and `floats.cu`
-(F32/F16/BF16).
+instantiates), `moe_kernels.cuh` (the expert-indexed GEMV templates), `core.cu` (norms, RoPE,
+attention, element-wise, argmax, sampling), `moe.cu` (mixture-of-experts routing and grouping) and
+`floats.cu` (F32/F16/BF16).
 
 `expand(text)` inlines `#include "name.cuh"` lines from this folder, so a plugin's `.cu` compiles
 with NVRTC without an include path, and the on-disk kernel cache (keyed on the full source text)
@@ -38,5 +39,6 @@ def expand(text: str, _seen: set[str] | None = None) -> str:
 
 
 def core_sources() -> dict[str, str]:
-    """The core's own kernels, expanded: {"core.cu": ...} (floats.cu comes with the F32/F16/BF16 formats)."""
-    return {"core.cu": expand(read("core.cu"))}
+    """The core's own kernels, expanded: {"core.cu": ..., "moe.cu": ...} (floats.cu comes with the
+    F32/F16/BF16 formats)."""
+    return {name: expand(read(name)) for name in ("core.cu", "moe.cu")}

@@ -54,7 +54,7 @@ class MXFP4(QuantFormat):
     name = "MXFP4"
     block_size = QK_MXFP4
     type_size = 1 + QK_MXFP4 // 2
-    cuda_source = None
+    cuda_source = ("orcd_quant_mxfp4", "mxfp4.cu")
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         return dequantize_in_chunks(self._dequantize_into, as_blocks(blocks, self.type_size, self.name), QK_MXFP4)

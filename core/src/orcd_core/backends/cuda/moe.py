@@ -1,0 +1,151 @@
+"""Mixture of experts on the GPU: `CudaDevice.moe` (semantics: `Device.moe`, llama.cpp's build_moe_ffn).
+
+    logits = x @ router + bias                      # [T, E]   the device's linear (GEMV / GEMM)
+    ids, wts = top_k(logits), softmax(chosen)       # [T, k]   moe_topk_softmax: ids stay on the GPU
+    decode (T <= DECODE_MAX_T):                     # fixed grids: a decode step stays graph-capturable
+        a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
+                                                    #          chosen expert in one pass, GLU fused
+        out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
+    prefill (more tokens):                          # each expert's weights read once per batch
+        stable counting sort of the T k (token, slot) pairs by expert (moe_sort), the sorted tokens as
+        fp16 rows (moe_gather_f16); per expert with tokens: dequantize its gate|up to fp16 and one cuBLAS
+        GEMM over its tokens; GLU + bias -> fp16 (moe_glu_f16); per expert: down the same way;
+        out = weighted sum over slots + bias (moe_combine). One host read per call: the experts' token
+        counts, which size the GEMMs.
+
+Expert stacks are `Weight`s of shape [E, N, K] stored as E * N rows (row e * N + n is expert e's row n).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cupy_backends.cuda.libs import cublas
+
+from ... import kernels as ksrc
+from ...generation import CudaError
+from .kernels import NULL, f32, i32, i64, launch
+from .memory import align, raw_alloc, view
+
+MOE_WARPS = 4  # moe_kernels.cuh: output rows per block
+MAX_EXPERTS = 256  # moe.cu: MOE_MAX_E_PER_LANE * 32
+MAX_TOP_K = 32  # one lane per chosen expert in moe_topk_softmax
+DECODE_MAX_T = 4  # up to this many tokens: expert-indexed GEMVs; more: grouped by expert
+ACTS = {"silu": 0, "swiglu_oai": 1}
+_SOURCE = "moe.cu"
+
+
+def _module(dev):
+    ks = dev._modules.get(_SOURCE)
+    return ks if ks is not None else dev._module(_SOURCE, ksrc.expand(ksrc.read(_SOURCE)))
+
+
+def _fmt_fn(dev, w, kind: str):
+    """The format's `<kind>_<NAME>` kernel, or NotImplementedError naming the type."""
+    ks = dev._fmt_module(w.fmt)
+    try:
+        return ks.fn(f"{kind}_{w.fmt.name}")
+    except CudaError:
+        raise NotImplementedError(f"moe: expert weight {w.name!r} is {w.fmt.name}, which has no expert-indexed "
+                                  f"GEMV ({kind}_{w.fmt.name}) in its CUDA source") from None
+
+
+def _blocks(n: int, per: int) -> int:
+    return max(1, (int(n) + per - 1) // per)
+
+
+def _bias(b, shape, what):
+    if b is None:
+        return NULL
+    if tuple(b.shape) != shape or b.dtype != np.float32 or not b.flags.c_contiguous:
+        raise ValueError(f"moe: {what} bias is {b.dtype} {tuple(b.shape)}, expected contiguous float32 {shape}")
+    return b
+
+
+def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, top_k: int, act: str,
+        alpha: float = 1.702, limit: float = 7.0):
+    x = dev._c(x)
+    T, D = x.shape
+    if len(gate_up.shape) != 3 or len(down.shape) != 3:
+        raise ValueError(f"moe: expert weights {gate_up.shape}, {down.shape} are not [E, N, K] stacks")
+    E, two_f, Dg = gate_up.shape
+    F = two_f // 2
+    if Dg != D or two_f != 2 * F or tuple(down.shape) != (E, D, F) or tuple(router.shape) != (E, D):
+        raise ValueError(f"moe: x {x.shape}, router {router.shape}, gate_up {gate_up.shape}, down {down.shape}")
+    if act not in ACTS:
+        raise ValueError(f"moe: unknown activation {act!r} (expected one of {sorted(ACTS)})")
+    if not 1 <= top_k <= min(E, MAX_TOP_K) or E > MAX_EXPERTS:
+        raise NotImplementedError(f"moe: {E} experts, top {top_k} (supported: up to {MAX_EXPERTS} experts, "
+                                  f"top 1..{MAX_TOP_K})")
+    if D % 32 or F % 32:
+        raise NotImplementedError(f"moe: widths D {D}, F {F} must be multiples of 32")
+    gub = _bias(gate_up_bias, (E, 2 * F), "gate|up")
+    dnb = _bias(down_bias, (E, D), "down")
+    mk = _module(dev)
+    logits = dev.linear(x, router, router_bias)  # [T, E]
+    ids = dev._ws((T, top_k), np.int32)
+    wts = dev._ws((T, top_k))
+    launch(mk.fn("moe_topk_softmax"), (T,), (32,), (logits, i32(E), i32(top_k), ids, wts))
+    if T <= DECODE_MAX_T:
+        P = T * top_k
+        a = dev._ws((P, F))  # [T k, F]
+        launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (_blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
+               (gate_up.data.data, i64(gate_up.data.row_bytes), ids, x, i32(top_k), gub, a, i32(F), i32(D), i32(E),
+                i32(ACTS[act]), f32(alpha), f32(limit)))
+        out = dev._ws((T, D))
+        launch(_fmt_fn(dev, down, "moe_down"), (_blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
+               (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)))
+        return out
+    return _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, top_k, ACTS[act], alpha, limit)
+
+
+def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, alpha, limit):
+    if dev.stream.is_capturing():
+        raise CudaError(f"moe over {T} tokens inside a captured step (only decode steps are captured)")
+    P = T * k
+    order = dev._ws((P,), np.int32)
+    pos = dev._ws((P,), np.int32)
+    offsets = dev._ws((E + 1,), np.int32)
+    launch(mk.fn("moe_sort"), (1,), (max(32, -(-E // 32) * 32),), (ids, i32(P), i32(E), offsets, order, pos))
+    x16 = dev._ws((P, D), np.float16)  # the sorted pairs' tokens
+    launch(mk.fn("moe_gather_f16"), (_blocks(P * D, 256),), (256,), (x, order, i32(k), i32(D), x16, i32(P)))
+    offs = [int(v) for v in dev.to_host(offsets)]  # the experts' token counts size the GEMMs
+    h = dev._ws((P, 2 * F))
+    for e in range(E):
+        n = offs[e + 1] - offs[e]
+        if n:
+            _gemm(dev, gate_up, e * 2 * F, 2 * F, D, x16.data.ptr + 2 * D * offs[e], n, h.data.ptr + 4 * 2 * F * offs[e])
+    a16 = dev._ws((P, F), np.float16)
+    launch(mk.fn("moe_glu_f16"), (_blocks(P * F, 256),), (256,),
+           (h, ids, order, gub, a16, i32(P), i32(F), i32(act), f32(alpha), f32(limit)))
+    y = dev._ws((P, D))
+    for e in range(E):
+        n = offs[e + 1] - offs[e]
+        if n:
+            _gemm(dev, down, e * D, D, F, a16.data.ptr + 2 * F * offs[e], n, y.data.ptr + 4 * D * offs[e])
+    out = dev._ws((T, D))
+    launch(mk.fn("moe_combine"), (_blocks(T * D, 256),), (256,), (y, ids, pos, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
+    return out
+
+
+def _gemm(dev, w, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
+    """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
+    dequantized to fp16 through the device's scratch in chunks, cuBLAS with fp32 accumulation."""
+    scratch = dev._scratch
+    if scratch is None or scratch.size < K:  # prepare_load sizes it; else the first prefill does
+        from .device import DEQUANT_SCRATCH_BYTES
+
+        nbytes = max(DEQUANT_SCRATCH_BYTES, align(K * 2))
+        dev._scratch = None
+        dev._scratch = scratch = view(raw_alloc(nbytes), 0, (nbytes // 2,), np.float16)
+    chunk = max(1, min(N, scratch.size // K))
+    dq = dev._fmt_module(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
+    cublas.setStream(dev._cublas, dev.stream.ptr)
+    cublas.setPointerMode(dev._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
+    for r0 in range(0, N, chunk):
+        n = min(chunk, N - r0)
+        launch(dq, (_blocks(n * (K // 32), 128),), (128,),
+               (w.data.data, i64(w.data.row_bytes), scratch, i32(row0 + r0), i32(n), i32(K)))
+        # column-major: C[n, n_tok] (= y row-major [n_tok, N] at column r0) = W^T[K, n]^T X[K, n_tok]
+        cublas.gemmEx(dev._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
+                      dev._one.ctypes.data, scratch.data.ptr, 2, K, x16_ptr, 2, K,
+                      dev._zero.ctypes.data, y_ptr + 4 * r0, 0, N, 68, -1)

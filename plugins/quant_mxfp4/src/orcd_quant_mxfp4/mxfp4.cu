@@ -1,0 +1,84 @@
+// orcd-quant-mxfp4: CUDA kernels for MXFP4 (OCP microscaling FP4, gpt-oss's expert weights).
+//
+// Block (llama.cpp's block_mxfp4, 17 bytes, 32 weights): e (E8M0 scale) | qs[16] (E2M1 codes).
+// Weight j < 16 is the low nibble of qs[j], weight 16 + j its high nibble;
+// value = E2M1_DOUBLED[code] * 2^(e - 128) (the table holds doubled values, so they are integers).
+//
+// One block is one 32-weight item; the GEMV, dequantize-to-fp16 and row gather come from the core's
+// templates (quant_kernels.cuh: gemv_MXFP4, dequant_f16_MXFP4, get_rows_MXFP4), the expert-indexed
+// GEMVs of the mixture of experts from moe_kernels.cuh (moe_gemv_MXFP4, moe_gemv_swiglu_MXFP4,
+// moe_down_MXFP4).
+#include "moe_kernels.cuh"
+
+// ---- loading a 17-byte block ---------------------------------------------------------------------
+// Blocks are only byte aligned (17-byte stride). The five aligned 32-bit words from (blk & ~3) always
+// cover the block's 17 bytes and never reach past the word holding its last byte, so no load leaves
+// the allocation. qs word j (qs bytes 4j..4j+3) starts one byte after the block: a funnel shift of
+// two neighbouring words by 8 * (1 + blk % 4) bits, clamped so a shift of 32 takes the upper word.
+__device__ __forceinline__ u32 mxfp4_load(const u8* blk, u32 q[4]) {
+    const unsigned long long a = (unsigned long long)blk;
+    const u32* base = (const u32*)(a & ~3ull);
+    const u32 s = (u32)(a & 3ull);
+    u32 r[5];
+#pragma unroll
+    for (int j = 0; j < 5; ++j) r[j] = __ldg(base + j);
+    const u32 sh = 8u * (s + 1u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q[j] = __funnelshift_rc(r[j], r[j + 1], sh);
+    return (r[0] >> (8u * s)) & 0xFFu;  // e
+}
+
+// Half of the E8M0 scale, 2^(e - 128), exactly as ggml_e8m0_to_fp32_half: the normal float with
+// biased exponent e - 1 for e >= 2, the subnormals 2^-128 (0x00200000) and 2^-127 (0x00400000) below.
+__device__ __forceinline__ float e8m0_half(u32 e) {
+    return __uint_as_float(e < 2u ? (0x00200000u << e) : ((e - 1u) << 23));
+}
+
+// Two E2M1 codes (bits 0-3 and 16-19 of p; other bits ignored) -> two fp16 bit patterns whose
+// values are the codes' E2M1 values times 2^-14: sign bit 3 -> fp16 bit 15; exponent/mantissa bits
+// 0-2 -> fp16 bits 9-11 (the top of the exponent field stays 0, so E2M1's exponent bias 1 becomes
+// fp16's bias 15 and its subnormal (exponent 0: 0.5 * m) fp16's subnormal m * 2^-15).
+// So h2f(.) * 2^15 is the doubled integer of E2M1_DOUBLED, exactly.
+__device__ __forceinline__ u32 e2m1x2_to_h2(u32 p) { return ((p << 12) & 0x80008000u) | ((p << 9) & 0x0E000E00u); }
+
+// v[0..16) = low nibbles of qs[0..16), v[16..32) = high nibbles, each its E2M1 value * 2^-14 * s
+// (so s = 2^15 gives the doubled integers).
+__device__ __forceinline__ void e2m1_decode(const u32 q[4], float s, float v[32]) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        // bytes 4w+0..3 of qs -> pairs (byte 4w, byte 4w+1) and (4w+2, 4w+3) at bits 0-7 / 16-23
+        const u32 p01 = __byte_perm(q[w], 0u, 0x4140u), p23 = __byte_perm(q[w], 0u, 0x4342u);
+        const u32 c[4] = {e2m1x2_to_h2(p01), e2m1x2_to_h2(p23),              // low nibbles: weights 4w..
+                          e2m1x2_to_h2(p01 >> 4), e2m1x2_to_h2(p23 >> 4)};  // high nibbles: 16 + 4w..
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            v[16 * h + 4 * w + 0] = h2f_lo(c[2 * h]) * s;
+            v[16 * h + 4 * w + 1] = h2f_hi(c[2 * h]) * s;
+            v[16 * h + 4 * w + 2] = h2f_lo(c[2 * h + 1]) * s;
+            v[16 * h + 4 * w + 3] = h2f_hi(c[2 * h + 1]) * s;
+        }
+    }
+}
+
+struct FmtMXFP4 {
+    static constexpr int QK = 32, TS = 17, IPB = 1;
+    __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
+        u32 q[4];
+        const u32 e = mxfp4_load(blk, q);
+        const float d = e8m0_half(e);
+        if (e < 241u) {
+            // doubled * 2^(e-128) = (E2M1 value * 2^14) * 2^(e-113) in one multiply while 2^(e-113) is
+            // finite: the fp16 value is a multiple of 2^-15 with a 2-bit significand, so the product is
+            // exact (also where it is subnormal), bit-identical to the reference.
+            e2m1_decode(q, d * 32768.0f, v);
+        } else {  // 2^(e-113) would overflow: the doubled integer times half the scale, as the reference
+            e2m1_decode(q, 32768.0f, v);
+#pragma unroll
+            for (int k = 0; k < 32; ++k) v[k] *= d;
+        }
+        x0 = 0; x1 = 16;
+    }
+};
+
+ORCD_QUANT_KERNELS(MXFP4, FmtMXFP4)
+ORCD_MOE_KERNELS(MXFP4, FmtMXFP4)
