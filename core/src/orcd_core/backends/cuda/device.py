@@ -586,8 +586,10 @@ class CudaDevice(Device):
 
     def moe(self, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, top_k, act,
             alpha=1.702, limit=7.0):
-        raise NotImplementedError("the cuda backend has no mixture-of-experts kernels yet (gpt-oss runs on "
-                                  "--backend reference)")
+        from .moe import moe  # backends/cuda/moe.py: routing on the GPU, expert GEMVs / grouped GEMMs
+
+        return moe(self, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, top_k=top_k, act=act,
+                   alpha=alpha, limit=limit)
 
     def logits_last(self, x) -> cupy.ndarray:
         return x[-1]
