@@ -50,9 +50,18 @@ def windows(tok, corpus: str, n: int) -> list[str]:
     return out
 
 
+def registry():
+    """The installed plugins; the core's own when run from a source tree without entry points."""
+    from orcd_core import builtin
+    from orcd_core.plugins import default_registry, load_plugins
+
+    reg = default_registry()
+    return reg if reg.tokenizers else load_plugins(allow=(), extra_modules=[builtin])
+
+
 def bench(path: str) -> None:
     t0 = time.perf_counter()
-    tok = load_tokenizer(open_gguf(path))
+    tok = load_tokenizer(open_gguf(path), registry())
     load_s = time.perf_counter() - t0
     print(f"{Path(path).name}: {tok.kind} pre={tok.pre or '-'} vocab {tok.vocab_size}, load {load_s:.2f} s")
     for label, corpus in corpora().items():

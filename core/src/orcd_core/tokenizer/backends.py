@@ -50,8 +50,7 @@ SPM_CUT = re.compile("(?<=[A-Za-z])(?=\u2581)")
 
 
 def _fragment_encoder(engine: HFTokenizer, cut: re.Pattern | None = None):
-    encode_one = engine.encode
-    encode_many = engine.encode_batch_fast
+    encode_many = engine.encode_batch_fast  # no offsets: about half the time of `encode`, one piece too
 
     def split(text: str) -> list[str]:
         if cut is None or len(text) < 2 * CHUNK_CHARS:
@@ -74,8 +73,6 @@ def _fragment_encoder(engine: HFTokenizer, cut: re.Pattern | None = None):
             parts = split(text)
             pieces += parts
             counts.append(len(parts))
-        if len(pieces) == 1:
-            return [encode_one(pieces[0], add_special_tokens=False).ids]
         encodings = encode_many(pieces, add_special_tokens=False)
         out: list[list[int]] = []
         k = 0
