@@ -4,6 +4,24 @@
 // The expert-indexed GEMVs of the decode path are per format: moe_kernels.cuh.
 #include "moe_kernels.cuh"
 
+// grid (ceil(E / MOE_WARPS), T), block 32 * MOE_WARPS: logits[t, e] = W[e, :] . x[t, :] (+ bias[e]) for an F32
+// router, in float32 for any T (the routing decision should not see fp16 GEMM rounding; the router is
+// E x D, small enough to stay in L2 while the T tokens read it)
+extern "C" __global__ void moe_router_f32(const float* __restrict__ W, const float* __restrict__ x,
+                                          const float* __restrict__ bias, float* __restrict__ out, int E, int D) {
+    const int t = blockIdx.y, e = blockIdx.x * MOE_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (e >= E) return;
+    const float4* w = (const float4*)(W + (i64)e * D);
+    const float4* xv = (const float4*)(x + (i64)t * D);
+    float s = 0.0f;
+    for (int i = lane; i < (D >> 2); i += 32) {
+        const float4 a = __ldg(w + i), b = xv[i];
+        s += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+    s = warp_sum(s);
+    if (lane == 0) out[(i64)t * E + e] = s + (bias ? bias[e] : 0.0f);
+}
+
 #define MOE_MAX_E_PER_LANE 8  // experts per lane in moe_topk_softmax: E <= 256
 
 // grid T, block 32. ids[t, s] = the s-th largest of logits[t, :E] (lowest id first on ties, as a stable

@@ -1,6 +1,7 @@
 """Mixture of experts on the GPU: `CudaDevice.moe` (semantics: `Device.moe`, llama.cpp's build_moe_ffn).
 
-    logits = x @ router + bias                      # [T, E]   the device's linear (GEMV / GEMM)
+    logits = x @ router + bias                      # [T, E]   float32 (moe_router_f32) for an F32 router,
+                                                    #          else the device's linear
     ids, wts = top_k(logits), softmax(chosen)       # [T, k]   moe_topk_softmax: ids stay on the GPU
     decode (T <= DECODE_MAX_T):                     # fixed grids: a decode step stays graph-capturable
         a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
@@ -81,7 +82,12 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     gub = _bias(gate_up_bias, (E, 2 * F), "gate|up")
     dnb = _bias(down_bias, (E, D), "down")
     mk = _module(dev)
-    logits = dev.linear(x, router, router_bias)  # [T, E]
+    if router.fmt.name == "F32":  # gpt-oss's: float32 logits for any T (the GEMM path rounds to fp16)
+        logits = dev._ws((T, E))  # [T, E]
+        launch(mk.fn("moe_router_f32"), (_blocks(E, MOE_WARPS), T), (32 * MOE_WARPS,),
+               (router.data.data, x, _bias(router_bias, (E,), "router"), logits, i32(E), i32(D)))
+    else:
+        logits = dev.linear(x, router, router_bias)  # [T, E]
     ids = dev._ws((T, top_k), np.int32)
     wts = dev._ws((T, top_k))
     launch(mk.fn("moe_topk_softmax"), (T,), (32,), (logits, i32(E), i32(top_k), ids, wts))
