@@ -76,6 +76,19 @@ def start(load_s=0.0, step_s=0.005, ready=True, **kw) -> Harness:
     return h
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _switch_interval():
+    """As `orcd-worker serve` sets it (commands/serve.py): the engine thread hands the GIL back fast."""
+    import sys
+
+    from orcd_server.commands.serve import GIL_SWITCH_INTERVAL_S
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    yield
+    sys.setswitchinterval(old)
+
+
 @pytest.fixture(scope="module")
 def h():
     harness = start()
@@ -144,7 +157,7 @@ def test_bad_requests_are_refused_with_their_field(h):
 
 def test_duplicate_job_id_is_refused(h):
     out: list = []
-    t = stream_async(h.srv.url, {"job_id": "dup", "prompt": "x", "max_tokens": 40}, out)
+    t = stream_async(h.srv.url, {"job_id": "dup", "prompt": "x", "max_tokens": 400}, out)
     h.wait_jobs(1)
     r = h.client.post("/execute", json={"job_id": "dup", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["field"] == "job_id"
@@ -181,7 +194,7 @@ def test_cancel_running_job_within_100ms(h):
 def test_cancel_queued_job_removes_it(h):
     first: list = []
     second: list = []
-    t1 = stream_async(h.srv.url, {"job_id": "q1", "prompt": "x", "max_tokens": 60}, first)
+    t1 = stream_async(h.srv.url, {"job_id": "q1", "prompt": "x", "max_tokens": 600}, first)
     h.wait_jobs(1)
     t2 = stream_async(h.srv.url, {"job_id": "q2", "prompt": "x", "max_tokens": 60}, second)
     h.wait_jobs(1, 1)
@@ -205,27 +218,33 @@ def test_client_disconnect_cancels_the_job(h):
     assert metric_value(h.metrics(), "orcd_requests_total", 'outcome="cancelled"') == before + 1
 
 
-def test_health_and_metrics_answer_fast_while_streaming(h):
-    out: list = []
-    t = stream_async(h.srv.url, {"job_id": "fast", "prompt": "x", "max_tokens": 150}, out)
-    h.wait_jobs(1)
-    lat_h, lat_m = [], []
-    for _ in range(40):
-        t0 = time.perf_counter()
-        assert h.client.get("/health").status_code == 200
-        lat_h.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        assert h.client.get("/metrics").status_code == 200
-        lat_m.append(time.perf_counter() - t0)
-    t.join()
-    assert out[-1][0] == "end"
-    p90_h = sorted(lat_h)[int(0.9 * len(lat_h))]
-    p90_m = sorted(lat_m)[int(0.9 * len(lat_m))]
-    print(f"/health while streaming: median {statistics.median(lat_h)*1e3:.2f} ms, p90 {p90_h*1e3:.2f} ms; "
-          f"/metrics median {statistics.median(lat_m)*1e3:.2f} ms, p90 {p90_m*1e3:.2f} ms")
-    # the issue's "< 10 ms while a job streams", as the median: client, server and fake engine share
-    # this process (and a busy two-core machine), so single answers can wait for the scheduler
-    assert statistics.median(lat_h) < 0.010 and statistics.median(lat_m) < 0.010
+def test_health_and_metrics_answer_fast_while_streaming():
+    """The issue's "< 10 ms while a job streams" (median). Tokens every 20 ms, so that the test's own
+    client threads, which share this process and its GIL with the server, stay mostly idle."""
+    h = start(step_s=0.02)
+    try:
+        out: list = []
+        t = stream_async(h.srv.url, {"job_id": "fast", "prompt": "x", "max_tokens": 2000}, out)
+        h.wait_jobs(1)
+        lat_h, lat_m = [], []
+        for _ in range(40):
+            t0 = time.perf_counter()
+            assert h.client.get("/health").status_code == 200
+            lat_h.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert h.client.get("/metrics").status_code == 200
+            lat_m.append(time.perf_counter() - t0)
+            time.sleep(0.005)
+        assert h.client.get("/health").json()["jobs_running"] == 1  # still streaming
+        h.client.post("/cancel", json={"job_id": "fast"})
+        t.join()
+        p90_h = sorted(lat_h)[int(0.9 * len(lat_h))]
+        p90_m = sorted(lat_m)[int(0.9 * len(lat_m))]
+        print(f"/health while streaming: median {statistics.median(lat_h)*1e3:.2f} ms, p90 {p90_h*1e3:.2f} ms; "
+              f"/metrics median {statistics.median(lat_m)*1e3:.2f} ms, p90 {p90_m*1e3:.2f} ms")
+        assert statistics.median(lat_h) < 0.010 and statistics.median(lat_m) < 0.010
+    finally:
+        h.srv.stop()
 
 
 def test_engine_errors_become_error_events():
@@ -255,7 +274,7 @@ def test_queue_full_is_429_with_retry_after():
     h = start(queue_size=1)
     try:
         a, b = [], []
-        ta = stream_async(h.srv.url, {"job_id": "a", "prompt": "x", "max_tokens": 80}, a)
+        ta = stream_async(h.srv.url, {"job_id": "a", "prompt": "x", "max_tokens": 2000}, a)
         h.wait_jobs(1)
         tb = stream_async(h.srv.url, {"job_id": "b", "prompt": "x", "max_tokens": 5}, b)
         h.wait_jobs(1, 1)
@@ -263,8 +282,9 @@ def test_queue_full_is_429_with_retry_after():
         assert r.status_code == 429
         assert r.json()["error"]["code"] == "OVERLOADED"
         assert int(r.headers["Retry-After"]) >= 1
+        h.client.post("/cancel", json={"job_id": "a"})
         ta.join(), tb.join()
-        assert a[-1][0] == "end" and b[-1][0] == "end"
+        assert a[-1][1]["code"] == "CANCELLED" and b[-1][0] == "end"
         assert metric_value(h.metrics(), "orcd_requests_total", 'outcome="overloaded"') == 1
         # FIFO: b started after a ended
         assert b[0][1]["started_at"] >= a[0][1]["started_at"]
@@ -314,12 +334,12 @@ def test_metrics_counts_exact_after_n_requests():
         h.srv.stop()
 
 
-@pytest.mark.parametrize("deadline, expect", [(10.0, "end"), (0.15, "error")])
-def test_shutdown_lets_the_running_job_finish_or_cancels_it_at_the_deadline(deadline, expect):
+@pytest.mark.parametrize("deadline, n_tokens, expect", [(30.0, 150, "end"), (0.15, 1000, "error")])
+def test_shutdown_lets_the_running_job_finish_or_cancels_it_at_the_deadline(deadline, n_tokens, expect):
     h = start(step_s=0.01, shutdown_timeout_s=deadline)
     try:
         running, queued = [], []
-        ta = stream_async(h.srv.url, {"job_id": "r", "prompt": "x", "max_tokens": 150}, running)
+        ta = stream_async(h.srv.url, {"job_id": "r", "prompt": "x", "max_tokens": n_tokens}, running)
         h.wait_jobs(1)
         tb = stream_async(h.srv.url, {"job_id": "w", "prompt": "x", "max_tokens": 5}, queued)
         h.wait_jobs(1, 1)
@@ -330,12 +350,12 @@ def test_shutdown_lets_the_running_job_finish_or_cancels_it_at_the_deadline(dead
         assert h.client.get("/health").json()["status"] == "unhealthy"
         tb.join(5)
         assert queued == [("error", {"code": "CANCELLED", "message": "the worker is shutting down", "retriable": True})]
-        ta.join(10)
+        ta.join(30)
         assert running[-1][0] == expect
         if expect == "error":
             assert running[-1][1]["code"] == "CANCELLED" and running[-1][1]["retriable"] is True
         else:
-            assert running[-1][1]["tokens_out"] == 150
+            assert running[-1][1]["tokens_out"] == n_tokens
         assert h.engine.closed.wait(5)  # device memory freed
         deadline_t = time.monotonic() + 5
         while not h.exits and time.monotonic() < deadline_t:
