@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "core" / "tests" / "tokenizer"))
 
-from strings import generate  # noqa: E402
+from tok_strings import generate  # noqa: E402
 
 from orcd_core.gguf_file import open_gguf  # noqa: E402
 from orcd_core.tokenizer import IncrementalDetokenizer, load_tokenizer  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import resolve, tokenizer_for, vocab_path
+from tok_helpers import resolve, tokenizer_for, vocab_path
 from gguf import GGUFWriter
 
 from orcd_core.errors import TokenizerError

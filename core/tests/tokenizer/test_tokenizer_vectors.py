@@ -9,7 +9,7 @@ file in a future llama.cpp forces a decision.
 from __future__ import annotations
 
 import pytest
-from conftest import vocab_dir, vocab_path, vocab_tokenizer
+from tok_helpers import vocab_dir, vocab_path, vocab_tokenizer
 
 COVERED = {
     # name: tokenizer.ggml.model / tokenizer.ggml.pre

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import tokenizer_for
+from tok_helpers import tokenizer_for
 
 quicktok = pytest.importorskip("quicktok")
 

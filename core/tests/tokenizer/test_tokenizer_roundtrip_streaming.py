@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import resolve, tokenizer_for
-from strings import generate
+from tok_helpers import resolve, tokenizer_for
+from tok_strings import generate
 
 from orcd_core.errors import TokenizerError
 from orcd_core.tokenizer import IncrementalDetokenizer

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import resolve, tokenizer_for
+from tok_helpers import resolve, tokenizer_for
 
 from orcd_core.errors import ChatTemplateError
 from orcd_core.tokenizer import CHATML_TEMPLATE, render_chat

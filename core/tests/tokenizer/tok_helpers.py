@@ -1,4 +1,6 @@
-"""Shared fixtures: llama.cpp's vocab folder, the real test models, cached tokenizers."""
+"""Helpers shared by the tokenizer tests: llama.cpp's vocab folder, the real test models, cached
+tokenizers. (A plain module with a unique name rather than a conftest.py, so that `import` cannot pick
+up another directory's conftest.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # strings.py
+sys.path.insert(0, str(Path(__file__).parent))  # tok_strings.py
 
 from orcd_core import testmodels  # noqa: E402
 from orcd_core.gguf_file import open_gguf  # noqa: E402

@@ -13,8 +13,8 @@ from __future__ import annotations
 import ctypes
 
 import pytest
-from conftest import resolve, tokenizer_for
-from strings import generate
+from tok_helpers import resolve, tokenizer_for
+from tok_strings import generate
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
