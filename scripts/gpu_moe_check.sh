@@ -26,7 +26,7 @@ if [[ $stages == *" ops "* ]]; then
   note "core ops -k MXFP4: $(tail -1 "$OUT/ops-core.log") ($(( $(date +%s) - t0 )) s)"
 fi
 if [[ $stages == *" cut "* ]]; then
-  timeout ${CUT_TIMEOUT:-240} python3 -m pytest -q -s -p no:cacheprovider -rfE core/tests/backends/test_cuda_gpt_oss.py \
+  timeout ${CUT_TIMEOUT:-300} python3 -m pytest -q -s -p no:cacheprovider -rfE core/tests/backends/test_cuda_gpt_oss.py \
     -k "not full" 2>&1 | tee "$OUT/cut.log" | tail -25
   note "gpt-oss 2-layer cut: $(tail -1 "$OUT/cut.log") ($(( $(date +%s) - t0 )) s)"
   grep -h "relative L2" "$OUT/cut.log" | head -3 | while read -r l; do note "  $l"; done
