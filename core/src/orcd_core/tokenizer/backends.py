@@ -313,7 +313,7 @@ class HFJSONBackend:
             attrs=attrs,
             pieces=_pieces(tokens, attrs, byte_level=True),
             special_ids=special_ids,
-            encode_fragment=_fragment_encoder(engine),
+            encode_fragment=_fragment_encoder(engine, BPE_CUT if _cut_safe(spec) else None),
             spm_style=False,
             bos_id=ids["bos"],
             eos_id=ids["eos"],
@@ -326,6 +326,26 @@ class HFJSONBackend:
             pre=str(model.get("tokenizer.ggml.pre") or ""),
             source=str(jpath),
         )
+
+
+def _cut_safe(spec: dict) -> bool:
+    """Whether letter|space cuts are safe for a tokenizer.json: no normalizer, and a pre-tokenizer
+    that is exactly [Split(tiktoken's o200k regex, isolated), ByteLevel without regex]."""
+    from .o200k import O200K_PATTERN
+
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if spec.get("normalizer") or not isinstance(steps, list) or len(steps) != 2:
+        return False
+    split, byte_level = steps
+    return (
+        split.get("type") == "Split"
+        and (split.get("pattern") or {}).get("Regex") == O200K_PATTERN
+        and str(split.get("behavior", "")).lower() == "isolated"
+        and not split.get("invert")
+        and byte_level.get("type") == "ByteLevel"
+        and byte_level.get("use_regex") is False
+    )
 
 
 def _is_byte_level(decoder) -> bool:
