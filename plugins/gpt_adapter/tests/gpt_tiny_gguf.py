@@ -61,9 +61,9 @@ class _Weights:
     def f32(self, name: str, *shape: int, scale: float = 1.0, offset: float = 0.0) -> None:
         self.w.add_tensor(name, offset + self.normal(*shape, scale=scale))
 
-    def matrix(self, name: str, rows: int, cols: int, qtype: T) -> None:
-        """A [rows, cols] matrix with entries of std 1/sqrt(cols), stored as `qtype`."""
-        data = self.normal(rows, cols, scale=cols**-0.5)
+    def matrix(self, name: str, rows: int, cols: int, qtype: T, scale: float | None = None) -> None:
+        """A [rows, cols] matrix with entries of std `scale` (1/sqrt(cols)), stored as `qtype`."""
+        data = self.normal(rows, cols, scale=cols**-0.5 if scale is None else scale)
         if qtype == T.F32:
             self.w.add_tensor(name, data)
         elif qtype == T.F16:
@@ -71,13 +71,13 @@ class _Weights:
         else:
             self.w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
-    def mxfp4(self, name: str, *shape: int) -> None:
-        """Random valid MXFP4 blocks: E8M0 scale near 2^-3, random E2M1 codes (values up to 6 * 2^-3...)."""
+    def mxfp4(self, name: str, *shape: int, gain: float = 1.0) -> None:
+        """Random valid MXFP4 blocks: random E2M1 codes (|value| up to 6) under an E8M0 scale chosen
+        so that a row dotted with a unit-RMS input gives about `gain` (RMS of the codes is ~3.3)."""
         n_blocks = int(np.prod(shape)) // 32
         blocks = np.empty((n_blocks, 17), np.uint8)
         k = shape[-1]
-        # codes reach |6|; a scale 2^(e-127) with e around 127 - log2(6 sqrt(k)) keeps rows of norm ~1
-        e = int(round(127 - np.log2(3.0 * np.sqrt(k))))
+        e = int(round(127 + np.log2(gain / (3.3 * np.sqrt(k)))))
         blocks[:, 0] = self.rng.integers(e - 1, e + 2, n_blocks)
         blocks[:, 1:] = self.rng.integers(0, 256, (n_blocks, 16))
         self.w.add_tensor(name, blocks.reshape(*shape[:-1], k // 32 * 17), raw_dtype=T.MXFP4)
@@ -86,9 +86,10 @@ class _Weights:
 def write_gpt_oss(path: Path, *, seed: int, n_layer: int = 3, n_embd: int = 128, n_head: int = 8,
                   n_head_kv: int = 2, head_dim: int = 32, n_expert: int = 8, n_expert_used: int = 4,
                   n_ff_exp: int = 64, n_vocab: int = 384, context_length: int = 4096,
-                  sliding_window: int = 8, attn_type: T = T.Q8_0) -> Path:
+                  sliding_window: int = 8, attn_type: T = T.Q8_0, expert_gain: float = 1.0) -> Path:
     """A gpt-oss file: GQA 4:1, sinks, SWA on even layers, YaRN factor 32 from 256 original
-    positions, top-4 of 8 experts in MXFP4 with biases."""
+    positions, top-4 of 8 experts in MXFP4 with biases. `expert_gain` scales the gate/up experts'
+    outputs (at 8, many exceed swiglu_oai's clamp of 7, which random 1/sqrt(fan-in) weights never do)."""
     w = GGUFWriter(path, "gpt-oss")
     w.add_name(f"tiny-gpt-oss-s{seed}")
     w.add_context_length(context_length)
@@ -111,7 +112,7 @@ def write_gpt_oss(path: Path, *, seed: int, n_layer: int = 3, n_embd: int = 128,
     _add_vocab(w, n_vocab)
     g = _Weights(w, seed)
     D, E, F, nq, nkv = n_embd, n_expert, n_ff_exp, n_head * head_dim, n_head_kv * head_dim
-    g.matrix("token_embd.weight", n_vocab, D, T.F16)
+    g.matrix("token_embd.weight", n_vocab, D, T.F16, scale=1.0)  # a residual stream of RMS ~1
     g.f32("output_norm.weight", D, scale=0.1, offset=1.0)
     g.matrix("output.weight", n_vocab, D, T.F16)
     for il in range(n_layer):
@@ -126,11 +127,11 @@ def write_gpt_oss(path: Path, *, seed: int, n_layer: int = 3, n_embd: int = 128,
         g.f32(p + "post_attention_norm.weight", D, scale=0.1, offset=1.0)
         g.matrix(p + "ffn_gate_inp.weight", E, D, T.F32)
         g.f32(p + "ffn_gate_inp.bias", E, scale=0.5)
-        g.mxfp4(p + "ffn_gate_exps.weight", E, F, D)
+        g.mxfp4(p + "ffn_gate_exps.weight", E, F, D, gain=expert_gain)
         g.f32(p + "ffn_gate_exps.bias", E, F, scale=0.2)
-        g.mxfp4(p + "ffn_up_exps.weight", E, F, D)
+        g.mxfp4(p + "ffn_up_exps.weight", E, F, D, gain=expert_gain)
         g.f32(p + "ffn_up_exps.bias", E, F, scale=0.2)
-        g.mxfp4(p + "ffn_down_exps.weight", E, D, F)
+        g.mxfp4(p + "ffn_down_exps.weight", E, D, F, gain=1.0 / expert_gain)
         g.f32(p + "ffn_down_exps.bias", E, D, scale=0.2)
     _finish(w)
     return path
@@ -151,7 +152,7 @@ def write_gpt2(path: Path, *, seed: int, n_layer: int = 2, n_embd: int = 128, n_
     _add_vocab(w, n_vocab)
     g = _Weights(w, seed)
     D, F = n_embd, n_ff
-    g.matrix("token_embd.weight", n_vocab, D, T.F16)
+    g.matrix("token_embd.weight", n_vocab, D, T.F16, scale=1.0)
     g.f32("position_embd.weight", context_length, D, scale=0.3)
     g.f32("output_norm.weight", D, scale=0.1, offset=1.0)
     g.f32("output_norm.bias", D, scale=0.1)
