@@ -77,6 +77,12 @@ HOSTILE = {
     "huge method": "{{ 'x'.ljust(1000000000) }}",
     "huge output": "{% for i in range(100000) %}{{ 'xxxxxxxxxxxxxxxxxxxx' }}{% endfor %}",
     "big power": "{{ 2 ** 100000000 }}",
+    "doubling string": (
+        "{% set ns = namespace(x='x') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}"
+    ),
+    "doubling list": (
+        "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x }}"
+    ),
     "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
     "loops without calls": (
         "{% set l = range(5000) | list %}{% for a in l %}{% for b in l %}{% for c in l %}"

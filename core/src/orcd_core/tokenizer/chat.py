@@ -10,7 +10,8 @@ Limits, all reported as `ChatTemplateError` for that request (never a crash of t
   (`PyThreadState_SetAsyncExc`), which stops any Python-level loop of the compiled template;
 - size: the output is assembled chunk by chunk and stops at `max_output_chars`; string and list
   repetition (`*`), `**`, and filter or method calls with integer arguments above that limit (e.g.
-  `center(10**9)`) are refused before they allocate;
+  `center(10**9)`) are refused before they allocate; values read through attributes, items, calls
+  and filters longer than the limit are refused (a string doubled in a `namespace` stops there);
 - sandbox: attribute access to internals (`__class__`, `__globals__`, `mro`, ...) and mutation of
   arguments raise `SecurityError` -> `ChatTemplateError`.
 
@@ -90,6 +91,12 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
                     if len(seq) * count > self._limits.max_chars:
                         raise ChatTemplateError("chat template repeats a value beyond the output limit")
         return self._check_size(super().call_binop(context, operator, left, right))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        return self._check_size(super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        return self._check_size(super().getitem(obj, argument))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
         __self._check_args(args, kwargs)
