@@ -189,7 +189,8 @@ class ReferenceDevice(Device):
         return a + b
 
     def silu_mul(self, gate, up) -> np.ndarray:
-        return gate / (F32(1.0) + np.exp(-gate)) * up
+        with np.errstate(over="ignore"):  # exp(-gate) -> inf for gate < -88: x / inf = -0, as in C
+            return gate / (F32(1.0) + np.exp(-gate)) * up
 
     def gelu(self, x) -> np.ndarray:
         """ggml_gelu's tanh approximation, evaluated in float32. (llama.cpp's CPU build reads it
@@ -224,13 +225,14 @@ class ReferenceDevice(Device):
 
     @staticmethod
     def _glu(gate, up, act: str, alpha: float, limit: float) -> np.ndarray:
-        if act == "silu":
-            return gate / (F32(1.0) + np.exp(-gate)) * up
-        if act == "swiglu_oai":
-            # ggml_swiglu_oai: x = min(gate, limit); y = clamp(up, -limit, limit); x*sigmoid(alpha*x)*(y+1)
-            xg = np.minimum(gate, F32(limit))
-            yu = np.clip(up, F32(-limit), F32(limit))
-            return xg / (F32(1.0) + np.exp(F32(-alpha) * xg)) * (yu + F32(1.0))
+        with np.errstate(over="ignore"):  # very negative gates: exp overflows to inf, the result is -0
+            if act == "silu":
+                return gate / (F32(1.0) + np.exp(-gate)) * up
+            if act == "swiglu_oai":
+                # ggml_swiglu_oai: x = min(gate, limit); y = clamp(up, -limit, limit); x*sigmoid(alpha*x)*(y+1)
+                xg = np.minimum(gate, F32(limit))
+                yu = np.clip(up, F32(-limit), F32(limit))
+                return xg / (F32(1.0) + np.exp(F32(-alpha) * xg)) * (yu + F32(1.0))
         raise ValueError(f"moe: unknown activation {act!r} (expected 'silu' or 'swiglu_oai')")
 
     def logits_last(self, x) -> np.ndarray:
