@@ -351,7 +351,9 @@ def open_gguf(path: str | os.PathLike[str], max_tensors: int = DEFAULT_MAX_TENSO
 
 def check_supported(model: GGUFModel, registry) -> Any:
     """Check that installed plugins provide the file's architecture and every tensor type, and that
-    the architecture's required metadata is present. Returns the `Architecture` object."""
+    the architecture's required metadata is present. Returns the `Architecture` object (None when no
+    plugin provides it). A vocab-only file (no tensors, e.g. llama.cpp's ggml-vocab-*.gguf) passes
+    whatever its architecture: it can be tokenized, never run."""
     arch_name = model.architecture
     arch = registry.architectures.get(arch_name)
     if arch is None and model.tensors:
@@ -368,7 +370,7 @@ def check_supported(model: GGUFModel, registry) -> Any:
                 f"(installed: {registry.describe_installed()}; types: "
                 f"{sorted(f.name for f in registry.quant_formats.values()) or 'none'})",
             )
-    if arch is not None:
+    if arch is not None and model.tensors:
         for suffix, kind in getattr(arch, "required_metadata", {}).items():
             model.require(model.arch_key(suffix), kind)
     return arch
