@@ -86,6 +86,26 @@ def test_vocab_only_file_passes_check_supported():
     check_supported(model, load_plugins())
 
 
+def test_vocab_only_file_of_a_registered_architecture_needs_no_hyperparameters(tmp_path):
+    """llama.cpp's vocab files and the rebuilt gpt-oss vocab carry no (or few) hyperparameters."""
+    reg = load_plugins()
+    arch = next(iter(reg.architectures), None)
+    if arch is None:
+        pytest.skip("no architecture plugin installed")
+    path = tmp_path / "vocab.gguf"
+    w = GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_merges(["a b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    model = open_gguf(path)
+    assert check_supported(model, reg) is reg.architectures[arch]
+    assert load_tokenizer(model, reg).encode("abab", add_special=False) == [2, 2]
+
+
 def _cli(args, capsys):
     from orcd_server.cli import main
 
