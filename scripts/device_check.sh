@@ -49,7 +49,10 @@ if [[ $stages == *" model "* ]]; then
   note "model: $(tail -1 "$OUT/model.log")"
 fi
 if [[ $stages == *" gpu-all "* ]]; then
-  python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-all.log" | tail -30
+  # the server's e2e suite defaults to the real SmolLM2 (a download; no network here): a synthetic
+  # llama-architecture file of the same shape stands in for it
+  export ORCD_SERVE_E2E_MODEL=${ORCD_SERVE_E2E_MODEL:-$(synth llama full all)}
+  timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-all.log" | tail -30
   note "pytest -m gpu: $(tail -1 "$OUT/gpu-all.log")"
 fi
 if [[ $stages == *" bench "* || $stages == *" llama "* ]]; then

@@ -37,9 +37,12 @@ def main() -> None:
     names: dict[int, str] = {}
     orig_fn = K.KernelSet.fn
 
+    owners: dict[int, object] = {}
+
     def fn(self, name):
         f = orig_fn(self, name)
         names[id(f)] = name
+        owners[id(f)] = self
         return f
 
     K.KernelSet.fn = fn
@@ -164,7 +167,10 @@ def main() -> None:
           f"(graph nodes: {getattr(dec.graph, 'num_nodes', '?')})")
     dec.close()
     # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
+    variants = []
     for (name, N, Kd), (f, block, args) in sorted(gemvs.items()):
+        variants.append((name, N, Kd, f, block, args))
+    for name, N, Kd, f, block, args in variants:
         row = []
         for R in (1, 2, 4):
             a2 = args[:-1] + (np.int32(R),)

@@ -76,16 +76,9 @@ def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> N
             raise CudaError(f"kernel {getattr(fn, 'kernel', fn)} failed: {exc}") from exc
 
 
-def i32(v) -> np.int32:
-    return np.int32(v)
-
-
-def i64(v) -> np.int64:
-    return np.int64(v)
-
-
-def f32(v) -> np.float32:
-    return np.float32(v)
-
+# kernel scalar arguments must carry their C type (CuPy passes a Python int as a 64-bit value)
+i32 = np.int32
+i64 = np.int64
+f32 = np.float32
 
 NULL = np.uint64(0)
