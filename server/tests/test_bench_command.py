@@ -1,0 +1,49 @@
+"""`orcd-worker bench` on the reference backend (CI has no GPU): the JSON it prints has llama-bench's
+shape (load time, pp N and tg N with the median of the timed runs and their spread), every run is
+timed, and the rates are the token counts over the measured times. The CUDA numbers come from the
+same command on the GPU machine (docs/perf-notes.md)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from orcd_core import synth, testmodels
+from orcd_server.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "llama-tiny.gguf"
+    vocab = testmodels.llama_cpp_models_dir() / "ggml-vocab-llama-spm.gguf"
+    synth.synthesize("llama", path, size="tiny", layers=1, seed=3, vocab=vocab)
+    return path
+
+
+def test_bench_json_on_the_reference_backend(tiny_model, capsys):
+    rc = main(["bench", str(tiny_model), "--backend", "reference", "-p", "8", "-n", "4", "-r", "2", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backend"] == "reference" and out["architecture"] == "llama" and out["repetitions"] == 2
+    assert out["load_s"] > 0
+    for key, n in (("pp8", 8), ("tg4", 4)):
+        r = out[key]
+        assert len(r["runs_s"]) == 2 and all(t > 0 for t in r["runs_s"])
+        rates = sorted(n / t for t in r["runs_s"])
+        assert r["tok_s"] == pytest.approx(statistics.median(rates), rel=1e-3)
+        assert r["min"] <= r["tok_s"] <= r["max"]
+
+
+def test_bench_table_and_skipping_a_test(tiny_model, capsys):
+    rc = main(["bench", str(tiny_model), "--backend", "reference", "-p", "0", "-n", "2", "-r", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "tg2" in text and "load" in text and "pp" not in text.split("tok/s")[-1]
+
+
+def test_bench_missing_file_is_one_line_error(tmp_path, capsys):
+    assert main(["bench", str(tmp_path / "nope.gguf"), "--backend", "reference"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.gguf" in err[0]
