@@ -86,10 +86,12 @@ class _Weights:
 def write_gpt_oss(path: Path, *, seed: int, n_layer: int = 3, n_embd: int = 128, n_head: int = 8,
                   n_head_kv: int = 2, head_dim: int = 32, n_expert: int = 8, n_expert_used: int = 4,
                   n_ff_exp: int = 64, n_vocab: int = 384, context_length: int = 4096,
-                  sliding_window: int = 8, attn_type: T = T.Q8_0, expert_gain: float = 1.0) -> Path:
+                  sliding_window: int = 8, attn_type: T = T.Q8_0, expert_gain: float = 1.0,
+                  up_exps_type: T = T.MXFP4) -> Path:
     """A gpt-oss file: GQA 4:1, sinks, SWA on even layers, YaRN factor 32 from 256 original
     positions, top-4 of 8 experts in MXFP4 with biases. `expert_gain` scales the gate/up experts'
-    outputs (at 8, many exceed swiglu_oai's clamp of 7, which random 1/sqrt(fan-in) weights never do)."""
+    outputs (at 8, many exceed swiglu_oai's clamp of 7, which random 1/sqrt(fan-in) weights never do).
+    `up_exps_type` other than MXFP4 stores the up experts in that type (gate and up then differ)."""
     w = GGUFWriter(path, "gpt-oss")
     w.add_name(f"tiny-gpt-oss-s{seed}")
     w.add_context_length(context_length)
@@ -129,7 +131,11 @@ def write_gpt_oss(path: Path, *, seed: int, n_layer: int = 3, n_embd: int = 128,
         g.f32(p + "ffn_gate_inp.bias", E, scale=0.5)
         g.mxfp4(p + "ffn_gate_exps.weight", E, F, D, gain=expert_gain)
         g.f32(p + "ffn_gate_exps.bias", E, F, scale=0.2)
-        g.mxfp4(p + "ffn_up_exps.weight", E, F, D, gain=expert_gain)
+        if up_exps_type == T.MXFP4:
+            g.mxfp4(p + "ffn_up_exps.weight", E, F, D, gain=expert_gain)
+        else:
+            data = g.normal(E, F, D, scale=expert_gain / np.sqrt(D))
+            w.add_tensor(p + "ffn_up_exps.weight", data.astype(np.float16) if up_exps_type == T.F16 else data)
         g.f32(p + "ffn_up_exps.bias", E, F, scale=0.2)
         g.mxfp4(p + "ffn_down_exps.weight", E, D, F, gain=1.0 / expert_gain)
         g.f32(p + "ffn_down_exps.bias", E, D, scale=0.2)

@@ -80,6 +80,21 @@ def test_gpt_oss_config_from_file(tmp_path: Path, registry):
     np.testing.assert_array_equal(layer.gate_up.data[:, 64:], up)
 
 
+def test_gate_up_of_different_types_fuse_through_f16(tmp_path: Path, registry):
+    """MXFP4 gate and F16 up experts cannot be concatenated as one type: the adapter dequantizes
+    both and uploads one F16 [E, 2F, D] stack (values equal up to fp16 rounding)."""
+    from gguf import GGMLQuantizationType as T
+
+    model = open_gguf(write_gpt_oss(tmp_path / "oss.gguf", seed=5, n_layer=1, up_exps_type=T.F16))
+    built = check_supported(model, registry).build(model, create_device("reference"), registry)
+    gate_up = built.layers[0].gate_up
+    assert gate_up.shape == (8, 128, 128) and gate_up.fmt.name == "F16"
+    gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
+    up = registry.quant_format(1).dequantize(model.tensors["blk.0.ffn_up_exps.weight"].data, (8, 64, 128))
+    np.testing.assert_array_equal(gate_up.data[:, :64], gate.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(gate_up.data[:, 64:], up)
+
+
 def test_gpt2_tied_output(tmp_path: Path, registry):
     model = open_gguf(write_gpt2(tmp_path / "g2.gguf", seed=2, tied=True))
     built = check_supported(model, registry).build(model, create_device("reference"), registry)

@@ -194,14 +194,20 @@ def test_gpt_oss_matches_llama_cpp(tmp_path: Path, registry, seed: int, layers: 
     check(path, registry, n_tokens=160, chunk=chunk, vocab_hi=199_998)
 
 
-def test_gpt_oss_swiglu_clamp_matches_llama_cpp(tmp_path: Path, registry):
-    """Random 1/sqrt(fan-in) experts never reach swiglu_oai's clamp (|x| = 7); here gate/up outputs
-    of RMS ~8 put about 24% of the gates and 49% of the ups beyond it. One layer (SWA, window 8 < 48
-    tokens) with F32 attention: in this regime llama.cpp's Q8_0 activations cost more than 2% per
-    layer (measured 2-5% with three layers), while a wrong clamp costs far more (no clamp: 69% mean
-    error; limit 6 instead of 7: 14%)."""
-    path = write_gpt_oss(tmp_path / "gpt-oss-clamp.gguf", seed=5, n_layer=1, expert_gain=8.0,
-                         attn_type=GGMLQuantizationType.F32)
+@pytest.mark.parametrize("case", ["clamp", "gate_up_types_differ"])
+def test_gpt_oss_builder_cases_match_llama_cpp(tmp_path: Path, registry, case: str):
+    """Two features the synthetic recipe does not reach, on gpt_tiny_gguf files (one SWA layer with
+    window 8 < 48 tokens, F32 attention):
+
+    - clamp: random 1/sqrt(fan-in) experts never reach swiglu_oai's clamp (|x| = 7); gate/up outputs
+      of RMS ~8 put about 24% of the gates and 49% of the ups beyond it. In this regime llama.cpp's
+      Q8_0 activations cost more than 2% per layer (measured 2-5% with three layers), hence one
+      layer; a wrong clamp costs far more (no clamp: 69% mean error; limit 6 instead of 7: 14%).
+    - gate_up_types_differ: MXFP4 gate and F16 up experts, fused at load through F16.
+    """
+    T = GGMLQuantizationType
+    kw = {"expert_gain": 8.0} if case == "clamp" else {"up_exps_type": T.F16}
+    path = write_gpt_oss(tmp_path / f"gpt-oss-{case}.gguf", seed=5, n_layer=1, attn_type=T.F32, **kw)
     check(path, registry, n_tokens=48, chunk=48, vocab_hi=382)
 
 
