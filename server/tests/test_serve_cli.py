@@ -11,6 +11,15 @@ from orcd_server.cli import main
 from orcd_server.commands.serve import gpu_count
 
 
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    """main() points structlog at sys.stderr, which is pytest's capture here: undo it afterwards."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def model(tmp_path):
     path = tmp_path / "m.gguf"

@@ -77,6 +77,17 @@ def start(load_s=0.0, step_s=0.005, ready=True, **kw) -> Harness:
 
 
 @pytest.fixture(scope="module", autouse=True)
+def _fresh_structlog():
+    """Earlier tests may have pointed structlog at a captured stream that pytest has closed since
+    (`orcd-worker` commands run in-process configure it); the server threads here log."""
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module", autouse=True)
 def _switch_interval():
     """As `orcd-worker serve` sets it (commands/serve.py): the engine thread hands the GIL back fast."""
     import sys
