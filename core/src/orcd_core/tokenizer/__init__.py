@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import TokenizerError
 from .backends import TokenizerBackend
 from .base import IncrementalDetokenizer, Tokenizer
-from .chat import CHATML_TEMPLATE, render_chat
+from .chat import CHATML_TEMPLATE, encode_chat, render_chat
 from .vocab import TokenAttr
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "TokenAttr",
     "Tokenizer",
     "TokenizerBackend",
+    "encode_chat",
     "load_tokenizer",
     "render_chat",
 ]

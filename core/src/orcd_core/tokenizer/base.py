@@ -22,6 +22,7 @@ applied: they are lossy, and llama.cpp's own server streams `token_to_piece` tex
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -186,8 +187,12 @@ class Tokenizer:
             else:
                 self._prefix_re[parse_special] = None
 
-    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
-        """llama.cpp's `tokenizer_st_partition`: raw text -> str fragments and special token ids."""
+    def _partition(
+        self, text: str, parse_special: bool, literal_spans: Sequence[tuple[int, int]] = ()
+    ) -> list[str | int]:
+        """llama.cpp's `tokenizer_st_partition`: raw text -> str fragments and special token ids.
+        An occurrence that overlaps one of `literal_spans` ([start, end) character offsets) is not
+        matched: that text stays ordinary text."""
         finder = self._prefix_re[parse_special]
         if finder is None:
             return [text]
@@ -201,38 +206,65 @@ class Tokenizer:
                     found.add(order)
         if not found:
             return [text]
-        fragments: list[str | int] = [text]
+        spans: list[tuple[int, int]] = []  # sorted, merged: their ends are sorted too
+        for a, b in sorted(literal_spans):
+            if spans and a <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(spans[-1][1], b))
+            elif a < b:
+                spans.append((a, b))
+        starts = [a for a, _ in spans]
+
+        def literal(at: int, end: int) -> bool:
+            k = bisect.bisect_left(starts, end) - 1  # the last span that starts before `end`
+            return k >= 0 and spans[k][1] > at
+
+        fragments: list[tuple[int, int] | int] = [(0, len(text))]
+        find = text.find
         for order in sorted(found):  # `_special` is already longest first
             token, tok_text, lstrip, rstrip, _ = self._special[order]
-            out: list[str | int] = []
+            n = len(tok_text)
+            out: list[tuple[int, int] | int] = []
             for frag in fragments:
-                if not isinstance(frag, str):
+                if isinstance(frag, int):
                     out.append(frag)
                     continue
-                rest = frag
+                start, end = frag
                 while True:
-                    at = rest.find(tok_text)
+                    at = find(tok_text, start, end)
+                    while at >= 0 and spans and literal(at, at + n):
+                        at = find(tok_text, at + 1, end)
                     if at < 0:
-                        if rest:
-                            out.append(rest)
+                        if start < end:
+                            out.append((start, end))
                         break
-                    left = rest[:at]
+                    left = at
                     if lstrip:
-                        left = left.rstrip(_C_SPACE)
-                    if left:
-                        out.append(left)
+                        while left > start and text[left - 1] in _C_SPACE:
+                            left -= 1
+                    if left > start:
+                        out.append((start, left))
                     out.append(token)
-                    rest = rest[at + len(tok_text) :]
+                    start = at + n
                     if rstrip:
-                        rest = rest.lstrip(_C_SPACE)
+                        while start < end and text[start] in _C_SPACE:
+                            start += 1
             fragments = out
-        return fragments
+        return [f if isinstance(f, int) else text[f[0] : f[1]] for f in fragments]
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        """Text -> token ids, as llama.cpp's `llama_tokenize(text, add_special, parse_special)`."""
+    def encode(
+        self,
+        text: str,
+        add_special: bool = True,
+        parse_special: bool = False,
+        *,
+        literal_spans: Sequence[tuple[int, int]] = (),
+    ) -> list[int]:
+        """Text -> token ids, as llama.cpp's `llama_tokenize(text, add_special, parse_special)`.
+        `literal_spans`: character ranges where special-token texts stay ordinary text even with
+        `parse_special` (message contents inside a rendered chat template; see `encode_chat`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes str, not {type(text).__name__}")
-        fragments = self._partition(text, parse_special) if text else []
+        fragments = self._partition(text, parse_special, literal_spans) if text else []
         # the texts handed to the Rust BPE, and where each result goes
         texts: list[str] = []
         prev_special = True

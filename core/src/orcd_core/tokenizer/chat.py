@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -217,3 +218,47 @@ def render_chat(
     if "text" not in result:
         raise ChatTemplateError(f"chat template stopped without output after {time.monotonic() - start:.2f} s")
     return result["text"]
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")
+
+
+def _content_spans(tokenizer, messages: list[dict], add_generation_prompt: bool, text: str, kw: dict) -> list[tuple[int, int]]:
+    """Where each message's content sits in the rendered `text`, found by rendering once more with
+    private-use markers in place of the contents. Empty when the template transforms contents
+    (the marked render, with the contents put back, is not `text`)."""
+    contents = [m.get("content") if isinstance(m.get("content"), str) and m.get("content") else None for m in messages]
+    if not any(contents):
+        return []
+    marked = [dict(m, content=f"\ue000{i}\ue001") if c else dict(m) for i, (m, c) in enumerate(zip(messages, contents))]
+    try:
+        skeleton = render_chat(tokenizer, marked, add_generation_prompt, **kw)
+    except ChatTemplateError:
+        return []
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = length = 0
+    for m in _MARK.finditer(skeleton):
+        index = int(m.group(1))
+        content = contents[index] if index < len(contents) else None
+        if content is None:
+            return []
+        parts.append(skeleton[pos : m.start()])
+        length += m.start() - pos
+        spans.append((length, length + len(content)))
+        parts.append(content)
+        length += len(content)
+        pos = m.end()
+    parts.append(skeleton[pos:])
+    return spans if "".join(parts) == text else []
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> list[int]:
+    """`render_chat` then `encode(add_special=False, parse_special=True)` (the template writes BOS
+    itself where it wants one), except that special-token texts inside the messages' contents stay
+    ordinary text: a user who types `<|im_end|>` cannot close their own turn. When the template
+    transforms contents (so they cannot be located exactly) the prompt is tokenized as llama.cpp's
+    server does, contents included. Keyword arguments go to `render_chat`."""
+    text = render_chat(tokenizer, messages, add_generation_prompt, **kw)
+    spans = _content_spans(tokenizer, messages, add_generation_prompt, text, kw)
+    return tokenizer.encode(text, add_special=False, parse_special=True, literal_spans=spans)
