@@ -15,10 +15,7 @@ from orcd_core.plugins import load_plugins
 REGISTRY = load_plugins()
 # adapters that still require the key (llama.cpp itself requires it too); strict, so the mark must go
 # when the adapter is fixed
-STILL_REQUIRED = {
-    "gpt-oss": "orcd_gpt_adapter requires gpt-oss.context_length",
-    "gpt2": "orcd_gpt_adapter requires gpt2.context_length (position_embd's rows could bound it instead)",
-}
+STILL_REQUIRED: dict[str, str] = {}
 
 
 def params():

@@ -99,7 +99,29 @@ def test_gpt2_tied_output(tmp_path: Path, registry):
     model = open_gguf(write_gpt2(tmp_path / "g2.gguf", seed=2, tied=True))
     built = check_supported(model, registry).build(model, create_device("reference"), registry)
     assert built.output is built.tok_embd
-    assert built.config.context_length == 128 and built.config.head_dim == 32
+    assert built.config.context_length == built.config.n_positions == 128 and built.config.head_dim == 32
+
+
+def test_context_length_may_be_absent(tmp_path: Path, registry):
+    """Without `{arch}.context_length` the config says None (issue 2); gpt2 then takes its bound from
+    position_embd's rows and refuses a longer cache with one clear error."""
+    from orcd_core.generation import InvalidRequest
+
+    for arch, write in (("gpt-oss", write_gpt_oss), ("gpt2", write_gpt2)):
+        path = write(tmp_path / f"{arch}.gguf", seed=6)
+        data = path.read_bytes()
+        key = f"{arch}.context_length".encode()
+        assert data.count(key) == 1
+        path.write_bytes(data.replace(key, key[:-1] + b"X"))  # same length: the file stays valid
+        model = open_gguf(path)
+        arch_obj = check_supported(model, registry)
+        assert arch_obj.config(model).context_length is None
+        built = arch_obj.build(model, create_device("reference"), registry)
+        if arch == "gpt2":
+            assert built.config.n_positions == 128
+            built.new_kv_cache(128)
+            with pytest.raises(InvalidRequest, match="128 learned positions"):
+                built.new_kv_cache(129)
 
 
 def test_prefill_equals_decode(tmp_path: Path, registry):

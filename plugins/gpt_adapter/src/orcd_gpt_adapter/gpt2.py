@@ -17,6 +17,7 @@ from typing import Any
 
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, Step
+from orcd_core.generation import InvalidRequest
 
 from .tensors import Proj, Tensors
 
@@ -32,7 +33,8 @@ class Gpt2Config:
     n_head_kv: int
     n_ff: int
     norm_eps: float
-    context_length: int  # rows of position_embd: the longest sequence the model can see
+    n_positions: int  # rows of position_embd: the longest sequence the model can see
+    context_length: int | None  # gpt2.context_length; None when the file does not say
 
     @property
     def head_dim(self) -> int:
@@ -43,16 +45,19 @@ class Gpt2Config:
         md = model.metadata
         n_head = model.require(f"{ARCH}.attention.head_count", int)
         embd = model.tensors.get("token_embd.weight")
-        n_vocab = int(embd.np_shape[0]) if embd is not None else 0
+        pos = model.tensors.get("position_embd.weight")
+        context_length = md.get(f"{ARCH}.context_length")
         return cls(
-            n_vocab=n_vocab,
+            n_vocab=int(embd.np_shape[0]) if embd is not None else 0,
             n_embd=model.require(f"{ARCH}.embedding_length", int),
             n_layer=model.require(f"{ARCH}.block_count", int),
             n_head=n_head,
             n_head_kv=int(md.get(f"{ARCH}.attention.head_count_kv", n_head)),
             n_ff=model.require(f"{ARCH}.feed_forward_length", int),
             norm_eps=float(model.require(f"{ARCH}.attention.layer_norm_epsilon", float)),
-            context_length=model.require(f"{ARCH}.context_length", int),
+            # llama.cpp sizes position_embd by context_length; without the key, the table's rows
+            n_positions=int(context_length or (pos.np_shape[0] if pos is not None else 0)),
+            context_length=context_length,
         )
 
 
@@ -79,7 +84,7 @@ class Gpt2Model:
         self.config, self.device = c, device
         D, F, dkv = c.n_embd, c.n_ff, c.n_head_kv * c.head_dim
         self.tok_embd = t.weight("token_embd.weight", [c.n_vocab, D])
-        self.pos_embd = t.weight("position_embd.weight", [c.context_length, D])
+        self.pos_embd = t.weight("position_embd.weight", [c.n_positions, D])
         self.output_norm = t.array("output_norm.weight", [D])
         self.output_norm_b = t.array("output_norm.bias", [D])
         # tied: without output.weight, llama.cpp multiplies by the token embedding
@@ -107,6 +112,9 @@ class Gpt2Model:
 
     def new_kv_cache(self, n_ctx: int) -> KVCache:
         c = self.config
+        if n_ctx > c.n_positions:
+            raise InvalidRequest(f"gpt2: a context of {n_ctx} exceeds the {c.n_positions} learned positions "
+                                 f"(position_embd); use a max context <= {c.n_positions}")
         return self.device.new_kv_cache(c.n_layer, n_ctx, c.n_head_kv, c.head_dim, self.kv_windows())
 
     def forward(self, step: Step, cache: KVCache, *, all_logits: bool = False):
@@ -140,7 +148,6 @@ class Gpt2(Architecture):
     required_metadata = {
         "embedding_length": int,
         "block_count": int,
-        "context_length": int,
         "feed_forward_length": int,
         "attention.head_count": int,
         "attention.layer_norm_epsilon": float,

@@ -41,7 +41,7 @@ class GptOssConfig:
     n_expert_used: int
     n_ff_exp: int
     rms_eps: float
-    context_length: int
+    context_length: int | None  # None when the file does not say
     sliding_window: int
     swa_layers: tuple[bool, ...]  # True: layer il attends within the sliding window
     rope: RopeSpec  # full-attention layers
@@ -89,7 +89,7 @@ class GptOssConfig:
             n_expert_used=int(n_expert_used),
             n_ff_exp=int(n_ff_exp),
             rms_eps=float(key("attention.layer_norm_rms_epsilon", float)),
-            context_length=key("context_length", int),
+            context_length=model.metadata.get(f"{ARCH}.context_length"),
             sliding_window=key("attention.sliding_window", int),
             swa_layers=swa_pattern(model, n_layer),
             **rope_specs(model, head_dim),
@@ -245,7 +245,6 @@ class GptOss(Architecture):
     required_metadata = {
         "embedding_length": int,
         "block_count": int,
-        "context_length": int,
         "attention.head_count": int,
         "attention.layer_norm_rms_epsilon": float,
         "attention.sliding_window": int,
