@@ -13,17 +13,6 @@ from orcd_core.gguf_file import open_gguf
 from orcd_core.plugins import load_plugins
 
 REGISTRY = load_plugins()
-# adapters that still require the key (llama.cpp itself requires it too); strict, so the mark must go
-# when the adapter is fixed
-STILL_REQUIRED: dict[str, str] = {}
-
-
-def params():
-    for arch in sorted(REGISTRY.architectures):
-        marks = [pytest.mark.xfail(strict=True, reason=STILL_REQUIRED[arch])] if arch in STILL_REQUIRED else []
-        yield pytest.param(arch, marks=marks, id=arch)
-
-
 @pytest.fixture(scope="module")
 def vocab():
     return testmodels.llama_cpp_models_dir() / "ggml-vocab-gpt-2.gguf"
@@ -33,7 +22,7 @@ def test_the_builtin_architectures_are_all_checked():
     assert {"qwen2", "llama", "phi3", "gpt-oss", "gpt2"} <= set(REGISTRY.architectures)
 
 
-@pytest.mark.parametrize("arch", list(params()))
+@pytest.mark.parametrize("arch", sorted(REGISTRY.architectures))
 def test_config_context_length_absent_is_none(arch, vocab, tmp_path, capsys):
     path = tmp_path / f"{arch}.gguf"
     synth.synthesize(arch, path, size="tiny", layers=1, vocab=vocab, registry=REGISTRY)

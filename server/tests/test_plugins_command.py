@@ -67,3 +67,20 @@ def test_plugins_reports_a_broken_plugin_and_exits_1(tmp_path: Path):
     text = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert text.returncode == 1
     assert "FAILED orcd-broken 0.1 (entry point 'broken', module orcd_broken_mod): ModuleNotFoundError" in text.stdout
+
+
+def test_logging_after_an_in_process_command_survives_a_closed_stderr(monkeypatch, capsys):
+    """main() points structlog at stderr; a later log line must go to the stderr of that moment, not
+    to a stream that was current during main() and is closed since (pytest's capture, in a suite)."""
+    import io
+
+    from orcd_core.plugins import load_plugins
+
+    stale = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stale)
+    assert main(["plugins", "--json"]) == 0
+    monkeypatch.undo()
+    stale.close()
+    registry = load_plugins(allow=["no-such-plugin"])  # logs an error
+    assert [f.name for f in registry.failed] == ["no-such-plugin"]
+    assert "plugin_not_found" in capsys.readouterr().err

@@ -32,7 +32,13 @@ def _log_to_stderr() -> None:
     """Logs go to stderr, so that stdout carries only a command's output (`plugins --json`, ...).
     A command that wants another set-up (e.g. `serve`, JSON logs) reconfigures structlog itself."""
     if not structlog.is_configured():
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        structlog.configure(logger_factory=_stderr_logger)
+
+
+def _stderr_logger(*args) -> structlog.PrintLogger:
+    # sys.stderr is looked up when a logger is made, not when structlog is configured: main() may run
+    # in-process (tests) where sys.stderr is a capture that is closed later.
+    return structlog.PrintLogger(sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
