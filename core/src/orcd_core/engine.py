@@ -136,15 +136,16 @@ class Engine:
             if bad:
                 raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
         elif request.messages is not None or request.chat:
-            from .tokenizer import render_chat
+            from .tokenizer import encode_chat
 
             if request.messages is not None:
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
             else:
                 messages = [{"role": "user", "content": request.prompt or ""}]
-            # as llama-cpp-python's chat completion: the template writes BOS itself where it wants
-            # one, so the rendered text is tokenized without adding specials, special tokens parsed
-            ids = self.tokenizer.encode(render_chat(self.tokenizer, messages), add_special=False, parse_special=True)
+            # as llama-cpp-python's chat completion (the template writes BOS itself where it wants
+            # one: no specials added, special tokens of the template parsed), except that special-token
+            # text typed inside a message stays text (a user cannot close their own turn)
+            ids = encode_chat(self.tokenizer, messages)
         else:
             ids = self.tokenizer.encode(request.prompt or "", add_special=True, parse_special=True)
         ids = list(ids)
