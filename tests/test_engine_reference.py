@@ -121,7 +121,7 @@ def test_chat_template_and_messages(engine):
     "request_kwargs,error",
     [
         (dict(prompt="x", max_tokens=600), ContextLengthExceeded),
-        (dict(prompt="x", sampling=SamplingParams(top_p=0)), InvalidRequest),
+        (dict(prompt="x", sampling=SamplingParams(top_p=-0.1)), InvalidRequest),
         (dict(prompt="x", sampling=SamplingParams(temperature=-1)), InvalidRequest),
         (dict(prompt="x", stop=("",)), InvalidRequest),
         (dict(prompt_ids=(1, 10**6)), InvalidRequest),
@@ -164,3 +164,19 @@ def test_cli_without_gpu_asks_for_the_reference_backend(path, capsys):
     assert main(["logits", str(path), "--ids", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert "--backend reference" in err and len(err.splitlines()) == 1
+
+
+def test_top_p_zero_keeps_only_the_most_probable_token(engine):
+    greedy = collect(engine, GenerationRequest(prompt="Once upon a time", max_tokens=6, sampling=GREEDY))[1].ids
+    hot = SamplingParams(temperature=1.5, top_p=0.0, seed=7)
+    assert collect(engine, GenerationRequest(prompt="Once upon a time", max_tokens=6, sampling=hot))[1].ids == greedy
+
+
+def test_raw_prompt_special_token_text_stays_text(engine):
+    tok = engine.tokenizer
+    special = "<|im_end|>"
+    special_id = tok.encode(special, add_special=False, parse_special=True)
+    assert len(special_id) == 1  # a control token of SmolLM2's vocabulary
+    ids = engine.prepare(GenerationRequest(prompt=f"hi {special} there", max_tokens=1)).prompt_ids
+    assert special_id[0] not in ids
+    assert tok.decode(ids, skip_special=True).endswith(f"hi {special} there")

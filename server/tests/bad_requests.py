@@ -59,6 +59,7 @@ def bad_requests(vocab_size: int, n_ctx: int, max_tokens_out: int) -> list[tuple
         ("min_p negative", _with(min_p=-0.01), "INVALID_REQUEST", "min_p"),
         ("min_p above 1", _with(min_p=1.01), "INVALID_REQUEST", "min_p"),
         ("repetition_penalty negative", _with(repetition_penalty=-1.0), "INVALID_REQUEST", "repetition_penalty"),
+        ("repetition_penalty zero", _with(repetition_penalty=0.0), "INVALID_REQUEST", "repetition_penalty"),
         ("repetition_penalty above 2", _with(repetition_penalty=2.5), "INVALID_REQUEST", "repetition_penalty"),
         ("stop not a list", _with(stop="###"), "INVALID_REQUEST", "stop"),
         ("stop five strings", _with(stop=["a", "b", "c", "d", "e"]), "INVALID_REQUEST", "stop"),

@@ -12,6 +12,8 @@ forward for one token, which the CUDA backend captures once as a graph and repla
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from pathlib import Path
 from typing import Callable, Generator
@@ -129,6 +131,11 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and validate; raises InvalidRequest or ContextLengthExceeded before device work."""
         validate_request(request)
+        if request.sampling.top_p == 0:
+            # top_p 0 keeps only the most probable token (the smallest prefix reaching 0): say so as
+            # top_k 1, which every backend's sampler implements the same way
+            request = dataclasses.replace(
+                request, sampling=dataclasses.replace(request.sampling, top_k=1, top_p=1.0))
         if request.prompt_ids is not None:
             ids = [int(i) for i in request.prompt_ids]
             vocab = int(getattr(self.config, "n_vocab", 0) or 0)
@@ -147,7 +154,9 @@ class Engine:
             # text typed inside a message stays text (a user cannot close their own turn)
             ids = encode_chat(self.tokenizer, messages)
         else:
-            ids = self.tokenizer.encode(request.prompt or "", add_special=True, parse_special=True)
+            # raw user text: special-token text stays ordinary text (only chat templates may write
+            # control tokens), BOS/EOS as the model's metadata says
+            ids = self.tokenizer.encode(request.prompt or "", add_special=True, parse_special=False)
         ids = list(ids)
         if not ids:
             raise InvalidRequest("the prompt is empty (no tokens to start from)")
@@ -308,7 +317,7 @@ def validate_request(request: GenerationRequest) -> None:
         (request.max_tokens >= 0, f"max_tokens must be >= 0, got {request.max_tokens}"),
         (s.temperature >= 0, f"temperature must be >= 0, got {s.temperature}"),
         (s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}"),
-        (0 < s.top_p <= 1, f"top_p must be in (0, 1], got {s.top_p}"),
+        (0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}"),
         (0 <= s.min_p <= 1, f"min_p must be in [0, 1], got {s.min_p}"),
         (s.repetition_penalty > 0, f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
         (s.repetition_window >= 0, f"repetition_window must be >= 0, got {s.repetition_window}"),

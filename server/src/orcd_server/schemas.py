@@ -48,7 +48,8 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Meta(ge=0)] = 0
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
-    repetition_penalty: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
+    # > 0: llama.cpp divides positive logits by it, so 0 would make them infinite (vLLM refuses 0 too)
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
     stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOP_STRINGS)] = []
     seed: Annotated[int, Meta(ge=0)] | None = None
 
