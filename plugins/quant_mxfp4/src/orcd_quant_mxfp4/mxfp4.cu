@@ -70,7 +70,9 @@ struct FmtMXFP4 {
             // doubled * 2^(e-128) = (E2M1 value * 2^14) * 2^(e-113) in one multiply while 2^(e-113) is
             // finite: the fp16 value is a multiple of 2^-15 with a 2-bit significand, so the product is
             // exact (also where it is subnormal), bit-identical to the reference.
-            e2m1_decode(q, d * 32768.0f, v);
+            // 2^(e-113) built as a normal float (biased exponent e + 14): d itself is subnormal for
+            // e < 2, and the H100 flushed it to zero as a multiply operand
+            e2m1_decode(q, __uint_as_float((e + 14u) << 23), v);
         } else {  // 2^(e-113) would overflow: the doubled integer times half the scale, as the reference
             e2m1_decode(q, 32768.0f, v);
 #pragma unroll
