@@ -98,6 +98,19 @@ def random_f16_scales(rng: np.random.Generator, n: int, scale: float, lo: float 
     return (rng.uniform(lo, hi, n) * scale).astype(np.float16).view(np.uint16)
 
 
+def checked_f16_scales(rng: np.random.Generator, n: int, value: float, name: str) -> np.ndarray:
+    """`random_f16_scales` (positive, in [0.5, 1.5] * value, uint16 bits), refusing a `value` whose
+    scales would overflow or flush to zero in fp16 (such blocks would not have the asked magnitude).
+    `name` (the format's) starts the `ValueError` message."""
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: random_blocks needs a positive finite scale, got {value!r}")
+    with np.errstate(over="ignore"):  # checked just below
+        bits = random_f16_scales(rng, n, value)
+    if n and (((bits & 0x7C00) == 0x7C00).any() or not (bits & 0x7FFF).all()):
+        raise ValueError(f"{name}: scale {value!r} is outside what this format's fp16 scales can hold")
+    return bits
+
+
 def as_blocks(blocks: np.ndarray, type_size: int, name: str) -> np.ndarray:
     """Check and normalise a `dequantize_blocks` argument: a C-contiguous `uint8 [n_blocks, type_size]`
     array (a 1-D byte array of whole blocks is reshaped)."""

@@ -11,21 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from orcd_core.quant import QuantFormat, as_blocks, dequantize_in_chunks, random_f16_scales
+from orcd_core.quant import QuantFormat, as_blocks, checked_f16_scales, dequantize_in_chunks
 
 QK = 32  # weights per block in every legacy type
-
-
-def _positive_f16(rng: np.random.Generator, n: int, value: float, name: str) -> np.ndarray:
-    """`random_f16_scales` (positive, in [0.5, 1.5] * value, uint16 bits), refusing a `value` whose
-    scales would overflow or flush to zero in fp16 (such blocks would not have the asked magnitude)."""
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: random_blocks needs a positive finite scale, got {value!r}")
-    with np.errstate(over="ignore"):  # checked just below
-        bits = random_f16_scales(rng, n, value)
-    if n and (((bits & 0x7C00) == 0x7C00).any() or not (bits & 0x7FFF).all()):
-        raise ValueError(f"{name}: scale {value!r} is outside what this format's fp16 scales can hold")
-    return bits
 
 
 def _bit_spread_table() -> np.ndarray:
@@ -84,7 +72,7 @@ class Q4_0(_Legacy):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / 8, self.name)
+        blocks.view(np.uint16)[:, 0] = checked_f16_scales(rng, n_blocks, scale / 8, self.name)
         return blocks
 
 
@@ -103,8 +91,8 @@ class Q4_1(_Legacy):
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
         halves = blocks.view(np.uint16)
-        halves[:, 0] = _positive_f16(rng, n_blocks, 2 * scale / 15, self.name)
-        halves[:, 1] = _positive_f16(rng, n_blocks, scale, self.name) | np.uint16(0x8000)  # m < 0: values span about ±scale
+        halves[:, 0] = checked_f16_scales(rng, n_blocks, 2 * scale / 15, self.name)
+        halves[:, 1] = checked_f16_scales(rng, n_blocks, scale, self.name) | np.uint16(0x8000)  # m < 0: values span about ±scale
         return blocks
 
 
@@ -125,7 +113,7 @@ class Q5_0(_Legacy):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / 16, self.name)
+        blocks.view(np.uint16)[:, 0] = checked_f16_scales(rng, n_blocks, scale / 16, self.name)
         return blocks
 
 
@@ -147,8 +135,8 @@ class Q5_1(_Legacy):
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
         halves = blocks.view(np.uint16)
-        halves[:, 0] = _positive_f16(rng, n_blocks, 2 * scale / 31, self.name)
-        halves[:, 1] = _positive_f16(rng, n_blocks, scale, self.name) | np.uint16(0x8000)
+        halves[:, 0] = checked_f16_scales(rng, n_blocks, 2 * scale / 31, self.name)
+        halves[:, 1] = checked_f16_scales(rng, n_blocks, scale, self.name) | np.uint16(0x8000)
         return blocks
 
 
@@ -164,7 +152,7 @@ class Q8_0(_Legacy):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / 128, self.name)
+        blocks.view(np.uint16)[:, 0] = checked_f16_scales(rng, n_blocks, scale / 128, self.name)
         return blocks
 
 

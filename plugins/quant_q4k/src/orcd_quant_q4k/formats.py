@@ -9,23 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from orcd_core.quant import QuantFormat, as_blocks, dequantize_in_chunks, random_f16_scales
+from orcd_core.quant import QuantFormat, as_blocks, checked_f16_scales, dequantize_in_chunks
 
 QK_K = 256
 K_SCALE_SIZE = 12  # 8 six-bit scales + 8 six-bit mins, packed into 12 bytes
 _BYTE_LSB = np.uint64(0x0101010101010101)  # bit 0 of each byte of a uint64 lane
-
-
-def _positive_f16(rng: np.random.Generator, n: int, value: float, name: str) -> np.ndarray:
-    """`random_f16_scales` (positive, in [0.5, 1.5] * value, uint16 bits), refusing a `value` whose
-    scales would overflow or flush to zero in fp16 (such blocks would not have the asked magnitude)."""
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: random_blocks needs a positive finite scale, got {value!r}")
-    with np.errstate(over="ignore"):  # checked just below
-        bits = random_f16_scales(rng, n, value)
-    if n and (((bits & 0x7C00) == 0x7C00).any() or not (bits & 0x7FFF).all()):
-        raise ValueError(f"{name}: scale {value!r} is outside what this format's fp16 scales can hold")
-    return bits
 
 
 def unpack_scale_min_k4(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +86,8 @@ class Q4_K(QuantFormat):
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
         # d*sc*q reaches (0.5..1.5)*scale and dmin*m (0.25..0.75)*scale
-        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / (63 * 15), self.name)
-        blocks.view(np.uint16)[:, 1] = _positive_f16(rng, n_blocks, scale / (2 * 63), self.name)
+        blocks.view(np.uint16)[:, 0] = checked_f16_scales(rng, n_blocks, scale / (63 * 15), self.name)
+        blocks.view(np.uint16)[:, 1] = checked_f16_scales(rng, n_blocks, scale / (2 * 63), self.name)
         return blocks
 
 
@@ -135,8 +123,8 @@ class Q5_K(QuantFormat):
 
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
-        blocks.view(np.uint16)[:, 0] = _positive_f16(rng, n_blocks, scale / (63 * 31), self.name)
-        blocks.view(np.uint16)[:, 1] = _positive_f16(rng, n_blocks, scale / (2 * 63), self.name)
+        blocks.view(np.uint16)[:, 0] = checked_f16_scales(rng, n_blocks, scale / (63 * 31), self.name)
+        blocks.view(np.uint16)[:, 1] = checked_f16_scales(rng, n_blocks, scale / (2 * 63), self.name)
         return blocks
 
 
@@ -183,7 +171,7 @@ class Q6_K(QuantFormat):
     def random_blocks(self, rng: np.random.Generator, n_blocks: int, scale: float = 1.0) -> np.ndarray:
         blocks = rng.integers(0, 256, size=(n_blocks, self.type_size), dtype=np.uint8)
         # |scales| <= 128 and |q - 32| <= 32
-        blocks.view(np.uint16)[:, 104] = _positive_f16(rng, n_blocks, scale / (128 * 32), self.name)
+        blocks.view(np.uint16)[:, 104] = checked_f16_scales(rng, n_blocks, scale / (128 * 32), self.name)
         return blocks
 
 
