@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from orcd_core.plugins import load_plugins
+from orcd_core.testing.quant import assert_bit_equal, assert_import_does_not_import_cupy, gguf_oracle
 from orcd_quant_mxfp4 import FORMATS, MXFP4
 from orcd_quant_mxfp4.formats import e8m0_to_f32_half
 
@@ -20,13 +18,7 @@ SEEDS = (0, 1, 2, 3)
 
 
 def oracle(blocks: np.ndarray) -> np.ndarray:
-    return gguf_dequantize(blocks, GGMLQuantizationType.MXFP4).reshape(-1, FMT.block_size)
-
-
-def assert_bit_equal(ours: np.ndarray, ref: np.ndarray) -> None:
-    assert ours.dtype == np.float32 and ours.shape == ref.shape
-    diff = np.flatnonzero(ours.view(np.uint32) != ref.view(np.uint32))
-    assert diff.size == 0, f"{diff.size} of {ours.size} values differ, first at {diff[0]}: {ours.flat[diff[0]]} != {ref.flat[diff[0]]}"
+    return gguf_oracle(FMT, blocks)
 
 
 def test_geometry_matches_gguf():
@@ -112,5 +104,4 @@ def test_plugin_registers_exactly_its_types():
 
 
 def test_import_does_not_import_cupy():
-    code = "import sys, orcd_quant_mxfp4; assert 'cupy' not in sys.modules, 'cupy imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    assert_import_does_not_import_cupy("orcd_quant_mxfp4")

@@ -1,0 +1,1 @@
+"""Reusable test kits for orcd-worker and its plugins (imported by tests only; needs pytest)."""
