@@ -18,8 +18,8 @@ from typing import Any
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, Step
 from orcd_core.generation import InvalidRequest
+from orcd_core.weights import Proj, TensorLoader
 
-from .tensors import Proj, Tensors
 
 ARCH = "gpt2"
 
@@ -79,7 +79,7 @@ class Block:
 class Gpt2Model:
     """GPT-2 weights on a device and its forward pass."""
 
-    def __init__(self, config: Gpt2Config, device: Device, tensors: Tensors):
+    def __init__(self, config: Gpt2Config, device: Device, tensors: TensorLoader):
         c, t = config, tensors
         self.config, self.device = c, device
         D, F, dkv = c.n_embd, c.n_ff, c.n_head_kv * c.head_dim
@@ -157,4 +157,4 @@ class Gpt2(Architecture):
         return Gpt2Config.from_gguf(model)
 
     def build(self, model, device, registry=None) -> Gpt2Model:
-        return Gpt2Model(self.config(model), device, Tensors(model, device, registry))
+        return Gpt2Model(self.config(model), device, TensorLoader(model, device, registry))

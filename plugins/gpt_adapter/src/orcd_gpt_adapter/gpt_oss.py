@@ -21,8 +21,8 @@ import numpy as np
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, RopeSpec, Step
 from orcd_core.errors import GGUFMetadataError
+from orcd_core.weights import Proj, TensorLoader
 
-from .tensors import Proj, Tensors
 
 ARCH = "gpt-oss"
 SWIGLU_ALPHA = 1.702  # llama.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE
@@ -161,7 +161,7 @@ class Layer:
 class GptOssModel:
     """gpt-oss weights on a device and its forward pass."""
 
-    def __init__(self, config: GptOssConfig, device: Device, tensors: Tensors):
+    def __init__(self, config: GptOssConfig, device: Device, tensors: TensorLoader):
         c, t, dev = config, tensors, device
         self.config, self.device = c, device
         D, E, F, hd = c.n_embd, c.n_expert, c.n_ff_exp, c.head_dim
@@ -257,4 +257,4 @@ class GptOss(Architecture):
         return GptOssConfig.from_gguf(model)
 
     def build(self, model, device, registry=None) -> GptOssModel:
-        return GptOssModel(self.config(model), device, Tensors(model, device, registry))
+        return GptOssModel(self.config(model), device, TensorLoader(model, device, registry))

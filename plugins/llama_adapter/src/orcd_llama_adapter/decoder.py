@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orcd_core.device import Device, KVCache, RopeSpec, Step
+from orcd_core.weights import Proj, TensorLoader
 
 from .config import DecoderConfig
-from .weights import Loader, Proj
 
 #: The file's tensors, by role. `{i}` is the block index. Fused variants in the file come first.
 TENSORS = {
@@ -82,7 +82,7 @@ class RopeFactors:
         return self.long if n_ctx > n_ctx_orig else self.short
 
 
-def load_qkv(L: Loader, c: DecoderConfig, i: int) -> Proj:
+def load_qkv(L: TensorLoader, c: DecoderConfig, i: int) -> Proj:
     """q|k|v: the file's fused attn_qkv when present, else q, k, v fused here when types agree."""
     if L.has(tname("wqkv", i)):
         total = c.n_q + 2 * c.n_kv
@@ -93,7 +93,7 @@ def load_qkv(L: Loader, c: DecoderConfig, i: int) -> Proj:
     return L.proj(f"blk.{i}.attn_qkv", parts, c.n_embd, [tname("bq", i), tname("bk", i), tname("bv", i)])
 
 
-def load_gate_up(L: Loader, c: DecoderConfig, i: int) -> Proj:
+def load_gate_up(L: TensorLoader, c: DecoderConfig, i: int) -> Proj:
     """gate|up: the file's fused ffn_up [2F, D] (phi3) when there is no ffn_gate, else fused here."""
     if not L.has(tname("ffn_gate", i)):
         fused = L.proj(tname("ffn_up", i), [(tname("ffn_up", i), 2 * c.n_ff)], c.n_embd)
@@ -105,7 +105,7 @@ def load_gate_up(L: Loader, c: DecoderConfig, i: int) -> Proj:
 class DecoderModel:
     """Weights of a llama-family model on a device, and its forward pass."""
 
-    def __init__(self, config: DecoderConfig, device: Device, L: Loader):
+    def __init__(self, config: DecoderConfig, device: Device, L: TensorLoader):
         c = self.config = config
         self.device = device
         D = c.n_embd

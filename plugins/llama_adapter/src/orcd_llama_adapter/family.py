@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from orcd_core.architecture import Architecture
+from orcd_core.weights import TensorLoader
 
 from .config import REQUIRED_METADATA, DecoderConfig
 from .decoder import DecoderModel
-from .weights import Loader
 
 
 class LlamaFamily(Architecture):
@@ -22,4 +22,4 @@ class LlamaFamily(Architecture):
         return DecoderConfig.from_gguf(model, neox=self.neox, full_rotary=self.full_rotary)
 
     def build(self, model, device, registry=None) -> DecoderModel:
-        return DecoderModel(self.config(model), device, Loader(model, device, registry))
+        return DecoderModel(self.config(model), device, TensorLoader(model, device, registry))
