@@ -8,25 +8,11 @@ import pytest
 
 from orcd_core.errors import InsufficientVram, OrcdError
 from orcd_core.generation import VramOOM
+from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu  # noqa: F401 (the `dev` fixture)
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _N_GPU = cupy.cuda.runtime.getDeviceCount()
-except Exception:
-    _N_GPU = 0
-if _N_GPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def dev():
-    from orcd_core.backends.cuda import CudaDevice
-
-    d = CudaDevice(0, residency_check_s=0)
-    yield d
-    d.close()
+cupy = require_cuda_gpu()
 
 
 def test_kv_cache_that_does_not_fit_is_vram_oom_and_frees_everything(dev):

@@ -20,23 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orcd_core.generation import GenerationRequest, SamplingParams
+from orcd_core.generation import SamplingParams
+from orcd_core.testing.cuda import load_engine, require_cuda_gpu, run_ids, synth_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _N_GPU = cupy.cuda.runtime.getDeviceCount()
-except Exception:
-    _N_GPU = 0
-if _N_GPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
-
-
-@pytest.fixture(scope="session")
-def synth_dir(tmp_path_factory) -> Path:
-    d = os.environ.get("ORCD_SYNTH_DIR")
-    return Path(d) if d else tmp_path_factory.mktemp("synth")
+cupy = require_cuda_gpu()
 
 
 def synth_file(synth_dir: Path, size: str, layers: int | None) -> Path:
@@ -48,27 +37,11 @@ def synth_file(synth_dir: Path, size: str, layers: int | None) -> Path:
     return path
 
 
-def load(path, backend, **kw):
-    from orcd_core.engine import Engine
-
-    return Engine.load(path, backend=backend, **kw)
-
-
-def run_ids(engine, prompt_ids, max_tokens, sampling) -> list[int]:
-    prepared = engine.prepare(GenerationRequest(prompt_ids=tuple(prompt_ids), max_tokens=max_tokens, sampling=sampling))
-    gen = engine.run(prepared)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return list(done.value.ids)
-
-
 @pytest.fixture(scope="module")
 def cut_pair(synth_dir):
     path = synth_file(synth_dir, "full", 2)
-    ref = load(path, "reference", max_context=256)
-    gpu = load(path, "cuda", max_context=256)
+    ref = load_engine(path, "reference", max_context=256)
+    gpu = load_engine(path, "cuda", max_context=256)
     yield ref, gpu
     gpu.close()
     ref.close()
@@ -106,7 +79,7 @@ def full(synth_dir):
     if os.environ.get("ORCD_GPT_OSS_FULL", "") in ("", "0"):
         pytest.skip("the full-size gpt-oss file (12.8 GB) only with ORCD_GPT_OSS_FULL=1")
     path = synth_file(synth_dir, "full", None)
-    eng = load(path, "cuda", max_context=4096)
+    eng = load_engine(path, "cuda", max_context=4096)
     yield eng
     eng.close()
 

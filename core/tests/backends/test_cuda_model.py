@@ -14,31 +14,19 @@ Synthetic files go to $ORCD_SYNTH_DIR (default: a session temp dir) and are reus
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from orcd_core.generation import GenerationRequest, SamplingParams
+from orcd_core.generation import SamplingParams
+from orcd_core.testing.cuda import load_engine, require_cuda_gpu, run_ids, synth_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _N_GPU = cupy.cuda.runtime.getDeviceCount()
-except Exception:
-    _N_GPU = 0
-if _N_GPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
+cupy = require_cuda_gpu()
 
 ARCHS = {"qwen2": {}, "llama": {"vocab": "ggml-vocab-llama-spm.gguf"}, "phi3": {}}
-
-
-@pytest.fixture(scope="session")
-def synth_dir(tmp_path_factory) -> Path:
-    d = os.environ.get("ORCD_SYNTH_DIR")
-    return Path(d) if d else tmp_path_factory.mktemp("synth")
 
 
 def synth_file(synth_dir: Path, arch: str, size: str, layers: int | None) -> Path:
@@ -52,28 +40,12 @@ def synth_file(synth_dir: Path, arch: str, size: str, layers: int | None) -> Pat
     return path
 
 
-def load(path, backend, **kw):
-    from orcd_core.engine import Engine
-
-    return Engine.load(path, backend=backend, **kw)
-
-
-def run_ids(engine, prompt_ids, max_tokens, sampling) -> list[int]:
-    prepared = engine.prepare(GenerationRequest(prompt_ids=tuple(prompt_ids), max_tokens=max_tokens, sampling=sampling))
-    gen = engine.run(prepared)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return list(done.value.ids)
-
-
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def cut_pair(request, synth_dir):
     """(reference engine, cuda engine) on the 2-layer full-width cut of each architecture."""
     path = synth_file(synth_dir, request.param, "full", 2)
-    ref = load(path, "reference", max_context=256)
-    gpu = load(path, "cuda", max_context=256)
+    ref = load_engine(path, "reference", max_context=256)
+    gpu = load_engine(path, "cuda", max_context=256)
     yield request.param, ref, gpu
     gpu.close()
     ref.close()
@@ -103,8 +75,8 @@ def test_greedy_64_tokens_identical(cut_pair):
 @pytest.fixture(scope="module")
 def qwen_full(synth_dir):
     path = synth_file(synth_dir, "qwen2", "full", None)
-    free0, _ = cupy.cuda.runtime.memGetInfo()  # the CUDA context exists (getDeviceCount above)
-    eng = load(path, "cuda", max_context=1024)
+    free0, _ = cupy.cuda.runtime.memGetInfo()  # the CUDA context exists (require_cuda_gpu above)
+    eng = load_engine(path, "cuda", max_context=1024)
     yield eng, free0
     eng.close()
 

@@ -22,28 +22,14 @@ from orcd_core.generation import SamplingParams
 from orcd_core.gguf_file import TensorInfo
 from orcd_core.plugins import default_registry
 from orcd_core import sampling
+from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu  # noqa: F401 (the `dev` fixture)
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _N_GPU = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver
-    _N_GPU = 0
-if _N_GPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
+cupy = require_cuda_gpu()
 
 REG = default_registry()
 FORMATS = sorted((f for f in REG.quant_formats.values() if f.cuda_source is not None), key=lambda f: f.name)
-
-
-@pytest.fixture(scope="module")
-def dev():
-    from orcd_core.backends.cuda import CudaDevice
-
-    d = CudaDevice(0, residency_check_s=0)
-    yield d
-    d.close()
 
 
 @pytest.fixture

@@ -13,27 +13,13 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from orcd_core.gguf_file import TensorInfo
 from orcd_quant_mxfp4 import MXFP4
+from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu  # noqa: F401 (the `dev` fixture)
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _N_GPU = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver
-    _N_GPU = 0
-if _N_GPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
+cupy = require_cuda_gpu()
 
 FMT = MXFP4()
-
-
-@pytest.fixture(scope="module")
-def dev():
-    from orcd_core.backends.cuda import CudaDevice
-
-    d = CudaDevice(0, residency_check_s=0)
-    yield d
-    d.close()
 
 
 def weight(dev, raw: np.ndarray, N: int, K: int):
