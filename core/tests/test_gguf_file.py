@@ -424,3 +424,32 @@ def test_any_bit_flip_before_the_data_loads_or_raises_a_model_load_error(good, t
             except ModelLoadError:
                 outcomes["rejected"] += 1
     assert outcomes["rejected"] > outcomes["opened"] > 0, outcomes
+
+
+def _reader_metadata(path):
+    from gguf import GGUFReader
+
+    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+
+def test_metadata_equals_gguf_readers(good):
+    """Our walk decodes the metadata itself (GGUFReader took 40-60 s on a 128k-token vocabulary);
+    gguf-py's reader stays the oracle for the values and their Python types."""
+    path, _ = good
+    ours, ref = open_gguf(path).metadata, _reader_metadata(path)
+    assert ours == ref
+    assert {k: type(v) for k, v in ours.items()} == {k: type(v) for k, v in ref.items()}
+
+
+def test_metadata_equals_gguf_readers_on_a_real_vocabulary():
+    from orcd_core.testmodels import DownloadError, llama_cpp_models_dir
+
+    try:
+        path = llama_cpp_models_dir() / "ggml-vocab-phi-3.gguf"
+    except DownloadError as exc:
+        pytest.skip(f"llama.cpp's vocab files are not available: {exc}")
+    ours, ref = open_gguf(path).metadata, _reader_metadata(path)
+    assert ours.keys() == ref.keys() and len(ours["tokenizer.ggml.tokens"]) == 32064
+    for key in ref:
+        assert ours[key] == ref[key], key
+        assert type(ours[key]) is type(ref[key]), key
