@@ -180,3 +180,11 @@ def test_raw_prompt_special_token_text_stays_text(engine):
     ids = engine.prepare(GenerationRequest(prompt=f"hi {special} there", max_tokens=1)).prompt_ids
     assert special_id[0] not in ids
     assert tok.decode(ids, skip_special=True).endswith(f"hi {special} there")
+
+
+def test_vocab_only_file_of_a_registered_architecture_is_refused_before_the_device():
+    from orcd_core.errors import UnsupportedArchitecture
+    from orcd_core.testmodels import llama_cpp_models_dir
+
+    with pytest.raises(UnsupportedArchitecture, match="no tensors"):
+        Engine.load(llama_cpp_models_dir() / "ggml-vocab-qwen2.gguf", backend="reference")

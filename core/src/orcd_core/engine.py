@@ -79,7 +79,7 @@ class Engine:
         path = Path(model_path)
         gguf = open_gguf(path)
         arch = check_supported(gguf, registry)
-        if arch is None:  # a vocab-only file: check_supported accepts it, the engine cannot run it
+        if arch is None or not gguf.tensors:  # a vocab-only file: check_supported accepts it, the engine cannot run it
             from .errors import UnsupportedArchitecture
 
             raise UnsupportedArchitecture(path, "the file has no tensors (vocabulary only): nothing to run")
@@ -102,8 +102,9 @@ class Engine:
                    n_ctx=int(n_ctx), backend=backend, registry=registry)
 
     def info(self) -> dict:
+        """Facts about the loaded model, from host-side state only (no GPU call): the fixed part is
+        computed once; VRAM in use (the backend's own byte counters) and residency are read live."""
         if self._info is None:
-            mem = self.device.memory_report()
             self._info = {
                 "model": self.model_name,
                 "architecture": self.architecture,
@@ -112,13 +113,14 @@ class Engine:
                 "vocab_size": int(getattr(self.config, "n_vocab", 0) or len(self.gguf.get("tokenizer.ggml.tokens", []))),
                 "context_length": getattr(self.config, "context_length", None),
                 "n_ctx": self.n_ctx,
-                "vram_bytes_used": int(sum(mem.values())) if self.backend == "cuda" else 0,
-                "resident": True,
                 "backend": self.backend,
                 "sm": getattr(self.device, "sm", None),
                 "cuda_runtime_version": getattr(self.device, "cuda_runtime_version", None),
             }
-        return dict(self._info)
+        mem = self.device.memory_report()
+        return {**self._info,
+                "vram_bytes_used": int(sum(mem.values())) if self.backend == "cuda" else 0,
+                "resident": bool(self.device.healthy)}
 
     def close(self) -> None:
         close = getattr(self.device, "close", None)
