@@ -12,6 +12,7 @@ view of the memory-mapped file.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ _STRING, _ARRAY = 8, 9
 _INT_TYPES = {0, 1, 2, 3, 4, 5, 10, 11}
 
 
+@functools.cache
 def ggml_type_table() -> dict[int, tuple[str, int, int]]:
     """Every GGML type gguf-py knows: id -> (name, block size, type size)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -149,7 +151,6 @@ class _StructureCheck:
         self.size = len(buf)
         self.pos = 0
         self.alignment = DEFAULT_ALIGNMENT
-        self.arch: str | None = None
 
     def fail(self, what: str) -> GGUFFormatError:
         return GGUFFormatError(self.path, what)
@@ -242,8 +243,6 @@ class _StructureCheck:
                 if not value or value & (value - 1) or value > 1 << 20:
                     raise self.fail(f"metadata 'general.alignment' is {value!r}, expected a power of two up to 2^20")
                 self.alignment = int(value)
-            if key == "general.architecture" and vtype == _STRING:
-                self.arch = value.decode("utf-8", "replace")
             self.metadata[key] = value
         types = ggml_type_table()
         infos = []

@@ -9,7 +9,6 @@ GGML shape `(ne0, ne1, ...)` (ne0 = the contiguous row length) holds `ne0 // blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from typing import ClassVar
 
@@ -76,16 +75,6 @@ class QuantFormat:
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name} (type {self.ggml_type}, {self.block_size} per {self.type_size} B)>"
-
-
-@dataclass(frozen=True)
-class QuantFormatInfo:
-    """What `orcd-worker plugins` shows of a format."""
-
-    name: str
-    ggml_type: int
-    block_size: int
-    type_size: int
 
 
 def f16_bits_to_f32(bits: np.ndarray) -> np.ndarray:

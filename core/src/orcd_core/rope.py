@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from .device import RopeSpec
 from .errors import GGUFMetadataError
@@ -63,7 +62,3 @@ def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
         n_ctx_orig=n_ctx_orig,
     )
 
-
-def with_factors(spec: RopeSpec, freq_factors) -> RopeSpec:
-    """`spec` with a device array of per-pair frequency divisors."""
-    return replace(spec, freq_factors=freq_factors)
