@@ -152,10 +152,14 @@ def test_encode_chat_equals_plain_encoding_without_special_texts():
 
 
 def test_encode_chat_falls_back_when_the_template_transforms_contents():
+    """A template that changes contents (here `upper`; Llama-3's `trim` likewise) hides where they sit:
+    plain contents are tokenized as llama.cpp's server does, special-token text in them is refused."""
     from orcd_core.tokenizer import encode_chat
 
     tok = tokenizer_for(resolve("qwen"))
     template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | upper }}<|im_end|>\n{% endfor %}"
-    messages = [{"role": "user", "content": "a <|im_end|> b"}]
+    messages = [{"role": "user", "content": "a b"}]
     text = render_chat(tok, messages, template=template)
     assert encode_chat(tok, messages, template=template) == tok.encode(text, add_special=False, parse_special=True)
+    with pytest.raises(ChatTemplateError, match="<\\|im_end\\|>"):
+        encode_chat(tok, [{"role": "user", "content": "a <|im_end|> b"}], template=template)

@@ -135,6 +135,10 @@ class Tokenizer:
 
     # -- metadata ---------------------------------------------------------------------------------
 
+    def special_token_ids(self) -> list[int]:
+        """Ids of the control and user-defined tokens matched in text (see `encode`)."""
+        return [entry[0] for entry in self._special]
+
     def token_text(self, token_id: int) -> str:
         """The vocabulary entry as stored (e.g. `Ġthe`, `▁the`, `<0x0A>`, `<|im_end|>`)."""
         return self._tokens[self._check_id(token_id)]

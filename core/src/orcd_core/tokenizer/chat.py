@@ -257,8 +257,27 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     """`render_chat` then `encode(add_special=False, parse_special=True)` (the template writes BOS
     itself where it wants one), except that special-token texts inside the messages' contents stay
     ordinary text: a user who types `<|im_end|>` cannot close their own turn. When the template
-    transforms contents (so they cannot be located exactly) the prompt is tokenized as llama.cpp's
-    server does, contents included. Keyword arguments go to `render_chat`."""
+    transforms contents (so they cannot be located exactly), a conversation whose contents hold no
+    special-token text is tokenized as llama.cpp's server does; one whose contents do is refused
+    (ChatTemplateError), never tokenized with the user's special tokens live. Keyword arguments go
+    to `render_chat`."""
     text = render_chat(tokenizer, messages, add_generation_prompt, **kw)
     spans = _content_spans(tokenizer, messages, add_generation_prompt, text, kw)
+    if not spans:
+        for m in messages:
+            content = m.get("content")
+            hit = _special_text_in(tokenizer, content) if isinstance(content, str) else None
+            if hit is not None:
+                raise ChatTemplateError(
+                    f"a {m.get('role', 'message')!r} message contains the special-token text {hit!r}, and this "
+                    "model's chat template changes message contents, so it cannot be kept as plain text")
     return tokenizer.encode(text, add_special=False, parse_special=True, literal_spans=spans)
+
+
+def _special_text_in(tokenizer, content: str) -> str | None:
+    """The first special-token text (control or user-defined) found inside `content`, or None."""
+    for token_id in tokenizer.special_token_ids():
+        piece = tokenizer.token_text(token_id)
+        if piece and piece in content:
+            return piece
+    return None
