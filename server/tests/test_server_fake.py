@@ -458,3 +458,18 @@ def test_other_refusals_share_the_error_shape(h):
     assert r.status_code == 405 and r.json()["error"]["code"] == "INVALID_REQUEST"
     r = h.client.get("/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "INVALID_REQUEST"
+
+
+def test_unexpected_engine_exception_is_a_500_in_the_error_shape():
+    h = start()
+    try:
+        def broken_prepare(request):
+            raise RuntimeError("tokenizer exploded")
+
+        h.engine.prepare = broken_prepare  # not an OrcdError: reaches the catch-all handler
+        r = h.client.post("/execute", json={"job_id": "boom", "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 500
+        assert r.json() == {"error": {"code": "INTERNAL", "message": "internal error: RuntimeError"}}
+        assert h.client.get("/health").json()["status"] == "healthy"
+    finally:
+        h.srv.stop()

@@ -16,6 +16,7 @@ import contextlib
 import math
 import secrets
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +97,7 @@ def _other_error_handler(request: Request, exc: Exception) -> Response:
     srv = getattr(request.app.state, "orcd", None)
     if srv is not None:
         srv.log.error("error", code="INTERNAL", path=request.url.path, message=repr(exc),
-                      traceback=traceback.format_exc())
+                      traceback="".join(traceback.format_exception(exc)))
     return _json({"error": {"code": "INTERNAL", "message": f"internal error: {type(exc).__name__}"}}, 500)
 
 
