@@ -205,21 +205,12 @@ def _prepare(engine, request: GenerationRequest, n_ctx: int):
     try:
         prepared = engine.prepare(request)
     except ContextLengthExceeded as exc:
-        raise RequestError(400, "CONTEXT_LENGTH_EXCEEDED", str(exc), **_context_details(exc, request, n_ctx)) from None
+        raise RequestError(400, "CONTEXT_LENGTH_EXCEEDED", str(exc), **_context_details(exc, n_ctx)) from None
     except InvalidRequest as exc:
         raise invalid(exc.details.get("field") or _field_named_in(str(exc)), str(exc)) from None
     except OrcdError as exc:  # chat template errors, tokenizer errors
         field = "messages" if request.messages is not None else ("chat" if request.chat else "prompt")
         raise invalid(field, str(exc)) from None
-    n_prompt = len(prepared.prompt_ids)
-    if n_prompt + request.max_tokens > n_ctx:  # the engine checks this too; never truncate silently
-        raise RequestError(
-            400,
-            "CONTEXT_LENGTH_EXCEEDED",
-            f"prompt ({n_prompt} tokens) + max_tokens ({request.max_tokens}) exceeds the context of {n_ctx} tokens",
-            n_prompt_tokens=n_prompt,
-            n_ctx=n_ctx,
-        )
     return prepared
 
 
@@ -232,7 +223,7 @@ def _field_named_in(message: str) -> str | None:
     return first if first in _REQUEST_FIELDS else None
 
 
-def _context_details(exc: ContextLengthExceeded, request: GenerationRequest, n_ctx: int) -> dict[str, Any]:
+def _context_details(exc: ContextLengthExceeded, n_ctx: int) -> dict[str, Any]:
     return {"n_prompt_tokens": exc.details.get("n_prompt_tokens"), "n_ctx": exc.details.get("n_ctx", n_ctx)}
 
 
