@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 from orcd_core.errors import OrcdError
 
+from .. import schemas
+
 BACKENDS = ("cuda", "reference")
 # The engine thread runs Python between device calls (and NumPy on the reference backend); the
 # event loop needs the GIL back quickly to answer /health and /metrics while a job streams.
@@ -142,7 +144,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     v["gpu_device"] = _int("gpu-device", args.gpu_device, 0)
     v["port"] = _int("port", args.port, 1, 65535)
     v["max_context"] = _int("max-context", args.max_context, 1)
-    v["max_tokens_out"] = _int("max-tokens-out", args.max_tokens_out, 1, 2048)
+    v["max_tokens_out"] = _int("max-tokens-out", args.max_tokens_out, 1, schemas.MAX_TOKENS_LIMIT)
     v["inference_timeout_s"] = _float("inference-timeout-sec", args.inference_timeout_sec, 0.0, strict=True)
     v["shutdown_timeout_s"] = _float("shutdown-timeout-sec", args.shutdown_timeout_sec, 0.0, strict=False)
     v["kv_cache_size_mb"] = _int("kv-cache-size-mb", args.kv_cache_size_mb, 1)
