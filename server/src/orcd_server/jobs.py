@@ -147,16 +147,18 @@ class JobQueue:
         with self._cond:
             return self._by_id.get(job_id)
 
-    def close(self) -> list[Job]:
-        """Accept nothing more; return the waiting jobs, removed from the queue (the running one stays)."""
+    def close(self) -> tuple[Job | None, list[Job]]:
+        """Accept nothing more; return (the running job or None, the waiting jobs), read under one
+        lock. The waiting jobs are removed from the queue; the running one stays."""
         with self._cond:
             self._closed = True
+            running = self._running
             waiting = list(self._waiting)
             self._waiting.clear()
             for job in waiting:
                 del self._by_id[job.job_id]
             self._cond.notify_all()
-            return waiting
+            return running, waiting
 
     # -- consumer side (engine thread) ------------------------------------------------------------
 

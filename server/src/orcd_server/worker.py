@@ -98,10 +98,10 @@ class EngineWorker:
             if self.draining or self.stopped.is_set():
                 return False
             self.draining = True
-        running = self.queue.running
+        running, waiting = self.queue.close()
         self.log.info("shutdown", phase="begin", reason=reason, running_job=running.job_id if running else None,
-                      queued=self.queue.n_waiting, deadline_s=self.shutdown_timeout_s)
-        for job in self.queue.close():
+                      queued=len(waiting), deadline_s=self.shutdown_timeout_s)
+        for job in waiting:
             job.request_cancel("shutdown")
             self._terminal(job, "cancelled", error=("CANCELLED", "the worker is shutting down", True))
         if running is not None:
