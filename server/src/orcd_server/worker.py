@@ -314,12 +314,14 @@ class EngineWorker:
             if gen is not None:
                 gen.close()  # the engine's `finally` frees the KV cache (already done unless we failed)
         # the job's resources are released: it stops counting as running before its terminal event
-        self._terminal(job, terminal.pop("outcome"), output="".join(pieces), **terminal)
+        self._terminal(job, terminal.pop("outcome"), output="".join(pieces), run_s=time.monotonic() - started,
+                       **terminal)
 
     def _terminal(self, job: Job, outcome: str, *, end: dict | None = None,
-                  error: tuple[str, str, bool] | None = None, output: str = "") -> None:
+                  error: tuple[str, str, bool] | None = None, output: str = "", run_s: float | None = None) -> None:
         """Count and log the job's one terminal event, then send it (so that a client that reads
-        /metrics right after its stream ended sees the job counted)."""
+        /metrics right after its stream ended sees the job counted). `run_s`: the job's run time
+        on the engine thread (no queue wait), for the Retry-After estimate."""
         if not job.claim_terminal():
             return
         self.queue.finish(job)
@@ -329,7 +331,8 @@ class EngineWorker:
         self.metrics.duration.observe(duration)
         fields: dict[str, Any] = {"outcome": outcome, "duration_ms": round(duration * 1000, 3)}
         if end is not None:
-            self.mean_job_seconds = 0.8 * self.mean_job_seconds + 0.2 * duration
+            if run_s is not None:
+                self.mean_job_seconds = 0.8 * self.mean_job_seconds + 0.2 * run_s
             fields.update(finish_reason=end["finish_reason"], tokens_in=end["tokens_in"],
                           tokens_out=end["tokens_out"], timings=end["timings"])
         else:
