@@ -227,9 +227,11 @@ class EngineWorker:
             if job is None:  # closed and empty
                 return
             try:
-                self._run_job(job)
+                self._run_job(job)  # its terminal event (`_terminal`) finishes it in the queue
+            except BaseException:
+                self.queue.finish(job)  # failed before its terminal event: it must not stay "running"
+                raise
             finally:
-                self.queue.finish(job)
                 self._refresh_info()
 
     def _run_job(self, job: Job) -> None:
