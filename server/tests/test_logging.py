@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 
 import httpx
 import pytest
@@ -79,8 +80,10 @@ def test_log_prompts_flag(log_prompts):
                      loader)
     with structlog.testing.capture_logs() as logs, ThreadServer(app) as srv:
         client = httpx.Client(base_url=srv.url, timeout=30)
+        deadline = time.monotonic() + 30
         while client.get("/health").status_code != 200:
-            pass
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.01)
         events = collect(client, {"job_id": "lp", "prompt": "a secret prompt", "max_tokens": 3, "seed": 1})
     output = "".join(d["t"] for n, d in events if n == "token")
     start = next(line for line in logs if line["event"] == "execute_start")
