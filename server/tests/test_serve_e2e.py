@@ -152,9 +152,6 @@ def test_health_while_loading_then_ready(worker):
         assert body["vram_bytes_used"] > 0 and body["sm"]
 
 
-GREEDY: dict = {}
-
-
 def test_event_order_and_payloads(worker):
     events = collect(worker.client, {"job_id": "order", "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "seed": 5})
     names = [n for n, _ in events]
@@ -173,7 +170,6 @@ def test_event_order_and_payloads(worker):
     t = end["timings"]
     assert t["predicted_n"] == len(toks) and t["predicted_ms"] == end["decode_time_ms"]
     assert t["prompt_per_second"] == pytest.approx(t["prompt_n"] * 1000 / t["prompt_ms"])
-    GREEDY[worker.backend] = toks
     print(f"[{worker.backend}] prompt {t['prompt_n']} tok in {t['prompt_ms']:.0f} ms; "
           f"{t['predicted_n']} tok in {t['predicted_ms']:.0f} ms")
 
@@ -189,10 +185,11 @@ def test_same_seed_gives_the_same_stream(worker):
 
 
 def test_stop_sequence_is_not_emitted(worker):
-    greedy = GREEDY.get(worker.backend)
-    if not greedy or len(greedy) < 2 or not greedy[1][0].strip():
-        pytest.skip("needs the greedy run of test_event_order_and_payloads with a visible second token")
-    stop = greedy[1][0].strip()
+    greedy = tokens(collect(worker.client, {"job_id": "stop-greedy", "prompt": PROMPT, "max_tokens": 3,
+                                            "temperature": 0}))
+    visible = [t for t, _, _ in greedy if t.strip()]
+    assert visible, f"the greedy run produced no visible token to stop on: {greedy}"
+    stop = visible[0].strip()
     events = collect(worker.client, {"job_id": "stop", "prompt": PROMPT, "max_tokens": 3, "temperature": 0,
                                      "stop": [stop]})
     assert events[-1][1]["finish_reason"] == "stop_sequence"
