@@ -11,9 +11,13 @@ Activations are float32 unless a method says otherwise.
 Rules that keep the CUDA decode step capturable as one CUDA graph:
 - No op reads a device value on the host. Positions and lengths are passed as device int32 arrays
   (`Step.positions`, `Step.n_past`), never as Python ints, in every op that runs during decode.
-- Ops return new arrays; the CUDA backend takes them from a per-step workspace (bump allocation
-  reset by `begin_step`), so a replayed graph sees the same addresses.
+- Ops return new arrays; for a decode step the CUDA backend takes them from a per-step workspace
+  (bump allocation reset by `begin_step`), so a replayed graph sees the same addresses. A prefill
+  step (`begin_step(prefill=True)`) is never captured: its arrays come from a pool and are reused as
+  soon as the adapter drops them, so its VRAM is about one layer's activations, not the whole step's.
 - Shapes (T, the number of tokens in the step) are host ints and fixed for a captured graph.
+- One forward call carries at most MAX_STEP_TOKENS tokens (the engine prefills in chunks of that
+  size); the KV ring of a sliding-window layer is sized for it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .gguf_file import TensorInfo
+
+MAX_STEP_TOKENS = 512  # tokens of one forward call at most: the engine's prefill chunk
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,9 @@ class Weight:
 class KVCache:
     """Per-layer fp16 K/V storage for one sequence. Backend-specific arrays in `k`, `v`:
     [n_ctx_layer, n_kv_heads, head_dim] each. `window[layer]` > 0 bounds a sliding-window layer's
-    storage (ring buffer of that many positions)."""
+    storage: a ring buffer (slot = position % rows) of min(n_ctx, window + MAX_STEP_TOKENS - 1) rows
+    on the CUDA backend, which writes a step's keys before its queries read them, so a step of T
+    tokens needs the window's past keys and its own T; the reference keeps `window` rows."""
 
     n_layers: int
     n_ctx: int
@@ -123,16 +131,19 @@ class Device(abc.ABC):
     def to_host(self, array):
         """A device array as a NumPy array (synchronizes). Never called inside a decode step."""
 
-    def begin_step(self) -> None:
-        """Start a forward call: the CUDA backend resets its per-step workspace here."""
+    def begin_step(self, *, prefill: bool = False) -> None:
+        """Start a forward call: the CUDA backend resets its per-step workspace here. `prefill`: the
+        step will not be captured into a graph (its activations may come from a reusing pool)."""
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held by category: weights, kv_cache, workspace."""
         return {"weights": 0, "kv_cache": 0, "workspace": 0}
 
-    def prepare_load(self, model, *, n_ctx: int, progress: "ProgressFn | None" = None) -> None:
+    def prepare_load(self, model, *, n_ctx: int, progress: "ProgressFn | None" = None,
+                     kv_windows: Sequence[int] | None = None) -> None:
         """Called by the engine once, before the adapter uploads weights: the CUDA backend checks
-        weights + KV cache (`n_ctx` positions) + workspace against free VRAM here (raising
+        weights + KV cache (`n_ctx` positions; `kv_windows` as the config's, None = no sliding-window
+        layers) + workspace against free VRAM here (raising
         `orcd_core.errors.InsufficientVram`) and reserves its weight arena; `progress(fraction)` is
         then called as weight bytes reach the device. The reference backend needs nothing."""
 

@@ -20,7 +20,7 @@ from typing import Callable, Generator
 
 import numpy as np
 
-from .device import Device, KVCache, Step
+from .device import MAX_STEP_TOKENS, Device, KVCache, Step
 from .devices import create_device
 from .errors import OrcdError
 from .generation import (
@@ -37,7 +37,7 @@ from .gguf_file import check_supported, open_gguf
 from .stops import StopMatcher
 
 DEFAULT_CONTEXT = 4096  # when neither the file nor the caller says
-PREFILL_CHUNK = 512  # tokens per prefill forward call
+PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill forward call
 MAX_STOPS = 16
 
 #: llama.cpp's `llama_ftype` (general.file_type) names
@@ -94,7 +94,9 @@ class Engine:
         tokenizer = load_tokenizer(gguf, registry=registry, tokenizer_json=tokenizer_path)
         opts = {"load_chunk_mb": load_chunk_mb} if backend == "cuda" else {}
         device = create_device(backend, gpu_device, **opts)
-        device.prepare_load(gguf, n_ctx=int(n_ctx), progress=progress)
+        kv_windows = getattr(config, "kv_windows", None)  # sliding-window layers keep a bounded cache
+        device.prepare_load(gguf, n_ctx=int(n_ctx), progress=progress,
+                            kv_windows=list(kv_windows()) if callable(kv_windows) else None)
         reports_progress = type(device).prepare_load is not Device.prepare_load
         model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
         device.finish_load()
@@ -243,7 +245,7 @@ class Engine:
             chunk = ids[start : start + PREFILL_CHUNK]
             step = Step(len(chunk), dev.to_device(chunk), dev.to_device(np.arange(start, start + len(chunk))),
                         dev.to_device([start]))
-            dev.begin_step()
+            dev.begin_step(prefill=True)
             logits = self.model.forward(step, cache, all_logits=all_logits)
             if all_logits:
                 outs.append(np.asarray(dev.to_host(logits), dtype=np.float32))

@@ -17,7 +17,7 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
 from orcd_core.backends.reference import ReferenceDevice
-from orcd_core.device import RopeSpec, Step
+from orcd_core.device import MAX_STEP_TOKENS, RopeSpec, Step
 from orcd_core.generation import SamplingParams
 from orcd_core.gguf_file import TensorInfo
 from orcd_core.plugins import default_registry
@@ -227,17 +227,24 @@ def _step(d, positions, n_past):
     dict(Hq=32, Hkv=32, hd=96, T=33, window=0, sinks=False),
     dict(Hq=8, Hkv=2, hd=128, T=20, window=0, sinks=False),
     dict(Hq=8, Hkv=2, hd=64, T=40, window=16, sinks=True),
-], ids=["qwen-gqa", "phi3-mha-96", "hd128", "window-sinks"])
+    # a sliding-window layer's ring (16 + 511 rows on CUDA): a 512-token step more than the window
+    # long, a second step that wraps the ring, decode steps on the wrapped ring (gpt-oss: window 128)
+    dict(Hq=8, Hkv=2, hd=64, T=600, window=16, sinks=True, ring=True),
+], ids=["qwen-gqa", "phi3-mha-96", "hd128", "window-sinks", "window-ring"])
 def test_attention_prefill_then_decode(dev, ref, rng, cfg):
     Hq, Hkv, hd, T, window = cfg["Hq"], cfg["Hkv"], cfg["hd"], cfg["T"], cfg["window"]
     n_ctx = 700
     sinks = randn(rng, Hq) if cfg["sinks"] else None
-    gc = dev.new_kv_cache(1, n_ctx, Hkv, hd)
-    rc = ref.new_kv_cache(1, n_ctx, Hkv, hd)
+    windows = [window] if cfg.get("ring") else None
+    gc = dev.new_kv_cache(1, n_ctx, Hkv, hd, windows)
+    rc = ref.new_kv_cache(1, n_ctx, Hkv, hd, windows)
+    if windows:
+        assert gc.k[0].shape[0] == window + MAX_STEP_TOKENS - 1 < n_ctx
     scale = 1.0 / math.sqrt(hd)
     sk = dev.upload_array("sinks", sinks) if sinks is not None else None
     # prefill in two chunks (the second reads the first from the cache), then 3 decode steps
-    chunks = [(0, T - 7), (T - 7, T)] + [(T + i, T + i + 1) for i in range(3)]
+    first = min(T - 7, MAX_STEP_TOKENS)
+    chunks = [(0, first), (first, T)] + [(T + i, T + i + 1) for i in range(3)]
     try:
         for lo, hi in chunks:
             n = hi - lo
@@ -250,6 +257,18 @@ def test_attention_prefill_then_decode(dev, ref, rng, cfg):
                                           window=window))
             assert got.shape == (n, Hq, hd) and np.isfinite(got).all()
             assert rel_l2(got, want) <= 1e-3, (lo, hi)
+    finally:
+        dev.free_kv_cache(gc)
+
+
+def test_a_step_longer_than_the_ring_holds_is_refused(dev, rng):
+    gc = dev.new_kv_cache(1, 2000, 2, 64, [16])
+    try:
+        T = MAX_STEP_TOKENS + 1  # more keys than window + MAX_STEP_TOKENS - 1 rows can keep apart
+        q, k = dev.to_device(randn(rng, T, 8, 64), "float32"), dev.to_device(randn(rng, T, 2, 64), "float32")
+        dev.begin_step()
+        with pytest.raises(ValueError, match="keeps 527 positions"):
+            dev.attention(q, k, k, gc, 0, _step(dev, range(T), 0), scale=0.125, window=16)
     finally:
         dev.free_kv_cache(gc)
 

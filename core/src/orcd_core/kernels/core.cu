@@ -308,16 +308,19 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // ================================================================================================
 // Attention for one decode token, split over the sequence (flash-decoding).
-// Grid (Hq, S), 128 threads: split s covers keys [s*chunk, (s+1)*chunk) ∩ visible keys of the query at
-// positions[0]; writes its unnormalized output, max and denominator; the head's last split to finish
-// combines the S partials (and the sink) into out. chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
+// Grid (Hq, S), 128 threads. The query at p = positions[0] sees keys [lo, p] (lo = p - window + 1 for
+// a sliding window, else 0); split s covers keys [lo + s*chunk, lo + (s+1)*chunk) of them, and only the
+// first S_eff = ceil((p + 1 - lo) / chunk) splits run (the others exit at once: S is sized for the
+// longest span, the context or the window). A split writes its unnormalized output, max and
+// denominator; the head's last split to finish combines the S_eff partials (and the sink) into out.
+// chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
 // Scores: one thread per key (16-byte K loads). Values: a thread owns a pair of dims (4-byte loads)
 // and one of G = 128 / (hd/2) key groups; its loop is unrolled so several V loads are in flight.
 // ================================================================================================
 #define AD_CHUNK 256
 
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
-                                         int h, int S, int hd);
+                                         int h, int S, int n, int hd);
 
 extern "C" __global__ void __launch_bounds__(128)
     attn_decode_part(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
@@ -331,14 +334,13 @@ extern "C" __global__ void __launch_bounds__(128)
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int p = positions[0];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
-    const int kb = max(s * chunk, lo), ke = min((s + 1) * chunk, p + 1);
+    const int S_eff = min(S, (p + 1 - lo + chunk - 1) / chunk);
+    if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
+    const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
     float* po = part_o + ((i64)h * S + s) * hd;
     float* pml = part_ml + ((i64)h * S + s) * 2;
     __shared__ bool last;
-    if (kb >= ke) {  // (block-uniform) no visible key in this split
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) po[d] = 0.0f;
-        if (threadIdx.x == 0) { pml[0] = -INFINITY; pml[1] = 0.0f; }
-    } else {
+    {
         for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)h * hd + d] * scale;
         __syncthreads();
         const int n = ke - kb;
@@ -394,29 +396,30 @@ extern "C" __global__ void __launch_bounds__(128)
     // head's counter to 0, so a replayed graph finds it zeroed.
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[h], 1u) == (unsigned)(S - 1);
+    if (threadIdx.x == 0) last = atomicAdd(&counters[h], 1u) == (unsigned)(S_eff - 1);
     __syncthreads();
     if (last) {
         __threadfence();
-        attn_decode_combine_head(part_o, part_ml, sinks, out, h, S, hd);
+        attn_decode_combine_head(part_o, part_ml, sinks, out, h, S, S_eff, hd);
         if (threadIdx.x == 0) counters[h] = 0u;
     }
 }
 
-// Reads go through L2 (__ldcg): the partials were written by other blocks of the same launch.
+// Reads go through L2 (__ldcg): the partials were written by other blocks of the same launch. The
+// partials of head h are the first n of its S slots.
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
-                                         int h, int S, int hd) {
+                                         int h, int S, int n, int hd) {
     const float* ml = part_ml + (i64)h * S * 2;
     float M = sinks ? sinks[h] : -INFINITY;
-    for (int s = 0; s < S; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
+    for (int s = 0; s < n; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
     float L = sinks ? expf(sinks[h] - M) : 0.0f;
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < n; ++s) {
         const float m = __ldcg(ml + 2 * s);
         if (m > -INFINITY) L += __ldcg(ml + 2 * s + 1) * expf(m - M);
     }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float o = 0.0f;
-        for (int s = 0; s < S; ++s) {
+        for (int s = 0; s < n; ++s) {
             const float m = __ldcg(ml + 2 * s);
             if (m > -INFINITY) o += __ldcg(part_o + ((i64)h * S + s) * hd + d) * expf(m - M);
         }

@@ -47,6 +47,10 @@ class GptOssConfig:
     rope: RopeSpec  # full-attention layers
     rope_swa: RopeSpec  # sliding-window layers (freq_base_swa where the file sets it)
 
+    def kv_windows(self) -> list[int]:
+        """Per-layer sliding window of the KV cache (0 = the whole context)."""
+        return [self.sliding_window if swa else 0 for swa in self.swa_layers]
+
     @classmethod
     def from_gguf(cls, model) -> "GptOssConfig":
         def key(suffix, kind=None, default=None):
@@ -200,9 +204,8 @@ class GptOssModel:
     # -- the cache this model needs ----------------------------------------------------------------
 
     def kv_windows(self) -> list[int]:
-        """Per-layer ring-buffer size of the KV cache (0 = the whole context)."""
-        c = self.config
-        return [c.sliding_window if swa else 0 for swa in c.swa_layers]
+        """Per-layer sliding window of the KV cache (0 = the whole context)."""
+        return self.config.kv_windows()
 
     def new_kv_cache(self, n_ctx: int) -> KVCache:
         c = self.config

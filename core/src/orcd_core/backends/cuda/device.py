@@ -19,11 +19,11 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...device import Device, KVCache, RopeSpec, Step, Weight
+from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from .kernels import NULL, KernelSet, f32, i32, i64, launch
-from .memory import ALIGN, Arena, ChunkedUploader, DeviceTensor, Workspace, align, raw_alloc, view
+from .memory import ALIGN, Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
 GEMV_MAX_T = 4  # quant_kernels.cuh
 GEMV_WARPS = 4  # warps per block
@@ -33,7 +33,7 @@ DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
 ARGMAX_BLOCKS = 64
 MAX_HEADS = 1024  # per-head split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
-PREFILL_CHUNK = 512  # tokens per prefill step the workspace estimate plans for
+PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
 
 
 class GpuDeviceError(OrcdError):
@@ -76,7 +76,9 @@ class CudaDevice(Device):
         self.arenas: list[Arena] = []
         self._kv_live: dict[int, int] = {}
         self._kv_mem: dict[int, Any] = {}
-        self.workspace = Workspace(8 << 20)
+        self.workspace = Workspace(8 << 20)  # decode steps (graph-captured): fixed addresses
+        self.pool = StepPool()  # prefill steps: arrays reused once dropped
+        self._ws_alloc = self.workspace.alloc
         # decode attention: per-head counters of finished splits (each step's last split resets its own)
         self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
         self._attn_counters.fill(0)
@@ -121,7 +123,7 @@ class CudaDevice(Device):
         return ks
 
     def _ws(self, shape, dtype=np.float32) -> cupy.ndarray:
-        return self.workspace.alloc(shape, dtype)
+        return self._ws_alloc(shape, dtype)
 
     def _c(self, x) -> cupy.ndarray:
         """x as a C-contiguous float32 device array (copying a row-strided view into the workspace)."""
@@ -160,38 +162,44 @@ class CudaDevice(Device):
         return x, inner
 
     # ---- loading ---------------------------------------------------------------------------------
-    def prepare_load(self, model, *, n_ctx: int, progress=None) -> None:
+    def prepare_load(self, model, *, n_ctx: int, progress=None, kv_windows=None) -> None:
         self._enter()
         self.model_path = str(model.path)
         self._progress = progress
         tensors = list(model.tensors.values())
         weight_bytes = sum(align(t.nbytes) for t in tensors)
         weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
-        kv = self.kv_bytes_estimate(model, n_ctx)
+        kv = self.kv_bytes_estimate(model, n_ctx, kv_windows)
         ws = self.workspace_estimate(model)
+        pool = self.prefill_pool_estimate(model)
         scratch = self._scratch_bytes(model)
-        need = weight_bytes + kv + ws + scratch
+        need = weight_bytes + kv + ws + pool + scratch
         free, total = cupy.cuda.runtime.memGetInfo()
         if need > free:
             raise InsufficientVram(
                 model.path,
                 f"not enough VRAM on GPU {self.gpu} ({self.gpu_name}): {need} bytes required "
-                f"(weights {weight_bytes}, KV cache {kv} for {n_ctx} positions, workspace {ws + scratch}), "
+                f"(weights {weight_bytes}, KV cache {kv} for {n_ctx} positions, workspace {ws + pool + scratch}), "
                 f"{free} bytes available of {total}")
         self._planned = sum(t.nbytes for t in tensors)
         try:
             self.arenas.append(Arena(weight_bytes, "weights"))
             self._scratch = view(raw_alloc(scratch), 0, (scratch // 2,), np.float16) if scratch else None
             self.workspace = Workspace(ws)
+            self._ws_alloc = self.workspace.alloc
+            self.pool.reserve(pool)
         except cupy.cuda.memory.OutOfMemoryError as exc:
             self.arenas.clear()
+            self.pool.release()
             raise InsufficientVram(model.path, f"VRAM allocation on GPU {self.gpu} failed: {exc}") from None
         self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
         if progress:
             progress(0.0)
 
     @staticmethod
-    def kv_bytes_estimate(model, n_ctx: int) -> int:
+    def kv_bytes_estimate(model, n_ctx: int, kv_windows=None) -> int:
+        """Bytes of one KV cache of `n_ctx` positions, as `new_kv_cache` allocates it (sliding-window
+        layers per `kv_windows` hold a bounded ring)."""
         arch = model.architecture
         g = model.metadata.get
         n_layer = int(g(f"{arch}.block_count", 0) or 0)
@@ -200,24 +208,51 @@ class CudaDevice(Device):
         d = int(g(f"{arch}.embedding_length", 0) or 0)
         hd_k = int(g(f"{arch}.attention.key_length", d // max(n_head, 1)) or 0)
         hd_v = int(g(f"{arch}.attention.value_length", hd_k) or hd_k)
-        return n_layer * int(n_ctx) * n_kv * (hd_k + hd_v) * 2
+        windows = list(kv_windows) if kv_windows is not None else [0] * n_layer
+        return sum(2 * align(kv_rows(w, int(n_ctx)) * n_kv * max(hd_k, hd_v) * 2) for w in windows)
 
     @staticmethod
-    def workspace_estimate(model, chunk: int = PREFILL_CHUNK) -> int:
-        """Activations of one prefill chunk: the bump workspace keeps every op's output of a step, so
-        about (hidden x 8 + FFN x 4 + QKV x 3) float32 per token per layer, plus the logits."""
+    def _dims(model) -> tuple[int, int, int, int, int]:
+        """(layers, hidden, FFN width (the experts' times the experts used, for a mixture), q|k|v
+        width, vocabulary) from the metadata, for the activation estimates."""
         arch = model.architecture
         g = model.metadata.get
         n_layer = int(g(f"{arch}.block_count", 0) or 0)
         d = int(g(f"{arch}.embedding_length", 0) or 0)
-        f = int(g(f"{arch}.feed_forward_length", 4 * d) or 4 * d)
+        f = g(f"{arch}.feed_forward_length", None)
+        f_exp, k_used = g(f"{arch}.expert_feed_forward_length", None), g(f"{arch}.expert_used_count", None)
+        first = lambda v: int(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731 (per-layer lists)
+        ffn = first(f) if f else 4 * d
+        if f_exp and k_used:
+            ffn = max(ffn if f else 0, first(f_exp) * first(k_used))
+        n_head = int(g(f"{arch}.attention.head_count", 1) or 1)
+        n_kv = int(g(f"{arch}.attention.head_count_kv", n_head) or n_head)
+        hd = int(g(f"{arch}.attention.key_length", d // max(n_head, 1)) or 0)
+        qkv = (n_head + 2 * n_kv) * hd
         n_vocab = 0
         for name in ("output.weight", "token_embd.weight"):
             if name in model.tensors:
                 n_vocab = int(model.tensors[name].shape[-1])
                 break
-        per_tok = (8 * d + 4 * f + 3 * 2 * d) * 4 * max(n_layer, 1) + 2 * d * 4
-        return align(chunk * per_tok + chunk * n_vocab * 4 + (16 << 20))
+        return n_layer, d, ffn, qkv, n_vocab
+
+    @classmethod
+    def workspace_estimate(cls, model) -> int:
+        """The decode workspace: the bump allocator keeps every op's output of a step (it is captured
+        into a graph), for up to GEMV_MAX_T tokens: hidden x 8 + FFN x 5 + q|k|v x 3 floats per token and
+        layer, the logits and the sampler's scratch."""
+        n_layer, d, ffn, qkv, n_vocab = cls._dims(model)
+        per_tok = (8 * d + 5 * ffn + 3 * qkv) * 4 * max(n_layer, 1)
+        return align(GEMV_MAX_T * per_tok + 4 * n_vocab * 4 + (8 << 20))
+
+    @classmethod
+    def prefill_pool_estimate(cls, model, chunk: int = PREFILL_CHUNK) -> int:
+        """VRAM reserved at load for prefill activations: arrays are reused once dropped, so the live
+        set is about one layer's (twice, for the residual and the layer being built), the last token's
+        logits and the fp16 copies of the GEMM operands."""
+        n_layer, d, ffn, qkv, n_vocab = cls._dims(model)
+        per_tok = (8 * d + 5 * ffn + 3 * qkv) * 4
+        return align(2 * chunk * per_tok + 2 * n_vocab * 4 + (8 << 20))
 
     @staticmethod
     def _scratch_bytes(model) -> int:
@@ -347,7 +382,7 @@ class CudaDevice(Device):
         windows = list(window) if window is not None else [0] * n_layers
         if len(windows) != n_layers:
             raise ValueError(f"window has {len(windows)} entries for {n_layers} layers")
-        rows = [min(w, n_ctx) if w > 0 else n_ctx for w in windows]
+        rows = [kv_rows(w, n_ctx) for w in windows]
         per_row = n_kv_heads * head_dim * 2
         sizes = [align(r * per_row) for r in rows]
         total = 2 * sum(sizes)
@@ -393,15 +428,17 @@ class CudaDevice(Device):
             raise CudaError(f"GPU {self.gpu}: {exc}") from exc
         return out
 
-    def begin_step(self) -> None:
+    def begin_step(self, *, prefill: bool = False) -> None:
         self._enter()
         self.workspace.reset()
+        self._ws_alloc = self.pool.alloc if prefill else self.workspace.alloc
 
     def memory_report(self) -> dict[str, int]:
         return {
             "weights": sum(a.size for a in self.arenas),
             "kv_cache": sum(self._kv_live.values()),
-            "workspace": self.workspace.nbytes + (self._scratch.nbytes if self._scratch is not None else 0)
+            "workspace": self.workspace.nbytes + self.pool.nbytes
+            + (self._scratch.nbytes if self._scratch is not None else 0)
             + (self.sampler.nbytes if self.sampler is not None else 0),
         }
 
@@ -421,6 +458,7 @@ class CudaDevice(Device):
         self._kv_mem.clear()
         self._kv_live.clear()
         self.workspace = None
+        self.pool.release()
         self.sampler = None
         if self._cublas:
             cublas.destroy(self._cublas)
@@ -532,14 +570,22 @@ class CudaDevice(Device):
             raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {ATTN_MAX_HEAD_DIM})")
         kc, vc = cache.k[layer], cache.v[layer]
         n_rows = int(kc.shape[0])
+        if n_rows < cache.n_ctx and (window <= 0 or T + window - 1 > n_rows):
+            # a ring: this step's keys are written before its queries read, so the ring must hold the
+            # window's past keys and the step's own
+            raise ValueError(f"attention: layer {layer} keeps {n_rows} positions; a step of {T} tokens with "
+                             f"window {window} needs {T + max(window, 1) - 1}")
         launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
                (k, i64(ks), v, i64(vs), kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
         out = self._ws((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
         if T == 1:
-            # keys per split: small splits (many blocks) for short contexts, at most 128 splits
-            chunk = min(DECODE_CHUNK, max(64, -(-cache.n_ctx // 128)))
-            S = max(1, math.ceil(cache.n_ctx / chunk))
+            # splits cover the keys the query can see, from the window's start: at most `span` keys;
+            # small splits (many blocks) for short spans, at most 128 splits; the kernel runs only the
+            # splits the position reaches (the others exit at once)
+            span = min(window, cache.n_ctx) if window > 0 else cache.n_ctx
+            chunk = min(DECODE_CHUNK, max(64, -(-span // 128)))
+            S = max(1, math.ceil(span / chunk))
             part_o = self._ws((Hq, S, hd))
             part_ml = self._ws((Hq, S, 2))
             if Hq > MAX_HEADS:
@@ -618,6 +664,12 @@ class CudaDevice(Device):
 
         return GraphDecoder(self, forward, first_id=first_id, position=position, params=params,
                             step_index=step_index, recent_ids=recent_ids)
+
+
+def kv_rows(window: int, n_ctx: int) -> int:
+    """Rows of one layer's KV cache: the whole context, or for a sliding-window layer a ring of the
+    window plus the keys one step writes before its queries read (MAX_STEP_TOKENS - 1 more)."""
+    return min(int(window) + MAX_STEP_TOKENS - 1, int(n_ctx)) if window > 0 else int(n_ctx)
 
 
 def _blocks(n: int, per: int) -> int:

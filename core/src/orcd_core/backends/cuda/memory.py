@@ -1,17 +1,22 @@
-"""VRAM for the CUDA backend: weight arenas, the per-step workspace, and the chunked upload.
+"""VRAM for the CUDA backend: weight arenas, the per-step workspaces, and the chunked upload.
 
-Everything is plain device memory (`cudaMalloc` through `cupy.cuda.Memory`, never managed memory and
-never CuPy's caching pool), so the bytes we account for are the bytes the driver holds, and freeing a
-KV cache gives its memory back at once.
+Everything is plain device memory (`cudaMalloc` through `cupy.cuda.Memory`, never managed memory):
+weights, KV caches and the decode workspace are single allocations of their own; prefill activations
+come from a `StepPool`, a CuPy memory pool owned by the device (not CuPy's global one), whose held
+bytes are reported as workspace. So the bytes we account for are the bytes the driver holds, and
+freeing a KV cache gives its memory back at once.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import cupy
 import numpy as np
+
+from ...generation import VramOOM
 
 ALIGN = 256
 
@@ -97,6 +102,47 @@ class Workspace:
         seg = Arena(max(align(nbytes), self.arena.size), "workspace")
         self.extra.append(seg)
         return view(seg.base, seg.take(nbytes), shape, dtype)
+
+
+class StepPool:
+    """Activations of prefill steps (never graph-captured): a memory pool of the device's own, so an
+    array's memory is reused as soon as the adapter drops it (reference counting) and a step needs
+    about one layer's activations rather than all of them. Reuse is stream-ordered: the device runs
+    everything on its one stream, so a kernel that reuses freed memory runs after the kernels that
+    used it. With ORCD_CUDA_CHECK=1 every allocation is filled with NaN bytes, so an op that leaves an
+    element unwritten shows. Running out of VRAM is `VramOOM` (the request fails, the worker goes on)."""
+
+    def __init__(self):
+        self._pool = cupy.cuda.MemoryPool()
+        self._poison = os.environ.get("ORCD_CUDA_CHECK", "") not in ("", "0")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds from the driver (in use or cached for reuse)."""
+        return int(self._pool.total_bytes())
+
+    def reserve(self, nbytes: int) -> None:
+        """Take `nbytes` from the driver now and keep them cached: later steps carve their arrays out
+        of it (the pool splits free blocks), so a prefill within the estimate allocates nothing."""
+        if nbytes > 0:
+            mem = self._pool.malloc(int(nbytes))
+            del mem  # back to the pool's free list, still held
+
+    def release(self) -> None:
+        self._pool.free_all_blocks()
+
+    def alloc(self, shape, dtype) -> cupy.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        try:
+            mem = self._pool.malloc(nbytes)
+        except cupy.cuda.memory.OutOfMemoryError:
+            free, _ = cupy.cuda.runtime.memGetInfo()
+            raise VramOOM(f"prefill activations: {nbytes} more bytes do not fit ({free} bytes free)",
+                          required=int(nbytes), available=int(free)) from None
+        if self._poison and nbytes:
+            cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, nbytes, cupy.cuda.get_current_stream().ptr)
+        return cupy.ndarray(shape, dtype, memptr=mem)
 
 
 @dataclass
