@@ -2,7 +2,7 @@
 # One call on the GPU machine for gpt-oss on CUDA (issue 6): MXFP4 + MoE op tests, the 2-layer
 # full-width gpt-oss cut against the reference, then the full-size file (tests + bench). Logs under
 # $OUT, a summary last. Stages stop at their own timeouts so the later ones still report.
-#   source .device/setup.sh && scripts/gpu_moe_check.sh [ops] [cut] [full]
+#   source .device/setup.sh && scripts/gpu_moe_check.sh [ops] [cut] [full] [profile] [llama]
 # Needs (carried, git-ignored): .device/ (wheelhouse) and .moecache/o200k/ (the cached o200k_harmony
 # vocabulary GGUF + tokenizer.json, so the synthetic gpt-oss files need no vocabulary build there).
 set -u -o pipefail
@@ -15,6 +15,13 @@ summary=()
 note() { summary+=("$1"); echo "== $1"; }
 stages=" ${*:-ops cut full} "
 t0=$(date +%s)
+if [[ $stages == *" llama "* ]]; then  # llama-bench builds in the background while the GPU-only stages run
+  ( mkdir -p /tmp/lcpp && tar xzf .vendor/llama.cpp.tgz -C /tmp/lcpp && cd /tmp/lcpp/llama.cpp &&
+    cmake -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF &&
+    cmake --build build --target llama-bench -j 14 ) > "$OUT/llama-build.log" 2>&1 &
+  lbuild=$!
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [[ $stages == *" ops "* ]]; then
@@ -31,8 +38,8 @@ if [[ $stages == *" cut "* ]]; then
   note "gpt-oss 2-layer cut: $(tail -1 "$OUT/cut.log") ($(( $(date +%s) - t0 )) s)"
   grep -h "relative L2" "$OUT/cut.log" | head -3 | while read -r l; do note "  $l"; done
 fi
-if [[ $stages == *" full "* ]]; then
-  full=$ORCD_SYNTH_DIR/gpt-oss-full-all.gguf
+full=$ORCD_SYNTH_DIR/gpt-oss-full-all.gguf
+if [[ $stages == *" full "* || $stages == *" profile "* || $stages == *" llama "* ]]; then
   timeout ${SYNTH_TIMEOUT:-150} python3 - "$full" <<'PY' 2>&1 | tee "$OUT/synth.log"
 import sys, time
 from pathlib import Path
@@ -44,6 +51,13 @@ if not p.exists():
     print(f"synth {p.name}: {p.stat().st_size / 2**20:.0f} MiB in {time.time() - t:.1f} s")
 PY
   note "synth: $(tail -1 "$OUT/synth.log")"
+fi
+if [[ $stages == *" profile "* && -f $full ]]; then  # kernel times by CUDA events: CPU load does not skew them
+  timeout ${PROFILE_TIMEOUT:-200} python3 scripts/profile_step.py "$full" -p 512 --ctx 640 2>&1 | tee "$OUT/profile.log" | grep -v "^  sweep" | head -60
+  note "profile: $(grep -E "^(prefill T|decode step at|decode step graph)" "$OUT/profile.log" | paste -sd';')"
+fi
+if [[ -n ${lbuild:-} ]]; then wait $lbuild; fi  # benches run on a quiet machine
+if [[ $stages == *" full "* ]]; then
   if [[ -f $full ]]; then
     timeout ${BENCH_TIMEOUT:-150} orcd-worker bench "$full" --backend cuda -p 512 -n 128 -r 3 --json \
       2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
@@ -52,6 +66,15 @@ PY
       core/tests/backends/test_cuda_gpt_oss.py -k full 2>&1 | tee "$OUT/full.log" | tail -15
     note "gpt-oss full-size tests: $(tail -1 "$OUT/full.log") ($(( $(date +%s) - t0 )) s)"
     grep -h "vram_bytes_used" "$OUT/full.log" | head -1 | while read -r l; do note "  $l"; done
+  fi
+fi
+if [[ $stages == *" llama "* ]]; then
+  lb=/tmp/lcpp/llama.cpp/build/bin/llama-bench
+  if [[ -x $lb && -f $full ]]; then
+    timeout ${LLAMA_TIMEOUT:-200} $lb -m "$full" -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o md 2>"$OUT/llama-bench.err" | tee "$OUT/llama-bench.md"
+    note "llama-bench gpt-oss full: $(grep -E 'pp512|tg128' "$OUT/llama-bench.md" | awk -F'|' '{print $(NF-2) $(NF-1)}' | tr -s ' ' | paste -sd';')"
+  else
+    note "llama-bench build failed: $(tail -3 "$OUT/llama-build.log")"
   fi
 fi
 echo; echo "GPU: $(head -1 "$OUT/gpu.txt")"; printf '%s\n' "${summary[@]}"

@@ -66,8 +66,9 @@ def main() -> None:
         mod.launch = timed_launch
     import orcd_core.backends.cuda.sampler as S
     import orcd_core.backends.cuda.graph as G
+    import orcd_core.backends.cuda.moe as M
 
-    S.launch = G.launch = timed_launch
+    S.launch = G.launch = M.launch = timed_launch
     gemm = D.cublas.gemmEx
 
     def timed_gemm(*a):
