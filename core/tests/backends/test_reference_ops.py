@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
-from orcd_core.backends.reference import ReferenceDevice, yarn_corr_dims
+from orcd_core.backends.reference import ReferenceDevice
 from orcd_core.device import RopeSpec, Step
 from orcd_core.floats import BF16, F16, F32
 from orcd_core.gguf_file import TensorInfo
+from orcd_core.rope import yarn_corr_dims
 
 RNG = np.random.default_rng(1234)
 

@@ -511,7 +511,7 @@ class CudaDevice(Device):
         theta_scale = float(np.power(np.float32(spec.base), np.float32(-2.0) / np.float32(spec.n_rot), dtype=np.float32))
         c0 = c1 = 0.0
         if spec.ext_factor != 0.0:
-            from ..reference import yarn_corr_dims
+            from ...rope import yarn_corr_dims
 
             c0, c1 = yarn_corr_dims(spec.n_rot, spec.n_ctx_orig, spec.base, spec.beta_fast, spec.beta_slow)
         ff = spec.freq_factors if spec.freq_factors is not None else NULL
