@@ -1,8 +1,10 @@
-// orcd-worker core kernels: normalization, RoPE, element-wise ops, KV-cache writes, attention, argmax.
+// orcd-worker core kernels: normalization, RoPE, element-wise ops, KV-cache writes, attention, argmax,
+// decode-step bookkeeping, sampling.
 //
 // Every kernel that runs during a decode step reads positions and lengths from device memory, so a
 // whole step can be captured once as a CUDA graph and replayed. Activations are float32; the KV cache
-// is fp16. Launch geometry is chosen (and validated) by the Python launchers in backends/cuda/ops.py.
+// is fp16. Launch geometry is chosen by the Python launchers in backends/cuda/ (device.py; sampler.py
+// for sampling, graph.py for advance_step) and validated by kernels.py's launch().
 #include "common.cuh"
 
 // ================================================================================================
