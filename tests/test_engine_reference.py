@@ -166,10 +166,21 @@ def test_cli_without_gpu_asks_for_the_reference_backend(path, capsys):
     assert "--backend reference" in err and len(err.splitlines()) == 1
 
 
-def test_top_p_zero_keeps_only_the_most_probable_token(engine):
+def test_top_p_zero_keeps_only_the_most_probable_token(engine, monkeypatch):
     greedy = collect(engine, GenerationRequest(prompt="Once upon a time", max_tokens=6, sampling=GREEDY))[1].ids
     hot = SamplingParams(temperature=1.5, top_p=0.0, seed=7)
+    seen = []
+    device_sample = engine.device.sample
+
+    def spy(logits, params, recent_ids, step_index):
+        seen.append(params)
+        return device_sample(logits, params, recent_ids, step_index)
+
+    monkeypatch.setattr(engine.device, "sample", spy)
     assert collect(engine, GenerationRequest(prompt="Once upon a time", max_tokens=6, sampling=hot))[1].ids == greedy
+    # the engine passes top_p 0 through as asked (no rewrite into top_k 1): every backend's sampler
+    # implements it (sampling.py; the CUDA kernel in test_cuda_ops.py)
+    assert len(seen) == len(greedy) and all(p == hot for p in seen)
 
 
 def test_raw_prompt_special_token_text_stays_text(engine):

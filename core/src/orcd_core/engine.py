@@ -12,8 +12,6 @@ forward for one token, which the CUDA backend captures once as a graph and repla
 
 from __future__ import annotations
 
-import dataclasses
-
 import time
 from pathlib import Path
 from typing import Callable, Generator
@@ -135,11 +133,6 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and validate; raises InvalidRequest or ContextLengthExceeded before device work."""
         validate_request(request)
-        if request.sampling.top_p == 0:
-            # top_p 0 keeps only the most probable token (the smallest prefix reaching 0): say so as
-            # top_k 1, which every backend's sampler implements the same way
-            request = dataclasses.replace(
-                request, sampling=dataclasses.replace(request.sampling, top_k=1, top_p=1.0))
         if request.prompt_ids is not None:
             ids = [int(i) for i in request.prompt_ids]
             vocab = int(getattr(self.config, "n_vocab", 0) or 0)

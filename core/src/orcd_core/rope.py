@@ -11,6 +11,8 @@
                   mscale(factor) / (1 + 0.1 ln factor) with mscale(s) = 1 + 0.1 ln s (s > 1), which
                   cancels ggml's own YaRN magnitude term; then times {arch}.rope.scaling.attn_factor (1)
     beta_fast / beta_slow = {arch}.rope.scaling.yarn_beta_fast / _slow (32 / 1)
+
+Also the RoPE math both backends share (`yarn_corr_dims`); each backend computes the angles itself.
 """
 
 from __future__ import annotations
@@ -62,3 +64,16 @@ def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
         n_ctx_orig=n_ctx_orig,
     )
 
+
+def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:
+    """ggml_rope_yarn_corr_dims: the dims where YaRN's ramp starts (floor) and ends (ceil)."""
+
+    def corr_dim(n_rot: float) -> float:
+        if n_ctx_orig <= 0:
+            return -math.inf  # logf(0) in C; only reachable with a missing n_ctx_orig
+        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    start, end = corr_dim(beta_fast), corr_dim(beta_slow)
+    start = math.floor(start) if math.isfinite(start) else start
+    end = math.ceil(end) if math.isfinite(end) else end
+    return float(max(0, start)), float(min(n_dims - 1, end))

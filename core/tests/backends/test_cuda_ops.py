@@ -330,3 +330,22 @@ def test_sampling_reproduces_the_reference_rule(dev, rng, name, V):
         poison(dev)
         got = dev.sample(dev.to_device(logits, "float32"), params, dev.to_device(recent), dev.to_device([step_index]))
         assert int(dev.to_host(got)[0]) == want, (name, step_index)
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1e-9])
+@pytest.mark.parametrize("top_k", [0, 40])
+@pytest.mark.parametrize("V", [1001, 151936])
+def test_tiny_top_p_keeps_only_the_most_probable_token(dev, rng, top_p, top_k, V):
+    """top_p 0 (a target mass of 0) and 1e-9 keep the most probable token alone, the lowest id among
+    equal maxima, as the reference rule does."""
+    for step_index in range(12):
+        logits = randn(rng, V) * 3
+        tied = rng.choice(V, 3, replace=False)
+        logits[tied] = logits.max() + 1.0  # a tie at the top: the lowest id wins
+        params = SamplingParams(temperature=1.5, top_k=top_k, top_p=top_p, seed=step_index)
+        want = sampling.sample(logits, params, [], step_index)
+        assert want == int(tied.min())
+        poison(dev)
+        got = dev.sample(dev.to_device(logits, "float32"), params, dev.to_device(np.full(8, -1, np.int32)),
+                         dev.to_device([step_index]))
+        assert int(dev.to_host(got)[0]) == want, (top_p, step_index)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
-from orcd_core.backends.reference import ReferenceDevice, yarn_corr_dims
+from orcd_core.backends.reference import ReferenceDevice
 from orcd_core.device import RopeSpec, Step
 from orcd_core.floats import BF16, F16, F32
 from orcd_core.gguf_file import TensorInfo
+from orcd_core.rope import yarn_corr_dims
 
 RNG = np.random.default_rng(1234)
 
@@ -306,3 +307,18 @@ def test_sample_greedy_and_seeded(dev):
     recent = [5, -1, 9]
     got = dev.sample(logits, params, dev.to_device(recent), dev.to_device([3]))
     assert int(got[0]) == sample(logits, params, [5, 9], 3)
+
+
+@pytest.mark.parametrize("top_k", [0, 40])
+def test_sample_top_p_zero_is_the_argmax(dev, top_k):
+    """top_p 0 keeps the smallest prefix of the sorted candidates reaching 0, which is the most probable
+    token alone (llama.cpp keeps at least one): the lowest id among equal maxima, whatever the draw."""
+    from orcd_core.generation import SamplingParams
+
+    for step in range(20):
+        logits = RNG.standard_normal(500).astype(np.float32) * 3
+        tied = RNG.choice(500, 3, replace=False)
+        logits[tied] = logits.max() + 0.5
+        params = SamplingParams(temperature=1.5, top_k=top_k, top_p=0.0, seed=step)
+        got = dev.sample(logits, params, dev.to_device([-1] * 8), dev.to_device([step]))
+        assert int(got[0]) == int(tied.min()), step

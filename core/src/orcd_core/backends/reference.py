@@ -18,6 +18,7 @@ import numpy as np
 
 from ..device import Device, KVCache, RopeSpec, Step, Weight
 from ..gguf_file import TensorInfo
+from ..rope import yarn_corr_dims
 
 F32 = np.float32
 
@@ -274,17 +275,3 @@ def rope_cos_sin(positions: np.ndarray, spec: RopeSpec) -> tuple[np.ndarray, np.
     else:
         theta = interp
     return np.cos(theta) * mscale, np.sin(theta) * mscale
-
-
-def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:
-    """ggml_rope_yarn_corr_dims: the dims where YaRN's ramp starts (floor) and ends (ceil)."""
-
-    def corr_dim(n_rot: float) -> float:
-        if n_ctx_orig <= 0:
-            return -math.inf  # logf(0) in C; only reachable with a missing n_ctx_orig
-        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-    start, end = corr_dim(beta_fast), corr_dim(beta_slow)
-    start = math.floor(start) if math.isfinite(start) else start
-    end = math.ceil(end) if math.isfinite(end) else end
-    return float(max(0, start)), float(min(n_dims - 1, end))

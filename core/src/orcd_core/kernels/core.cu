@@ -1,8 +1,10 @@
-// orcd-worker core kernels: normalization, RoPE, element-wise ops, KV-cache writes, attention, argmax.
+// orcd-worker core kernels: normalization, RoPE, element-wise ops, KV-cache writes, attention, argmax,
+// decode-step bookkeeping, sampling.
 //
 // Every kernel that runs during a decode step reads positions and lengths from device memory, so a
 // whole step can be captured once as a CUDA graph and replayed. Activations are float32; the KV cache
-// is fp16. Launch geometry is chosen (and validated) by the Python launchers in backends/cuda/ops.py.
+// is fp16. Launch geometry is chosen by the Python launchers in backends/cuda/ (device.py; sampler.py
+// for sampling, graph.py for advance_step) and validated by kernels.py's launch().
 #include "common.cuh"
 
 // ================================================================================================
@@ -551,6 +553,8 @@ __device__ double set_sum(const float* l, const double* e, int V, unsigned long 
 
 // The first key of the set {key >= lo, e >= emin}, in descending key order, whose inclusive running
 // weight (1 per element when count_mode, else e) is >= thr (or > thr when strict). Returns 0 when none.
+// A digit without weight is never chosen, so thr <= 0 gives the set's first key of positive weight
+// (top_p 0: the most probable token) rather than a run of empty digits down to a key of no element.
 __device__ unsigned long long radix_select(const float* l, const double* e, int V, unsigned long long lo, double emin,
                                            bool count_mode, double thr, bool strict, double* hist, int* chosen) {
     unsigned long long prefix = 0, mask = 0;
@@ -568,7 +572,7 @@ __device__ unsigned long long radix_select(const float* l, const double* e, int 
             int c = -1;
             for (int d = 255; d >= 0; --d) {
                 const double s = acc + hist[d];
-                if (strict ? s > thr : s >= thr) { c = d; break; }
+                if (hist[d] > 0.0 && (strict ? s > thr : s >= thr)) { c = d; break; }
                 acc = s;
             }
             *chosen = c;

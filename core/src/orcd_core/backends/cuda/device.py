@@ -503,25 +503,32 @@ class CudaDevice(Device):
             return y
         x16 = self._ws((T, K), np.float16)
         launch(self.core.fn("f32_to_f16"), (_blocks(T * K, 256),), (256,), (x, x16, i64(T * K)))
+        self._dequant_gemm(w, 0, N, K, x16.data.ptr, T, y.data.ptr)
+        if bias is not None:
+            return self.add(y, bias)
+        return y
+
+    def _dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
+        """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
+        dequantized to fp16 through the device's scratch in chunks, cuBLAS with fp32 accumulation. The
+        prefill path of `linear` (row0 0, all rows) and of the MoE (one expert's rows of a stack)."""
         scratch = self._scratch
         if scratch is None or scratch.size < K:  # prepare_load sizes it; else the first prefill does
+            nbytes = max(DEQUANT_SCRATCH_BYTES, align(K * 2))
             self._scratch = None
-            self._scratch = scratch = view(raw_alloc(max(DEQUANT_SCRATCH_BYTES, align(K * 2))), 0,
-                                           (max(DEQUANT_SCRATCH_BYTES, align(K * 2)) // 2,), np.float16)
+            self._scratch = scratch = view(raw_alloc(nbytes), 0, (nbytes // 2,), np.float16)
         chunk = max(1, min(N, scratch.size // K))
-        dq = ks.fn(f"dequant_f16_{name}")
+        dq = self._fmt_module(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
         cublas.setStream(self._cublas, self.stream.ptr)
         cublas.setPointerMode(self._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
         for r0 in range(0, N, chunk):
             n = min(chunk, N - r0)
-            launch(dq, (_blocks(n * (K // 32), 128),), (128,), (t.data, i64(t.row_bytes), scratch, i32(r0), i32(n), i32(K)))
-            # column-major view: C[N, T] (= y row-major [T, N]) = W^T[K, N]^T X[K, T]
-            cublas.gemmEx(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, T, K,
-                          self._one.ctypes.data, scratch.data.ptr, 2, K, x16.data.ptr, 2, K,
-                          self._zero.ctypes.data, y.data.ptr + 4 * r0, 0, N, 68, -1)
-        if bias is not None:
-            return self.add(y, bias)
-        return y
+            launch(dq, (_blocks(n * (K // 32), 128),), (128,),
+                   (w.data.data, i64(w.data.row_bytes), scratch, i32(row0 + r0), i32(n), i32(K)))
+            # column-major view: C[n, n_tok] (= y row-major [n_tok, N] at column r0) = W^T[K, n]^T X[K, n_tok]
+            cublas.gemmEx(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
+                          self._one.ctypes.data, scratch.data.ptr, 2, K, x16_ptr, 2, K,
+                          self._zero.ctypes.data, y_ptr + 4 * r0, 0, N, 68, -1)
 
     def rms_norm(self, x, weight, eps: float) -> cupy.ndarray:
         x = self._c(x)
@@ -549,7 +556,7 @@ class CudaDevice(Device):
         theta_scale = float(np.power(np.float32(spec.base), np.float32(-2.0) / np.float32(spec.n_rot), dtype=np.float32))
         c0 = c1 = 0.0
         if spec.ext_factor != 0.0:
-            from ..reference import yarn_corr_dims
+            from ...rope import yarn_corr_dims
 
             c0, c1 = yarn_corr_dims(spec.n_rot, spec.n_ctx_orig, spec.base, spec.beta_fast, spec.beta_slow)
         ff = spec.freq_factors if spec.freq_factors is not None else NULL

@@ -18,7 +18,6 @@ from pathlib import Path
 import cupy
 import numpy as np
 
-from ... import kernels as ksrc
 from ...generation import CudaError
 
 COMPILE_OPTIONS = ("-std=c++17",)

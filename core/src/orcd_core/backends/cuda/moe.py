@@ -20,12 +20,10 @@ Expert stacks are `Weight`s of shape [E, N, K] stored as E * N rows (row e * N +
 from __future__ import annotations
 
 import numpy as np
-from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
 from ...generation import CudaError
 from .kernels import NULL, f32, i32, i64, launch
-from .memory import align, raw_alloc, view
 
 MOE_WARPS = 4  # moe_kernels.cuh: output rows per block
 MAX_EXPERTS = 256  # moe.cu: MOE_MAX_E_PER_LANE * 32
@@ -119,7 +117,7 @@ def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, 
     for e in range(E):
         n = offs[e + 1] - offs[e]
         if n:
-            _gemm(dev, gate_up, e * 2 * F, 2 * F, D, x16.data.ptr + 2 * D * offs[e], n, h.data.ptr + 4 * 2 * F * offs[e])
+            dev._dequant_gemm(gate_up, e * 2 * F, 2 * F, D, x16.data.ptr + 2 * D * offs[e], n, h.data.ptr + 4 * 2 * F * offs[e])
     a16 = dev._ws((P, F), np.float16)
     launch(mk.fn("moe_glu_f16"), (_blocks(P * F, 256),), (256,),
            (h, ids, order, gub, a16, i32(P), i32(F), i32(act), f32(alpha), f32(limit)))
@@ -127,31 +125,7 @@ def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, 
     for e in range(E):
         n = offs[e + 1] - offs[e]
         if n:
-            _gemm(dev, down, e * D, D, F, a16.data.ptr + 2 * F * offs[e], n, y.data.ptr + 4 * D * offs[e])
+            dev._dequant_gemm(down, e * D, D, F, a16.data.ptr + 2 * F * offs[e], n, y.data.ptr + 4 * D * offs[e])
     out = dev._ws((T, D))
     launch(mk.fn("moe_combine"), (_blocks(T * D, 256),), (256,), (y, ids, pos, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
     return out
-
-
-def _gemm(dev, w, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
-    """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
-    dequantized to fp16 through the device's scratch in chunks, cuBLAS with fp32 accumulation."""
-    scratch = dev._scratch
-    if scratch is None or scratch.size < K:  # prepare_load sizes it; else the first prefill does
-        from .device import DEQUANT_SCRATCH_BYTES
-
-        nbytes = max(DEQUANT_SCRATCH_BYTES, align(K * 2))
-        dev._scratch = None
-        dev._scratch = scratch = view(raw_alloc(nbytes), 0, (nbytes // 2,), np.float16)
-    chunk = max(1, min(N, scratch.size // K))
-    dq = dev._fmt_module(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
-    cublas.setStream(dev._cublas, dev.stream.ptr)
-    cublas.setPointerMode(dev._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
-    for r0 in range(0, N, chunk):
-        n = min(chunk, N - r0)
-        launch(dq, (_blocks(n * (K // 32), 128),), (128,),
-               (w.data.data, i64(w.data.row_bytes), scratch, i32(row0 + r0), i32(n), i32(K)))
-        # column-major: C[n, n_tok] (= y row-major [n_tok, N] at column r0) = W^T[K, n]^T X[K, n_tok]
-        cublas.gemmEx(dev._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
-                      dev._one.ctypes.data, scratch.data.ptr, 2, K, x16_ptr, 2, K,
-                      dev._zero.ctypes.data, y_ptr + 4 * r0, 0, N, 68, -1)

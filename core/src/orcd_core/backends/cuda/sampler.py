@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import NULL, f32, i32, launch
+from .kernels import f32, i32, launch
 from .memory import raw_alloc, view
 
 ARGMAX_BLOCKS = 64
