@@ -60,7 +60,7 @@ def main() -> None:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
             recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem)))
             if names.get(id(f), "").startswith("gemv_"):
-                gemvs.setdefault((names[id(f)], int(args[5]), int(args[6])), (f, block, args))
+                gemvs.setdefault((names[id(f)], int(args[5]), int(args[6])), (f, block, args, shared_mem))
 
     for mod in (K, D):
         mod.launch = timed_launch
@@ -169,16 +169,16 @@ def main() -> None:
     dec.close()
     # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
     variants = []
-    for (name, N, Kd), (f, block, args) in sorted(gemvs.items()):
-        variants.append((name, N, Kd, f, block, args))
-    for name, N, Kd, f, block, args in variants:
+    for (name, N, Kd), (f, block, args, smem) in sorted(gemvs.items()):
+        variants.append((name, N, Kd, f, block, args, smem))
+    for name, N, Kd, f, block, args, smem in variants:
         row = []
         for R in (1, 2, 4):
             a2 = args[:-1] + (np.int32(R),)
             grid = ((N + 4 * R - 1) // (4 * R),)
             dev.stream.begin_capture()
             for _ in range(20):
-                orig_launch(f, grid, block, a2)
+                orig_launch(f, grid, block, a2, smem)
             graph = dev.stream.end_capture()
             graph.launch(dev.stream)
             e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()

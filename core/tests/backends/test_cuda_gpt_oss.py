@@ -3,7 +3,10 @@ orcd_core.synth (gpt-oss-20b's names, shapes, types (MXFP4 experts, Q8_0 rest) a
 64/8 heads of 64, 32 experts top 4, sinks, sliding window 128 on alternate layers, YaRN).
 
 - 2-layer full-width cut: every position's logits within relative L2 1e-2 of the reference, also for
-  prompts longer than the 128-token window and than one 512-token prefill step; greedy 64 tokens
+  prompts longer than the 128-token window and than one 512-token prefill step, except positions whose
+  expert choice is a near tie in the reference's router (the k-th and (k+1)-th router logits closer than
+  1% of their spread at some layer): there the prefill's fp16 GEMMs (hidden state ~7e-4 off) may pick
+  the other expert, a discontinuity, not a drift; such positions are counted, not judged; greedy 64 tokens
   identical, the decode crossing the window; a prompt of more than 4 tokens runs the grouped (prefill)
   MoE path, the decode steps the graph-captured expert GEMVs.
 - full size (24 layers, 12.1 GB; ORCD_GPT_OSS_FULL=1, it is written first): loads, reproducible ids
@@ -55,16 +58,46 @@ def test_quant_kind_is_the_experts_format(cut_pair):
     assert gpu.info()["quant_kind"] in ("MXFP4", "MXFP4_MOE")
 
 
+TIE_BAND = 1e-2  # router margin / spread below which the expert choice may flip
+
+
+def reference_logits_and_router_margins(ref, ids):
+    """The reference's logits of `ids`, and per position the smallest router margin over the layers:
+    (k-th - (k+1)-th largest router logit) / std of that token's router logits."""
+    dev, calls = ref.device, []
+    moe = dev.moe
+
+    def spy(x, router, router_bias, *args, top_k, **kw):
+        logits = np.sort(np.asarray(dev.linear(x, router, router_bias)), axis=1)[:, ::-1]  # [T, E] descending
+        calls.append((logits[:, top_k - 1] - logits[:, top_k]) / logits.std(axis=1))
+        return moe(x, router, router_bias, *args, top_k=top_k, **kw)
+
+    dev.moe = spy
+    try:
+        want = ref.logits(ids)
+    finally:
+        del dev.moe
+    L = int(ref.config.n_layer)  # calls: each prefill chunk's layers in order
+    margins = np.concatenate([np.min(calls[c : c + L], axis=0) for c in range(0, len(calls), L)])
+    assert margins.shape == (len(ids),)
+    return want, margins
+
+
 @pytest.mark.parametrize("T", [3, 40, 600])
 def test_logits_match_the_reference(cut_pair, T):
     ref, gpu = cut_pair
     ids = np.random.default_rng(T).integers(0, int(ref.config.n_vocab), T).tolist()
-    want = ref.logits(ids)
+    want, margin = reference_logits_and_router_margins(ref, ids)
     got = gpu.logits(ids)
     assert got.shape == want.shape and np.isfinite(got).all()
     err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
-    print(f"gpt-oss 2-layer cut, T={T}: per-position relative L2 max {err.max():.2e}, mean {err.mean():.2e}")
-    assert err.max() <= 1e-2, f"per-position relative L2 up to {err.max():.2e}"
+    tie = margin < TIE_BAND
+    print(f"gpt-oss 2-layer cut, T={T}: per-position relative L2 max {err[~tie].max():.2e}, mean "
+          f"{err[~tie].mean():.2e} over {int((~tie).sum())} positions; {int(tie.sum())} near-tie positions "
+          f"(router margin < {TIE_BAND}): relative L2 {np.round(err[tie], 4).tolist()} at margins "
+          f"{np.round(margin[tie], 5).tolist()}")
+    assert err[~tie].max() <= 1e-2, f"per-position relative L2 up to {err[~tie].max():.2e} away from router ties"
+    assert tie.sum() <= max(2, 0.05 * T), f"{int(tie.sum())} of {T} positions are near router ties"
 
 
 def test_greedy_64_tokens_identical(cut_pair):

@@ -15,7 +15,8 @@
 // consecutive items, so a warp reads consecutive bytes of the row.
 //
 // ORCD_QUANT_KERNELS(NAME, F) then defines, with uniform names per format:
-//   gemv_NAME        y[n] = sum_k W[n, k] x[k] (+ bias[n])         decode matvec (one token), R rows per warp
+//   gemv_NAME        y[n] = sum_k W[n, k] x[k] (+ bias[n])         decode matvec (one token), R rows per warp;
+//                    dynamic shared memory xs_bytes = 4 * T * xs_chunk(T, K) (x staged there)
 //   gemv_t4_NAME     the same for T <= GEMV_MAX_T tokens: y[t, n]
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
@@ -25,58 +26,97 @@
 #define GEMV_MAX_T 4
 #define GEMV_WARPS 4  // rows per block: one warp per row
 
+// Activations are staged in shared memory first (XS_MAX_BYTES of dynamic shared memory at most; the
+// launcher passes xs_bytes(T, K)): a lane reads the x of *its* item, so lanes of a warp read 32
+// different 128-byte spans of x, which from global memory costs one L1 wavefront per lane and was
+// what bounded these GEMVs (docs/perf-notes.md). In shared memory the float4s are swizzled: float4 c
+// (0..7) of 32-element row r sits at r * 8 + (c ^ (r & 7)), so the 8 lanes of a quarter-warp that read
+// float4 c of 8 consecutive rows hit 8 different bank groups. When T vectors of K floats do not fit,
+// the K axis is walked in chunks of XS_MAX_BYTES / (4 T) floats (a multiple of 256: whole blocks).
+#define XS_MAX_BYTES 32768
+
+__host__ __device__ __forceinline__ int xs_chunk(int T, int K) {
+    return 4 * T * K <= XS_MAX_BYTES ? K : (XS_MAX_BYTES / (4 * T)) & ~255;
+}
+__device__ __forceinline__ int xs_f4(int e) {  // element e (a multiple of 4) of a staged chunk -> float4 slot
+    const int r = e >> 5;
+    return (r << 3) | (((e >> 2) & 7) ^ (r & 7));
+}
+// Stage elements [k0, k0 + kc) of nv vectors (vector v at x + v * stride) into xs[v * kc / 4 + ...].
+// Every thread of the block takes part; the caller synchronizes around it.
+__device__ __forceinline__ void stage_x(const float* __restrict__ x, i64 stride, int nv, int k0, int kc, float4* xs) {
+    const int n4 = kc >> 2;
+    for (int i = threadIdx.x; i < nv * n4; i += blockDim.x) {
+        const int v = i / n4, e4 = i - v * n4;
+        xs[v * n4 + xs_f4(4 * e4)] = *(const float4*)(x + v * stride + k0 + 4 * e4);
+    }
+}
+// sum over the item's 32 weights v (item order) times the staged x at element offsets eb + x0 + 0..15
+// and eb + x1 + 0..15 of the chunk
+__device__ __forceinline__ float item_dot_xs(const float v[32], const float4* __restrict__ xv, int eb, int x0, int x1) {
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const float4 a = xv[xs_f4(eb + x0 + 4 * c)], bb = xv[xs_f4(eb + x1 + 4 * c)];
+        s += v[4 * c] * a.x + v[4 * c + 1] * a.y + v[4 * c + 2] * a.z + v[4 * c + 3] * a.w;
+        s += v[16 + 4 * c] * bb.x + v[16 + 4 * c + 1] * bb.y + v[16 + 4 * c + 2] * bb.z + v[16 + 4 * c + 3] * bb.w;
+    }
+    return s;
+}
+
 // One warp per R consecutive rows (R = rows_per_warp, 1..GEMV_MAX_R, chosen by the launcher so a warp
-// has a few items per lane even for short rows): the warp walks the R rows' items as one flat list,
-// lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced per row at the end.
+// has a few items per lane even for short rows): the warp walks the R rows' items of the staged chunk as
+// one flat list, lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced
+// per row at the end.
 #define GEMV_MAX_R 4
 
 template <class F, int MAXT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
                                           float* __restrict__ y, const float* __restrict__ bias, int N, int K,
                                           int T, int R) {
+    extern __shared__ float4 xs[];
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
-    if (row0 >= N) return;
-    const int n_items = K >> 5;
-    const int total = min(R, N - row0) * n_items;
+    const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
+    const int KC = xs_chunk(T, K);
     float acc[MAXT][GEMV_MAX_R];
 #pragma unroll
     for (int t = 0; t < MAXT; ++t)
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_R; ++r) acc[t][r] = 0.0f;
-    int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        const int kc = min(KC, K - k0);
+        if (k0) __syncthreads();  // the previous chunk is consumed
+        stage_x(x, K, T, k0, kc, xs);
+        __syncthreads();
+        const int n_items = kc >> 5, it0 = k0 >> 5;
+        int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
 #pragma unroll 2
-    for (int f = lane; f < total; f += 32) {
-        const int b = it / F::IPB, i = it - b * F::IPB;
-        float v[32];
-        int x0, x1;
-        F::item(W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS, i, v, x0, x1);
-        const int base = b * F::QK;
+        for (int f = lane; f < nr * n_items; f += 32) {
+            const int g = it0 + it;  // the item's index in the row
+            const int b = g / F::IPB, i = g - b * F::IPB;
+            float v[32];
+            int x0, x1;
+            F::item(W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS, i, v, x0, x1);
+            const int eb = b * F::QK - k0;
 #pragma unroll
-        for (int t = 0; t < MAXT; ++t) {
-            if (t < T) {
-                const float4* xa = (const float4*)(x + (i64)t * K + base + x0);
-                const float4* xb = (const float4*)(x + (i64)t * K + base + x1);
-                float s = 0.0f;
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
+                    const float s = item_dot_xs(v, xs + t * (kc >> 2), eb, x0, x1);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) {
-                    const float4 a = xa[c], bb = xb[c];
-                    s += v[4 * c] * a.x + v[4 * c + 1] * a.y + v[4 * c + 2] * a.z + v[4 * c + 3] * a.w;
-                    s += v[16 + 4 * c] * bb.x + v[16 + 4 * c + 1] * bb.y + v[16 + 4 * c + 2] * bb.z + v[16 + 4 * c + 3] * bb.w;
+                    for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
                 }
-#pragma unroll
-                for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
             }
-        }
-        it += 32;
-        while (it >= n_items) {
-            it -= n_items;
-            ++r;
+            it += 32;
+            while (it >= n_items) {
+                it -= n_items;
+                ++r;
+            }
         }
     }
 #pragma unroll
     for (int rr = 0; rr < GEMV_MAX_R; ++rr) {
-        if (rr < R && row0 + rr < N) {
+        if (rr < nr) {
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) {
                 if (t < T) {

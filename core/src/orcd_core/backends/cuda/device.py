@@ -22,7 +22,7 @@ from ... import kernels as ksrc
 from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
-from .kernels import NULL, KernelSet, f32, i32, i64, launch
+from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
 from .memory import ALIGN, Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
 GEMV_MAX_T = 4  # quant_kernels.cuh
@@ -499,7 +499,8 @@ class CudaDevice(Device):
             R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
             launch(ks.fn(f"gemv_{name}" if T == 1 else f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
                    (32 * GEMV_WARPS,),
-                   (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)))
+                   (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)),
+                   shared_mem=xs_bytes(T, K))
             return y
         x16 = self._ws((T, K), np.float16)
         launch(self.core.fn("f32_to_f16"), (_blocks(T * K, 256),), (256,), (x, x16, i64(T * K)))

@@ -75,6 +75,16 @@ def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> N
             raise CudaError(f"kernel {getattr(fn, 'kernel', fn)} failed: {exc}") from exc
 
 
+XS_MAX_BYTES = 32768  # quant_kernels.cuh: shared memory for the GEMVs' staged activations
+
+
+def xs_bytes(n_vectors: int, K: int) -> int:
+    """Dynamic shared memory of a GEMV kernel that stages `n_vectors` activation vectors of K floats
+    (quant_kernels.cuh xs_chunk: all of K, or chunks of a multiple of 256 elements)."""
+    per = K if 4 * n_vectors * K <= XS_MAX_BYTES else (XS_MAX_BYTES // (4 * n_vectors)) & ~255
+    return 4 * n_vectors * per
+
+
 # kernel scalar arguments must carry their C type (CuPy passes a Python int as a 64-bit value)
 i32 = np.int32
 i64 = np.int64

@@ -23,11 +23,11 @@ import numpy as np
 
 from ... import kernels as ksrc
 from ...generation import CudaError
-from .kernels import NULL, f32, i32, i64, launch
+from .kernels import NULL, f32, i32, i64, launch, xs_bytes
 
 MOE_WARPS = 4  # moe_kernels.cuh: output rows per block
 MAX_EXPERTS = 256  # moe.cu: MOE_MAX_E_PER_LANE * 32
-MAX_TOP_K = 32  # one lane per chosen expert in moe_topk_softmax
+MAX_TOP_K = 8  # moe_kernels.cuh MOE_MAX_K: the decode down-projection keeps one partial per slot
 DECODE_MAX_T = 4  # up to this many tokens: expert-indexed GEMVs; more: grouped by expert
 ACTS = {"silu": 0, "swiglu_oai": 1}
 _SOURCE = "moe.cu"
@@ -94,10 +94,11 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         a = dev._ws((P, F))  # [T k, F]
         launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (_blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
                (gate_up.data.data, i64(gate_up.data.row_bytes), ids, x, i32(top_k), gub, a, i32(F), i32(D), i32(E),
-                i32(ACTS[act]), f32(alpha), f32(limit)))
+                i32(ACTS[act]), f32(alpha), f32(limit)), shared_mem=xs_bytes(1, D))
         out = dev._ws((T, D))
         launch(_fmt_fn(dev, down, "moe_down"), (_blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
-               (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)))
+               (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)),
+               shared_mem=xs_bytes(top_k, F))
         return out
     return _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, top_k, ACTS[act], alpha, limit)
 
