@@ -5,8 +5,10 @@ orcd_core.synth (gpt-oss-20b's names, shapes, types (MXFP4 experts, Q8_0 rest) a
 - 2-layer full-width cut: every position's logits within relative L2 1e-2 of the reference, also for
   prompts longer than the 128-token window and than one 512-token prefill step, except positions whose
   expert choice is a near tie in the reference's router (the k-th and (k+1)-th router logits closer than
-  1% of their spread at some layer): there the prefill's fp16 GEMMs (hidden state ~7e-4 off) may pick
-  the other expert, a discontinuity, not a drift; such positions are counted, not judged; greedy 64 tokens
+  0.1% of their spread at some layer): there the prefill's fp16 GEMMs (hidden state ~7e-4 off) may pick
+  the other expert, a discontinuity, not a drift; such positions are counted (at most 2%), not judged.
+  Measured on the H100: T=600, 51 positions within 1% of their spread, all but one at <= 9e-4; the one at
+  2.9e-2 had a margin of 1e-5; greedy 64 tokens
   identical, the decode crossing the window; a prompt of more than 4 tokens runs the grouped (prefill)
   MoE path, the decode steps the graph-captured expert GEMVs.
 - full size (24 layers, 12.1 GB; ORCD_GPT_OSS_FULL=1, it is written first): loads, reproducible ids
@@ -58,7 +60,7 @@ def test_quant_kind_is_the_experts_format(cut_pair):
     assert gpu.info()["quant_kind"] in ("MXFP4", "MXFP4_MOE")
 
 
-TIE_BAND = 1e-2  # router margin / spread below which the expert choice may flip
+TIE_BAND = 1e-3  # router margin / spread below which the expert choice may flip
 
 
 def reference_logits_and_router_margins(ref, ids):
@@ -97,7 +99,7 @@ def test_logits_match_the_reference(cut_pair, T):
           f"(router margin < {TIE_BAND}): relative L2 {np.round(err[tie], 4).tolist()} at margins "
           f"{np.round(margin[tie], 5).tolist()}")
     assert err[~tie].max() <= 1e-2, f"per-position relative L2 up to {err[~tie].max():.2e} away from router ties"
-    assert tie.sum() <= max(2, 0.05 * T), f"{int(tie.sum())} of {T} positions are near router ties"
+    assert tie.sum() <= max(2, 0.02 * T), f"{int(tie.sum())} of {T} positions are near router ties"
 
 
 def test_greedy_64_tokens_identical(cut_pair):
@@ -161,5 +163,6 @@ def test_full_size_request_that_cannot_get_its_kv_cache_is_vram_oom(full):
         del ballast
     dev.stream.synchronize()
     free1, _ = cupy.cuda.runtime.memGetInfo()
-    assert dev.vram_bytes_used() == used0 and abs(free1 - free0) <= 1 << 20
+    # the driver hands out device memory in 2 MiB pages: one may stay mapped after the failed request
+    assert dev.vram_bytes_used() == used0 and abs(free1 - free0) <= 2 << 20
     assert len(run_ids(full, prompt, 8, greedy)) == 8 and dev.healthy

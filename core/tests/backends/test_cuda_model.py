@@ -107,10 +107,11 @@ def test_vram_returns_to_post_load_after_100_requests(qwen_full):
     mem = eng.device.memory_report()
     used = eng.device.vram_bytes_used()
     assert mem["kv_cache"] == 0  # every request's cache was freed
-    # our accounting vs the driver: what the process holds beyond the context (kernels, cuBLAS handle,
-    # CuPy's small-array pool are the difference)
+    # our accounting vs the driver: the process holds more than we allocate (loaded kernel modules, the
+    # cuBLAS handle and workspace, small per-launch allocations of the runtime), never less. Measured on
+    # the H100 with this model: 70 MiB more, the same right after load and after requests.
     held = free0 - free2
-    assert abs(held - used) <= 0.05 * used, f"driver says {held} bytes, vram_bytes_used {used}"
+    assert 0 <= held - used <= 128 << 20, f"driver says {held} bytes, vram_bytes_used {used}"
     # and vs the model: file tensor bytes + KV cache (none live) + workspace
     expected = eng.gguf.tensor_data_bytes + mem["kv_cache"] + mem["workspace"]
     assert abs(used - expected) <= 0.05 * expected, (used, expected, mem)
