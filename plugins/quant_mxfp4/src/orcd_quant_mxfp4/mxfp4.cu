@@ -6,8 +6,8 @@
 //
 // One block is one 32-weight item; the GEMV, dequantize-to-fp16 and row gather come from the core's
 // templates (quant_kernels.cuh: gemv_MXFP4, dequant_f16_MXFP4, get_rows_MXFP4), the expert-indexed
-// GEMVs of the mixture of experts from moe_kernels.cuh (moe_gemv_glu_MXFP4, moe_down_MXFP4).
-// ggml_e8m0_to_fp32_half(e) = 2^(e - 128): the normal float with biased exponent e - 1 for e >= 2.
+// GEMVs of the mixture of experts from moe_kernels.cuh (moe_gemv_MXFP4, moe_gemv_swiglu_MXFP4,
+// moe_down_MXFP4).
 #include "moe_kernels.cuh"
 
 // ---- loading a 17-byte block ---------------------------------------------------------------------
@@ -28,28 +28,34 @@ __device__ __forceinline__ u32 mxfp4_load(const u8* blk, u32 q[4]) {
     return (r[0] >> (8u * s)) & 0xFFu;  // e
 }
 
-// The 32 weights of a block as floats, value = E2M1_DOUBLED[code] * d (d = 2^(e - 128), or a normal
-// stand-in the caller corrects), with integer ops and one FADD per weight (no fp16 -> fp32 conversion,
-// which runs at 1/8 of the FMA rate and bounded the expert GEMVs):
-//   magnitudes: a byte permute over the table {0,1,2,3,4,6,8,12} looks up four 3-bit codes at once;
-//   a second byte permute puts a magnitude under the exponent byte 0x4B, so the float is 2^23 + m and
-//   one FADD leaves m exactly; the code's sign bit goes onto d; one FMUL gives the exact product.
-// Word j of qs holds qs bytes 4j..4j+3: nibble k (bits 4k..4k+3) is weight 4j + k/2 for even k (a low
-// nibble) and 16 + 4j + k/2 for odd k (a high nibble).
-#define E2M1_MAG_LO 0x03020100u  // doubled magnitudes of codes 0..3
-#define E2M1_MAG_HI 0x0C080604u  // codes 4..7
-__device__ __forceinline__ void e2m1_decode(const u32 q[4], float d, float v[32]) {
-    const u32 db = __float_as_uint(d);
+// Half of the E8M0 scale, 2^(e - 128), exactly as ggml_e8m0_to_fp32_half: the normal float with
+// biased exponent e - 1 for e >= 2, the subnormals 2^-128 (0x00200000) and 2^-127 (0x00400000) below.
+__device__ __forceinline__ float e8m0_half(u32 e) {
+    return __uint_as_float(e < 2u ? (0x00200000u << e) : ((e - 1u) << 23));
+}
+
+// Two E2M1 codes (bits 0-3 and 16-19 of p; other bits ignored) -> two fp16 bit patterns whose
+// values are the codes' E2M1 values times 2^-14: sign bit 3 -> fp16 bit 15; exponent/mantissa bits
+// 0-2 -> fp16 bits 9-11 (the top of the exponent field stays 0, so E2M1's exponent bias 1 becomes
+// fp16's bias 15 and its subnormal (exponent 0: 0.5 * m) fp16's subnormal m * 2^-15).
+// So h2f(.) * 2^15 is the doubled integer of E2M1_DOUBLED, exactly.
+__device__ __forceinline__ u32 e2m1x2_to_h2(u32 p) { return ((p << 12) & 0x80008000u) | ((p << 9) & 0x0E000E00u); }
+
+// v[0..16) = low nibbles of qs[0..16), v[16..32) = high nibbles, each its E2M1 value * 2^-14 * s
+// (so s = 2^15 gives the doubled integers).
+__device__ __forceinline__ void e2m1_decode(const u32 q[4], float s, float v[32]) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const u32 w = q[j];
-        const u32 mag[2] = {__byte_perm(E2M1_MAG_LO, E2M1_MAG_HI, w & 0x7777u),
-                            __byte_perm(E2M1_MAG_LO, E2M1_MAG_HI, (w >> 16) & 0x7777u)};
+    for (int w = 0; w < 4; ++w) {
+        // bytes 4w+0..3 of qs -> pairs (byte 4w, byte 4w+1) and (4w+2, 4w+3) at bits 0-7 / 16-23
+        const u32 p01 = __byte_perm(q[w], 0u, 0x4140u), p23 = __byte_perm(q[w], 0u, 0x4342u);
+        const u32 c[4] = {e2m1x2_to_h2(p01), e2m1x2_to_h2(p23),              // low nibbles: weights 4w..
+                          e2m1x2_to_h2(p01 >> 4), e2m1x2_to_h2(p23 >> 4)};  // high nibbles: 16 + 4w..
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const float m = __uint_as_float(__byte_perm(mag[k >> 2], 0x4B000000u, 0x7540u | (k & 3))) - ORCD_MAGIC;
-            const float dk = __uint_as_float(db | ((w << (28 - 4 * k)) & 0x80000000u));
-            v[(k & 1) * 16 + 4 * j + (k >> 1)] = m * dk;
+        for (int h = 0; h < 2; ++h) {
+            v[16 * h + 4 * w + 0] = h2f_lo(c[2 * h]) * s;
+            v[16 * h + 4 * w + 1] = h2f_hi(c[2 * h]) * s;
+            v[16 * h + 4 * w + 2] = h2f_lo(c[2 * h + 1]) * s;
+            v[16 * h + 4 * w + 3] = h2f_hi(c[2 * h + 1]) * s;
         }
     }
 }
@@ -59,17 +65,18 @@ struct FmtMXFP4 {
     __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
         u32 q[4];
         const u32 e = mxfp4_load(blk, q);
-        if (e >= 2u) {
-            // d = 2^(e - 128) is a normal float (biased exponent e - 1): doubled * d is exact, bit-identical
-            // to the reference's doubled * ggml_e8m0_to_fp32_half(e)
-            e2m1_decode(q, __uint_as_float((e - 1u) << 23), v);
-        } else {
-            // d would be subnormal (2^-128, 2^-127); the H100 flushed such a multiply operand to zero, so
-            // two normal factors: 2^-64 here, 2^(e - 64) after (the product, subnormal, is exact)
-            e2m1_decode(q, __uint_as_float(63u << 23), v);
-            const float rest = __uint_as_float((e + 63u) << 23);
+        const float d = e8m0_half(e);
+        if (e < 241u) {
+            // doubled * 2^(e-128) = (E2M1 value * 2^14) * 2^(e-113) in one multiply while 2^(e-113) is
+            // finite: the fp16 value is a multiple of 2^-15 with a 2-bit significand, so the product is
+            // exact (also where it is subnormal), bit-identical to the reference.
+            // 2^(e-113) built as a normal float (biased exponent e + 14): d itself is subnormal for
+            // e < 2, and the H100 flushed it to zero as a multiply operand
+            e2m1_decode(q, __uint_as_float((e + 14u) << 23), v);
+        } else {  // 2^(e-113) would overflow: the doubled integer times half the scale, as the reference
+            e2m1_decode(q, 32768.0f, v);
 #pragma unroll
-            for (int k = 0; k < 32; ++k) v[k] *= rest;
+            for (int k = 0; k < 32; ++k) v[k] *= d;
         }
         x0 = 0; x1 = 16;
     }
