@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from typing import Any, Sequence
 
 import cupy
@@ -23,7 +22,7 @@ from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
-from .memory import ALIGN, Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
+from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
 GEMV_MAX_T = 4  # quant_kernels.cuh
 GEMV_WARPS = 4  # warps per block
