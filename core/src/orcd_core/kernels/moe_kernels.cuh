@@ -30,19 +30,6 @@ __device__ __forceinline__ float moe_act(float g, float u, int act, float alpha,
     return g / (1.0f + expf(-g)) * u;
 }
 
-// The dot of one item with staged x (element offset eb of the item's block in the chunk). Default:
-// dequantize the item (F::item, 32 floats live) and multiply; a format may specialize ItemDot to
-// stream its decode into the sum, keeping fewer registers live (more warps, more loads in flight).
-template <class F>
-struct ItemDot {
-    __device__ static __forceinline__ float dot(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
-        float v[32];
-        int x0, x1;
-        F::item(blk, i, v, x0, x1);
-        return item_dot_xs(v, xv, eb, x0, x1);
-    }
-};
-
 // This lane's share of the dot products of nr (<= MAXR) rows (rows[r]) with staged vectors: row r with
 // vector xv(r) = xs + (PAIRED ? r : 0) * K / 4 (x staged in shared memory as in quant_kernels.cuh; the
 // block stages every vector, K at most XS_MAX_BYTES / 4 / nv, else chunked). Lane l takes the flat

@@ -64,6 +64,19 @@ __device__ __forceinline__ float item_dot_xs(const float v[32], const float4* __
     return s;
 }
 
+// The dot of one item with staged x (element offset eb of the item's block in the chunk). Default:
+// dequantize the item (F::item, 32 floats live) and multiply; a format may specialize ItemDot to
+// stream its decode into the sum, keeping fewer registers live (more warps, more loads in flight).
+template <class F>
+struct ItemDot {
+    __device__ static __forceinline__ float dot(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
+        float v[32];
+        int x0, x1;
+        F::item(blk, i, v, x0, x1);
+        return item_dot_xs(v, xv, eb, x0, x1);
+    }
+};
+
 // One warp per R consecutive rows (R = rows_per_warp, 1..GEMV_MAX_R, chosen by the launcher so a warp
 // has a few items per lane even for short rows): the warp walks the R rows' items of the staged chunk as
 // one flat list, lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced
@@ -95,16 +108,23 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
         for (int f = lane; f < nr * n_items; f += 32) {
             const int g = it0 + it;  // the item's index in the row
             const int b = g / F::IPB, i = g - b * F::IPB;
-            float v[32];
-            int x0, x1;
-            F::item(W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS, i, v, x0, x1);
+            const u8* blk = W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS;
             const int eb = b * F::QK - k0;
+            if constexpr (MAXT == 1) {  // one token: the format's (possibly streamed) item dot
+                const float s = ItemDot<F>::dot(blk, i, xs, eb);
 #pragma unroll
-            for (int t = 0; t < MAXT; ++t) {
-                if (t < T) {
-                    const float s = item_dot_xs(v, xs + t * (kc >> 2), eb, x0, x1);
+                for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[0][rr] += rr == r ? s : 0.0f;
+            } else {  // several tokens: dequantize once, dot with each
+                float v[32];
+                int x0, x1;
+                F::item(blk, i, v, x0, x1);
 #pragma unroll
-                    for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
+                for (int t = 0; t < MAXT; ++t) {
+                    if (t < T) {
+                        const float s = item_dot_xs(v, xs + t * (kc >> 2), eb, x0, x1);
+#pragma unroll
+                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
+                    }
                 }
             }
             it += 32;

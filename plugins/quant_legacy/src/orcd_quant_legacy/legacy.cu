@@ -93,6 +93,53 @@ struct FmtQ8_0 {
     }
 };
 
+// The one-token GEMV's item dot for Q5_0, streamed: weight k (low nibble) and 16 + k (high nibble) go
+// straight into the sum with their x, d applied to the sum.
+template <>
+struct ItemDot<FmtQ5_0> {
+    __device__ static __forceinline__ float dot(const u8* blk, int, const float4* __restrict__ xv, int eb) {
+        u32 q[4];
+        ld16_a2(blk + 6, q);
+        const float d = h2f(ld2(blk));
+        const u32 qh = (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16);
+        float s = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float4 a = xv[xs_f4(eb + 4 * c)], b = xv[xs_f4(eb + 16 + 4 * c)];
+            const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int k = 4 * c + u;
+                const u32 by = (q[c] >> (8 * u)) & 0xFFu;
+                s += small_u2f((by & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC + 16.0f) * xa[u] +
+                     small_u2f((by >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC + 16.0f) * xb[u];
+            }
+        }
+        return d * s;
+    }
+};
+
+// The one-token GEMV's item dot for Q8_0, streamed: each word's four int8 go straight into the sum
+// (no 32-float array live), d applied to the sum.
+template <>
+struct ItemDot<FmtQ8_0> {
+    __device__ static __forceinline__ float dot(const u8* blk, int, const float4* __restrict__ xv, int eb) {
+        u32 w[8];
+        ld16_a2(blk + 2, w);
+        ld16_a2(blk + 18, w + 4);
+        const float d = h2f(ld2(blk));
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const u32 q = w[j] ^ 0x80808080u;  // int8 = (byte ^ 0x80) - 128
+            const float4 a = xv[xs_f4(eb + 4 * j)];
+            s += small_u2f(q & 0xFFu, ORCD_MAGIC + 128.0f) * a.x + small_u2f((q >> 8) & 0xFFu, ORCD_MAGIC + 128.0f) * a.y +
+                 small_u2f((q >> 16) & 0xFFu, ORCD_MAGIC + 128.0f) * a.z + small_u2f(q >> 24, ORCD_MAGIC + 128.0f) * a.w;
+        }
+        return d * s;
+    }
+};
+
 ORCD_QUANT_KERNELS(Q4_0, FmtQ4_0)
 ORCD_QUANT_KERNELS(Q4_1, FmtQ4_1)
 ORCD_QUANT_KERNELS(Q5_0, FmtQ5_0)

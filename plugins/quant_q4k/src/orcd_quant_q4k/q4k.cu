@@ -108,6 +108,39 @@ struct FmtQ6_K {
     }
 };
 
+// The one-token GEMV's item dot for Q4_K, streamed: per half (sub-blocks 2j and 2j+1) the sums of q x
+// and of x, then d_sc * sum(q x) - dmin_m * sum(x) (no 32-float array live).
+template <>
+struct ItemDot<FmtQ4_K> {
+    __device__ static __forceinline__ float dot(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
+        const int j = i >> 1, h = i & 1;
+        const u32 dm = ld4(blk);
+        const u32 sv[3] = {ld4(blk + 4), ld4(blk + 8), ld4(blk + 12)};
+        u32 q[4];
+        ld16_a16(blk + 16 + 32 * j + 16 * h, q);
+        const int x0 = eb + 64 * j + 16 * h;
+        float s1 = 0.0f, s2 = 0.0f, t1 = 0.0f, t2 = 0.0f;  // sum q x and sum x, low / high nibbles
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float4 a = xv[xs_f4(x0 + 4 * c)], b = xv[xs_f4(x0 + 32 + 4 * c)];
+            const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const u32 by = (q[c] >> (8 * u)) & 0xFFu;
+                s1 += small_u2f(by & 0xF, ORCD_MAGIC) * xa[u];
+                s2 += small_u2f(by >> 4, ORCD_MAGIC) * xb[u];
+                t1 += xa[u];
+                t2 += xb[u];
+            }
+        }
+        float sc1, m1, sc2, m2;
+        scale_min_k4(sv, 2 * j, sc1, m1);
+        scale_min_k4(sv, 2 * j + 1, sc2, m2);
+        const float d = h2f_lo(dm), dmin = h2f_hi(dm);
+        return (d * sc1) * s1 - (dmin * m1) * t1 + (d * sc2) * s2 - (dmin * m2) * t2;
+    }
+};
+
 ORCD_QUANT_KERNELS(Q4_K, FmtQ4_K)
 ORCD_QUANT_KERNELS(Q5_K, FmtQ5_K)
 ORCD_QUANT_KERNELS(Q6_K, FmtQ6_K)
