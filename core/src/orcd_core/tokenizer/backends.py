@@ -120,6 +120,32 @@ def _split_merges(path: str, merges: list[str], vocab: dict[str, int]) -> list[t
     return pairs  # type: ignore[return-value]
 
 
+def _vocab_tokenizer(kind: str, vocab, path: str, engine: HFTokenizer, cut: re.Pattern | None, *, spm_style: bool,
+                     add_space_prefix: bool, pre: str, clean_spaces: bool = False) -> Tokenizer:
+    """A Tokenizer over a GGUF vocabulary: what the BPE and SPM backends share (SPM pieces use the
+    SentencePiece spelling, BPE pieces the byte-level one)."""
+    return Tokenizer(
+        kind=kind,
+        tokens=vocab.tokens,
+        attrs=vocab.attrs,
+        pieces=_pieces(vocab.tokens, vocab.attrs, byte_level=not spm_style),
+        special_ids=vocab.special_ids,
+        encode_fragment=_fragment_encoder(engine, cut),
+        spm_style=spm_style,
+        bos_id=vocab.ids["bos"],
+        eos_id=vocab.ids["eos"],
+        eog_ids=vocab.eog_ids,
+        add_bos=vocab.add_bos,
+        add_eos=vocab.add_eos,
+        add_space_prefix=add_space_prefix,
+        chat_template=vocab.chat_template,
+        model_max_context=vocab.model_max_context,
+        pre=pre,
+        clean_spaces=clean_spaces,
+        source=path,
+    )
+
+
 class GGUFBPEBackend:
     """`tokenizer.ggml.model = gpt2`: byte-level BPE from `tokens` + `merges`, pre-tokenized by the
     regexes that llama.cpp ties to `tokenizer.ggml.pre`."""
@@ -151,26 +177,8 @@ class GGUFBPEBackend:
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in pre.regexes]
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
         engine.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
-        return Tokenizer(
-            kind=self.kind,
-            tokens=vocab.tokens,
-            attrs=vocab.attrs,
-            pieces=_pieces(vocab.tokens, vocab.attrs, byte_level=True),
-            special_ids=vocab.special_ids,
-            encode_fragment=_fragment_encoder(engine, BPE_CUT),
-            spm_style=False,
-            bos_id=vocab.ids["bos"],
-            eos_id=vocab.ids["eos"],
-            eog_ids=vocab.eog_ids,
-            add_bos=vocab.add_bos,
-            add_eos=vocab.add_eos,
-            add_space_prefix=False,
-            chat_template=vocab.chat_template,
-            model_max_context=vocab.model_max_context,
-            pre=pre_name,
-            clean_spaces=pre.clean_spaces,
-            source=path,
-        )
+        return _vocab_tokenizer(self.kind, vocab, path, engine, BPE_CUT, spm_style=False, add_space_prefix=False,
+                                pre=pre_name, clean_spaces=pre.clean_spaces)
 
 
 def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -219,25 +227,8 @@ class GGUFSPMBackend:
         engine = HFTokenizer(bpe)  # no normalizer, no pre-tokenizer: the prepared fragment is one word
         letter_space = re.compile("[A-Za-z]\u2581")
         cut = None if any(letter_space.search(t) for t in vocab.tokens) else SPM_CUT
-        return Tokenizer(
-            kind=self.kind,
-            tokens=vocab.tokens,
-            attrs=vocab.attrs,
-            pieces=_pieces(vocab.tokens, vocab.attrs, byte_level=False),
-            special_ids=vocab.special_ids,
-            encode_fragment=_fragment_encoder(engine, cut),
-            spm_style=True,
-            bos_id=vocab.ids["bos"],
-            eos_id=vocab.ids["eos"],
-            eog_ids=vocab.eog_ids,
-            add_bos=vocab.add_bos,
-            add_eos=vocab.add_eos,
-            add_space_prefix=vocab.add_space_prefix,
-            chat_template=vocab.chat_template,
-            model_max_context=vocab.model_max_context,
-            pre=vocab.pre,
-            source=path,
-        )
+        return _vocab_tokenizer(self.kind, vocab, path, engine, cut, spm_style=True,
+                                add_space_prefix=vocab.add_space_prefix, pre=vocab.pre)
 
 
 class HFJSONBackend:
