@@ -165,7 +165,7 @@ def main() -> None:
     for _ in range(50):
         dec.next()
     print(f"decode step graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
-          f"(graph nodes: {getattr(dec.graph, 'num_nodes', '?')})")
+          f"(graph nodes: {getattr(dec.graphs[1], 'num_nodes', '?')})")
     dec.close()
     # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
     variants = []
@@ -174,7 +174,7 @@ def main() -> None:
     for name, N, Kd, f, block, args, smem in variants:
         row = []
         for R in (1, 2, 4):
-            a2 = args[:-1] + (np.int32(R),)
+            a2 = args[:8] + (np.int32(R),) + args[9:]  # (W, rb, x, y, bias, N, K, T, R, aux, res, eps, mode)
             grid = ((N + 4 * R - 1) // (4 * R),)
             dev.stream.begin_capture()
             for _ in range(20):

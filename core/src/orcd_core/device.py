@@ -158,15 +158,17 @@ class Device(abc.ABC):
         return True
 
     def decoder(self, forward: "Callable[[Step], Any]", *, first_id: int, position: int, params,
-                step_index: int, recent_ids: Sequence[int]) -> "Decoder":
+                step_index: int, recent_ids: Sequence[int], max_steps: int | None = None) -> "Decoder":
         """The decode loop of one request. `forward(step)` runs the model on a one-token `Step` and
         returns that token's logits [V] (the adapter's forward + `logits_last`); it must only call
         device ops. `first_id` is the last chosen token, not yet in the KV cache, at `position`
         (= n_past); `step_index` is the index (among generated tokens) of the token the first
         `next()` returns; `recent_ids` the ids the repetition penalty sees so far (prompt and
         generated, `first_id` included). Each `Decoder.next()` feeds the previous token, runs one
-        step, samples and returns the new id (one small device->host copy). This default runs the
-        ops one by one; the CUDA backend captures the step once as a CUDA graph and replays it."""
+        step, samples and returns the new id (one small device->host copy). `max_steps`: the most
+        `next()` calls the caller will make (None: unknown); a backend that runs a step ahead of the
+        host (the CUDA one) never starts one past it. This default runs the ops one by one; the CUDA
+        backend captures the step once as a CUDA graph and replays it, one step in flight ahead."""
         return EagerDecoder(self, forward, first_id=first_id, position=position, params=params,
                             step_index=step_index, recent_ids=recent_ids)
 

@@ -177,7 +177,7 @@ class Engine:
         decoder = None
         try:
             t0 = time.perf_counter()
-            logits = self.prefill(prompt, cache)  # [1, V]
+            logits = self.prefill(prompt, cache, cancel=cancel)  # [1, V]
             W = max(1, params.repetition_window)
             recent = ([-1] * W + prompt)[-W:]
             next_id = dev.sample(dev.logits_last(logits), params, dev.to_device(recent), dev.to_device([0]))
@@ -198,7 +198,7 @@ class Engine:
                     if decoder is None:  # feeds out_ids[-1] at its position, then samples
                         decoder = dev.decoder(lambda step: self.decode_forward(step, cache), first_id=out_ids[-1],
                                               position=len(prompt) + index - 1, params=params, step_index=index,
-                                              recent_ids=prompt + out_ids)
+                                              recent_ids=prompt + out_ids, max_steps=req.max_tokens - index)
                     token = decoder.next()
                 if token in eog:
                     finish = "stop"
@@ -230,12 +230,17 @@ class Engine:
 
     # -- the device work ---------------------------------------------------------------------------
 
-    def prefill(self, ids: list[int], cache: KVCache, *, all_logits: bool = False):
-        """Feed `ids` from position 0 in chunks of PREFILL_CHUNK; logits of the last token ([1, V]),
-        or of every token ([T, V] on the host) with `all_logits`."""
+    def prefill(self, ids: list[int], cache: KVCache, *, all_logits: bool = False,
+                cancel: CancelToken | None = None, start_pos: int = 0):
+        """Feed `ids` from position `start_pos` (the cache holds the positions before it) in chunks of
+        PREFILL_CHUNK; logits of the last token ([1, V]), or of every token ([T, V] on the host) with
+        `all_logits`. A cancel is honoured between chunks."""
         dev, outs, logits = self.device, [], None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start : start + PREFILL_CHUNK]
+        for i0 in range(0, len(ids), PREFILL_CHUNK):
+            start = start_pos + i0
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("the request was cancelled during prefill", tokens_out=0)
+            chunk = ids[i0 : i0 + PREFILL_CHUNK]
             step = Step(len(chunk), dev.to_device(chunk), dev.to_device(np.arange(start, start + len(chunk))),
                         dev.to_device([start]))
             dev.begin_step(prefill=True)

@@ -121,3 +121,37 @@ def test_vram_returns_to_post_load_after_100_requests(qwen_full):
 def test_weights_are_resident_device_memory(qwen_full):
     eng, _ = qwen_full
     assert eng.device.check_residency() and eng.device.healthy
+
+
+def test_decode_step_is_six_kernels_a_layer(cut_pair, monkeypatch):
+    """A llama-family decode step, fused (backends/cuda/fusion.py): per layer norm+q|k|v GEMV,
+    rope+KV write, attention, o GEMV+residual, norm+gate|up GEMV, silu+down GEMV+residual; then the
+    embedding, the norm+head GEMV and greedy argmax (2). Logits as the reference's."""
+    import orcd_core.backends.cuda.device as D
+    from orcd_core.device import Step
+
+    arch, ref, gpu = cut_pair
+    dev, model = gpu.device, gpu.model
+    ids = [5, 17, 99, 3]
+    caches = [e.model.new_kv_cache(64) for e in (ref, gpu)]
+    try:
+        want = ref.prefill(ids, caches[0], all_logits=True)[-1]
+        gpu.prefill(ids[:3], caches[1])
+        step = Step(1, dev.to_device([ids[3]]), dev.to_device([3]), dev.to_device([3]))
+        dev.begin_step()
+        n, orig = [0], D.launch
+
+        def counting(*a, **k):
+            n[0] += 1
+            return orig(*a, **k)
+
+        monkeypatch.setattr(D, "launch", counting)
+        logits = dev.logits_last(model.forward(step, caches[1]))
+        dev.argmax(logits)
+        got = np.asarray(dev.to_host(logits), np.float64)
+        monkeypatch.undo()
+        assert n[0] == 6 * model.config.n_layer + 4, arch
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
+    finally:
+        ref.device.free_kv_cache(caches[0])
+        dev.free_kv_cache(caches[1])

@@ -349,3 +349,101 @@ def test_tiny_top_p_keeps_only_the_most_probable_token(dev, rng, top_p, top_k, V
         got = dev.sample(dev.to_device(logits, "float32"), params, dev.to_device(np.full(8, -1, np.int32)),
                          dev.to_device([step_index]))
         assert int(dev.to_host(got)[0]) == want, (top_p, step_index)
+
+
+# ---- fused decode ops (backends/cuda/fusion.py) ---------------------------------------------------------
+# A one-token rms_norm or silu_mul is staged by the GEMV that reads it, a one-token GEMV feeding an add
+# takes the other operand as its residual, and rope(q), rope(k) feeding attention are one launch with
+# the KV write. Same thresholds as the unfused ops they replace.
+
+FUSE_FORMATS = [f for f in FORMATS if f.name in ("Q4_K", "Q5_0", "Q8_0", "MXFP4", "F16")]
+
+
+def _count_launches(monkeypatch):
+    import orcd_core.backends.cuda.device as D
+
+    n = [0]
+    orig = D.launch
+
+    def counting(*a, **k):
+        n[0] += 1
+        return orig(*a, **k)
+
+    monkeypatch.setattr(D, "launch", counting)
+    return n
+
+
+@pytest.mark.parametrize("fmt", FUSE_FORMATS, ids=lambda f: f.name)
+def test_fused_norm_gemv_residual(dev, ref, rng, fmt, monkeypatch):
+    N, K = shapes_for(fmt)[1]
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    x, nw, res, bias = randn(rng, 1, K) * 3, randn(rng, K), randn(rng, 1, N), randn(rng, N)
+    want = res + ref.rms_norm(x, nw, 1e-6).astype(np.float64) @ dequant(t).T + bias
+    X, NW, RES, B = (dev.to_device(a, "float32") for a in (x, nw, res, bias))
+    poison(dev)
+    n = _count_launches(monkeypatch)
+    y = dev.add(RES, dev.linear(dev.rms_norm(X, NW, 1e-6), w, B))
+    assert n[0] == 1  # norm, GEMV, bias and residual: one kernel
+    got = host(dev, y)
+    assert rel_l2(got, want) <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", FUSE_FORMATS, ids=lambda f: f.name)
+def test_fused_silu_mul_gemv(dev, ref, rng, fmt, monkeypatch):
+    N, K = shapes_for(fmt)[1]
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    gu = randn(rng, 1, 2 * K) * 2  # one gate|up output, split into column slices
+    want = ref.silu_mul(gu[:, :K], gu[:, K:]).astype(np.float64) @ dequant(t).T
+    GU = dev.to_device(gu, "float32")
+    poison(dev)
+    n = _count_launches(monkeypatch)
+    y = dev.linear(dev.silu_mul(GU[:, :K], GU[:, K:]), w)
+    got = host(dev, y)
+    assert n[0] == 1
+    assert rel_l2(got, want) <= 1e-3
+
+
+def test_a_deferred_op_read_by_anything_else_is_launched_first(dev, ref, rng):
+    x, nw = randn(rng, 1, 256) * 3, randn(rng, 256)
+    X, NW = dev.to_device(x, "float32"), dev.to_device(nw, "float32")
+    poison(dev)
+    h = dev.rms_norm(X, NW, 1e-5)
+    g = host(dev, dev.gelu(h[:, 64:128]))  # a view of part of it, through another op
+    np.testing.assert_allclose(g, ref.gelu(ref.rms_norm(x, nw, 1e-5)[:, 64:128]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["neox", "normal", "yarn", "phi3-96"])
+@pytest.mark.parametrize("T", [1, 37])
+def test_fused_rope_kv_write_attention(dev, ref, rng, kind, T, monkeypatch):
+    kw = dict(ROPES[kind])
+    hd = 96 if kind == "phi3-96" else 64
+    Hq, Hkv, n_ctx, p0 = 8, 2, 128, 50
+    spec = RopeSpec(**kw)
+    gc, rc = dev.new_kv_cache(1, n_ctx, Hkv, hd), ref.new_kv_cache(1, n_ctx, Hkv, hd)
+    try:
+        # the cache's first p0 positions, unfused on both sides; then the fused step
+        for lo, hi in ((0, p0), (p0, p0 + T)):
+            qkv = randn(rng, hi - lo, (Hq + 2 * Hkv) * hd)  # one q|k|v output, split into views
+            q, k, v = (qkv[:, :Hq * hd].reshape(-1, Hq, hd), qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(-1, Hkv, hd),
+                       qkv[:, (Hq + Hkv) * hd:].reshape(-1, Hkv, hd))
+            rs, pos = _step(ref, range(lo, hi), lo), np.arange(lo, hi, dtype=np.int32)
+            want = ref.attention(ref.rope(q, pos, spec), ref.rope(k, pos, spec), v, rc, 0, rs, scale=0.125)
+            QKV = dev.to_device(qkv, "float32")
+            Tn = hi - lo
+            qd = QKV[:, :Hq * hd].reshape(Tn, Hq, hd)
+            kd = QKV[:, Hq * hd:(Hq + Hkv) * hd].reshape(Tn, Hkv, hd)
+            vd = QKV[:, (Hq + Hkv) * hd:].reshape(Tn, Hkv, hd)
+            step = _step(dev, range(lo, hi), lo)
+            poison(dev)
+            n = _count_launches(monkeypatch)
+            out = dev.attention(dev.rope(qd, step.positions, spec), dev.rope(kd, step.positions, spec), vd, gc, 0,
+                                step, scale=0.125)
+            assert n[0] == 2  # rope_kv_write + the attention kernel
+            got = host(dev, out)
+            assert rel_l2(got, want) <= 1e-3, (lo, hi)
+            monkeypatch.undo()
+    finally:
+        dev.free_kv_cache(gc)
+

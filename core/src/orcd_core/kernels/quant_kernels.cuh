@@ -15,8 +15,10 @@
 // consecutive items, so a warp reads consecutive bytes of the row.
 //
 // ORCD_QUANT_KERNELS(NAME, F) then defines, with uniform names per format:
-//   gemv_NAME        y[n] = sum_k W[n, k] x[k] (+ bias[n])         decode matvec (one token), R rows per warp;
-//                    dynamic shared memory xs_bytes = 4 * T * xs_chunk(T, K) (x staged there)
+//   gemv_NAME        y[n] = sum_k W[n, k] x'[k] (+ bias[n]) (+ res[n])   decode matvec (one token), R rows
+//                    per warp; dynamic shared memory xs_bytes = 4 * T * xs_chunk(T, K) (x staged there);
+//                    x' is x, rms_norm(x) * aux or silu(x) * aux by `mode` (GEMV_X_*: the op before the
+//                    GEMV fused into its staging), res a residual added in the epilogue (or null)
 //   gemv_t4_NAME     the same for T <= GEMV_MAX_T tokens: y[t, n]
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
@@ -51,6 +53,39 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, i64 stride,
         xs[v * n4 + xs_f4(4 * e4)] = *(const float4*)(x + v * stride + k0 + 4 * e4);
     }
 }
+// The one-token GEMV's input modes: the element-wise or row-wise op that produced x, done while x is
+// staged, so that it needs no launch of its own (backends/cuda/fusion.py decides).
+#define GEMV_X_PLAIN 0  // x as given
+#define GEMV_X_RMS 1    // rms_norm(x) * aux, aux the norm weight [K] (as rms_norm_f32); all of K in one chunk
+#define GEMV_X_SILU 2   // silu(x) * aux, x the gate and aux the up half [K] (as silu_mul_f32)
+
+// Stage elements [k0, k0 + kc) of one vector through `mode`. Every thread of the block takes part;
+// the caller synchronizes after it (block_sum's barriers order the RMS mode's two passes).
+__device__ __forceinline__ void stage_x1(const float* __restrict__ x, const float* __restrict__ aux, float eps,
+                                         int mode, int k0, int kc, int K, float4* xs, float* red) {
+    const int n4 = kc >> 2;
+    if (mode == GEMV_X_SILU) {
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+            const float4 g = *(const float4*)(x + k0 + 4 * i), u = *(const float4*)(aux + k0 + 4 * i);
+            xs[xs_f4(4 * i)] = make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
+                                           g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w);
+        }
+        return;
+    }
+    float ss = 0.0f;  // GEMV_X_RMS: kc == K (the launcher checks), raw x first, then scaled in place
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 v = *(const float4*)(x + 4 * i);
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        xs[xs_f4(4 * i)] = v;
+    }
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)K + eps);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {  // each thread rescales the slots it wrote
+        const float4 v = xs[xs_f4(4 * i)], w = *(const float4*)(aux + 4 * i);
+        xs[xs_f4(4 * i)] = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+    }
+}
+
 // sum over the item's 32 weights v (item order) times the staged x at element offsets eb + x0 + 0..15
 // and eb + x1 + 0..15 of the chunk
 __device__ __forceinline__ float item_dot_xs(const float v[32], const float4* __restrict__ xv, int eb, int x0, int x1) {
@@ -86,8 +121,10 @@ struct ItemDot {
 template <class F, int MAXT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
                                           float* __restrict__ y, const float* __restrict__ bias, int N, int K,
-                                          int T, int R) {
+                                          int T, int R, const float* __restrict__ aux, const float* __restrict__ res,
+                                          float eps, int mode) {
     extern __shared__ float4 xs[];
+    __shared__ float red[32];
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
     const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
@@ -100,7 +137,8 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
     for (int k0 = 0; k0 < K; k0 += KC) {
         const int kc = min(KC, K - k0);
         if (k0) __syncthreads();  // the previous chunk is consumed
-        stage_x(x, K, T, k0, kc, xs);
+        if (MAXT == 1 && mode != GEMV_X_PLAIN) stage_x1(x, aux, eps, mode, k0, kc, K, xs, red);
+        else stage_x(x, K, T, k0, kc, xs);
         __syncthreads();
         const int n_items = kc >> 5, it0 = k0 >> 5;
         int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
@@ -141,7 +179,11 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
             for (int t = 0; t < MAXT; ++t) {
                 if (t < T) {
                     const float s = warp_sum(acc[t][rr]);
-                    if (lane == 0) y[(i64)t * N + row0 + rr] = s + (bias ? bias[row0 + rr] : 0.0f);
+                    if (lane == 0) {
+                        const i64 o = (i64)t * N + row0 + rr;
+                        const float v = s + (bias ? bias[row0 + rr] : 0.0f);
+                        y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32)
+                    }
                 }
             }
         }
@@ -203,13 +245,13 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 #define ORCD_QUANT_KERNELS(NAME, F)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
         gemv_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,   \
-                    int T, int R) {                                                                          \
-        gemv_impl<F, 1>(W, row_bytes, x, y, bias, N, K, 1, R);                                               \
+                    int T, int R, const float* aux, const float* res, float eps, int mode) {                 \
+        gemv_impl<F, 1>(W, row_bytes, x, y, bias, N, K, 1, R, aux, res, eps, mode);                          \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
         gemv_t4_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,\
                        int T, int R) {                                                                       \
-        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, y, bias, N, K, T, R);                                      \
+        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, y, bias, N, K, T, R, nullptr, nullptr, 0.0f, GEMV_X_PLAIN);\
     }                                                                                                        \
     extern "C" __global__ void dequant_f16_##NAME(const u8* W, i64 row_bytes, half_bits* out, int row0,      \
                                                   int n_rows, int K) {                                       \

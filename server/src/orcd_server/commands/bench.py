@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--gpu-device", type=int, default=0, metavar="N", help="CUDA device index (default 0)")
     parser.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N", help="prompt tokens for pp (512; 0 = skip)")
     parser.add_argument("-n", "--n-gen", type=int, default=128, metavar="N", help="generated tokens for tg (128; 0 = skip)")
+    parser.add_argument("-d", "--depth", type=int, default=0, metavar="D",
+                        help="tokens already in the KV cache before each test (0), as llama-bench -d")
     parser.add_argument("-r", "--repetitions", type=int, default=3, metavar="R", help="timed runs per test (3)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the random prompt ids (1234)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -41,17 +43,19 @@ def _sync(dev, x) -> None:
     dev.to_host(x.reshape(-1)[:1])  # a 4-byte copy: waits for everything queued before it
 
 
-def bench_pp(engine, n: int, reps: int, rng) -> list[float]:
+def bench_pp(engine, n: int, reps: int, rng, depth: int = 0) -> list[float]:
     dev, model = engine.device, engine.model
     vocab = int(engine.config.n_vocab)
     times = []
     for r in range(reps + 1):
         ids = rng.integers(0, vocab, n).tolist()
-        cache = model.new_kv_cache(n)
+        cache = model.new_kv_cache(depth + n)
         try:
+            if depth:
+                engine.prefill(rng.integers(0, vocab, depth).tolist(), cache)
             _sync(dev, dev.to_device([0]))
             t0 = time.perf_counter()
-            logits = engine.prefill(ids, cache)
+            logits = engine.prefill(ids, cache, start_pos=depth)
             _sync(dev, logits)
             dt = time.perf_counter() - t0
         finally:
@@ -61,20 +65,20 @@ def bench_pp(engine, n: int, reps: int, rng) -> list[float]:
     return times
 
 
-def bench_tg(engine, n: int, reps: int, rng) -> list[float]:
+def bench_tg(engine, n: int, reps: int, rng, depth: int = 0) -> list[float]:
     dev, model = engine.device, engine.model
     vocab = int(engine.config.n_vocab)
     greedy = SamplingParams(temperature=0.0, repetition_window=0)
     times = []
     for r in range(reps + 1):
-        first = int(rng.integers(0, vocab))
-        cache = model.new_kv_cache(n + 1)
+        prompt = rng.integers(0, vocab, depth + 1).tolist()
+        cache = model.new_kv_cache(depth + n + 1)
         decoder = None
         try:
-            engine.prefill([first], cache)
+            engine.prefill(prompt, cache)
             decoder = dev.decoder(lambda step, cache=cache: dev.logits_last(model.forward(step, cache)),
-                                  first_id=int(rng.integers(0, vocab)), position=1, params=greedy, step_index=1,
-                                  recent_ids=[])
+                                  first_id=int(rng.integers(0, vocab)), position=depth + 1, params=greedy, step_index=1,
+                                  recent_ids=[], max_steps=n)
             _sync(dev, dev.to_device([0]))
             t0 = time.perf_counter()
             for _ in range(n):
@@ -99,16 +103,16 @@ def run(args: argparse.Namespace) -> int:
     be = backend(args)
     t0 = time.perf_counter()
     engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device,
-                         max_context=max(args.n_prompt, args.n_gen + 1, 1))
+                         max_context=args.depth + max(args.n_prompt, args.n_gen + 1, 1))
     load_s = time.perf_counter() - t0
     results = {"model": str(args.model), "architecture": engine.architecture, "backend": be,
                "gpu": getattr(engine.device, "gpu_name", None), "load_s": round(load_s, 3),
-               "file_bytes": engine.gguf.file_size, "repetitions": reps}
+               "file_bytes": engine.gguf.file_size, "repetitions": reps, "depth": args.depth}
     try:
         for test, n, fn in (("pp", args.n_prompt, bench_pp), ("tg", args.n_gen, bench_tg)):
             if n <= 0:
                 continue
-            times = fn(engine, n, reps, rng)
+            times = fn(engine, n, reps, rng, args.depth)
             rates = sorted(n / t for t in times)
             results[f"{test}{n}"] = {"tok_s": round(statistics.median(rates), 2), "min": round(rates[0], 2),
                                      "max": round(rates[-1], 2), "runs_s": [round(t, 5) for t in times]}

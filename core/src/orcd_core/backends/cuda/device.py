@@ -21,7 +21,8 @@ from ... import kernels as ksrc
 from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
-from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
+from .fusion import DeferredOps
+from .kernels import NULL, XS_MAX_BYTES, KernelSet, f32, i32, i64, launch, xs_bytes
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
 GEMV_MAX_T = 4  # quant_kernels.cuh
@@ -29,6 +30,7 @@ GEMV_WARPS = 4  # warps per block
 GEMV_MAX_R = 4  # rows per warp at most
 ATTN_MAX_HEAD_DIM = 128
 DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
+GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU = 0, 1, 2  # the one-token GEMV's input modes (quant_kernels.cuh)
 ARGMAX_BLOCKS = 64
 MAX_HEADS = 1024  # per-head split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
@@ -98,6 +100,7 @@ class CudaDevice(Device):
         self._timer: threading.Timer | None = None
         self._closed = False
         self.sampler = None  # created on first non-greedy sample
+        self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _enter(self) -> None:
@@ -126,6 +129,7 @@ class CudaDevice(Device):
 
     def _c(self, x) -> cupy.ndarray:
         """x as a C-contiguous float32 device array (copying a row-strided view into the workspace)."""
+        self.deferred.ready(x)
         if x.dtype != np.float32:
             raise TypeError(f"expected float32 activations, got {x.dtype}")
         if x.flags.c_contiguous:
@@ -143,6 +147,7 @@ class CudaDevice(Device):
     def _rows(self, x) -> tuple[cupy.ndarray, int]:
         """(x, token stride in elements) for an activation whose rows may be a column slice (q|k|v,
         gate|up splits): everything after the first axis must be C-contiguous; else a copy."""
+        self.deferred.ready(x)
         if x.dtype != np.float32:
             raise TypeError(f"expected float32 activations, got {x.dtype}")
         shape, strides = x.shape, x.strides
@@ -420,6 +425,7 @@ class CudaDevice(Device):
         return out
 
     def to_host(self, array) -> np.ndarray:
+        self.deferred.ready(array)
         try:
             out = cupy.asnumpy(array, stream=self.stream)
             self.stream.synchronize()
@@ -430,6 +436,7 @@ class CudaDevice(Device):
     def begin_step(self, *, prefill: bool = False) -> None:
         self._enter()
         self.workspace.reset()
+        self.deferred.reset()
         self._ws_alloc = self.pool.alloc if prefill else self.workspace.alloc
 
     def memory_report(self) -> dict[str, int]:
@@ -476,10 +483,23 @@ class CudaDevice(Device):
                (t.data, i64(t.row_bytes), ids, out, i32(t.rows), i32(t.cols)))
         return out
 
+    def _gemv_input(self, x, K: int):
+        """(mode, x, aux, eps) of a one-token GEMV over x: a deferred rms_norm (all of K staged at
+        once) or silu_mul producing x is fused into the GEMV's staging instead of being launched."""
+        d = self.deferred.exact(x, "rms_norm")
+        if d is not None and 4 * K <= XS_MAX_BYTES:
+            return GEMV_X_RMS, d.args["x"], d.args["weight"], d.args["eps"]
+        d = self.deferred.exact(x, "silu_mul")
+        if d is not None:
+            return GEMV_X_SILU, d.args["gate"], d.args["up"], 0.0
+        return GEMV_X_PLAIN, self._c(x), NULL, 0.0
+
     def linear(self, x, w: Weight, bias=None) -> cupy.ndarray:
         t = w.data
         if len(w.shape) != 2:
             raise ValueError(f"linear: weight {w.name!r} has shape {w.shape}; expert stacks go through moe()")
+        if x.ndim == 2 and x.shape[0] == 1 and x.dtype == np.float32:
+            return self._gemv1(x, w, bias)
         x = self._c(x)
         T, K = x.shape
         N = t.rows
@@ -492,11 +512,9 @@ class CudaDevice(Device):
         y = self._ws((T, N))
         ks = self._fmt_module(w.fmt)
         name = w.fmt.name
-        if T <= GEMV_MAX_T:
-            # rows per warp: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which
-            # gives each lane several independent items in flight (measured: docs/perf-notes.md)
+        if T <= GEMV_MAX_T:  # (one token: _gemv1)
             R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
-            launch(ks.fn(f"gemv_{name}" if T == 1 else f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
+            launch(ks.fn(f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
                    (32 * GEMV_WARPS,),
                    (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)),
                    shared_mem=xs_bytes(T, K))
@@ -507,6 +525,32 @@ class CudaDevice(Device):
         if bias is not None:
             return self.add(y, bias)
         return y
+
+    def _gemv1(self, x, w: Weight, bias) -> cupy.ndarray:
+        """The one-token linear, deferred: an `add` of a residual absorbs it into the GEMV's epilogue
+        (`add`); any other read launches it plain. Its input may be a deferred norm or silu_mul."""
+        t = w.data
+        K, N = int(x.shape[1]), t.rows
+        if K != t.cols:
+            raise ValueError(f"linear {w.name}: x has {K} columns, the weight {t.cols}")
+        if K % 32:
+            raise NotImplementedError(f"linear {w.name}: row length {K} is not a multiple of 32")
+        if bias is not None and bias.shape != (N,):
+            raise ValueError(f"linear {w.name}: bias shape {bias.shape}, expected ({N},)")
+        mode, src, aux, eps = self._gemv_input(x, K)
+        fn = self._fmt_module(w.fmt).fn(f"gemv_{w.fmt.name}")
+        # rows per warp: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which
+        # gives each lane several independent items in flight (measured: docs/perf-notes.md)
+        R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
+        grid, smem = (_blocks(N, GEMV_WARPS * R),), xs_bytes(1, K)
+        b = bias if bias is not None else NULL
+
+        def run(y, res=NULL):
+            launch(fn, grid, (32 * GEMV_WARPS,),
+                   (t.data, i64(t.row_bytes), src, y, b, i32(N), i32(K), i32(1), i32(R), aux, res, f32(eps), i32(mode)),
+                   shared_mem=smem)
+
+        return self.deferred.defer("gemv", self._ws((1, N)), run)
 
     def _dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
         """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
@@ -535,7 +579,13 @@ class CudaDevice(Device):
         D = x.shape[-1]
         rows = x.size // D
         y = self._ws(x.shape)
-        launch(self.core.fn("rms_norm_f32"), (rows,), (_norm_threads(D),), (x, weight, y, i32(D), f32(eps)))
+
+        def run(out):
+            launch(self.core.fn("rms_norm_f32"), (rows,), (_norm_threads(D),), (x, weight, out, i32(D), f32(eps)))
+
+        if rows == 1:  # one token: a GEMV consuming it stages the norm itself (fusion.py)
+            return self.deferred.defer("rms_norm", y, run, x=x, weight=weight, eps=float(eps))
+        run(y)
         return y
 
     def layer_norm(self, x, weight, bias, eps: float) -> cupy.ndarray:
@@ -548,11 +598,23 @@ class CudaDevice(Device):
         return y
 
     def rope(self, x, positions, spec: RopeSpec) -> cupy.ndarray:
+        """Deferred: `attention` ropes q and k while it writes the KV cache (rope_kv_write)."""
         x, xs = self._rows(x)
         T, H, hd = x.shape
         if spec.n_rot > hd or spec.n_rot % 2 or hd % 2:
             raise ValueError(f"rope: n_rot {spec.n_rot} for head dim {hd}")
-        y = self._ws(x.shape)
+        rargs = self._rope_args(spec)
+        fn = self.core.fn("rope_f32")
+
+        def run(y):
+            launch(fn, (_blocks(T * H * (hd // 2), 128),), (128,), (x, i64(xs), y, positions, *rargs[:1], i32(T), i32(H),
+                                                                    i32(hd), *rargs[1:]))
+
+        return self.deferred.defer("rope", self._ws(x.shape), run, x=x, stride=xs, positions=positions, rargs=rargs)
+
+    def _rope_args(self, spec: RopeSpec) -> tuple:
+        """(freq_factors, n_rot, neox, theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1) as
+        rope_f32 and rope_kv_write take them."""
         theta_scale = float(np.power(np.float32(spec.base), np.float32(-2.0) / np.float32(spec.n_rot), dtype=np.float32))
         c0 = c1 = 0.0
         if spec.ext_factor != 0.0:
@@ -560,15 +622,21 @@ class CudaDevice(Device):
 
             c0, c1 = yarn_corr_dims(spec.n_rot, spec.n_ctx_orig, spec.base, spec.beta_fast, spec.beta_slow)
         ff = spec.freq_factors if spec.freq_factors is not None else NULL
-        launch(self.core.fn("rope_f32"), (_blocks(T * H * (hd // 2), 128),), (128,),
-               (x, i64(xs), y, positions, ff, i32(T), i32(H), i32(hd), i32(spec.n_rot), i32(1 if spec.neox else 0),
-                f32(theta_scale), f32(spec.freq_scale), f32(spec.ext_factor), f32(spec.attn_factor), f32(c0), f32(c1)))
-        return y
+        return (ff, i32(spec.n_rot), i32(1 if spec.neox else 0), f32(theta_scale), f32(spec.freq_scale),
+                f32(spec.ext_factor), f32(spec.attn_factor), f32(c0), f32(c1))
 
     def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
                   sinks=None, window: int = 0) -> cupy.ndarray:
-        q = self._c(q)
-        (k, ks), (v, vs) = self._rows(k), self._rows(v)
+        dq, dk = self.deferred.exact(q, "rope"), self.deferred.exact(k, "rope")
+        fused = (dq is not None and dk is not None and dq.args["positions"] is dk.args["positions"]
+                 and dq.args["rargs"][0] is dk.args["rargs"][0] and dq.args["rargs"][1:] == dk.args["rargs"][1:])
+        if fused:  # q and k roped here, k and v written to the cache in the same launch
+            q, k = dq.out, dk.out  # (for their shapes only: neither is written)
+            ks = dk.args["stride"]
+            v, vs = self._rows(v)
+        else:
+            q = self._c(q)
+            (k, ks), (v, vs) = self._rows(k), self._rows(v)
         T, Hq, hd = q.shape
         Hkv = k.shape[1]
         if Hq % Hkv or k.shape != (T, Hkv, hd) or v.shape != (T, Hkv, hd):
@@ -582,8 +650,14 @@ class CudaDevice(Device):
             # window's past keys and the step's own
             raise ValueError(f"attention: layer {layer} keeps {n_rows} positions; a step of {T} tokens with "
                              f"window {window} needs {T + max(window, 1) - 1}")
-        launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
-               (k, i64(ks), v, i64(vs), kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
+        if fused:
+            q = self._ws((T, Hq, hd))
+            launch(self.core.fn("rope_kv_write"), (_blocks(T * (Hq + 2 * Hkv) * (hd // 2), 128),), (128,),
+                   (dq.args["x"], i64(dq.args["stride"]), dk.args["x"], i64(ks), v, i64(vs), q, kc, vc, dq.args["positions"], dq.args["rargs"][0],
+                    i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows), *dq.args["rargs"][1:]))
+        else:
+            launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
+                   (k, i64(ks), v, i64(vs), kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
         out = self._ws((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
         if T == 1:
@@ -616,6 +690,13 @@ class CudaDevice(Device):
         return y
 
     def add(self, a, b) -> cupy.ndarray:
+        for g, r in ((b, a), (a, b)):  # a deferred one-token GEMV takes the other operand as its residual
+            d = self.deferred.exact(g, "gemv")
+            if d is not None and r.shape == g.shape and self.deferred.exact(r, "gemv") is None:
+                r = self._c(r)
+                y = self._ws(g.shape)
+                d.launch(y, r)
+                return y
         a, b = self._c(a), self._c(b)
         if b.shape != a.shape and not (b.ndim == 1 and b.shape[0] == a.shape[-1]):
             raise ValueError(f"add: shapes {a.shape} and {b.shape}")
@@ -630,8 +711,14 @@ class CudaDevice(Device):
         rows = g.shape[0] if g.ndim > 1 else 1
         cols = g.size // rows
         y = self._ws(g.shape)
-        launch(self.core.fn("silu_mul_f32"), (_blocks(g.size, 256),), (256,),
-               (g, i64(gs if g.ndim > 1 else cols), u, i64(us if u.ndim > 1 else cols), y, i32(rows), i32(cols)))
+
+        def run(out):
+            launch(self.core.fn("silu_mul_f32"), (_blocks(g.size, 256),), (256,),
+                   (g, i64(gs if g.ndim > 1 else cols), u, i64(us if u.ndim > 1 else cols), out, i32(rows), i32(cols)))
+
+        if rows == 1 and cols % 4 == 0:  # one token: the down GEMV stages silu(g) * u itself
+            return self.deferred.defer("silu_mul", y, run, gate=g, up=u)
+        run(y)
         return y
 
     def gelu(self, x) -> cupy.ndarray:
@@ -666,11 +753,12 @@ class CudaDevice(Device):
         return self.sampler.sample(logits, params, recent_ids, step_index)
 
     # ---- decode loop ------------------------------------------------------------------------------
-    def decoder(self, forward, *, first_id: int, position: int, params, step_index: int, recent_ids):
+    def decoder(self, forward, *, first_id: int, position: int, params, step_index: int, recent_ids,
+                max_steps: int | None = None):
         from .graph import GraphDecoder
 
         return GraphDecoder(self, forward, first_id=first_id, position=position, params=params,
-                            step_index=step_index, recent_ids=recent_ids)
+                            step_index=step_index, recent_ids=recent_ids, max_steps=max_steps)
 
 
 def kv_rows(window: int, n_ctx: int) -> int:

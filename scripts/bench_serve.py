@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""What a client of `orcd-worker serve` gets, measured over HTTP on this machine (127.0.0.1 only).
+
+    python3 scripts/bench_serve.py MODEL.gguf [--backend cuda] [--port 8181] [--json OUT.json]
+    python3 scripts/bench_serve.py --url http://127.0.0.1:8080 [...]     (a worker already running)
+
+Figures (each a bounded number of requests):
+- ttft p50/p99 (ms): request sent -> first `token` event, `max_tokens` 1, prompts of ~32, ~512 and
+  ~2048 tokens (the `started` event's n_prompt_tokens is reported);
+- stream tok/s: one stream of `--tokens` (256) greedy tokens, tokens after the first over the time
+  after the first; beside it `orcd-worker bench` tg of the same file in the same run (in-process);
+- health/metrics p50/p99 (ms) while a stream runs;
+- aggregate tok/s with 1, 4, 8, 16 concurrent streams (the worker queues what it cannot run);
+- cancel latency (ms): POST /cancel during the prefill of a ~2048-token prompt -> the terminal event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+
+WORD = " hello"  # ~1 token per repetition in BPE vocabularies
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def stream(url, body, on_event=None, timeout=300.0):
+    """POST /execute and read its SSE: returns [(event, data, t_received)] with the send time first."""
+    body = {"job_id": str(uuid.uuid4()), **body}  # (a job_id in `body` wins)
+    events = [("sent", body["job_id"], time.perf_counter())]
+    with httpx.Client(timeout=timeout) as c, c.stream("POST", f"{url}/execute", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return events + [("http", {"status": r.status_code, "body": r.text[:200]}, time.perf_counter())]
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:") and name:
+                ev = (name, json.loads(line[5:]), time.perf_counter())
+                events.append(ev)
+                if on_event:
+                    on_event(ev)
+                if name in ("end", "error"):
+                    break
+    return events
+
+
+def ttft(url, n_words, reps):
+    out, n_tok = [], None
+    for _ in range(reps):
+        ev = stream(url, {"prompt": WORD * n_words, "max_tokens": 1, "temperature": 0.0})
+        t0 = ev[0][2]
+        toks = [e for e in ev if e[0] == "token"]
+        started = [e for e in ev if e[0] == "started"]
+        if toks:
+            out.append((toks[0][2] - t0) * 1e3)
+        if started:
+            n_tok = started[0][1]["n_prompt_tokens"]
+    return {"n_prompt_tokens": n_tok, "p50_ms": pct(out, 50), "p99_ms": pct(out, 99), "n": len(out)}
+
+
+def one_stream_rate(url, n_tokens):
+    ev = stream(url, {"prompt": WORD * 16, "max_tokens": n_tokens, "temperature": 0.0})
+    toks = [e for e in ev if e[0] == "token"]
+    end = [e for e in ev if e[0] == "end"]
+    rate = (len(toks) - 1) / (toks[-1][2] - toks[0][2]) if len(toks) > 2 else float("nan")
+    engine = end[0][1]["timings"]["predicted_per_second"] if end else None
+    return {"tokens": len(toks), "sse_tok_s": rate, "engine_reported_tok_s": engine}
+
+
+def side_latency(url, n_tokens, n_probes=100):
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (stream(url, {"prompt": WORD * 16, "max_tokens": n_tokens,
+                                                       "temperature": 0.0}), done.set()))
+    th.start()
+    time.sleep(0.3)
+    lat = {"health": [], "metrics": []}
+    with httpx.Client(timeout=10) as c:
+        i = 0
+        while not done.is_set() and i < n_probes:
+            for path in ("health", "metrics"):
+                t = time.perf_counter()
+                c.get(f"{url}/{path}")
+                lat[path].append((time.perf_counter() - t) * 1e3)
+            i += 1
+            time.sleep(0.005)
+    th.join()
+    return {k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "n": len(v)} for k, v in lat.items()}
+
+
+def aggregate(url, n_streams, n_tokens):
+    results = [None] * n_streams
+
+    def one(i):
+        results[i] = stream(url, {"prompt": WORD * 16, "max_tokens": n_tokens, "temperature": 0.0, "seed": i})
+
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=one, args=(i,)) for i in range(n_streams)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    dt = time.perf_counter() - t0
+    n = sum(sum(1 for e in ev if e[0] == "token") for ev in results)
+    return {"streams": n_streams, "tokens": n, "seconds": dt, "tok_s": n / dt}
+
+
+def cancel_latency(url, n_words, reps=5):
+    """POST /cancel 2 ms after `started` (inside the prefill of a long prompt) -> the terminal event."""
+    out = []
+    for _ in range(reps):
+        jid, started, job = str(uuid.uuid4()), threading.Event(), {}
+        th = threading.Thread(target=lambda: job.update(events=stream(
+            url, {"job_id": jid, "prompt": WORD * n_words, "max_tokens": 64, "temperature": 0.0},
+            lambda ev: started.set() if ev[0] == "started" else None)))
+        th.start()
+        started.wait(60)
+        time.sleep(0.002)
+        t = time.perf_counter()
+        with httpx.Client(timeout=10) as c:
+            c.post(f"{url}/cancel", json={"job_id": jid})
+        th.join()
+        ev = job.get("events", [])
+        term = [e for e in ev if e[0] in ("end", "error")]
+        if term:
+            out.append({"ms": (term[0][2] - t) * 1e3, "terminal": term[0][0], "code": term[0][1].get("code"),
+                        "tokens_before": sum(1 for e in ev if e[0] == "token")})
+    ms = [o["ms"] for o in out]
+    return {"p50_ms": pct(ms, 50), "max_ms": max(ms) if ms else float("nan"), "runs": out}
+
+
+def in_process_tg(model, backend, n):
+    try:
+        r = subprocess.run(["orcd-worker", "bench", model, "--backend", backend, "-p", "0", "-n", str(n), "-r", "3",
+                            "--json"], capture_output=True, text=True, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])[f"tg{n}"]["tok_s"]
+    except Exception as exc:  # reported, not fatal: the HTTP figures stand on their own
+        print(f"in-process bench failed: {exc}", file=sys.stderr)
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", help="GGUF file to serve (omit with --url)")
+    ap.add_argument("--url", help="a running worker instead of starting one")
+    ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--port", type=int, default=8181)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=20, help="requests per TTFT figure")
+    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    proc = None
+    url = args.url
+    if url is None:
+        if not args.model:
+            ap.error("give MODEL or --url")
+        url = f"http://127.0.0.1:{args.port}"
+        proc = subprocess.Popen(["orcd-worker", "serve", "--model", args.model, "--backend", args.backend,
+                                 "--port", str(args.port), "--queue-size", "64", "--max-context", "4096",
+                                 "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            proc.kill()
+            print("the worker did not become ready", file=sys.stderr)
+            return 1
+    try:
+        stream(url, {"prompt": WORD * 16, "max_tokens": 8, "temperature": 0.0})  # warm-up (graphs, kernels)
+        res = {"ttft": {w: ttft(url, w, args.reps) for w in (32, 512, 2040)}}
+        res["stream"] = one_stream_rate(url, args.tokens)
+        res["side"] = side_latency(url, args.tokens)
+        res["aggregate"] = [aggregate(url, int(n), args.tokens) for n in args.concurrency.split(",")]
+        res["cancel_in_prefill"] = cancel_latency(url, 2040)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+    if args.model:
+        res["bench_tg"] = in_process_tg(args.model, args.backend, args.tokens)
+    print(f"\n{'figure':<34}{'value':>40}")
+    for w, t in res["ttft"].items():
+        print(f"{'ttft, ' + str(t['n_prompt_tokens']) + '-token prompt':<34}{t['p50_ms']:>20.1f} ms p50 {t['p99_ms']:>8.1f} p99")
+    s = res["stream"]
+    print(f"{'one stream':<34}{s['sse_tok_s']:>20.1f} tok/s over SSE ({s['tokens']} tokens; engine says "
+          f"{s['engine_reported_tok_s']})")
+    if res.get("bench_tg"):
+        print(f"{'in-process bench tg' + str(args.tokens):<34}{res['bench_tg']:>20.1f} tok/s "
+              f"(SSE = {s['sse_tok_s'] / res['bench_tg']:.0%} of it)")
+    for k, v in res["side"].items():
+        print(f"{k + ' during a stream':<34}{v['p50_ms']:>20.2f} ms p50 {v['p99_ms']:>8.2f} p99 (n={v['n']})")
+    for a in res["aggregate"]:
+        print(f"{str(a['streams']) + ' concurrent streams':<34}{a['tok_s']:>20.1f} tok/s aggregate")
+    c = res["cancel_in_prefill"]
+    print(f"{'cancel during a 2048-token prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
