@@ -29,7 +29,7 @@ TESTS = [("pp512", dict(p=512, n=0, d=0)), ("pp2048", dict(p=2048, n=0, d=0)),
          ("tg128", dict(p=0, n=128, d=0)), ("tg128@d4096", dict(p=0, n=128, d=4096))]
 LLAMA_CMAKE = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+               "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_APP=OFF", "-DCMAKE_BUILD_TYPE=Release"]
 
 
 def sh(cmd, **kw) -> str:

@@ -150,7 +150,9 @@ def test_decode_step_is_six_kernels_a_layer(cut_pair, monkeypatch):
         dev.argmax(logits)
         got = np.asarray(dev.to_host(logits), np.float64)
         monkeypatch.undo()
-        assert n[0] == 6 * model.config.n_layer + 4, arch
+        # a projection whose parts have different types in the file is one GEMV per part
+        extra = sum(len(B.qkv.weights) - 1 + len(B.gate_up.weights) - 1 for B in model.blocks)
+        assert n[0] == 6 * model.config.n_layer + extra + 4, arch
         assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
     finally:
         ref.device.free_kv_cache(caches[0])

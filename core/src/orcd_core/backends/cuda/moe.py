@@ -85,7 +85,7 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         launch(mk.fn("moe_router_f32"), (_blocks(E, MOE_WARPS), T), (32 * MOE_WARPS,),
                (router.data.data, x, _bias(router_bias, (E,), "router"), logits, i32(E), i32(D)))
     else:
-        logits = dev.linear(x, router, router_bias)  # [T, E]
+        logits = dev._c(dev.linear(x, router, router_bias))  # [T, E] (launched: read below by our kernel)
     ids = dev._ws((T, top_k), np.int32)
     wts = dev._ws((T, top_k))
     launch(mk.fn("moe_topk_softmax"), (T,), (32,), (logits, i32(E), i32(top_k), ids, wts))
