@@ -67,8 +67,7 @@ def randn(rng, *shape):
 
 def shapes_for(fmt):
     qk = max(fmt.block_size, 32)
-    # odd rows / odd block count, aligned, and long rows (>= 64 items: the one-token GEMV splits each
-    # row over 4 warps when the matrix has few rows)
+    # odd rows / odd block count, aligned, and long rows (>= 64 items of 32)
     return [(37, 3 * qk), (128, 8 * qk), (301, max(qk, 64 * 32 // qk * qk))]
 
 

@@ -115,22 +115,18 @@ struct ItemDot {
 // One warp per R consecutive rows (R = rows_per_warp, 1..GEMV_MAX_R, chosen by the launcher so a warp
 // has a few items per lane even for short rows): the warp walks the R rows' items of the staged chunk as
 // one flat list, lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced
-// per row at the end. With WS > 1 (one token only), WS warps of the block share each group of R rows:
-// warp `sub` of a group takes the group's flat items sub*32 + lane, + 32*WS, ...; the WS partial sums
-// meet in shared memory. For few long rows (a 896 x 4864 down projection: 224 blocks of one row per
-// warp, a few warps per SM), that puts WS times more loads in flight per row.
+// per row at the end.
 #define GEMV_MAX_R 4
 
 template <class F, int MAXT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
                                           float* __restrict__ y, const float* __restrict__ bias, int N, int K,
                                           int T, int R, const float* __restrict__ aux, const float* __restrict__ res,
-                                          float eps, int mode, int WS) {
+                                          float eps, int mode) {
     extern __shared__ float4 xs[];
     __shared__ float red[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int sub = warp % WS;  // this warp's share of its row group (WS: 1, 2 or 4, block-uniform)
-    const int row0 = (blockIdx.x * (GEMV_WARPS / WS) + warp / WS) * R;
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
     const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
     const int KC = xs_chunk(T, K);
     float acc[MAXT][GEMV_MAX_R];
@@ -145,10 +141,9 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
         else stage_x(x, K, T, k0, kc, xs);
         __syncthreads();
         const int n_items = kc >> 5, it0 = k0 >> 5;
-        const int f0 = sub * 32 + lane, step = 32 * WS;
-        int r = f0 / n_items, it = f0 - r * n_items;  // (row, item) of flat index f, advanced by `step`
+        int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
 #pragma unroll 2
-        for (int f = f0; f < nr * n_items; f += step) {
+        for (int f = lane; f < nr * n_items; f += 32) {
             const int g = it0 + it;  // the item's index in the row
             const int b = g / F::IPB, i = g - b * F::IPB;
             const u8* blk = W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS;
@@ -170,30 +165,12 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
                     }
                 }
             }
-            it += step;
+            it += 32;
             while (it >= n_items) {
                 it -= n_items;
                 ++r;
             }
         }
-    }
-    if (MAXT == 1 && WS > 1) {  // the group's WS partial sums meet in shared memory
-        __shared__ float part[GEMV_WARPS][GEMV_MAX_R];
-#pragma unroll
-        for (int rr = 0; rr < GEMV_MAX_R; ++rr) {
-            const float s = warp_sum(acc[0][rr]);
-            if (lane == 0) part[warp][rr] = s;
-        }
-        __syncthreads();
-        if (sub == 0 && lane == 0) {
-            for (int rr = 0; rr < nr; ++rr) {
-                float s = 0.0f;
-                for (int j = 0; j < WS; ++j) s += part[warp + j][rr];
-                const float v = s + (bias ? bias[row0 + rr] : 0.0f);
-                y[row0 + rr] = res ? res[row0 + rr] + v : v;
-            }
-        }
-        return;
     }
 #pragma unroll
     for (int rr = 0; rr < GEMV_MAX_R; ++rr) {
@@ -268,13 +245,13 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 #define ORCD_QUANT_KERNELS(NAME, F)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
         gemv_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,   \
-                    int T, int R, const float* aux, const float* res, float eps, int mode, int WS) {         \
-        gemv_impl<F, 1>(W, row_bytes, x, y, bias, N, K, 1, R, aux, res, eps, mode, WS);                      \
+                    int T, int R, const float* aux, const float* res, float eps, int mode) {                 \
+        gemv_impl<F, 1>(W, row_bytes, x, y, bias, N, K, 1, R, aux, res, eps, mode);                          \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
         gemv_t4_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,\
                        int T, int R) {                                                                       \
-        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, y, bias, N, K, T, R, nullptr, nullptr, 0.0f, GEMV_X_PLAIN, 1);\
+        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, y, bias, N, K, T, R, nullptr, nullptr, 0.0f, GEMV_X_PLAIN);\
     }                                                                                                        \
     extern "C" __global__ void dequant_f16_##NAME(const u8* W, i64 row_bytes, half_bits* out, int row0,      \
                                                   int n_rows, int K) {                                       \

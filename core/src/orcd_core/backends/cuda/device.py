@@ -28,7 +28,6 @@ from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, a
 GEMV_MAX_T = 4  # quant_kernels.cuh
 GEMV_WARPS = 4  # warps per block
 GEMV_MAX_R = 4  # rows per warp at most
-GEMV_SPLIT_MAX_N = 2048  # one-token GEMVs of fewer rows than this (and >= 64 items a row) split rows over 4 warps
 ATTN_MAX_HEAD_DIM = 128
 DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
 GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU = 0, 1, 2  # the one-token GEMV's input modes (quant_kernels.cuh)
@@ -543,15 +542,13 @@ class CudaDevice(Device):
         # rows per warp: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which
         # gives each lane several independent items in flight (measured: docs/perf-notes.md)
         R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
-        # warps per row: few long rows (fewer than GEMV_SPLIT_MAX_N) are split over the block's warps
-        WS = GEMV_WARPS if K // 32 >= 64 and N < GEMV_SPLIT_MAX_N else 1
-        grid, smem = (_blocks(N, GEMV_WARPS // WS * R),), xs_bytes(1, K)
+        grid, smem = (_blocks(N, GEMV_WARPS * R),), xs_bytes(1, K)
         b = bias if bias is not None else NULL
 
         def run(y, res=NULL):
             launch(fn, grid, (32 * GEMV_WARPS,),
-                   (t.data, i64(t.row_bytes), src, y, b, i32(N), i32(K), i32(1), i32(R), aux, res, f32(eps), i32(mode),
-                    i32(WS)), shared_mem=smem)
+                   (t.data, i64(t.row_bytes), src, y, b, i32(N), i32(K), i32(1), i32(R), aux, res, f32(eps), i32(mode)),
+                   shared_mem=smem)
 
         return self.deferred.defer("gemv", self._ws((1, N)), run)
 
