@@ -239,7 +239,17 @@ class _Plan:
 
 
 def _prepare(engine, plan: _Plan, max_tokens_out: int, n_ctx: int):
-    """On a helper thread: tokenize once, size max_tokens, check the context (engine.prepare)."""
+    """On a helper thread: tokenize once, size max_tokens, check the context (engine.prepare).
+    A context overflow names the prompt's field (`param`)."""
+    try:
+        return _prepare_sized(engine, plan, max_tokens_out, n_ctx)
+    except RequestError as exc:
+        if exc.code == "CONTEXT_LENGTH_EXCEEDED":
+            exc.extra["field"] = "messages" if plan.native.messages is not None else "prompt"
+        raise
+
+
+def _prepare_sized(engine, plan: _Plan, max_tokens_out: int, n_ctx: int):
     request = native._generation_request(plan.native, 0, plan.seed)
     ids = plan.prompt_ids
     if ids is None and plan.render_without_generation_prompt:
@@ -259,7 +269,6 @@ def _prepare(engine, plan: _Plan, max_tokens_out: int, n_ctx: int):
             raise RequestError(
                 400, "CONTEXT_LENGTH_EXCEEDED",
                 f"the prompt has {len(ids)} tokens, which leaves no room to generate in the context of {n_ctx}",
-                field="messages" if plan.native.messages is not None else "prompt",
                 n_prompt_tokens=len(ids), n_ctx=n_ctx,
             )
     final = dataclasses.replace(request, prompt=None, messages=None, chat=False, prompt_ids=tuple(ids),
