@@ -27,6 +27,7 @@ from orcd_core.errors import OrcdError
 
 from .. import schemas
 from ..security import API_KEY_ENV, ApiKeyError, collect_keys
+from ._model_args import MODEL_DEFAULT_HELP, add_model_arg
 
 BACKENDS = ("cuda", "reference")
 # The engine thread runs Python between device calls (and NumPy on the reference backend); the
@@ -48,7 +49,7 @@ def add_parser(subparsers) -> None:
     )
     # Values are parsed as strings and checked in `validate`, so a bad value is a one-line error
     # with exit code 1 (argparse's own errors exit 2).
-    p.add_argument("--model", help="GGUF file (default: the Qwen2.5 test model, fetched and verified on first use)")
+    add_model_arg(p, f"GGUF file ({MODEL_DEFAULT_HELP})", required=False)
     p.add_argument("--worker-id", help="UUID naming this worker in logs and health (default: a new uuid4)")
     p.add_argument("--gpu-device", default="0", help="CUDA device number (default 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
