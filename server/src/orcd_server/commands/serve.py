@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over HTTP (SSE)",
-        description="Load one GGUF model and serve it: POST /execute (SSE), /cancel, /shutdown, GET /health, /metrics.",
+        description="Load one GGUF model and serve it: POST /execute (SSE), /cancel, /shutdown, GET /health, /metrics; the OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions; /tokenize, /detokenize; /schema. See docs/http_api.md.",
     )
     # Values are parsed as strings and checked in `validate`, so a bad value is a one-line error
     # with exit code 1 (argparse's own errors exit 2).
