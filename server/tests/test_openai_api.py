@@ -199,7 +199,7 @@ def test_cors(server):
     bare = httpx.Client(base_url=server.url, timeout=30)
     pre = bare.options("/v1/chat/completions", headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
     assert pre.status_code in (200, 204) and pre.headers["access-control-allow-origin"] == ORIGIN
     assert bare.get("/metrics", headers={"Origin": ORIGIN}).headers.get("access-control-allow-origin") == ORIGIN
     other = bare.get("/health", headers={"Origin": "http://evil.example.test"})

@@ -41,3 +41,20 @@ def test_every_route_is_documented_with_its_request_struct():
     comps = doc["components"]["schemas"]
     for struct in (schemas.ExecuteRequest, openai_api.ChatCompletionRequest, openai_api.TokenizeRequest):
         assert set(comps[struct.__name__]["properties"]) == set(struct.__struct_fields__)
+
+
+def test_readme_and_docs_curl_bodies_are_valid_requests():
+    """The bodies of the curl examples (README.md, docs/http_api.md) decode with the Struct of the
+    endpoint they are sent to, strictly for /execute."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    struct_of = {"/execute": schemas.ExecuteRequest, "/v1/chat/completions": openai_api.ChatCompletionRequest}
+    seen = set()
+    for page in (root / "README.md", root / "docs" / "http_api.md"):
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for path, body in re.findall(r"curl [^\n]*?http://127\.0\.0\.1:8080(/[\w/]+)[^\n]*?-d '([^']+)'", text):
+            schemas.decode(body.encode(), struct_of[path])
+            seen.add((page.name, path))
+    assert seen == {(p, e) for p in ("README.md", "http_api.md") for e in struct_of}

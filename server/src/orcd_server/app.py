@@ -436,8 +436,8 @@ def create_app(
     from .security import ApiKeyMiddleware
 
     middleware = [DefineMiddleware(ApiKeyMiddleware, keys=settings.api_keys)] if settings.api_keys else []
-    cors = CORSConfig(allow_origins=list(settings.cors_origins), allow_headers=["Authorization", "X-Api-Key",
-                      "Content-Type"]) if settings.cors_origins else None
+    # any request header: browser SDKs (openai-node) send their own x-stainless-* headers
+    cors = CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None
     return Litestar(
         route_handlers=[health, metrics, execute, cancel, shutdown, *openai_api.ROUTES, *openapi_doc.ROUTES],
         lifespan=[lifespan],
