@@ -24,7 +24,9 @@ from typing import Any
 import anyio
 import msgspec
 from litestar import Litestar, Request, get, post
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.middleware.base import DefineMiddleware
 from litestar.exceptions import HTTPException
 from litestar.response import Response, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
@@ -60,6 +62,9 @@ class ServerSettings:
     log_prompts: bool = False
     ping_interval_s: float = 15.0  # SSE comment lines while a job waits or computes
     plugins: list[dict[str, Any]] = field(default_factory=list)
+    model_alias: str | None = None  # the model's id in /v1 (default: the GGUF file's stem)
+    api_keys: tuple[str, ...] = ()  # none: no authentication (security.py)
+    cors_origins: tuple[str, ...] = ()  # none: no CORS headers
 
 
 class ServerState:
@@ -72,6 +77,7 @@ class ServerState:
         self.metrics = metrics
         self.log = log
         self.started = time.monotonic()
+        self.created = time.time()  # wall clock, for /v1/models' `created`
         self.http: Any = None  # httpx.AsyncClient when --callback-url is set
         self.callbacks: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -239,8 +245,13 @@ async def execute(request: Request) -> ServerSentEvent:
     try:
         return await _execute(request, srv)
     except RequestError as exc:
-        srv.metrics.outcome({400: "invalid", 429: "overloaded", 503: "unavailable"}.get(exc.status, "invalid"))
+        count_refusal(srv, exc)
         raise
+
+
+def count_refusal(srv: ServerState, exc: RequestError) -> None:
+    """A request refused before any work, in `orcd_requests_total{outcome}`."""
+    srv.metrics.outcome({400: "invalid", 429: "overloaded", 503: "unavailable"}.get(exc.status, "invalid"))
 
 
 async def _execute(request: Request, srv: ServerState) -> ServerSentEvent:
@@ -263,14 +274,22 @@ async def _execute(request: Request, srv: ServerState) -> ServerSentEvent:
     seed = req.seed if req.seed is not None else secrets.randbits(64)
     gen_request = _generation_request(req, max_tokens, seed)
     prepared = await anyio.to_thread.run_sync(_prepare, engine, gen_request, n_ctx)
+    job = submit_job(srv, req.job_id, prepared, seed, _prompt_text(req))
+    return ServerSentEvent(_events(srv, job))
+
+
+def submit_job(srv: ServerState, job_id: str, prepared, seed: int, prompt_text: str) -> Job:
+    """Queue a prepared request as a job (shared by /execute and the OpenAI-compatible /v1 API, so
+    both share the queue, cancellation and metrics). Raises RequestError 429 / 400 / 503."""
+    worker = srv.worker
     job = Job(
-        job_id=req.job_id,
+        job_id=job_id,
         prepared=prepared,
         seed=seed,
         n_prompt_tokens=len(prepared.prompt_ids),
         loop=asyncio.get_running_loop(),
-        log=srv.log.bind(job_id=req.job_id),
-        prompt_text=_prompt_text(req),
+        log=srv.log.bind(job_id=job_id),
+        prompt_text=prompt_text,
         on_terminal=lambda job, name, data: _on_terminal(srv, job, name, data),
     )
     try:
@@ -285,15 +304,15 @@ async def _execute(request: Request, srv: ServerState) -> ServerSentEvent:
             retriable=True,
         ) from None
     except DuplicateJob:
-        raise invalid("job_id", f"job {req.job_id!r} is already queued or running") from None
+        raise invalid("job_id", f"job {job_id!r} is already queued or running") from None
     except QueueClosed:
         raise _unavailable(worker) or RequestError(503, "UNAVAILABLE", "the worker is shutting down") from None
-    return ServerSentEvent(_events(srv, job))
+    return job
 
 
-async def _events(srv: ServerState, job: Job) -> AsyncIterator[ServerSentEventMessage]:
-    """The job's events as SSE messages; a comment line every ping interval while nothing happens.
-    Leaving early (client disconnect: Litestar cancels this generator) cancels the job."""
+async def job_events(srv: ServerState, job: Job) -> AsyncIterator[tuple[str, dict] | None]:
+    """The job's (event, data) pairs up to its terminal event; None every ping interval while nothing
+    happens. Leaving early (a client disconnect cancels the consumer) cancels the job."""
     ping = srv.settings.ping_interval_s
     try:
         while True:
@@ -301,14 +320,25 @@ async def _events(srv: ServerState, job: Job) -> AsyncIterator[ServerSentEventMe
                 async with asyncio.timeout(ping):
                     name, data = await job.events.get()
             except TimeoutError:
-                yield ServerSentEventMessage(comment="ping", data=None)
+                yield None
                 continue
-            yield ServerSentEventMessage(event=name, data=msgspec.json.encode(data).decode())
+            yield name, data
             if name in TERMINAL_EVENTS:
                 return
     finally:
         if not job.done:
             srv.worker.cancel(job.job_id, "disconnect")
+
+
+async def _events(srv: ServerState, job: Job) -> AsyncIterator[ServerSentEventMessage]:
+    """The job's events as SSE messages, a comment line for each ping (Litestar cancels this
+    generator when the client disconnects; `aclosing` passes that on to `job_events`)."""
+    async with contextlib.aclosing(job_events(srv, job)) as events:
+        async for item in events:
+            if item is None:
+                yield ServerSentEventMessage(comment="ping", data=None)
+            else:
+                yield ServerSentEventMessage(event=item[0], data=msgspec.json.encode(item[1]).decode())
 
 
 def _on_terminal(srv: ServerState, job: Job, name: str, data: dict) -> None:
@@ -402,9 +432,17 @@ def create_app(
             if srv.http is not None:
                 await srv.http.aclose()
 
+    from . import openai_api, openapi_doc  # the OpenAI-compatible API and the /schema endpoints
+    from .security import ApiKeyMiddleware
+
+    middleware = [DefineMiddleware(ApiKeyMiddleware, keys=settings.api_keys)] if settings.api_keys else []
+    # any request header: browser SDKs (openai-node) send their own x-stainless-* headers
+    cors = CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None
     return Litestar(
-        route_handlers=[health, metrics, execute, cancel, shutdown],
+        route_handlers=[health, metrics, execute, cancel, shutdown, *openai_api.ROUTES, *openapi_doc.ROUTES],
         lifespan=[lifespan],
+        middleware=middleware,
+        cors_config=cors,
         exception_handlers={RequestError: _request_error_handler, Exception: _other_error_handler},
         state=State(),
         logging_config=None,

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import structlog
 
 from orcd_core.errors import OrcdError
+
+from .commands._model_args import merge_model
 
 COMMANDS = ("serve", "generate", "logits", "inspect", "tokenize", "bench", "plugins", "synth", "models")
 
@@ -42,9 +45,17 @@ def _stderr_logger(*args) -> structlog.PrintLogger:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _main(argv: list[str] | None) -> int:
     _log_to_stderr()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help included: inside main's BrokenPipeError guard
+    merge_model(args)
     try:
         return int(args.func(args) or 0)
     except OrcdError as exc:
@@ -52,6 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _closed_pipe() -> int:
+    """stdout went to a reader that stopped reading (`orcd-worker plugins --json | head`): exit
+    quietly with the status of a process killed by SIGPIPE (128 + 13), as `cat` would; stdout is
+    pointed at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
+from orcd_core.generation import SamplingParams
 
 MAX_PROMPT_CHARS = 32_768
 MAX_TOKENS_LIMIT = 2048
@@ -24,6 +25,9 @@ MAX_STOP_TOKENS = 32
 MAX_MESSAGES = 512
 UINT64_MAX = 2**64 - 1
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# one set of sampling defaults for the HTTP API and the command line (`generate`)
+_DEFAULTS = SamplingParams()
 
 JobId = Annotated[str, Meta(min_length=1, max_length=MAX_JOB_ID_CHARS)]
 
@@ -44,12 +48,12 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     messages: Annotated[list[Message], Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
     chat: bool = False
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Meta(ge=0)] = 0
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] = _DEFAULTS.temperature
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] = _DEFAULTS.top_p
+    top_k: Annotated[int, Meta(ge=0)] = _DEFAULTS.top_k
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = _DEFAULTS.min_p
     # > 0: llama.cpp divides positive logits by it, so 0 would make them infinite (vLLM refuses 0 too)
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = 1.0
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = _DEFAULTS.repetition_penalty
     stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOP_STRINGS)] = []
     seed: Annotated[int, Meta(ge=0)] | None = None
 

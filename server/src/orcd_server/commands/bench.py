@@ -21,13 +21,14 @@ import numpy as np
 
 from orcd_core.generation import SamplingParams
 
+from ._model_args import BACKEND_HELP, add_model_arg
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure load time, prompt processing and generation speed",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="path to a GGUF file")
-    parser.add_argument("--backend", choices=("reference", "cuda"), default=None,
-                        help="where to run (default: cuda when a GPU is usable)")
+    add_model_arg(parser, "path to a GGUF file", required=True)
+    parser.add_argument("--backend", choices=("reference", "cuda"), default=None, help=BACKEND_HELP)
     parser.add_argument("--gpu-device", type=int, default=0, metavar="N", help="CUDA device index (default 0)")
     parser.add_argument("-p", "--n-prompt", type=int, default=512, metavar="N", help="prompt tokens for pp (512; 0 = skip)")
     parser.add_argument("-n", "--n-gen", type=int, default=128, metavar="N", help="generated tokens for tg (128; 0 = skip)")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             times = fn(engine, n, reps, rng, args.depth)
             rates = sorted(n / t for t in times)
             results[f"{test}{n}"] = {"tok_s": round(statistics.median(rates), 2), "min": round(rates[0], 2),
-                                     "max": round(rates[-1], 2), "runs_s": [round(t, 5) for t in times]}
+                                     "max": round(rates[-1], 2), "runs_s": times}  # runs_s unrounded: the rates follow exactly
     finally:
         engine.close()
     if args.json:

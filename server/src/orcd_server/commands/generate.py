@@ -1,7 +1,8 @@
-"""`orcd-worker generate [MODEL] --prompt P [--chat] [--max-tokens N] [--temperature T] [--seed S]
-[--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--stop S ...] [--backend reference|cuda]
-[--json]`: generate from one prompt, streaming the text to stdout as it is decoded. With --json,
-print one object {"ids": [...], "text": ...} of the generated tokens only (no prompt) instead."""
+"""`orcd-worker generate [MODEL | -m MODEL] --prompt P [--chat] [--max-tokens N] [--temperature T]
+[--seed S] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--stop S ...]
+[--backend cuda|reference] [--json]`: generate from one prompt, streaming the text to stdout as it is
+decoded. The sampling defaults are the HTTP API's (orcd_core.generation.SamplingParams). With
+--json, print one object {"ids": [...], "text": ...} of the generated tokens only (no prompt)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     parser.add_argument("--prompt", "-p", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    d = SamplingParams()  # one set of defaults: the HTTP API (POST /execute, /v1) uses the same
     parser.add_argument("--max-tokens", "-n", type=int, default=256, metavar="N", help="at most N new tokens (256)")
-    parser.add_argument("--temperature", "-t", type=float, default=0.8, metavar="T", help="0 = greedy (0.8)")
+    parser.add_argument("--temperature", "-t", type=float, default=d.temperature, metavar="T",
+                        help=f"0 = greedy ({d.temperature:g})")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (0)")
-    parser.add_argument("--top-k", type=int, default=40, metavar="K", help="0 = off (40)")
-    parser.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1 = off (0.95)")
-    parser.add_argument("--min-p", type=float, default=0.05, metavar="P", help="0 = off (0.05)")
-    parser.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R", help="1 = off (1.0)")
-    parser.add_argument("--repeat-last-n", type=int, default=64, metavar="N", help="penalty window (64)")
+    parser.add_argument("--top-k", type=int, default=d.top_k, metavar="K", help=f"0 = off ({d.top_k})")
+    parser.add_argument("--top-p", type=float, default=d.top_p, metavar="P", help=f"1 = off ({d.top_p:g})")
+    parser.add_argument("--min-p", type=float, default=d.min_p, metavar="P", help=f"0 = off ({d.min_p:g})")
+    parser.add_argument("--repetition-penalty", "--repeat-penalty", dest="repetition_penalty", type=float,
+                        default=d.repetition_penalty, metavar="R",
+                        help=f"as the HTTP field repetition_penalty; 1 = off ({d.repetition_penalty:g})")
+    parser.add_argument("--repeat-last-n", type=int, default=d.repetition_window, metavar="N",
+                        help=f"penalty window ({d.repetition_window})")
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop sequence (repeatable)")
     parser.add_argument("--json", action="store_true", help='print {"ids": [...], "text": ...} instead of streaming')
     parser.set_defaults(func=run)
@@ -34,7 +40,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repeat_penalty, repetition_window=args.repeat_last_n,
+                              repetition_penalty=args.repetition_penalty, repetition_window=args.repeat_last_n,
                               seed=args.seed)
     request = GenerationRequest(prompt=args.prompt, chat=args.chat, max_tokens=args.max_tokens,
                                 stop=tuple(args.stop), sampling=sampling)

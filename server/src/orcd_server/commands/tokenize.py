@@ -18,6 +18,8 @@ from orcd_core.gguf_file import check_supported, open_gguf
 from orcd_core.plugins import default_registry
 from orcd_core.tokenizer import load_tokenizer
 
+from ._model_args import add_model_arg
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -26,7 +28,7 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", help="path to a GGUF file (a vocab-only file is enough)")
+    add_model_arg(parser, "path to a GGUF file (a vocab-only file is enough)", required=True)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="the text to tokenize")
     what.add_argument("--file", type=Path, help="a UTF-8 file whose content is tokenized")
