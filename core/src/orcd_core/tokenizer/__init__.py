@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import TokenizerError
+from ..errors import GGUFVocabularyError, TokenizerError
 from .backends import TokenizerBackend
 from .base import IncrementalDetokenizer, Tokenizer
 from .chat import CHATML_TEMPLATE, encode_chat, render_chat
@@ -52,7 +52,7 @@ def load_tokenizer(model, registry=None, tokenizer_json: Path | str | None = Non
     for backend in backends:
         if backend.applies(model, tj):
             return backend.load(model, tj)
-    raise TokenizerError(
-        f"{model.path}: no tokenizer backend applies (tokenizer.ggml.model = "
-        f"{model.get('tokenizer.ggml.model')!r}; installed backends: {', '.join(b.kind for b in backends) or 'none'})"
+    raise GGUFVocabularyError(
+        model.path, f"no tokenizer backend applies (tokenizer.ggml.model = "
+        f"{model.get('tokenizer.ggml.model')!r:.60}; installed backends: {', '.join(b.kind for b in backends) or 'none'})"
     )

@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from orcd_core.errors import GGUFMetadataError, ModelLoadError
-from orcd_core.gguf_file import GGUFModel, check_supported, open_gguf
+from orcd_core.gguf_file import DEFAULT_MAX_TENSORS, MAX_CONTEXT_LENGTH, GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
 
 #: `tokenizer.ggml.model` -> the tokenizer kind the worker uses for it.
@@ -41,14 +41,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _int(model: GGUFModel, key: str) -> int | None:
-    """An integer metadata value, None when absent; a value of another type is an error."""
-    value = model.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GGUFMetadataError(model.path, f"metadata key {key!r} is {type(value).__name__} {value!r:.60}, expected an integer")
-    return value
+def _int(model: GGUFModel, key: str, lo: int = 1, hi: int | None = None) -> int | None:
+    """An integer metadata value in lo..hi, None when absent; a value of another type is an error."""
+    return model.int_value(key, None, lo=lo, hi=hi)
+
+
+def _block_count(model: GGUFModel) -> int | None:
+    """`{arch}.block_count`, at most the tensor count (every block has a tensor); a vocabulary-only
+    file has no tensors and gets the tensor-table limit instead."""
+    return _int(model, f"{model.architecture}.block_count", hi=len(model.tensors) or DEFAULT_MAX_TENSORS)
 
 
 def _per_layer(model: GGUFModel, key: str, n_layer: int, default: int | None) -> list[int] | None:
@@ -57,8 +58,8 @@ def _per_layer(model: GGUFModel, key: str, n_layer: int, default: int | None) ->
     if value is None:
         return None if default is None else [default] * n_layer
     if isinstance(value, list):
-        if len(value) != n_layer or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise GGUFMetadataError(model.path, f"metadata key {key!r} is {value!r:.60}, expected {n_layer} integers")
+        if len(value) != n_layer or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise GGUFMetadataError(model.path, f"metadata key {key!r} is {value!r:.60}, expected {n_layer} integers >= 0")
         return list(value)
     return [_int(model, key)] * n_layer  # type: ignore[list-item]
 
@@ -67,7 +68,7 @@ def kv_cache_bytes(model: GGUFModel, n_ctx: int) -> int | None:
     """fp16 K and V for every layer at `n_ctx` tokens, from the attention metadata (None when the
     file lacks what is needed)."""
     arch = model.architecture
-    n_layer = _int(model, f"{arch}.block_count")
+    n_layer = _block_count(model)
     n_embd = _int(model, f"{arch}.embedding_length")
     if not n_layer or not n_embd:
         return None
@@ -84,7 +85,7 @@ def kv_cache_bytes(model: GGUFModel, n_ctx: int) -> int | None:
 def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
     model = open_gguf(path)
     arch = model.architecture
-    context_length = _int(model, f"{arch}.context_length")
+    context_length = _int(model, f"{arch}.context_length", hi=MAX_CONTEXT_LENGTH)
     tokens = model.get("tokenizer.ggml.tokens")
     vocab_size = len(tokens) if isinstance(tokens, list) else _int(model, f"{arch}.vocab_size")
     if vocab_size is None and "token_embd.weight" in model.tensors:
@@ -110,7 +111,7 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
         "name": model.get("general.name"),
         "architecture": arch,
         "parameters": sum(t.n_elements for t in model.tensors.values()),
-        "block_count": _int(model, f"{arch}.block_count"),
+        "block_count": _block_count(model),
         "embedding_length": _int(model, f"{arch}.embedding_length"),
         "context_length": context_length,
         "vocab_size": vocab_size,
