@@ -146,13 +146,18 @@ class GGUFBuilder:
         return head + b"\0" * (_pad(len(head), self.alignment) - len(head))
 
     def to_bytes(self) -> bytes:
+        """The file. A tensor whose explicit offset lies beyond MAX_PLACED_OFFSET keeps that offset
+        in its table entry but has no data written (the file would be that large)."""
         head = self.header_bytes()
-        offsets = self.layout()
-        size = max([_pad(off + len(t.data), self.alignment) for t, off in zip(self.tensors, offsets)], default=0)
+        placed = [(t, off) for t, off in zip(self.tensors, self.layout()) if off <= MAX_PLACED_OFFSET]
+        size = max([_pad(off + len(t.data), self.alignment) for t, off in placed], default=0)
         data = bytearray(size)
-        for t, off in zip(self.tensors, offsets):
+        for t, off in placed:
             data[off : off + len(t.data)] = t.data
         return head + bytes(data)
+
+
+MAX_PLACED_OFFSET = 1 << 26
 
 
 def _pad(n: int, alignment: int) -> int:
