@@ -286,6 +286,8 @@ CASES: list[Case] = [
          "tokenizer.ggml.eos_token_id"),
     Case("chat-template-not-string", "qwen2", set_("tokenizer.chat_template", 42, UINT32), GGUFVocabularyError,
          "tokenizer.chat_template"),
+    Case("chat-template-syntax-error", "qwen2", set_("tokenizer.chat_template", "{% for m in messages %}{{ m\x00"),
+         GGUFVocabularyError, "tokenizer.chat_template"),
     Case("chat-template-array", "llama", set_("tokenizer.chat_template", ["a", "b"], ARRAY, STRING),
          GGUFVocabularyError, "tokenizer.chat_template"),
     Case("context-int64-negative", "llama", set_("llama.context_length", -5, INT64), GGUFMetadataError,

@@ -281,6 +281,12 @@ class GGUFVocab:
         template = md.get("tokenizer.chat_template")
         if template is not None and not isinstance(template, str):
             raise fail(f"metadata key 'tokenizer.chat_template' is {_describe(template)}, expected a string")
+        if template is not None:
+            from .chat import template_error
+
+            reason = template_error(template)
+            if reason is not None:
+                raise fail(f"metadata key 'tokenizer.chat_template' does not compile: {reason}")
         return cls(
             path=path,
             model=kind,
