@@ -3,7 +3,8 @@ metadata and tensor table only (no tensor data is read, nothing touches a GPU).
 
 Reports the architecture, parameter count, layer count, quant mix (GGML type -> tensor count and
 bytes; the bytes add up to the file's tensor data), tokenizer kind, context length (null when the
-file does not say), vocabulary size, whether the installed plugins support the file, and an estimate
+file does not say), vocabulary size, whether the installed plugins support the file (plugins,
+architecture config and tokenizer, as `serve` checks them before loading), and an estimate
 of the VRAM the CUDA backend needs for the weights (each tensor in a 256-byte-aligned arena) plus an
 fp16 KV cache at `--context` tokens (default: the model's context length, else 4096). Activations
 and workspaces are not included; sliding-window layers are counted at the full context (an upper
@@ -20,6 +21,7 @@ from typing import Any
 from orcd_core.errors import GGUFMetadataError, ModelLoadError
 from orcd_core.gguf_file import DEFAULT_MAX_TENSORS, MAX_CONTEXT_LENGTH, GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
+from orcd_core.tokenizer import load_tokenizer
 
 #: `tokenizer.ggml.model` -> the tokenizer kind the worker uses for it.
 TOKENIZER_KINDS = {"gpt2": "gguf-bpe", "llama": "gguf-spm"}
@@ -98,8 +100,12 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
     kv = kv_cache_bytes(model, n_ctx)
 
     registry = load_plugins()
-    try:
-        check_supported(model, registry)
+    try:  # what `serve` checks before it touches a device: plugins, the architecture config, the tokenizer
+        arch_adapter = check_supported(model, registry)
+        if arch_adapter is not None and model.tensors:
+            arch_adapter.config(model)
+        if model.get("tokenizer.ggml.model") is not None:
+            load_tokenizer(model, registry)
         supported, reason = True, None
     except ModelLoadError as exc:
         supported, reason = False, exc.what
