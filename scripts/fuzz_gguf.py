@@ -16,7 +16,8 @@ Outcomes: **clean** (one ModelLoadError subclass whose one-line message names th
 (it loads and generates 2 tokens, or refuses the request cleanly as too long for its context or
 invalid), **defect** (anything else: another exception type, a message
 without the path, a timeout, running out of the memory limit, a crashed worker). Workers are a
-process pool; each sets RLIMIT_AS (its start-up size + --memory-mb) and a per-file timer. Each
+process pool; each sets RLIMIT_AS (its start-up size + --memory-mb) and a per-file CPU-time timer
+(--timeout), and the driver gives up on a worker that returns nothing for 30 x --timeout + 60 s of wall time. Each
 defect's file and traceback are saved to --out. Exit status 1 when there is a defect. Mutation i of
 seed s is the same on every run (random.Random(f"{s}:{i}")).
 """
@@ -164,7 +165,7 @@ def _init_worker(memory_mb: int) -> None:
         vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = vm_bytes + (memory_mb << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGPROF, _on_alarm)
 
 
 def load_path(path: Path, generate: bool) -> None:
@@ -191,7 +192,10 @@ def run_one(seed: int, i: int, tmpdir: str, timeout_s: float, generate: bool) ->
     arch, kind, data = mutate(seed, i)
     path = Path(tmpdir) / f"m{os.getpid()}-{i}.gguf"
     path.write_bytes(data)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    # a CPU-time budget (ITIMER_PROF: the process's user + system time), so that a busy or niced
+    # machine does not turn slow files into timeouts; the driver's wall-clock guard catches a worker
+    # that waits without computing
+    signal.setitimer(signal.ITIMER_PROF, timeout_s)
     try:
         load_path(path, generate)
         outcome, detail = "accepted", ""
@@ -204,11 +208,11 @@ def run_one(seed: int, i: int, tmpdir: str, timeout_s: float, generate: bool) ->
         else:
             outcome, detail = "defect", f"unclean {type(exc).__name__} message: {message[:500]}"
     except FileTimeout:
-        outcome, detail = "defect", f"timeout after {timeout_s} s"
+        outcome, detail = "defect", f"timeout after {timeout_s} s of CPU time"
     except BaseException as exc:  # noqa: BLE001  (every other exception is the finding)
         outcome, detail = "defect", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
         path.unlink(missing_ok=True)
     return i, outcome, f"{arch}/{kind}", detail
 
@@ -223,6 +227,7 @@ def fuzz(count: int, seed: int, workers: int, out: Path | None, timeout_s: float
     errors: dict[str, int] = {}
     defects: list[dict] = []
     tmpdir = tempfile.mkdtemp(prefix="fuzz-gguf-")
+    wall_limit = timeout_s * 30 + 60  # generous: a niced run on a busy machine gets a small CPU share
     t0 = time.perf_counter()
 
     def record(i: int, outcome: str, kind: str, detail: str) -> None:
@@ -250,10 +255,10 @@ def fuzz(count: int, seed: int, workers: int, out: Path | None, timeout_s: float
             while pending and len(in_flight) < 2 * workers:
                 i = pending.pop()
                 in_flight[pool.submit(run_one, seed, i, tmpdir, timeout_s, generate)] = i
-            finished, _ = cf.wait(in_flight, timeout=timeout_s * 4 + 30, return_when=cf.FIRST_COMPLETED)
+            finished, _ = cf.wait(in_flight, timeout=wall_limit, return_when=cf.FIRST_COMPLETED)
             if not finished:  # a worker stuck outside Python (the timer could not fire)
                 for f, i in in_flight.items():
-                    record(i, "defect", "?", f"no result within {timeout_s * 4 + 30} s (stuck worker)")
+                    record(i, "defect", "?", f"no result within {wall_limit} s (stuck worker)")
                 _kill(pool)
                 in_flight.clear()
                 pool = new_pool(workers)
@@ -273,7 +278,7 @@ def fuzz(count: int, seed: int, workers: int, out: Path | None, timeout_s: float
                 for i in broken:
                     solo = new_pool(1)
                     try:
-                        record(*solo.submit(run_one, seed, i, tmpdir, timeout_s, generate).result(timeout_s * 4 + 30))
+                        record(*solo.submit(run_one, seed, i, tmpdir, timeout_s, generate).result(wall_limit))
                     except Exception as exc:  # noqa: BLE001
                         record(i, "defect", "?", f"worker died: {type(exc).__name__}: {exc}")
                     finally:
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--start", type=int, default=0, help="first mutation index (to resume or split a run)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds per file (default 10)")
+    ap.add_argument("--timeout", type=float, default=10.0, help="CPU seconds per file (default 10)")
     ap.add_argument("--memory-mb", type=int, default=1024, help="address space per worker beyond its start-up size")
     ap.add_argument("--no-generate", action="store_true", help="stop after Engine.load (no 2-token generation)")
     ap.add_argument("--out", type=Path, help="directory for each defect's file and traceback")
