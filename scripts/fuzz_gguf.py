@@ -14,11 +14,11 @@ chat generation (`--no-generate` skips it).
 
 Outcomes: **clean** (one ModelLoadError subclass whose one-line message names the file), **accepted**
 (it loads and generates 2 tokens, or refuses the request cleanly as too long for its context or
-invalid), **defect** (anything else: another exception type, a message
-without the path, a timeout, running out of the memory limit, a crashed worker). Workers are a
-process pool; each sets RLIMIT_AS (its start-up size + --memory-mb) and a per-file CPU-time timer
-(--timeout), and the driver gives up on a worker that returns nothing for 30 x --timeout + 60 s of wall time. Each
-defect's file and traceback are saved to --out. Exit status 1 when there is a defect. Mutation i of
+invalid), **defect** (anything else: another exception type, a message without the path, a timeout,
+running out of the memory limit, a crashed worker). Workers are a process pool; each sets RLIMIT_AS
+(its start-up size + --memory-mb) and a per-file CPU-time timer (--timeout); the driver gives up on
+a worker that returns nothing for 30 x --timeout + 60 s of wall time. Each defect's file and
+traceback are saved to --out. Exit status 1 when there is a defect. Mutation i of
 seed s is the same on every run (random.Random(f"{s}:{i}")).
 """
 
