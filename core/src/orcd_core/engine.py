@@ -279,7 +279,7 @@ def _check_kv_fits(path: Path, model, device: Device, n_ctx: int) -> None:
 
     try:
         cache = model.new_kv_cache(n_ctx)
-    except (VramOOM, MemoryError, ValueError) as exc:
+    except (VramOOM, MemoryError) as exc:
         raise InsufficientVram(path, f"the KV cache for a context of {n_ctx} tokens cannot be allocated ({exc}); "
                                      "serve a shorter context (--max-context)") from None
     device.free_kv_cache(cache)
