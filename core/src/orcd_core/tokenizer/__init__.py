@@ -64,7 +64,7 @@ def _check_chat_template(model, tokenizer: Tokenizer) -> None:
     """The file's chat template must render the simplest chat (one user message): a template that
     cannot (an undefined name, a failing filter) would fail every chat request of a model that
     looks healthy, so it is a load error naming the key."""
-    if not tokenizer.chat_template:
+    if not getattr(tokenizer, "chat_template", None):  # (a plugin backend may return its own type)
         return
     from ..errors import ChatTemplateError
 
