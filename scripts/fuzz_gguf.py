@@ -99,9 +99,12 @@ def _rewrite(rng: random.Random, arch: str) -> bytes:
                     items.append(items[rng.randrange(len(items))])
                 elif kv.etype == gb.STRING:
                     items[rng.randrange(len(items))] = rng.choice(["", "zz qq", "a", "<0xZZ>", "x y z"])
-                else:
-                    items[rng.randrange(len(items))] = rng.choice([0, 9, 255, -1]) if kv.etype in (
-                        gb.INT32, gb.UINT32) else rng.choice(HOSTILE_FLOATS)
+                elif kv.etype in (gb.FLOAT32, gb.FLOAT64):
+                    items[rng.randrange(len(items))] = rng.choice(HOSTILE_FLOATS)
+                elif kv.etype == gb.BOOL:
+                    items[rng.randrange(len(items))] = rng.random() < 0.5
+                else:  # every integer element type holds these
+                    items[rng.randrange(len(items))] = rng.choice([0, 1, 7, 9, 127])
                 kv.value = items
             else:
                 kv.vtype, kv.etype = gb.ARRAY, rng.choice([gb.INT32, gb.UINT8, gb.FLOAT32, gb.STRING])
