@@ -95,9 +95,12 @@ class Engine:
         kv_windows = getattr(config, "kv_windows", None)  # sliding-window layers keep a bounded cache
         device.prepare_load(gguf, n_ctx=int(n_ctx), progress=progress,
                             kv_windows=list(kv_windows()) if callable(kv_windows) else None)
-        reports_progress = type(device).prepare_load is not Device.prepare_load
+        # a backend that implements prepare_load plans memory there (KV cache included) and reports progress
+        reports_progress = plans_memory = type(device).prepare_load is not Device.prepare_load
         model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
         device.finish_load()
+        if not plans_memory:
+            _check_kv_fits(path, model, device, int(n_ctx))
         return cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
                    n_ctx=int(n_ctx), backend=backend, registry=registry)
 
@@ -270,6 +273,21 @@ class Engine:
             return self.prefill(ids, cache, all_logits=True)
         finally:
             self.device.free_kv_cache(cache)
+
+
+def _check_kv_fits(path: Path, model, device: Device, n_ctx: int) -> None:
+    """A context whose KV cache can never be allocated is a load error, not a retriable VRAM_OOM on
+    every request: allocate one cache of `n_ctx` positions at load and free it (the reference
+    backend's arrays are zero pages until written, so this costs no memory traffic)."""
+    from .errors import InsufficientVram
+    from .generation import VramOOM
+
+    try:
+        cache = model.new_kv_cache(n_ctx)
+    except (VramOOM, MemoryError) as exc:
+        raise InsufficientVram(path, f"the KV cache for a context of {n_ctx} tokens cannot be allocated ({exc}); "
+                                     "serve a shorter context (--max-context)") from None
+    device.free_kv_cache(cache)
 
 
 def _build_with_progress(arch, gguf, device: Device, registry, progress):

@@ -54,5 +54,11 @@ class TokenizerError(OrcdError):
     """The model's vocabulary cannot be turned into a tokenizer (unknown model or pre-tokenizer, ...)."""
 
 
+class GGUFVocabularyError(GGUFMetadataError, TokenizerError):
+    """The file's `tokenizer.*` metadata is inconsistent (array lengths, token types, special token
+    ids, merges, chat template type). A load error naming the file and the key, and a TokenizerError
+    for code that only tokenizes."""
+
+
 class ChatTemplateError(OrcdError):
     """A chat template failed to render (syntax, sandbox violation, time or size limit)."""

@@ -13,6 +13,7 @@ view of the memory-mapped file.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -42,6 +43,12 @@ MAX_TENSOR_NAME = 63
 #: Most elements in one metadata array. Real vocabularies have about 2^18 entries; the limit keeps a
 #: hostile count from turning a large file into tens of GB of Python objects.
 MAX_ARRAY_LEN = 1 << 24
+#: Longest context a file may claim (`{arch}.context_length`, rope original context). The longest
+#: trained context of any released model is about 10M tokens; 2^24 leaves room and keeps position
+#: arithmetic far from int32/int64 overflow.
+MAX_CONTEXT_LENGTH = 1 << 24
+
+_REQUIRED = object()
 
 # GGUF metadata value types
 _SCALARS = {  # type id -> (struct format, size, name)
@@ -121,6 +128,40 @@ class GGUFModel:
             )
         return value
 
+    def int_value(self, key: str, default: Any = _REQUIRED, *, lo: int | None = None, hi: int | None = None) -> Any:
+        """An integer metadata value checked to lie in lo..hi; `default` when absent (required when no
+        default is given). A bool, float or string is the wrong type. Raises `GGUFMetadataError`."""
+        if key not in self.metadata:
+            if default is _REQUIRED:
+                raise GGUFMetadataError(self.path, f"metadata key {key!r} is missing")
+            return default
+        value = self.metadata[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise GGUFMetadataError(
+                self.path, f"metadata key {key!r} is {type(value).__name__} {value!r:.60}, expected an integer")
+        _check_range(self.path, key, value, lo, hi)
+        return value
+
+    def float_value(self, key: str, default: Any = _REQUIRED, *, lo: float | None = None, hi: float | None = None,
+                    lo_open: bool = False) -> Any:
+        """A finite number (float or integer metadata) in [lo, hi] ((lo, hi] with `lo_open`); `default`
+        when absent (required when no default is given). Raises `GGUFMetadataError`."""
+        if key not in self.metadata:
+            if default is _REQUIRED:
+                raise GGUFMetadataError(self.path, f"metadata key {key!r} is missing")
+            return default
+        value = self.metadata[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GGUFMetadataError(
+                self.path, f"metadata key {key!r} is {type(value).__name__} {value!r:.60}, expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise GGUFMetadataError(self.path, f"metadata key {key!r} is {value}, expected a finite number")
+        if lo_open and lo is not None and value <= lo:
+            raise GGUFMetadataError(self.path, f"metadata key {key!r} is {value!r}, expected more than {lo!r}")
+        _check_range(self.path, key, value, lo, hi)
+        return value
+
     def arch_key(self, suffix: str) -> str:
         return f"{self.architecture}.{suffix}"
 
@@ -136,6 +177,29 @@ class GGUFModel:
             entry["tensors"] += 1
             entry["bytes"] += t.nbytes
         return dict(sorted(mix.items(), key=lambda kv: -kv[1]["bytes"]))
+
+
+def _check_range(path, key: str, value, lo, hi) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+        raise GGUFMetadataError(path, f"metadata key {key!r} is {value!r}, expected a value in {span}")
+
+
+def embedding_rows(model: "GGUFModel", name: str = "token_embd.weight") -> int:
+    """Rows of the token embedding (the model's vocabulary size), checked against the file's
+    vocabulary: a table with fewer rows than `tokenizer.ggml.tokens` would be indexed out of bounds by
+    the tokenizer's ids. More rows are fine (padded vocabularies)."""
+    t = model.tensors.get(name)
+    if t is None:
+        raise GGUFTensorError(model.path, f"tensor {name!r} is missing")
+    if len(t.shape) != 2:
+        raise GGUFTensorError(model.path, f"tensor {name!r} has shape {list(t.np_shape)}, expected 2 dimensions")
+    rows = int(t.np_shape[0])
+    tokens = model.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > rows:
+        raise GGUFTensorError(
+            model.path, f"tensor {name!r} has {rows} rows, fewer than the {len(tokens)} tokens of 'tokenizer.ggml.tokens'")
+    return rows
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -279,6 +343,7 @@ class _StructureCheck:
         if data_offset > self.size and n_tensors:
             raise self.fail(f"file ends before the tensor data (data starts at {data_offset}, file has {self.size})")
         seen = set()
+        spans = []
         for name, dims, ttype, offset, nbytes, tname in infos:
             if name in seen:
                 raise GGUFTensorError(self.path, f"tensor {name!r} appears twice in the tensor table")
@@ -294,6 +359,16 @@ class _StructureCheck:
                     f"tensor {name!r} ({tname} {list(dims)}) needs bytes {data_offset + offset}..{end}, "
                     f"past the end of the file ({self.size} bytes): truncated file?",
                 )
+            spans.append((offset, offset + nbytes, name, tname, dims))
+        # Overlapping data is never valid (llama.cpp even requires the tensors back to back); it is
+        # also what a tensor retyped to a wider type (say Q8_0 -> F32) looks like: it reaches into
+        # its neighbour's bytes.
+        spans.sort()
+        for (s0, e0, n0, t0, d0), (s1, e1, n1, t1, d1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise GGUFTensorError(
+                    self.path, f"tensor {n1!r} ({t1} {list(d1)}) data at relative offset {s1} overlaps tensor {n0!r} "
+                    f"({t0} {list(d0)}, bytes {s0}..{e0}): a wrong offset, or a wrong type or shape for its size?")
         return version, data_offset, infos
 
 

@@ -21,8 +21,14 @@ import math
 
 from .device import RopeSpec
 from .errors import GGUFMetadataError
+from .gguf_file import MAX_CONTEXT_LENGTH
 
 SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+DEFAULT_FREQ_BASE = 10000.0
+#: Bounds of what a file may claim: real bases run up to ~1e8 (Llama 4: 5e5, Qwen3: 1e6), real
+#: scaling factors up to a few hundred.
+MAX_FREQ_BASE = 1e12
+MAX_ROPE_FACTOR = 1e6
 
 
 def rope_scaling_type(model) -> str:
@@ -38,31 +44,39 @@ def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
     """The RopeSpec llama.cpp would use for this file at its trained settings (freq_factors None:
     adapters add the factors tensor they pick, with `dataclasses.replace`)."""
 
-    def get(suffix: str, default):
-        return model.get(model.arch_key(suffix), default)
+    def num(suffix: str, default: float, **bounds) -> float:  # finite, range-checked where read
+        return model.float_value(model.arch_key(suffix), default, **bounds)
 
     scaling = rope_scaling_type(model)
-    factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 0.0)
+    factor = num("rope.scaling.factor", 0.0, lo=0.0, hi=MAX_ROPE_FACTOR) or num(
+        "rope.scale_linear", 0.0, lo=0.0, hi=MAX_ROPE_FACTOR)
     freq_scale = 1.0 if factor == 0.0 or scaling == "none" else 1.0 / factor
-    n_ctx_orig = int(get("rope.scaling.original_context_length", 0) or get("context_length", 0) or 0)
-    ext_factor = float(get("rope.scaling.yarn_ext_factor", 1.0 if scaling == "yarn" else 0.0))
-    attn_factor = float(get("rope.scaling.yarn_attn_factor", 1.0))
+    n_ctx_orig = model.int_value(model.arch_key("rope.scaling.original_context_length"), 0, lo=0,
+                                 hi=MAX_CONTEXT_LENGTH) or model.int_value(
+        model.arch_key("context_length"), 0, lo=0, hi=MAX_CONTEXT_LENGTH)
+    ext_factor = num("rope.scaling.yarn_ext_factor", 1.0 if scaling == "yarn" else 0.0, lo=-1.0, hi=MAX_ROPE_FACTOR)
+    attn_factor = num("rope.scaling.yarn_attn_factor", 1.0, lo=0.0, hi=MAX_ROPE_FACTOR)
     if ext_factor != 0.0:
         s = 1.0 / freq_scale
         mscale = 1.0 + 0.1 * math.log(s) if s > 1.0 else 1.0
         attn_factor = mscale / (1.0 + 0.1 * math.log(s))
-    attn_factor *= float(get("rope.scaling.attn_factor", 1.0))
+    attn_factor *= num("rope.scaling.attn_factor", 1.0, lo=0.0, hi=MAX_ROPE_FACTOR, lo_open=True)
     return RopeSpec(
         n_rot=n_rot,
         neox=neox,
-        base=float(get("rope.freq_base", 10000.0)),
+        base=rope_freq_base(model, "rope.freq_base"),
         freq_scale=freq_scale,
         ext_factor=ext_factor,
         attn_factor=attn_factor,
-        beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
-        beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+        beta_fast=num("rope.scaling.yarn_beta_fast", 32.0, lo=0.0, hi=MAX_ROPE_FACTOR),
+        beta_slow=num("rope.scaling.yarn_beta_slow", 1.0, lo=0.0, hi=MAX_ROPE_FACTOR),
         n_ctx_orig=n_ctx_orig,
     )
+
+
+def rope_freq_base(model, suffix: str = "rope.freq_base", default: float = DEFAULT_FREQ_BASE) -> float:
+    """`{arch}.{suffix}`: a finite base above 1 (0, 1, NaN or inf would make every angle 0 or NaN)."""
+    return model.float_value(model.arch_key(suffix), default, lo=1.0, hi=MAX_FREQ_BASE, lo_open=True)
 
 
 def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:

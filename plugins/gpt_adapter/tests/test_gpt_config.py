@@ -8,7 +8,6 @@ set_swa_pattern in src/llama-hparams.cpp; the YaRN parameters of llama_context's
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from gpt_tiny_gguf import write_gpt2, write_gpt_oss
 from orcd_core.device import Step
 from orcd_core.devices import create_device
 from orcd_core.errors import GGUFTensorError
-from orcd_core.gguf_file import check_supported, open_gguf
+from orcd_core.gguf_file import GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
 from orcd_gpt_adapter.gpt_oss import rope_specs, swa_pattern
 
@@ -28,7 +27,8 @@ def registry():
 
 
 def _meta(**kv):
-    return SimpleNamespace(metadata={f"gpt-oss.{k}": v for k, v in kv.items()}, path="x.gguf")
+    md = {"general.architecture": "gpt-oss", **{f"gpt-oss.{k}": v for k, v in kv.items()}}
+    return GGUFModel(Path("x.gguf"), 3, 0, 32, 0, md, {})
 
 
 def test_swa_pattern_like_llama_cpp():

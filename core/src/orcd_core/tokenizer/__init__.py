@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import TokenizerError
+from ..errors import GGUFVocabularyError, TokenizerError
 from .backends import TokenizerBackend
 from .base import IncrementalDetokenizer, Tokenizer
 from .chat import CHATML_TEMPLATE, encode_chat, render_chat
@@ -51,8 +51,26 @@ def load_tokenizer(model, registry=None, tokenizer_json: Path | str | None = Non
     backends = sorted(registry.tokenizers.values(), key=lambda b: (-getattr(b, "priority", 0), b.kind))
     for backend in backends:
         if backend.applies(model, tj):
-            return backend.load(model, tj)
-    raise TokenizerError(
-        f"{model.path}: no tokenizer backend applies (tokenizer.ggml.model = "
-        f"{model.get('tokenizer.ggml.model')!r}; installed backends: {', '.join(b.kind for b in backends) or 'none'})"
+            tokenizer = backend.load(model, tj)
+            _check_chat_template(model, tokenizer)
+            return tokenizer
+    raise GGUFVocabularyError(
+        model.path, f"no tokenizer backend applies (tokenizer.ggml.model = "
+        f"{model.get('tokenizer.ggml.model')!r:.60}; installed backends: {', '.join(b.kind for b in backends) or 'none'})"
     )
+
+
+def _check_chat_template(model, tokenizer: Tokenizer) -> None:
+    """The file's chat template must render the simplest chat (one user message): a template that
+    cannot (an undefined name, a failing filter) would fail every chat request of a model that
+    looks healthy, so it is a load error naming the key."""
+    if not getattr(tokenizer, "chat_template", None):  # (a plugin backend may return its own type)
+        return
+    from ..errors import ChatTemplateError
+
+    try:
+        render_chat(tokenizer, [{"role": "user", "content": "Hello"}])
+    except ChatTemplateError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise GGUFVocabularyError(
+            model.path, f"metadata key 'tokenizer.chat_template' cannot render a one-message chat: {reason}") from None

@@ -18,7 +18,7 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from ..errors import TokenizerError
+from ..errors import GGUFVocabularyError, TokenizerError
 from .base import Tokenizer, byte_token_value, gpt2_piece
 from .pretokenizers import PRE_TOKENIZERS, UNSUPPORTED_PRE
 from .vocab import A_BYTE, A_CONTROL, A_LSTRIP, A_NORMAL, A_RSTRIP, A_UNKNOWN, A_USER_DEFINED, EOG_TEXTS, GGUFVocab
@@ -106,17 +106,20 @@ def _pieces(tokens: list[str], attrs: list[int], byte_level: bool) -> list[bytes
 
 def _split_merges(path: str, merges: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
     """GGUF merges ("a b", split at the first space after the first character) -> pairs, first
-    occurrence kept (llama.cpp's rank map), pairs whose parts or result are not tokens dropped (the
-    Rust BPE needs ids for all three; no real vocabulary has such merges)."""
+    occurrence kept (llama.cpp's rank map). A merge whose parts or result are not tokens is an error
+    (the Rust BPE needs ids for all three; no real vocabulary has such merges: checked on every
+    llama.cpp vocab file and both real models)."""
     if any(w[:1] == " " for w in merges):
         pairs = [(w[:p], w[p + 1 :]) if (p := w.find(" ", 1)) > 0 else (w,) for w in merges]
     else:
         pairs = [tuple(w.split(" ", 1)) for w in merges]
     if len(set(pairs)) != len(pairs):
         pairs = list(dict.fromkeys(pairs))
-    pairs = [p for p in pairs if len(p) == 2 and p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
-    if not pairs and merges:
-        raise TokenizerError(f"{path}: none of the {len(merges)} merges joins two vocabulary tokens")
+    for i, p in enumerate(pairs):
+        if len(p) != 2 or p[0] not in vocab or p[1] not in vocab or p[0] + p[1] not in vocab:
+            raise GGUFVocabularyError(
+                path, f"metadata key 'tokenizer.ggml.merges' entry {i} ({' '.join(p)!r:.60}) does not join two "
+                "vocabulary tokens into a third")
     return pairs  # type: ignore[return-value]
 
 
@@ -159,17 +162,20 @@ class GGUFBPEBackend:
     def load(self, model, tokenizer_json: Path | None = None) -> Tokenizer:
         path = str(model.path)
         pre_name = model.get("tokenizer.ggml.pre") or "default"
+        if not isinstance(pre_name, str):
+            raise GGUFVocabularyError(path, f"metadata key 'tokenizer.ggml.pre' is a {type(pre_name).__name__}, expected a string")
         if pre_name in UNSUPPORTED_PRE:
-            raise TokenizerError(f"{path}: pre-tokenizer {pre_name!r} {UNSUPPORTED_PRE[pre_name]}; not supported")
+            raise GGUFVocabularyError(path, f"pre-tokenizer 'tokenizer.ggml.pre' = {pre_name!r} {UNSUPPORTED_PRE[pre_name]}; "
+                                      "not supported")
         pre = PRE_TOKENIZERS.get(pre_name)
         if pre is None:
-            raise TokenizerError(
-                f"{path}: unknown pre-tokenizer 'tokenizer.ggml.pre' = {pre_name!r} "
+            raise GGUFVocabularyError(
+                path, f"unknown pre-tokenizer 'tokenizer.ggml.pre' = {pre_name!r:.60} "
                 f"(known: {', '.join(sorted(PRE_TOKENIZERS))})"
             )
         vocab = GGUFVocab.from_model(model, pre_add_bos=pre.add_bos, pre_no_bos=pre.no_bos)
         if vocab.merges is None:
-            raise TokenizerError(f"{path}: metadata key 'tokenizer.ggml.merges' is missing (needed by a gpt2 vocabulary)")
+            raise GGUFVocabularyError(path, "metadata key 'tokenizer.ggml.merges' is missing (needed by a gpt2 vocabulary)")
         token_to_id = vocab.token_to_id
         merges = _split_merges(path, vocab.merges, token_to_id)
         bpe = models.BPE(vocab=token_to_id, merges=merges, ignore_merges=pre.ignore_merges, byte_fallback=False)

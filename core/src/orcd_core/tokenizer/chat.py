@@ -140,6 +140,20 @@ def _async_raise(thread: threading.Thread, exc_type: type[BaseException]) -> Non
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type))
 
 
+def template_error(source: str) -> str | None:
+    """None when `source` compiles as a chat template, else the reason in one line (the vocabulary
+    checks a file's template at load, so a broken one is a load error, not a failure of every chat)."""
+    try:
+        _compile(source, DEFAULT_MAX_OUTPUT_CHARS)
+    except jinja2.TemplateSyntaxError as exc:
+        reason = f"syntax error at line {exc.lineno}: {exc.message}"
+    except Exception as exc:  # noqa: BLE001  (the sandbox's compile errors vary)
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        return None
+    return " ".join(reason.split())[:300]
+
+
 def render_chat(
     tokenizer,
     messages: list[dict],

@@ -8,11 +8,12 @@ special tokens matched in text (longest first) and the per-token lstrip/rstrip f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
-from ..errors import TokenizerError
+from ..errors import GGUFVocabularyError
 
 
 class TokenAttr(IntFlag):
@@ -35,6 +36,8 @@ class TokenAttr(IntFlag):
 A_UNKNOWN, A_UNUSED, A_NORMAL, A_CONTROL = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 A_USER_DEFINED, A_BYTE, A_LSTRIP, A_RSTRIP = 1 << 4, 1 << 5, 1 << 7, 1 << 8
 A_SPECIAL = A_CONTROL | A_USER_DEFINED | A_UNKNOWN  # matched in text by the special-token partition
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # GGUF `tokenizer.ggml.token_type` values -> attribute
 TOKEN_TYPE_ATTR = {0: 0, 1: A_NORMAL, 2: A_UNKNOWN, 3: A_CONTROL, 4: A_USER_DEFINED, 5: A_UNUSED, 6: A_BYTE}
@@ -120,8 +123,8 @@ class GGUFVocab:
         md = model.metadata
         path = str(model.path)
 
-        def fail(what: str) -> TokenizerError:
-            return TokenizerError(f"{path}: {what}")
+        def fail(what: str) -> GGUFVocabularyError:
+            return GGUFVocabularyError(path, what)
 
         kind = md.get("tokenizer.ggml.model")
         if not isinstance(kind, str):
@@ -132,20 +135,36 @@ class GGUFVocab:
         n = len(tokens)
         tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
 
+        # every array is checked against the token list where it is read: one entry per token
         token_types = md.get("tokenizer.ggml.token_type")
         if token_types is not None:
-            if not isinstance(token_types, list) or len(token_types) < n:
-                raise fail(f"'tokenizer.ggml.token_type' has {len(token_types or [])} entries, expected {n}")
-            attrs = [TOKEN_TYPE_ATTR.get(t, 0) for t in token_types[:n]]
+            if not isinstance(token_types, list) or len(token_types) != n:
+                raise fail(f"metadata key 'tokenizer.ggml.token_type' has {_length(token_types)}, expected {n} entries "
+                           "(one per token)")
+            try:
+                attrs = [TOKEN_TYPE_ATTR[t] for t in token_types]
+            except (KeyError, TypeError):
+                i, bad = next((i, t) for i, t in enumerate(token_types) if t not in TOKEN_TYPE_ATTR)
+                raise fail(f"metadata key 'tokenizer.ggml.token_type' entry {i} is {bad!r:.40}, expected a token "
+                           f"type in 0..{max(TOKEN_TYPE_ATTR)}") from None
         else:
             attrs = [A_NORMAL] * n
+        for i, a in enumerate(attrs):
+            if a & A_BYTE and not _BYTE_TOKEN.fullmatch(tokens[i]):
+                raise fail(f"token {i} ({tokens[i]!r:.40}) has type byte (6) in 'tokenizer.ggml.token_type' but is "
+                           "not of the form <0xNN>")
 
         scores = md.get("tokenizer.ggml.scores")
         if scores is not None:
-            if not isinstance(scores, list) or len(scores) < n:
-                raise fail(f"'tokenizer.ggml.scores' has {len(scores or [])} entries, expected {n}")
-            scores = [float(s) for s in scores[:n]]
+            if not isinstance(scores, list) or len(scores) != n:
+                raise fail(f"metadata key 'tokenizer.ggml.scores' has {_length(scores)}, expected {n} entries (one per token)")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+                raise fail("metadata key 'tokenizer.ggml.scores' holds non-numbers, expected one float per token")
+            scores = [float(s) for s in scores]
         merges = md.get("tokenizer.ggml.merges")
+        if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+            raise fail(f"metadata key 'tokenizer.ggml.merges' is {_describe(merges)}, expected an array of strings "
+                       "('left right')")
 
         token_to_id: dict[str, int] = {}
         for i, t in enumerate(tokens):
@@ -170,9 +189,12 @@ class GGUFVocab:
             if ids[name] is not None and ids[name] >= n:
                 ids[name] = None
         for name, key in list(_ID_KEYS.items()) + list(_DEPRECATED_ID_KEYS.items()):
-            value = md.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
-                ids[name] = value
+            if key not in md:
+                continue
+            value = md[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise fail(f"metadata key {key!r} is {value!r:.40}, expected a token id in 0..{n - 1}")
+            ids[name] = value
         if isinstance(md.get("tokenizer.ggml.add_bos_token"), bool):
             add_bos = md["tokenizer.ggml.add_bos_token"]
         if isinstance(md.get("tokenizer.ggml.add_eos_token"), bool):
@@ -257,6 +279,14 @@ class GGUFVocab:
 
         arch_ctx = md.get(f"{arch}.context_length")
         template = md.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise fail(f"metadata key 'tokenizer.chat_template' is {_describe(template)}, expected a string")
+        if template is not None:
+            from .chat import template_error
+
+            reason = template_error(template)
+            if reason is not None:
+                raise fail(f"metadata key 'tokenizer.chat_template' does not compile: {reason}")
         return cls(
             path=path,
             model=kind,
@@ -271,10 +301,21 @@ class GGUFVocab:
             add_space_prefix=bool(add_space_prefix),
             eog_ids=frozenset(eog),
             special_ids=special_ids,
-            chat_template=template if isinstance(template, str) else None,
+            chat_template=template,
             model_max_context=int(arch_ctx) if isinstance(arch_ctx, int) and not isinstance(arch_ctx, bool) else None,
             metadata=md,
         )
+
+
+def _length(value) -> str:
+    return f"{len(value)} entries" if isinstance(value, list) else f"a {type(value).__name__}"
+
+
+def _describe(value) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"an array of {'/'.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__}"
 
 
 def kind_pre(md: dict) -> str:

@@ -17,11 +17,15 @@ from typing import Any
 
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, Step
+from orcd_core.errors import GGUFMetadataError, GGUFTensorError
 from orcd_core.generation import InvalidRequest
+from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
 from orcd_core.weights import Proj, TensorLoader
 
 
 ARCH = "gpt2"
+#: Largest embedding or feed-forward width a file may claim.
+MAX_WIDTH = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,21 +46,28 @@ class Gpt2Config:
 
     @classmethod
     def from_gguf(cls, model) -> "Gpt2Config":
-        md = model.metadata
-        n_head = model.require(f"{ARCH}.attention.head_count", int)
-        embd = model.tensors.get("token_embd.weight")
+        # each value range-checked where it is read, against the file and the values before it
+        n_embd = model.int_value(f"{ARCH}.embedding_length", lo=1, hi=MAX_WIDTH)
+        n_head = model.int_value(f"{ARCH}.attention.head_count", lo=1, hi=n_embd)
+        if n_embd % n_head:
+            raise GGUFMetadataError(model.path, f"{ARCH}.attention.head_count {n_head} does not divide embedding_length {n_embd}")
+        n_head_kv = model.int_value(f"{ARCH}.attention.head_count_kv", n_head, lo=1, hi=n_head)
+        if n_head % n_head_kv:
+            raise GGUFMetadataError(model.path, f"{ARCH}: {n_head} heads is not a multiple of {n_head_kv} KV heads")
+        context_length = model.int_value(f"{ARCH}.context_length", None, lo=1, hi=MAX_CONTEXT_LENGTH)
         pos = model.tensors.get("position_embd.weight")
-        context_length = md.get(f"{ARCH}.context_length")
+        if pos is None:
+            raise GGUFTensorError(model.path, "tensor 'position_embd.weight' is missing")
         return cls(
-            n_vocab=int(embd.np_shape[0]) if embd is not None else 0,
-            n_embd=model.require(f"{ARCH}.embedding_length", int),
-            n_layer=model.require(f"{ARCH}.block_count", int),
+            n_vocab=embedding_rows(model),
+            n_embd=n_embd,
+            n_layer=model.int_value(f"{ARCH}.block_count", lo=1, hi=max(1, len(model.tensors))),
             n_head=n_head,
-            n_head_kv=int(md.get(f"{ARCH}.attention.head_count_kv", n_head)),
-            n_ff=model.require(f"{ARCH}.feed_forward_length", int),
-            norm_eps=float(model.require(f"{ARCH}.attention.layer_norm_epsilon", float)),
+            n_head_kv=n_head_kv,
+            n_ff=model.int_value(f"{ARCH}.feed_forward_length", lo=1, hi=MAX_WIDTH),
+            norm_eps=model.float_value(f"{ARCH}.attention.layer_norm_epsilon", lo=0.0, hi=1.0, lo_open=True),
             # llama.cpp sizes position_embd by context_length; without the key, the table's rows
-            n_positions=int(context_length or (pos.np_shape[0] if pos is not None else 0)),
+            n_positions=int(context_length or pos.np_shape[0]),
             context_length=context_length,
         )
 

@@ -21,12 +21,18 @@ import numpy as np
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, RopeSpec, Step
 from orcd_core.errors import GGUFMetadataError
+from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
+from orcd_core.rope import MAX_ROPE_FACTOR, rope_freq_base
 from orcd_core.weights import Proj, TensorLoader
 
 
 ARCH = "gpt-oss"
 SWIGLU_ALPHA = 1.702  # llama.cpp build_moe_ffn, LLM_FFN_SWIGLU_OAI_MOE
 SWIGLU_LIMIT = 7.0
+#: Largest width and expert count a file may claim (gpt-oss-120b: 128 experts, widths ~3k).
+MAX_WIDTH = 1 << 20
+MAX_EXPERTS = 1 << 12
+_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -53,48 +59,48 @@ class GptOssConfig:
 
     @classmethod
     def from_gguf(cls, model) -> "GptOssConfig":
-        def key(suffix, kind=None, default=None):
+        md = model.metadata
+
+        def count(suffix: str, hi: int, default=_REQUIRED) -> int:
+            """A positive integer in 1..hi (one value, or a per-layer array of equal values)."""
             full = f"{ARCH}.{suffix}"
-            if default is None and full not in model.metadata:
-                return model.require(full, kind)
-            value = model.metadata.get(full, default)
-            if kind is not None and not isinstance(value, kind):
-                raise GGUFMetadataError(model.path, f"metadata key {full!r} is {value!r:.60}, expected {kind}")
+            value = md.get(full, default)
+            if value is _REQUIRED:
+                raise GGUFMetadataError(model.path, f"metadata key {full!r} is missing")
+            if isinstance(value, list):  # llama.cpp accepts one value per layer; gpt-oss has one value
+                if not value or len(set(value)) != 1:
+                    raise GGUFMetadataError(model.path, f"{ARCH}: per-layer {full} {value!r:.60}")
+                value = value[0]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise GGUFMetadataError(model.path, f"metadata key {full!r} is {value!r:.60}, expected an integer in 1..{hi}")
             return value
 
-        n_embd = key("embedding_length", int)
-        n_layer = key("block_count", int)
-        n_head = key("attention.head_count", int)
-        n_head_kv = key("attention.head_count_kv", int, n_head)
-        head_dim = key("attention.key_length", int, n_embd // n_head)
-        if key("attention.value_length", int, head_dim) != head_dim:
+        # each value range-checked where it is read, against the file and the values before it
+        n_layer = model.int_value(f"{ARCH}.block_count", lo=1, hi=max(1, len(model.tensors)))
+        n_embd = count("embedding_length", MAX_WIDTH)
+        n_head = count("attention.head_count", n_embd)
+        n_head_kv = count("attention.head_count_kv", n_head, n_head)
+        if n_head % n_head_kv:
+            raise GGUFMetadataError(model.path, f"{ARCH}: {n_head} heads is not a multiple of {n_head_kv} KV heads")
+        head_dim = count("attention.key_length", MAX_WIDTH, n_embd // n_head)
+        if count("attention.value_length", MAX_WIDTH, head_dim) != head_dim:
             raise GGUFMetadataError(model.path, f"{ARCH}: value_length != key_length is not supported")
-        n_ff_exp = key("expert_feed_forward_length", (int, list))
-        if isinstance(n_ff_exp, list):  # llama.cpp accepts one value per layer; gpt-oss has one value
-            if len(set(n_ff_exp)) != 1:
-                raise GGUFMetadataError(model.path, f"{ARCH}: per-layer expert_feed_forward_length {n_ff_exp!r:.60}")
-            n_ff_exp = n_ff_exp[0]
-        n_expert_used = key("expert_used_count", (int, list))
-        if isinstance(n_expert_used, list):
-            if len(set(n_expert_used)) != 1:
-                raise GGUFMetadataError(model.path, f"{ARCH}: per-layer expert_used_count {n_expert_used!r:.60}")
-            n_expert_used = n_expert_used[0]
-        embd = model.tensors.get("token_embd.weight")
-        if embd is None:
-            raise GGUFMetadataError(model.path, "tensor 'token_embd.weight' is missing")
+        n_ff_exp = count("expert_feed_forward_length", MAX_WIDTH)
+        n_expert = count("expert_count", MAX_EXPERTS)
+        n_expert_used = count("expert_used_count", n_expert)
         return cls(
-            n_vocab=int(embd.np_shape[0]),
+            n_vocab=embedding_rows(model),
             n_embd=n_embd,
             n_layer=n_layer,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_expert=key("expert_count", int),
-            n_expert_used=int(n_expert_used),
-            n_ff_exp=int(n_ff_exp),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon", float)),
-            context_length=model.metadata.get(f"{ARCH}.context_length"),
-            sliding_window=key("attention.sliding_window", int),
+            n_expert=n_expert,
+            n_expert_used=n_expert_used,
+            n_ff_exp=n_ff_exp,
+            rms_eps=model.float_value(f"{ARCH}.attention.layer_norm_rms_epsilon", lo=0.0, hi=1.0, lo_open=True),
+            context_length=model.int_value(f"{ARCH}.context_length", None, lo=1, hi=MAX_CONTEXT_LENGTH),
+            sliding_window=count("attention.sliding_window", MAX_CONTEXT_LENGTH),
             swa_layers=swa_pattern(model, n_layer),
             **rope_specs(model, head_dim),
         )
@@ -110,7 +116,7 @@ def swa_pattern(model, n_layer: int) -> tuple[bool, ...]:
             raise GGUFMetadataError(model.path, f"{ARCH}.attention.sliding_window_pattern has {len(value)} entries "
                                                 f"for {n_layer} layers")
         return tuple(bool(v) for v in value[:n_layer])
-    n = int(value)
+    n = model.int_value(f"{ARCH}.attention.sliding_window_pattern", 2, lo=0, hi=1 << 16)
     return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 
@@ -122,12 +128,16 @@ def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
     beta_fast 32, beta_slow 1 (gpt-oss reads no yarn_beta_* keys); n_ctx_orig from
     rope.scaling.original_context_length, else context_length."""
     md = model.metadata
-    base = float(md.get(f"{ARCH}.rope.freq_base", 10000.0))
-    base_swa = float(md.get(f"{ARCH}.rope.freq_base_swa", base))
+
+    def num(suffix: str, default: float, **bounds) -> float:
+        return model.float_value(f"{ARCH}.{suffix}", default, **bounds)
+
+    base = rope_freq_base(model, "rope.freq_base")
+    base_swa = rope_freq_base(model, "rope.freq_base_swa", base)
     scaling = str(md.get(f"{ARCH}.rope.scaling.type", "linear"))
     if scaling not in ("none", "linear", "yarn"):
         raise GGUFMetadataError(model.path, f"{ARCH}.rope.scaling.type is {scaling!r}, expected none, linear or yarn")
-    factor = float(md.get(f"{ARCH}.rope.scaling.factor", 0.0))
+    factor = num("rope.scaling.factor", 0.0, lo=0.0, hi=MAX_ROPE_FACTOR)
     freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
     ext_factor = 1.0 if scaling == "yarn" else 0.0
     attn_factor = 1.0
@@ -135,12 +145,14 @@ def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
         f = 1.0 / freq_scale
         mscale = 1.0 if f <= 1.0 else 0.1 * math.log(f) + 1.0
         attn_factor = mscale / (1.0 + 0.1 * math.log(f))
-    attn_factor *= float(md.get(f"{ARCH}.rope.scaling.attn_factor", 1.0))
-    n_ctx_orig = int(md.get(f"{ARCH}.rope.scaling.original_context_length", 0)) or int(
-        md.get(f"{ARCH}.context_length", 0)
-    )
+    attn_factor *= num("rope.scaling.attn_factor", 1.0, lo=0.0, hi=MAX_ROPE_FACTOR, lo_open=True)
+    n_ctx_orig = model.int_value(f"{ARCH}.rope.scaling.original_context_length", 0, lo=0, hi=MAX_CONTEXT_LENGTH) or \
+        model.int_value(f"{ARCH}.context_length", 0, lo=0, hi=MAX_CONTEXT_LENGTH)
+    n_rot = model.int_value(f"{ARCH}.rope.dimension_count", head_dim, lo=2, hi=head_dim)
+    if n_rot % 2:
+        raise GGUFMetadataError(model.path, f"{ARCH}.rope.dimension_count is {n_rot}, expected an even number")
     rope = RopeSpec(
-        n_rot=int(md.get(f"{ARCH}.rope.dimension_count", head_dim)), neox=True, base=base, freq_scale=freq_scale,
+        n_rot=n_rot, neox=True, base=base, freq_scale=freq_scale,
         ext_factor=ext_factor, attn_factor=attn_factor, beta_fast=32.0, beta_slow=1.0, n_ctx_orig=n_ctx_orig,
     )
     return {"rope": rope, "rope_swa": replace(rope, base=base_swa)}

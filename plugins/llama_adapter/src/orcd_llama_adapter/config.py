@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from orcd_core.device import RopeSpec
 from orcd_core.errors import GGUFMetadataError
+from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
 from orcd_core.rope import rope_scaling_type, rope_spec_from_metadata
 
 #: Metadata every file of the family must have (without the "{arch}." prefix).
@@ -17,6 +18,10 @@ REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
     "attention.head_count": int,
     "attention.layer_norm_rms_epsilon": float,
 }
+
+
+#: Largest embedding, feed-forward or head width a file may claim (real models: up to ~50k).
+MAX_WIDTH = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -47,46 +52,47 @@ class DecoderConfig:
         """`full_rotary`: the architecture requires rope.dimension_count == head_dim (llama)."""
         arch = model.architecture
 
-        def req(suffix: str, kind):
-            return model.require(f"{arch}.{suffix}", kind)
-
-        def uniform_int(suffix: str, default: int) -> int:
-            value = model.get(f"{arch}.{suffix}", default)
+        def uniform_int(suffix: str, default, hi: int) -> int:
+            key = f"{arch}.{suffix}"
+            value = model.get(key, default)
             if isinstance(value, list):  # per-layer arrays: this family needs them all equal
                 if not value or len(set(value)) != 1:
-                    raise GGUFMetadataError(model.path, f"metadata {arch}.{suffix} varies per layer: {value}")
+                    raise GGUFMetadataError(model.path, f"metadata {key} varies per layer: {value!r:.80}")
                 value = value[0]
-            if not isinstance(value, int) or value <= 0:
-                raise GGUFMetadataError(model.path, f"metadata {arch}.{suffix} is {value!r}, expected a positive int")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise GGUFMetadataError(model.path, f"metadata {key} is {value!r:.60}, expected an integer in 1..{hi}")
             return value
 
-        n_embd, n_head = req("embedding_length", int), req("attention.head_count", int)
-        if n_head <= 0 or n_embd % n_head:
+        # every value is range-checked here, where it is read: against the file (a block has at
+        # least one tensor) and against the values read before it
+        n_layer = model.int_value(f"{arch}.block_count", lo=1, hi=max(1, len(model.tensors)))
+        n_embd = model.int_value(f"{arch}.embedding_length", lo=1, hi=MAX_WIDTH)
+        n_head = uniform_int("attention.head_count", None, n_embd)
+        if n_embd % n_head:
             raise GGUFMetadataError(model.path, f"{arch}.attention.head_count {n_head} does not divide embedding_length {n_embd}")
-        head_dim = uniform_int("attention.key_length", n_embd // n_head)
-        if uniform_int("attention.value_length", head_dim) != head_dim:
+        head_dim = uniform_int("attention.key_length", n_embd // n_head, MAX_WIDTH)
+        if uniform_int("attention.value_length", head_dim, MAX_WIDTH) != head_dim:
             raise GGUFMetadataError(model.path, f"{arch}: key and value head sizes differ")
-        n_head_kv = uniform_int("attention.head_count_kv", n_head)
+        n_head_kv = uniform_int("attention.head_count_kv", n_head, n_head)
         if n_head % n_head_kv:
             raise GGUFMetadataError(model.path, f"{arch}: {n_head} heads is not a multiple of {n_head_kv} KV heads")
-        n_rot = uniform_int("rope.dimension_count", head_dim)
-        if n_rot > head_dim or n_rot % 2 or (full_rotary and n_rot != head_dim):
+        n_rot = uniform_int("rope.dimension_count", head_dim, head_dim)
+        if n_rot % 2 or (full_rotary and n_rot != head_dim):
             raise GGUFMetadataError(model.path, f"{arch}.rope.dimension_count is {n_rot}, head size {head_dim}")
-        embd = model.tensors.get("token_embd.weight")
-        if embd is None:
-            raise GGUFMetadataError(model.path, "tensor 'token_embd.weight' is missing")
-        ctx = model.get(f"{arch}.context_length")
+        n_ff = uniform_int("feed_forward_length", None, MAX_WIDTH)
+        norm_eps = model.float_value(f"{arch}.attention.layer_norm_rms_epsilon", lo=0.0, hi=1.0, lo_open=True)
+        ctx = model.int_value(f"{arch}.context_length", None, lo=1, hi=MAX_CONTEXT_LENGTH)
         return cls(
             arch=arch,
-            n_vocab=int(embd.np_shape[0]),
+            n_vocab=embedding_rows(model),
             n_embd=n_embd,
-            n_layer=req("block_count", int),
+            n_layer=n_layer,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            n_ff=uniform_int("feed_forward_length", 0),
-            norm_eps=float(req("attention.layer_norm_rms_epsilon", float)),
-            context_length=int(ctx) if isinstance(ctx, int) and ctx > 0 else None,
+            n_ff=n_ff,
+            norm_eps=norm_eps,
+            context_length=ctx,
             rope=rope_spec_from_metadata(model, n_rot=n_rot, neox=neox),
             rope_scaling=rope_scaling_type(model),
         )

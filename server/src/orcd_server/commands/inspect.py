@@ -3,7 +3,8 @@ metadata and tensor table only (no tensor data is read, nothing touches a GPU).
 
 Reports the architecture, parameter count, layer count, quant mix (GGML type -> tensor count and
 bytes; the bytes add up to the file's tensor data), tokenizer kind, context length (null when the
-file does not say), vocabulary size, whether the installed plugins support the file, and an estimate
+file does not say), vocabulary size, whether the installed plugins support the file (plugins,
+architecture config and tokenizer, as `serve` checks them before loading), and an estimate
 of the VRAM the CUDA backend needs for the weights (each tensor in a 256-byte-aligned arena) plus an
 fp16 KV cache at `--context` tokens (default: the model's context length, else 4096). Activations
 and workspaces are not included; sliding-window layers are counted at the full context (an upper
@@ -18,8 +19,9 @@ import sys
 from typing import Any
 
 from orcd_core.errors import GGUFMetadataError, ModelLoadError
-from orcd_core.gguf_file import GGUFModel, check_supported, open_gguf
+from orcd_core.gguf_file import DEFAULT_MAX_TENSORS, MAX_CONTEXT_LENGTH, GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
+from orcd_core.tokenizer import load_tokenizer
 
 from ._model_args import add_model_arg
 
@@ -43,14 +45,15 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _int(model: GGUFModel, key: str) -> int | None:
-    """An integer metadata value, None when absent; a value of another type is an error."""
-    value = model.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise GGUFMetadataError(model.path, f"metadata key {key!r} is {type(value).__name__} {value!r:.60}, expected an integer")
-    return value
+def _int(model: GGUFModel, key: str, lo: int = 1, hi: int | None = None) -> int | None:
+    """An integer metadata value in lo..hi, None when absent; a value of another type is an error."""
+    return model.int_value(key, None, lo=lo, hi=hi)
+
+
+def _block_count(model: GGUFModel) -> int | None:
+    """`{arch}.block_count`, at most the tensor count (every block has a tensor); a vocabulary-only
+    file has no tensors and gets the tensor-table limit instead."""
+    return _int(model, f"{model.architecture}.block_count", hi=len(model.tensors) or DEFAULT_MAX_TENSORS)
 
 
 def _per_layer(model: GGUFModel, key: str, n_layer: int, default: int | None) -> list[int] | None:
@@ -59,8 +62,8 @@ def _per_layer(model: GGUFModel, key: str, n_layer: int, default: int | None) ->
     if value is None:
         return None if default is None else [default] * n_layer
     if isinstance(value, list):
-        if len(value) != n_layer or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise GGUFMetadataError(model.path, f"metadata key {key!r} is {value!r:.60}, expected {n_layer} integers")
+        if len(value) != n_layer or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise GGUFMetadataError(model.path, f"metadata key {key!r} is {value!r:.60}, expected {n_layer} integers >= 0")
         return list(value)
     return [_int(model, key)] * n_layer  # type: ignore[list-item]
 
@@ -69,7 +72,7 @@ def kv_cache_bytes(model: GGUFModel, n_ctx: int) -> int | None:
     """fp16 K and V for every layer at `n_ctx` tokens, from the attention metadata (None when the
     file lacks what is needed)."""
     arch = model.architecture
-    n_layer = _int(model, f"{arch}.block_count")
+    n_layer = _block_count(model)
     n_embd = _int(model, f"{arch}.embedding_length")
     if not n_layer or not n_embd:
         return None
@@ -86,7 +89,7 @@ def kv_cache_bytes(model: GGUFModel, n_ctx: int) -> int | None:
 def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
     model = open_gguf(path)
     arch = model.architecture
-    context_length = _int(model, f"{arch}.context_length")
+    context_length = _int(model, f"{arch}.context_length", hi=MAX_CONTEXT_LENGTH)
     tokens = model.get("tokenizer.ggml.tokens")
     vocab_size = len(tokens) if isinstance(tokens, list) else _int(model, f"{arch}.vocab_size")
     if vocab_size is None and "token_embd.weight" in model.tensors:
@@ -99,8 +102,12 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
     kv = kv_cache_bytes(model, n_ctx)
 
     registry = load_plugins()
-    try:
-        check_supported(model, registry)
+    try:  # what `serve` checks before it touches a device: plugins, the architecture config, the tokenizer
+        arch_adapter = check_supported(model, registry)
+        if arch_adapter is not None and model.tensors:
+            arch_adapter.config(model)
+        if model.get("tokenizer.ggml.model") is not None:
+            load_tokenizer(model, registry)
         supported, reason = True, None
     except ModelLoadError as exc:
         supported, reason = False, exc.what
@@ -112,7 +119,7 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
         "name": model.get("general.name"),
         "architecture": arch,
         "parameters": sum(t.n_elements for t in model.tensors.values()),
-        "block_count": _int(model, f"{arch}.block_count"),
+        "block_count": _block_count(model),
         "embedding_length": _int(model, f"{arch}.embedding_length"),
         "context_length": context_length,
         "vocab_size": vocab_size,

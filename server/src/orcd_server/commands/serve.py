@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from orcd_core.errors import OrcdError
+from orcd_core.errors import GGUFMetadataError, OrcdError
 
 from .. import schemas
 from ..security import API_KEY_ENV, ApiKeyError, collect_keys
@@ -34,7 +34,6 @@ BACKENDS = ("cuda", "reference")
 # event loop needs the GIL back quickly to answer /health and /metrics while a job streams.
 # CPython's default switch interval is 5 ms; each request needs several GIL hand-overs.
 GIL_SWITCH_INTERVAL_S = 0.0005
-KV_BYTES_PER_ELEMENT = 2  # the KV cache holds fp16 keys and values
 
 
 class ServeArgumentError(OrcdError):
@@ -199,16 +198,13 @@ def kv_context_cap(model_path: Path, kv_cache_size_mb: int) -> int:
     """The most tokens whose fp16 KV cache fits in `kv_cache_size_mb` MiB, from the file's metadata."""
     from orcd_core.gguf_file import open_gguf
 
+    from .inspect import kv_cache_bytes
+
     model = open_gguf(model_path)
-    arch = model.architecture
-    n_layers = int(model.require(f"{arch}.block_count"))
-    n_head = int(model.require(f"{arch}.attention.head_count"))
-    n_kv = model.get(f"{arch}.attention.head_count_kv", n_head)
-    n_kv = int(max(n_kv) if isinstance(n_kv, (list, tuple)) else n_kv)
-    n_embd = int(model.require(f"{arch}.embedding_length"))
-    k_dim = int(model.get(f"{arch}.attention.key_length", n_embd // n_head))
-    v_dim = int(model.get(f"{arch}.attention.value_length", n_embd // n_head))
-    per_token = n_layers * n_kv * (k_dim + v_dim) * KV_BYTES_PER_ELEMENT
+    per_token = kv_cache_bytes(model, 1)  # range-checked reads of the attention metadata
+    if not per_token:
+        raise GGUFMetadataError(model.path, f"{model.architecture}: the attention metadata (block_count, "
+                                            "head_count, embedding_length) needed to size the KV cache is missing")
     cap = (kv_cache_size_mb << 20) // per_token
     if cap < 1:
         raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token ({per_token} bytes per token)")
