@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
+from .shape import ModelShape
+
 
 class Architecture:
     """Base class of architecture adapters."""
@@ -19,7 +21,7 @@ class Architecture:
     #: Metadata keys (without the "{arch}." prefix) that must be present, with their Python type(s).
     required_metadata: ClassVar[dict[str, type | tuple[type, ...]]] = {}
 
-    def config(self, model) -> Any:
+    def config(self, model) -> "ModelConfig":
         """A typed config built from the GGUF metadata of `model` (an `orcd_core.gguf_file.GGUFModel`)."""
         raise NotImplementedError(f"{self.name}: config")
 
@@ -32,13 +34,24 @@ class Architecture:
         return f"<Architecture {self.name}>"
 
 
+class ModelConfig(Protocol):
+    """What every architecture's config (`Architecture.config`) offers the core, whatever else it holds."""
+
+    n_vocab: int  # rows of token_embd
+    context_length: int | None  # {arch}.context_length; None when the file does not say
+
+    def shape(self) -> ModelShape:
+        """The sizes memory planning needs (`orcd_core.shape`): layers, KV heads and windows per layer, ..."""
+        ...
+
+
 class RunnableModel(Protocol):
     """What `Architecture.build` returns; the engine drives it (orcd_core.engine).
 
     `forward` is the whole model for one step: it issues device ops only (no host reads), so the
     CUDA backend can capture a decode step (T = 1) as one graph."""
 
-    config: Any  # the typed config; engines read `context_length` (int or None) from it when present
+    config: ModelConfig  # the engine reads `n_vocab`, `context_length` and `shape()`
 
     def new_kv_cache(self, n_ctx: int) -> Any:
         """A KV cache (`orcd_core.device.KVCache`) for `n_ctx` positions on the model's device."""

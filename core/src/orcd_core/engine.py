@@ -32,9 +32,9 @@ from .generation import (
     PreparedRequest,
 )
 from .gguf_file import check_supported, open_gguf
+from .shape import resolve_context
 from .stops import StopMatcher
 
-DEFAULT_CONTEXT = 4096  # when neither the file nor the caller says
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill forward call
 MAX_STOPS = 16
 
@@ -82,19 +82,13 @@ class Engine:
 
             raise UnsupportedArchitecture(path, "the file has no tensors (vocabulary only): nothing to run")
         config = arch.config(gguf)  # metadata errors surface before the device is touched
-        ctx_len = getattr(config, "context_length", None)
         if max_context is not None and max_context < 1:
             raise InvalidRequest(f"max_context must be >= 1, got {max_context}")
-        if max_context and ctx_len:
-            n_ctx = min(max_context, ctx_len)
-        else:
-            n_ctx = max_context or ctx_len or DEFAULT_CONTEXT
+        n_ctx = resolve_context(max_context, config.context_length)
         tokenizer = load_tokenizer(gguf, registry=registry, tokenizer_json=tokenizer_path)
         opts = {"load_chunk_mb": load_chunk_mb} if backend == "cuda" else {}
         device = create_device(backend, gpu_device, **opts)
-        kv_windows = getattr(config, "kv_windows", None)  # sliding-window layers keep a bounded cache
-        device.prepare_load(gguf, n_ctx=int(n_ctx), progress=progress,
-                            kv_windows=list(kv_windows()) if callable(kv_windows) else None)
+        device.prepare_load(gguf, n_ctx=int(n_ctx), shape=config.shape(), progress=progress)
         reports_progress = type(device).prepare_load is not Device.prepare_load
         model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
         device.finish_load()
@@ -109,13 +103,13 @@ class Engine:
                 "model": self.model_name,
                 "architecture": self.architecture,
                 "quant_kind": quant_kind(self.gguf),
-                "tokenizer_kind": getattr(self.tokenizer, "kind", None) or self.gguf.get("tokenizer.ggml.model"),
-                "vocab_size": int(getattr(self.config, "n_vocab", 0) or len(self.gguf.get("tokenizer.ggml.tokens", []))),
-                "context_length": getattr(self.config, "context_length", None),
+                "tokenizer_kind": self.tokenizer.kind,
+                "vocab_size": int(self.config.n_vocab or len(self.gguf.get("tokenizer.ggml.tokens", []))),
+                "context_length": self.config.context_length,
                 "n_ctx": self.n_ctx,
                 "backend": self.backend,
-                "sm": getattr(self.device, "sm", None),
-                "cuda_runtime_version": getattr(self.device, "cuda_runtime_version", None),
+                "sm": self.device.sm,
+                "cuda_runtime_version": self.device.cuda_runtime_version,
             }
         mem = self.device.memory_report()
         return {**self._info,
@@ -123,9 +117,7 @@ class Engine:
                 "resident": bool(self.device.healthy)}
 
     def close(self) -> None:
-        close = getattr(self.device, "close", None)
-        if close is not None:
-            close()
+        self.device.close()
         self.model = None
 
     # -- requests ----------------------------------------------------------------------------------
@@ -135,7 +127,7 @@ class Engine:
         validate_request(request)
         if request.prompt_ids is not None:
             ids = [int(i) for i in request.prompt_ids]
-            vocab = int(getattr(self.config, "n_vocab", 0) or 0)
+            vocab = int(self.config.n_vocab or 0)
             bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
             if bad:
                 raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
@@ -257,7 +249,7 @@ class Engine:
         if len(ids) > self.n_ctx:
             raise ContextLengthExceeded(f"{len(ids)} ids exceed the context of {self.n_ctx}",
                                         n_prompt_tokens=len(ids), n_ctx=self.n_ctx)
-        vocab = int(getattr(self.config, "n_vocab", 0) or 0)
+        vocab = int(self.config.n_vocab or 0)
         if vocab and any(i < 0 or i >= vocab for i in ids):
             raise InvalidRequest(f"logits: ids must be in 0..{vocab - 1}")
         cache = self.model.new_kv_cache(self.n_ctx)

@@ -18,6 +18,7 @@ from typing import Any
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, Step
 from orcd_core.generation import InvalidRequest
+from orcd_core.shape import ModelShape
 from orcd_core.weights import Proj, TensorLoader
 
 
@@ -39,6 +40,13 @@ class Gpt2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def shape(self) -> ModelShape:
+        return ModelShape(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_vocab=self.n_vocab, context_length=self.context_length,
+            n_head=self.n_head, n_head_kv=(self.n_head_kv,) * self.n_layer, head_dim_k=self.head_dim,
+            head_dim_v=self.head_dim, kv_windows=(0,) * self.n_layer, ffn_width=self.n_ff,
+        )
 
     @classmethod
     def from_gguf(cls, model) -> "Gpt2Config":

@@ -21,6 +21,7 @@ import numpy as np
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, RopeSpec, Step
 from orcd_core.errors import GGUFMetadataError
+from orcd_core.shape import ModelShape
 from orcd_core.weights import Proj, TensorLoader
 
 
@@ -50,6 +51,15 @@ class GptOssConfig:
     def kv_windows(self) -> list[int]:
         """Per-layer sliding window of the KV cache (0 = the whole context)."""
         return [self.sliding_window if swa else 0 for swa in self.swa_layers]
+
+    def shape(self) -> ModelShape:
+        """The FFN width is the experts' times the experts used (the activations of one token)."""
+        return ModelShape(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_vocab=self.n_vocab, context_length=self.context_length,
+            n_head=self.n_head, n_head_kv=(self.n_head_kv,) * self.n_layer, head_dim_k=self.head_dim,
+            head_dim_v=self.head_dim, kv_windows=tuple(self.kv_windows()),
+            ffn_width=self.n_ff_exp * self.n_expert_used,
+        )
 
     @classmethod
     def from_gguf(cls, model) -> "GptOssConfig":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from orcd_core.device import RopeSpec
 from orcd_core.errors import GGUFMetadataError
 from orcd_core.rope import rope_scaling_type, rope_spec_from_metadata
+from orcd_core.shape import ModelShape
 
 #: Metadata every file of the family must have (without the "{arch}." prefix).
 REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
@@ -41,6 +42,14 @@ class DecoderConfig:
     @property
     def n_kv(self) -> int:
         return self.n_head_kv * self.head_dim
+
+    def shape(self) -> ModelShape:
+        """Every layer alike, no sliding window (the family's KV cache spans the whole context)."""
+        return ModelShape(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_vocab=self.n_vocab, context_length=self.context_length,
+            n_head=self.n_head, n_head_kv=(self.n_head_kv,) * self.n_layer, head_dim_k=self.head_dim,
+            head_dim_v=self.head_dim, kv_windows=(0,) * self.n_layer, ffn_width=self.n_ff,
+        )
 
     @classmethod
     def from_gguf(cls, model, *, neox: bool, full_rotary: bool = False) -> "DecoderConfig":

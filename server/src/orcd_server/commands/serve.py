@@ -30,7 +30,6 @@ BACKENDS = ("cuda", "reference")
 # event loop needs the GIL back quickly to answer /health and /metrics while a job streams.
 # CPython's default switch interval is 5 ms; each request needs several GIL hand-overs.
 GIL_SWITCH_INTERVAL_S = 0.0005
-KV_BYTES_PER_ELEMENT = 2  # the KV cache holds fp16 keys and values
 
 
 class ServeArgumentError(OrcdError):
@@ -172,23 +171,22 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     return v
 
 
-def kv_context_cap(model_path: Path, kv_cache_size_mb: int) -> int:
-    """The most tokens whose fp16 KV cache fits in `kv_cache_size_mb` MiB, from the file's metadata."""
-    from orcd_core.gguf_file import open_gguf
+def kv_context_cap(model_path: Path, kv_cache_size_mb: int, registry=None) -> int:
+    """The most tokens whose KV cache (`orcd_core.shape.kv_bytes` of the architecture's shape, as the
+    worker allocates it) fits in `kv_cache_size_mb` MiB."""
+    from orcd_core.gguf_file import check_supported, open_gguf
+    from orcd_core.plugins import default_registry
+    from orcd_core.shape import kv_bytes, max_context_for
 
     model = open_gguf(model_path)
-    arch = model.architecture
-    n_layers = int(model.require(f"{arch}.block_count"))
-    n_head = int(model.require(f"{arch}.attention.head_count"))
-    n_kv = model.get(f"{arch}.attention.head_count_kv", n_head)
-    n_kv = int(max(n_kv) if isinstance(n_kv, (list, tuple)) else n_kv)
-    n_embd = int(model.require(f"{arch}.embedding_length"))
-    k_dim = int(model.get(f"{arch}.attention.key_length", n_embd // n_head))
-    v_dim = int(model.get(f"{arch}.attention.value_length", n_embd // n_head))
-    per_token = n_layers * n_kv * (k_dim + v_dim) * KV_BYTES_PER_ELEMENT
-    cap = (kv_cache_size_mb << 20) // per_token
+    arch = check_supported(model, registry if registry is not None else default_registry())
+    if arch is None:
+        raise ServeArgumentError(f"--model {model_path}: the file has no tensors (vocabulary only): nothing to run")
+    shape = arch.config(model).shape()
+    cap = max_context_for(shape, kv_cache_size_mb << 20)
     if cap < 1:
-        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token ({per_token} bytes per token)")
+        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token "
+                                 f"({kv_bytes(shape, 1)} bytes for one)")
     return int(cap)
 
 
@@ -218,10 +216,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_path = Path(model_ref)
     max_context = values["max_context"]
-    if values["kv_cache_size_mb"] is not None:
-        cap = kv_context_cap(model_path, values["kv_cache_size_mb"])
-        max_context = cap if max_context is None else min(max_context, cap)
     registry = default_registry()
+    if values["kv_cache_size_mb"] is not None:
+        cap = kv_context_cap(model_path, values["kv_cache_size_mb"], registry)
+        max_context = cap if max_context is None else min(max_context, cap)
     plugins = [{"name": p.distribution or p.name, "version": p.version} for p in registry.plugins]
 
     def load(progress):
