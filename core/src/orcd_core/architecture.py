@@ -30,6 +30,12 @@ class Architecture:
         `registry` resolves tensor types to `QuantFormat`s (`default_registry()` when None)."""
         raise NotImplementedError(f"{self.name}: build")
 
+    def synth_spec(self):
+        """Optional: the `orcd_core.testing.synth.SynthSpec` of this architecture's synthetic models
+        (`orcd-worker synth`), or None (the default) when the adapter offers none. Test support: an
+        implementation imports its tables on demand, so loading the plugin stays cheap."""
+        return None
+
     def __repr__(self) -> str:
         return f"<Architecture {self.name}>"
 

@@ -38,14 +38,6 @@ from .stops import StopMatcher
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill forward call
 MAX_STOPS = 16
 
-#: llama.cpp's `llama_ftype` (general.file_type) names
-FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-    18: "Q6_K", 32: "BF16", 38: "MXFP4_MOE",
-}
-
-
 class Engine:
     def __init__(self, *, model_path: Path, gguf, arch, model, device: Device, tokenizer, n_ctx: int,
                  backend: str, registry) -> None:
@@ -286,18 +278,35 @@ def _build_with_progress(arch, gguf, device: Device, registry, progress):
 
 
 def quant_kind(gguf) -> str:
-    """The dominant weight type: the experts' type for MoE files, else general.file_type's name,
-    else the type holding the most bytes."""
-    experts = [t for t in gguf.tensors.values() if "_exps." in t.name]
+    """The dominant weight type: for a mixture of experts (a file with 3-D weights: one matrix per
+    expert) the type holding most of the expert bytes, else general.file_type's name (llama.cpp's
+    `llama_ftype`, as gguf-py names it), else the type holding the most bytes."""
+    experts = [t for t in gguf.tensors.values() if len(t.shape) == 3]
     pool = experts or list(gguf.tensors.values())
     if not experts:
-        ft = gguf.get("general.file_type")
-        if isinstance(ft, int) and ft in FILE_TYPES:
-            return FILE_TYPES[ft]
+        name = file_type_name(gguf.get("general.file_type"))
+        if name is not None:
+            return name
     by_type: dict[str, int] = {}
     for t in pool:
         by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
     return max(by_type, key=by_type.get) if by_type else "unknown"
+
+
+def file_type_name(file_type) -> str | None:
+    """"Q4_K_M" for general.file_type 15 (gguf-py's LlamaFileType without its MOSTLY_/ALL_ prefix);
+    None for an absent, unknown or GUESSED value."""
+    import gguf as ggufpy
+
+    if isinstance(file_type, bool) or not isinstance(file_type, int):
+        return None
+    try:
+        member = ggufpy.LlamaFileType(file_type)
+    except ValueError:
+        return None
+    if member is ggufpy.LlamaFileType.GUESSED:
+        return None
+    return member.name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def validate_request(request: GenerationRequest) -> None:

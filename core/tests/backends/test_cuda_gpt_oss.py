@@ -1,5 +1,5 @@
 """gpt-oss on the CUDA backend against the NumPy reference, on synthetic GGUFs written by
-orcd_core.synth (gpt-oss-20b's names, shapes, types (MXFP4 experts, Q8_0 rest) and metadata: 2880 wide,
+orcd_core.testing.synth (gpt-oss-20b's names, shapes, types (MXFP4 experts, Q8_0 rest) and metadata: 2880 wide,
 64/8 heads of 64, 32 experts top 4, sinks, sliding window 128 on alternate layers, YaRN).
 
 - 2-layer full-width cut: every position's logits within relative L2 1e-2 of the reference, also for
@@ -37,7 +37,7 @@ cupy = require_cuda_gpu()
 
 
 def synth_file(synth_dir: Path, size: str, layers: int | None) -> Path:
-    from orcd_core import synth
+    from orcd_core.testing import synth
 
     path = synth_dir / f"gpt-oss-{size}-{layers or 'all'}.gguf"
     if not path.exists():

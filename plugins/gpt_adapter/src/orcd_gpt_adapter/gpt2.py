@@ -166,3 +166,8 @@ class Gpt2(Architecture):
 
     def build(self, model, device, registry=None) -> Gpt2Model:
         return Gpt2Model(self.config(model), device, TensorLoader(model, device, registry))
+
+    def synth_spec(self):
+        from .synth import GPT2  # test support: imported on demand only
+
+        return GPT2

@@ -271,3 +271,8 @@ class GptOss(Architecture):
 
     def build(self, model, device, registry=None) -> GptOssModel:
         return GptOssModel(self.config(model), device, TensorLoader(model, device, registry))
+
+    def synth_spec(self):
+        from .synth import GPT_OSS  # test support: imported on demand only
+
+        return GPT_OSS

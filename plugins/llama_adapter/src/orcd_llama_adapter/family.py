@@ -23,3 +23,8 @@ class LlamaFamily(Architecture):
 
     def build(self, model, device, registry=None) -> DecoderModel:
         return DecoderModel(self.config(model), device, TensorLoader(model, device, registry))
+
+    def synth_spec(self):
+        from .synth import spec  # test support: imported on demand only
+
+        return spec(self.name)
