@@ -25,23 +25,30 @@ from .errors import GGUFMetadataError
 SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 
 
-def rope_scaling_type(model) -> str:
-    value = str(model.get(model.arch_key("rope.scaling.type"), "linear"))
-    if value not in SCALING_TYPES:
-        raise GGUFMetadataError(
-            model.path, f"metadata {model.arch_key('rope.scaling.type')!r} is {value!r}, expected one of {SCALING_TYPES}"
-        )
+def rope_scaling_type(model, *, arch: str | None = None, allowed: tuple[str, ...] = SCALING_TYPES) -> str:
+    """`{arch}.rope.scaling.type` ("linear" when absent), one of `allowed`. `arch` defaults to the
+    file's architecture."""
+    key = f"{arch or model.architecture}.rope.scaling.type"
+    value = str(model.metadata.get(key, "linear"))
+    if value not in allowed:
+        raise GGUFMetadataError(model.path, f"metadata {key!r} is {value!r}, expected one of {allowed}")
     return value
 
 
-def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
+def rope_spec_from_metadata(model, *, n_rot: int, neox: bool, arch: str | None = None,
+                            scaling_types: tuple[str, ...] = SCALING_TYPES, ignored: tuple[str, ...] = ()) -> RopeSpec:
     """The RopeSpec llama.cpp would use for this file at its trained settings (freq_factors None:
-    adapters add the factors tensor they pick, with `dataclasses.replace`)."""
+    adapters add the factors tensor they pick, with `dataclasses.replace`).
+
+    Overrides for architectures that llama.cpp reads differently: `arch` (the key prefix; default the
+    file's architecture), `scaling_types` (the rope.scaling.type values accepted) and `ignored` (key
+    suffixes the architecture does not read: their defaults above apply, e.g. gpt-oss's fixed betas)."""
+    prefix = arch or model.architecture
 
     def get(suffix: str, default):
-        return model.get(model.arch_key(suffix), default)
+        return default if suffix in ignored else model.metadata.get(f"{prefix}.{suffix}", default)
 
-    scaling = rope_scaling_type(model)
+    scaling = rope_scaling_type(model, arch=prefix, allowed=scaling_types)
     factor = float(get("rope.scaling.factor", 0.0) or get("rope.scale_linear", 0.0) or 0.0)
     freq_scale = 1.0 if factor == 0.0 or scaling == "none" else 1.0 / factor
     n_ctx_orig = int(get("rope.scaling.original_context_length", 0) or get("context_length", 0) or 0)

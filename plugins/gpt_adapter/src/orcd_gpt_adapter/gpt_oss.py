@@ -21,6 +21,8 @@ import numpy as np
 from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, RopeSpec, Step
 from orcd_core.errors import GGUFMetadataError
+from orcd_core.hparams import uniform_per_layer
+from orcd_core.rope import rope_spec_from_metadata
 from orcd_core.shape import ModelShape
 from orcd_core.weights import Proj, TensorLoader
 
@@ -79,16 +81,9 @@ class GptOssConfig:
         head_dim = key("attention.key_length", int, n_embd // n_head)
         if key("attention.value_length", int, head_dim) != head_dim:
             raise GGUFMetadataError(model.path, f"{ARCH}: value_length != key_length is not supported")
-        n_ff_exp = key("expert_feed_forward_length", (int, list))
-        if isinstance(n_ff_exp, list):  # llama.cpp accepts one value per layer; gpt-oss has one value
-            if len(set(n_ff_exp)) != 1:
-                raise GGUFMetadataError(model.path, f"{ARCH}: per-layer expert_feed_forward_length {n_ff_exp!r:.60}")
-            n_ff_exp = n_ff_exp[0]
-        n_expert_used = key("expert_used_count", (int, list))
-        if isinstance(n_expert_used, list):
-            if len(set(n_expert_used)) != 1:
-                raise GGUFMetadataError(model.path, f"{ARCH}: per-layer expert_used_count {n_expert_used!r:.60}")
-            n_expert_used = n_expert_used[0]
+        # llama.cpp accepts one value per layer; gpt-oss has one value
+        n_ff_exp = uniform_per_layer(model, f"{ARCH}.expert_feed_forward_length")
+        n_expert_used = uniform_per_layer(model, f"{ARCH}.expert_used_count")
         embd = model.tensors.get("token_embd.weight")
         if embd is None:
             raise GGUFMetadataError(model.path, "tensor 'token_embd.weight' is missing")
@@ -124,36 +119,20 @@ def swa_pattern(model, n_layer: int) -> tuple[bool, ...]:
     return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 
+#: rope keys llama.cpp does not read for gpt-oss: YaRN's betas stay 32 / 1, ext_factor follows the
+#: scaling type, attn_factor starts at 1, and there is no legacy rope.scale_linear
+ROPE_IGNORED = ("rope.scale_linear", "rope.scaling.yarn_ext_factor", "rope.scaling.yarn_attn_factor",
+                "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")
+
+
 def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
-    """RoPE of the full and the SWA layers from `rope.*` metadata, with the YaRN parameters that
-    llama.cpp derives (llama_context's constructor): ext_factor 1 when rope.scaling.type is "yarn";
-    attn_factor = get_mscale(factor) / (1 + 0.1 ln factor) * rope.scaling.attn_factor (= the attn
-    factor alone for factor >= 1, since ggml's rope multiplies by 1 + 0.1 ln(1/freq_scale) itself);
-    beta_fast 32, beta_slow 1 (gpt-oss reads no yarn_beta_* keys); n_ctx_orig from
-    rope.scaling.original_context_length, else context_length."""
+    """RoPE of the full and the SWA layers: `orcd_core.rope.rope_spec_from_metadata` (which derives
+    YaRN's parameters as llama_context does) with gpt-oss's overrides (scaling none, linear or yarn;
+    the keys of ROPE_IGNORED unread); the SWA layers use rope.freq_base_swa where the file sets it."""
     md = model.metadata
-    base = float(md.get(f"{ARCH}.rope.freq_base", 10000.0))
-    base_swa = float(md.get(f"{ARCH}.rope.freq_base_swa", base))
-    scaling = str(md.get(f"{ARCH}.rope.scaling.type", "linear"))
-    if scaling not in ("none", "linear", "yarn"):
-        raise GGUFMetadataError(model.path, f"{ARCH}.rope.scaling.type is {scaling!r}, expected none, linear or yarn")
-    factor = float(md.get(f"{ARCH}.rope.scaling.factor", 0.0))
-    freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
-    ext_factor = 1.0 if scaling == "yarn" else 0.0
-    attn_factor = 1.0
-    if ext_factor != 0.0:
-        f = 1.0 / freq_scale
-        mscale = 1.0 if f <= 1.0 else 0.1 * math.log(f) + 1.0
-        attn_factor = mscale / (1.0 + 0.1 * math.log(f))
-    attn_factor *= float(md.get(f"{ARCH}.rope.scaling.attn_factor", 1.0))
-    n_ctx_orig = int(md.get(f"{ARCH}.rope.scaling.original_context_length", 0)) or int(
-        md.get(f"{ARCH}.context_length", 0)
-    )
-    rope = RopeSpec(
-        n_rot=int(md.get(f"{ARCH}.rope.dimension_count", head_dim)), neox=True, base=base, freq_scale=freq_scale,
-        ext_factor=ext_factor, attn_factor=attn_factor, beta_fast=32.0, beta_slow=1.0, n_ctx_orig=n_ctx_orig,
-    )
-    return {"rope": rope, "rope_swa": replace(rope, base=base_swa)}
+    rope = rope_spec_from_metadata(model, n_rot=int(md.get(f"{ARCH}.rope.dimension_count", head_dim)), neox=True,
+                                   arch=ARCH, scaling_types=("none", "linear", "yarn"), ignored=ROPE_IGNORED)
+    return {"rope": rope, "rope_swa": replace(rope, base=float(md.get(f"{ARCH}.rope.freq_base_swa", rope.base)))}
 
 
 @dataclass

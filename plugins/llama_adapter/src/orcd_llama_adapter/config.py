@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from orcd_core.device import RopeSpec
 from orcd_core.errors import GGUFMetadataError
+from orcd_core.hparams import uniform_per_layer
 from orcd_core.rope import rope_scaling_type, rope_spec_from_metadata
 from orcd_core.shape import ModelShape
 
@@ -59,15 +60,8 @@ class DecoderConfig:
         def req(suffix: str, kind):
             return model.require(f"{arch}.{suffix}", kind)
 
-        def uniform_int(suffix: str, default: int) -> int:
-            value = model.get(f"{arch}.{suffix}", default)
-            if isinstance(value, list):  # per-layer arrays: this family needs them all equal
-                if not value or len(set(value)) != 1:
-                    raise GGUFMetadataError(model.path, f"metadata {arch}.{suffix} varies per layer: {value}")
-                value = value[0]
-            if not isinstance(value, int) or value <= 0:
-                raise GGUFMetadataError(model.path, f"metadata {arch}.{suffix} is {value!r}, expected a positive int")
-            return value
+        def uniform_int(suffix: str, default: int) -> int:  # per-layer arrays: this family needs them all equal
+            return uniform_per_layer(model, f"{arch}.{suffix}", default)
 
         n_embd, n_head = req("embedding_length", int), req("attention.head_count", int)
         if n_head <= 0 or n_embd % n_head:
