@@ -28,6 +28,7 @@ from .generation import (
     GeneratedToken,
     GenerationRequest,
     GenerationResult,
+    MAX_STOP_STRINGS,
     InvalidRequest,
     PreparedRequest,
 )
@@ -36,7 +37,6 @@ from .shape import resolve_context
 from .stops import StopMatcher
 
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill forward call
-MAX_STOPS = 16
 
 class Engine:
     def __init__(self, *, model_path: Path, gguf, arch, model, device: Device, tokenizer, n_ctx: int,
@@ -122,7 +122,8 @@ class Engine:
             vocab = int(self.config.n_vocab or 0)
             bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
             if bad:
-                raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
+                raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}",
+                                     field="prompt_ids")
         elif request.messages is not None or request.chat:
             from .tokenizer import encode_chat
 
@@ -310,25 +311,28 @@ def file_type_name(file_type) -> str | None:
 
 
 def validate_request(request: GenerationRequest) -> None:
+    """Raises `InvalidRequest` whose `details["field"]` names the request field at fault (the names
+    of `GenerationRequest` and `SamplingParams`, which the HTTP API shares), None when no one field is."""
     s = request.sampling
     checks = [
-        (request.max_tokens >= 0, f"max_tokens must be >= 0, got {request.max_tokens}"),
-        (s.temperature >= 0, f"temperature must be >= 0, got {s.temperature}"),
-        (s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}"),
-        (0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}"),
-        (0 <= s.min_p <= 1, f"min_p must be in [0, 1], got {s.min_p}"),
-        (s.repetition_penalty > 0, f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
-        (s.repetition_window >= 0, f"repetition_window must be >= 0, got {s.repetition_window}"),
-        (0 <= s.seed < 2**64, f"seed must be in 0..2^64-1, got {s.seed}"),
-        (len(request.stop) <= MAX_STOPS, f"at most {MAX_STOPS} stop sequences, got {len(request.stop)}"),
-        (all(isinstance(x, str) and x for x in request.stop), "stop sequences must be non-empty strings"),
+        ("max_tokens", request.max_tokens >= 0, f"max_tokens must be >= 0, got {request.max_tokens}"),
+        ("temperature", s.temperature >= 0, f"temperature must be >= 0, got {s.temperature}"),
+        ("top_k", s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}"),
+        ("top_p", 0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}"),
+        ("min_p", 0 <= s.min_p <= 1, f"min_p must be in [0, 1], got {s.min_p}"),
+        ("repetition_penalty", s.repetition_penalty > 0, f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
+        ("repetition_window", s.repetition_window >= 0, f"repetition_window must be >= 0, got {s.repetition_window}"),
+        ("seed", 0 <= s.seed < 2**64, f"seed must be in 0..2^64-1, got {s.seed}"),
+        ("stop", len(request.stop) <= MAX_STOP_STRINGS,
+         f"at most {MAX_STOP_STRINGS} stop sequences, got {len(request.stop)}"),
+        ("stop", all(isinstance(x, str) and x for x in request.stop), "stop sequences must be non-empty strings"),
     ]
     sources = sum(x is not None for x in (request.prompt, request.messages, request.prompt_ids))
-    checks.append((sources == 1, "give exactly one of prompt, messages, prompt_ids"))
-    checks.append((not (request.chat and request.prompt is None), "chat=True needs a prompt"))
-    for ok, message in checks:
+    checks.append((None, sources == 1, "give exactly one of prompt, messages, prompt_ids"))
+    checks.append((None, not (request.chat and request.prompt is None), "chat=True needs a prompt"))
+    for name, ok, message in checks:
         if not ok:
-            raise InvalidRequest(message)
+            raise InvalidRequest(message, field=name)
 
 
 __all__ = ["Engine", "OrcdError", "quant_kind", "validate_request"]

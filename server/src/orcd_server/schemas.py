@@ -15,11 +15,11 @@ from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
+from orcd_core.generation import MAX_STOP_STRINGS  # one limit for the engine and the API
 
 MAX_PROMPT_CHARS = 32_768
 MAX_TOKENS_LIMIT = 2048
 MAX_JOB_ID_CHARS = 256
-MAX_STOP_STRINGS = 4
 MAX_STOP_TOKENS = 32
 MAX_MESSAGES = 512
 UINT64_MAX = 2**64 - 1
