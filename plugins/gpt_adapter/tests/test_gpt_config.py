@@ -71,7 +71,7 @@ def test_gpt_oss_config_from_file(tmp_path: Path, registry):
     assert c.rope.freq_scale == pytest.approx(1 / 32) and c.rope.n_ctx_orig == 256
     built = arch.build(model, create_device("reference"), registry)
     assert built.kv_windows() == [8, 0, 8]
-    layer = built.layers[0]
+    layer = built.blocks[0]
     assert [w.shape for w, _ in layer.qkv.weights] == [(8 * 32 + 2 * 2 * 32, 128)]  # q|k|v fused (all Q8_0)
     assert layer.gate_up.shape == (8, 2 * 64, 128)  # gate|up experts fused: [E, 2F, D]
     gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
@@ -87,7 +87,7 @@ def test_gate_up_of_different_types_fuse_through_f16(tmp_path: Path, registry):
 
     model = open_gguf(write_gpt_oss(tmp_path / "oss.gguf", seed=5, n_layer=1, up_exps_type=T.F16))
     built = check_supported(model, registry).build(model, create_device("reference"), registry)
-    gate_up = built.layers[0].gate_up
+    gate_up = built.blocks[0].gate_up
     assert gate_up.shape == (8, 128, 128) and gate_up.fmt.name == "F16"
     gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
     up = registry.quant_format(1).dequantize(model.tensors["blk.0.ffn_up_exps.weight"].data, (8, 64, 128))

@@ -43,7 +43,7 @@ class GptOssConfig:
     n_expert: int
     n_expert_used: int
     n_ff_exp: int
-    rms_eps: float
+    norm_eps: float
     context_length: int | None  # None when the file does not say
     sliding_window: int
     swa_layers: tuple[bool, ...]  # True: layer il attends within the sliding window
@@ -97,7 +97,7 @@ class GptOssConfig:
             n_expert=key("expert_count", int),
             n_expert_used=int(n_expert_used),
             n_ff_exp=int(n_ff_exp),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon", float)),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", float)),
             context_length=model.metadata.get(f"{ARCH}.context_length"),
             sliding_window=key("attention.sliding_window", int),
             swa_layers=swa_pattern(model, n_layer),
@@ -136,7 +136,7 @@ def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
 
 
 @dataclass
-class Layer:
+class Block:
     attn_norm: Any  # [D]
     qkv: Proj  # q|k|v with biases: [T, D] -> [T, Hq hd], [T, Hkv hd], [T, Hkv hd]
     wo: Any  # [D, Hq hd]
@@ -162,7 +162,7 @@ class GptOssModel:
         self.tok_embd = t.weight("token_embd.weight", [c.n_vocab, D])
         self.output_norm = t.array("output_norm.weight", [D])
         self.output = t.weight("output.weight", [c.n_vocab, D])
-        self.layers: list[Layer] = []
+        self.blocks: list[Block] = []
         for il in range(c.n_layer):
             p = f"blk.{il}."
             if t.has(p + "attn_qkv.weight"):  # llama.cpp also accepts one fused tensor
@@ -171,7 +171,7 @@ class GptOssModel:
                 parts = [(p + f"attn_{x}.weight", n) for x, n in (("q", nq), ("k", nkv), ("v", nkv))]
                 qkv = t.proj(p + "attn_qkv.weight", parts, D, [p + f"attn_{x}.bias" for x in "qkv"])
             gate_up = [(p + "ffn_gate_exps.weight", [E, F, D]), (p + "ffn_up_exps.weight", [E, F, D])]
-            self.layers.append(Layer(
+            self.blocks.append(Block(
                 attn_norm=t.array(p + "attn_norm.weight", [D]),
                 qkv=qkv,
                 wo=t.weight(p + "attn_output.weight", [D, nq]),
@@ -206,28 +206,28 @@ class GptOssModel:
         """Logits of the step's tokens: [T, V] with `all_logits`, else [1, V] (the last token)."""
         dev = self.device
         x = dev.embedding(self.tok_embd, step.ids)  # [T, D]
-        for il, L in enumerate(self.layers):
-            x = dev.add(x, self.attention(il, L, dev.rms_norm(x, L.attn_norm, self.config.rms_eps), step, cache))
-            x = dev.add(x, self.experts(L, dev.rms_norm(x, L.ffn_norm, self.config.rms_eps)))
+        for il, B in enumerate(self.blocks):
+            x = dev.add(x, self.attention(il, B, dev.rms_norm(x, B.attn_norm, self.config.norm_eps), step, cache))
+            x = dev.add(x, self.experts(B, dev.rms_norm(x, B.ffn_norm, self.config.norm_eps)))
         if not all_logits:
             x = x[-1:]  # [1, D]
-        return dev.linear(dev.rms_norm(x, self.output_norm, self.config.rms_eps), self.output)  # [T, V]
+        return dev.linear(dev.rms_norm(x, self.output_norm, self.config.norm_eps), self.output)  # [T, V]
 
-    def attention(self, il: int, L: Layer, h, step: Step, cache: KVCache):
+    def attention(self, il: int, B: Block, h, step: Step, cache: KVCache):
         c, dev, T = self.config, self.device, step.T
         hd, nq = c.head_dim, c.n_head * c.head_dim
-        q, k, v = L.qkv(dev, h)  # [T, nq], [T, nkv], [T, nkv]
+        q, k, v = B.qkv(dev, h)  # [T, nq], [T, nkv], [T, nkv]
         swa = c.swa_layers[il]
         rope = c.rope_swa if swa else c.rope
         q = dev.rope(q.reshape(T, c.n_head, hd), step.positions, rope)  # [T, Hq, hd]
         k = dev.rope(k.reshape(T, c.n_head_kv, hd), step.positions, rope)  # [T, Hkv, hd]
         v = v.reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
-        o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd), sinks=L.sinks,
+        o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd), sinks=B.sinks,
                           window=c.sliding_window if swa else 0)  # [T, Hq, hd]
-        return dev.linear(o.reshape(T, nq), L.wo, L.bo)  # [T, D]
+        return dev.linear(o.reshape(T, nq), B.wo, B.bo)  # [T, D]
 
-    def experts(self, L: Layer, h):
-        return self.device.moe(h, L.router, L.router_b, L.gate_up, L.gate_up_b, L.down, L.down_b,
+    def experts(self, B: Block, h):
+        return self.device.moe(h, B.router, B.router_b, B.gate_up, B.gate_up_b, B.down, B.down_b,
                                top_k=self.config.n_expert_used, act="swiglu_oai",
                                alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT)  # [T, D]
 
