@@ -19,7 +19,7 @@ from typing import Callable, Generator
 import numpy as np
 
 from .device import MAX_STEP_TOKENS, Device, KVCache, Step
-from .devices import create_device
+from .backends import create_device
 from .errors import OrcdError
 from .generation import (
     Cancelled,

@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType
 from gpt_tiny_gguf import write_gpt_oss
 
 from orcd_core.device import Step
-from orcd_core.devices import create_device
+from orcd_core.backends import create_device
 from orcd_core.gguf_file import check_supported, open_gguf
 from orcd_core.plugins import load_plugins
 from orcd_core.testing.synth import synthesize

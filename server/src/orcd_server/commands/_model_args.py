@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orcd_core.devices import BackendUnavailable, cuda_usable
+from orcd_core.backends import BackendUnavailable, cuda_usable
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
