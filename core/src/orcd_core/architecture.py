@@ -21,12 +21,13 @@ class Architecture:
     #: Metadata keys (without the "{arch}." prefix) that must be present, with their Python type(s).
     required_metadata: ClassVar[dict[str, type | tuple[type, ...]]] = {}
 
-    def config(self, model) -> "ModelConfig":
-        """A typed config built from the GGUF metadata of `model` (an `orcd_core.gguf_file.GGUFModel`)."""
+    def config(self, gguf) -> "ModelConfig":
+        """A typed config built from the metadata of `gguf` (the opened file, an
+        `orcd_core.gguf_file.GGUFModel`)."""
         raise NotImplementedError(f"{self.name}: config")
 
-    def build(self, model, device, registry=None) -> "RunnableModel":
-        """Map the file's tensors to weights on `device` and return the runnable model.
+    def build(self, gguf, device, registry=None) -> "RunnableModel":
+        """Map the tensors of `gguf` (the opened file) to weights on `device` and return the runnable model.
         `registry` resolves tensor types to `QuantFormat`s (`default_registry()` when None)."""
         raise NotImplementedError(f"{self.name}: build")
 

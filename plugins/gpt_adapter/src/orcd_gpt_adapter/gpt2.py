@@ -161,11 +161,11 @@ class Gpt2(Architecture):
         "attention.layer_norm_epsilon": float,
     }
 
-    def config(self, model) -> Gpt2Config:
-        return Gpt2Config.from_gguf(model)
+    def config(self, gguf) -> Gpt2Config:
+        return Gpt2Config.from_gguf(gguf)
 
-    def build(self, model, device, registry=None) -> Gpt2Model:
-        return Gpt2Model(self.config(model), device, TensorLoader(model, device, registry))
+    def build(self, gguf, device, registry=None) -> Gpt2Model:
+        return Gpt2Model(self.config(gguf), device, TensorLoader(gguf, device, registry))
 
     def synth_spec(self):
         from .synth import GPT2  # test support: imported on demand only

@@ -245,11 +245,11 @@ class GptOss(Architecture):
         "expert_feed_forward_length": (int, list),
     }
 
-    def config(self, model) -> GptOssConfig:
-        return GptOssConfig.from_gguf(model)
+    def config(self, gguf) -> GptOssConfig:
+        return GptOssConfig.from_gguf(gguf)
 
-    def build(self, model, device, registry=None) -> GptOssModel:
-        return GptOssModel(self.config(model), device, TensorLoader(model, device, registry))
+    def build(self, gguf, device, registry=None) -> GptOssModel:
+        return GptOssModel(self.config(gguf), device, TensorLoader(gguf, device, registry))
 
     def synth_spec(self):
         from .synth import GPT_OSS  # test support: imported on demand only
