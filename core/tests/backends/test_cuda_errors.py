@@ -31,7 +31,7 @@ def test_kv_cache_that_does_not_fit_is_vram_oom_and_frees_everything(dev):
 
 def test_model_that_does_not_fit_fails_before_allocating(dev, tmp_path):
     from orcd_core import testmodels
-from orcd_core.testing import synth
+    from orcd_core.testing import synth
     from orcd_core.gguf_file import open_gguf
     from orcd_core.plugins import default_registry
 

@@ -31,7 +31,7 @@ ARCHS = {"qwen2": {}, "llama": {"vocab": "ggml-vocab-llama-spm.gguf"}, "phi3": {
 
 def synth_file(synth_dir: Path, arch: str, size: str, layers: int | None) -> Path:
     from orcd_core import testmodels
-from orcd_core.testing import synth
+    from orcd_core.testing import synth
 
     path = synth_dir / f"{arch}-{size}-{layers or 'all'}.gguf"
     if not path.exists():
