@@ -17,6 +17,7 @@ import statistics
 
 from orcd_core.gguf_file import check_supported, open_gguf
 from orcd_core.plugins import default_registry
+from orcd_core.shape import KV_BYTES_PER_ELEMENT
 
 
 def bytes_per_token(path, pos: int) -> tuple[int, dict[str, int]]:
@@ -33,15 +34,10 @@ def bytes_per_token(path, pos: int) -> tuple[int, dict[str, int]]:
             parts["experts"] += t.nbytes * k_used // n_exp
         else:
             parts["dense"] += t.nbytes
-    n_layer = int(md[f"{arch}.block_count"])
-    n_head = int(md[f"{arch}.attention.head_count"])
-    n_kv = int(md.get(f"{arch}.attention.head_count_kv", n_head))
-    hd = int(md.get(f"{arch}.attention.key_length", int(md[f"{arch}.embedding_length"]) // n_head))
-    config = check_supported(g, default_registry()).config(g)
-    windows = config.kv_windows() if hasattr(config, "kv_windows") else [0] * n_layer
-    for w in windows:
+    shape = check_supported(g, default_registry()).config(g).shape()
+    for n_kv, w in zip(shape.n_head_kv, shape.kv_windows):
         rows = min(pos + 1, w) if w > 0 else pos + 1
-        parts["kv"] += 2 * rows * n_kv * hd * 2  # fp16 K and V
+        parts["kv"] += rows * n_kv * (shape.head_dim_k + shape.head_dim_v) * KV_BYTES_PER_ELEMENT  # K and V
     return sum(parts.values()), parts
 
 

@@ -28,7 +28,8 @@ synth() {  # arch size layers -> path
   python3 - "$@" <<'PY'
 import os, sys, time
 from pathlib import Path
-from orcd_core import synth, testmodels
+from orcd_core import testmodels
+from orcd_core.testing import synth
 arch, size, layers = sys.argv[1], sys.argv[2], sys.argv[3]
 d = Path(os.environ["ORCD_SYNTH_DIR"]); p = d / f"{arch}-{size}-{layers}.gguf"
 if not p.exists():

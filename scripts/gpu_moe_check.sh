@@ -43,7 +43,7 @@ if [[ $stages == *" full "* || $stages == *" profile "* || $stages == *" llama "
   timeout ${SYNTH_TIMEOUT:-150} python3 - "$full" <<'PY' 2>&1 | tee "$OUT/synth.log"
 import sys, time
 from pathlib import Path
-from orcd_core import synth
+from orcd_core.testing import synth
 p = Path(sys.argv[1])
 if not p.exists():
     t = time.time()

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from orcd_core import synth, testmodels
+from orcd_core import testmodels
+from orcd_core.testing import synth
 from orcd_core.gguf_file import open_gguf
 from orcd_core.plugins import load_plugins
 

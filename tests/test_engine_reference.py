@@ -156,7 +156,7 @@ def test_cli_generate_json_and_logits(path, capsys):
 
 
 def test_cli_without_gpu_asks_for_the_reference_backend(path, capsys):
-    from orcd_core.devices import cuda_usable
+    from orcd_core.backends import cuda_usable
     from orcd_server.cli import main
 
     if cuda_usable():

@@ -1,4 +1,4 @@
-"""orcd_core.synth: every synthetic architecture (tiny, 2 layers, 2 seeds) is a valid GGUF for our loader,
+"""orcd_core.testing.synth: every synthetic architecture (tiny, 2 layers, 2 seeds) is a valid GGUF for our loader,
 deterministic by seed, with finite weights of the planned magnitude, and llama.cpp loads it and computes
 finite logits."""
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orcd_core import synth, testmodels
+from orcd_core import testmodels
+from orcd_core.testing import synth
 from orcd_core.gguf_file import check_supported, open_gguf
 from orcd_core.plugins import default_registry
 
@@ -34,7 +35,7 @@ def files(tmp_path_factory) -> dict[tuple[str, int], Path]:
     """Each arch written at seeds 1 and 2, and seed 1 a second time (with another thread count)."""
     d = tmp_path_factory.mktemp("synth")
     out = {}
-    for arch in synth.ARCHS:
+    for arch in synth.archs():
         plan = synth.build_plan(arch, "tiny", layers=2, vocab=_vocab(arch), seed=1)
         for seed in SEEDS:
             plan_s = plan if seed == 1 else synth.build_plan(arch, "tiny", layers=2, vocab=_vocab(arch), seed=seed)
@@ -47,7 +48,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("arch", synth.ARCHS)
+@pytest.mark.parametrize("arch", synth.archs())
 def test_opens_and_is_supported(files, arch):
     registry = default_registry()
     for seed in SEEDS:
@@ -61,7 +62,7 @@ def test_opens_and_is_supported(files, arch):
             assert model.tensors["output.weight"].shape[1] == n_vocab
 
 
-@pytest.mark.parametrize("arch", synth.ARCHS)
+@pytest.mark.parametrize("arch", synth.archs())
 def test_deterministic_by_seed(files, arch):
     assert _sha(files[arch, 1]) == _sha(files[arch, -1])  # same seed, other thread count: same bytes
     a, b = open_gguf(files[arch, 1]), open_gguf(files[arch, 2])
@@ -70,7 +71,7 @@ def test_deterministic_by_seed(files, arch):
     assert len(differing) == len(a.tensors), "every tensor must depend on the seed"
 
 
-@pytest.mark.parametrize("arch", synth.ARCHS)
+@pytest.mark.parametrize("arch", synth.archs())
 def test_weights_finite_and_scaled(files, arch):
     """Dequantized, every weight is finite; matrices have RMS within a factor 4 of 1/sqrt(fan_in)
     (so activations stay bounded), norm gains are near 1."""
@@ -93,8 +94,8 @@ def test_weights_finite_and_scaled(files, arch):
 
 def test_tiny_keeps_the_structure():
     """The scaled-down models keep GQA ratio, head size, rope dim, experts, window and YaRN."""
-    for arch in synth.ARCHS:
-        full, tiny = synth._FULL[arch], synth._TINY[arch]
+    for arch in synth.archs():
+        full, tiny = synth.spec_of(arch).sizes["full"], synth.spec_of(arch).sizes["tiny"]
         assert full.n_head // full.n_head_kv == tiny.n_head // tiny.n_head_kv, arch
         assert full.head_dim == tiny.head_dim or arch == "qwen2", arch
         assert (full.n_expert, full.n_expert_used, full.rope_dim) == (tiny.n_expert, tiny.n_expert_used, tiny.rope_dim)
@@ -112,7 +113,7 @@ def test_tiny_keeps_the_structure():
 def test_full_size_shapes():
     """Parameter counts of the full-size plans match the real models' published sizes."""
     vocab = {"gpt-oss": testmodels.llama_cpp_models_dir() / "ggml-vocab-gpt-2.gguf"}
-    counts = {a: sum(t.n_elements for t in synth.build_plan(a, "full", vocab=vocab.get(a)).tensors) for a in synth.ARCHS}
+    counts = {a: sum(t.n_elements for t in synth.build_plan(a, "full", vocab=vocab.get(a)).tensors) for a in synth.archs()}
     assert 493e6 < counts["qwen2"] < 495e6  # Qwen2.5-0.5B: 494M
     assert 134e6 < counts["llama"] < 135e6  # SmolLM2-135M
     assert 3.82e9 < counts["phi3"] < 3.83e9  # Phi-3-mini: 3.82B
@@ -150,7 +151,7 @@ def test_missing_quant_type_is_named(tmp_path):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("arch", synth.ARCHS)
+@pytest.mark.parametrize("arch", synth.archs())
 def test_llama_cpp_loads_and_computes_finite_logits(files, arch):
     llama_cpp = pytest.importorskip("llama_cpp")
     logits = []
@@ -181,3 +182,24 @@ def test_format_refusal_names_the_tensor(tmp_path):
     with pytest.raises(synth.SynthError, match=t.name.replace(".", r"\.")):
         synth.write_plan(plan, tmp_path / "x.gguf", threads=1)
     assert not list(tmp_path.iterdir())
+
+
+def test_only_adapters_with_a_synth_spec_are_synthesizable():
+    """`Architecture.synth_spec()` is optional: the base returns None and such an architecture is
+    not offered; the built-in adapters provide the five architectures' specs."""
+    from orcd_core.architecture import Architecture
+    from orcd_core.plugins import Registry
+
+    class NoSynth(Architecture):
+        name = "nosynth"
+
+    installed = default_registry()
+    assert set(synth.archs(installed)) == {"qwen2", "llama", "phi3", "gpt-oss", "gpt2"}
+    registry = Registry()
+    registry.architectures = {"nosynth": NoSynth(), "gpt2": installed.architecture("gpt2")}
+    assert synth.archs(registry) == ("gpt2",)
+    with pytest.raises(synth.SynthError, match=r"unknown architecture 'nosynth' \(known: gpt2\)"):
+        synth.spec_of("nosynth", registry)
+    for arch in synth.archs(installed):
+        spec = synth.spec_of(arch, installed)
+        assert set(spec.sizes) == set(synth.SIZES) and spec.recipe in synth.RECIPES

@@ -10,7 +10,8 @@ import statistics
 
 import pytest
 
-from orcd_core import synth, testmodels
+from orcd_core import testmodels
+from orcd_core.testing import synth
 from orcd_server.cli import main
 
 

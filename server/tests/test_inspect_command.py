@@ -196,3 +196,28 @@ def test_inspect_real_qwen_model(capsys):
     assert info["supported"] is True
     # fp16 KV at 32768 tokens: 24 layers x 2 kv heads x (64 + 64) x 2 bytes x 32768 = 384 MiB
     assert info["vram_estimate"]["kv_cache_bytes"] == 24 * 2 * 128 * 2 * 32768
+
+
+def test_inspect_and_serve_count_sliding_windows_like_the_planner(tmp_path, capsys):
+    """gpt-oss: half its layers keep a window of 128 (+ one step) only. inspect's KV bytes and serve's
+    --kv-cache-size-mb cap come from the same `kv_bytes(config.shape(), n_ctx)` the CUDA planner uses."""
+    from orcd_core import testmodels
+    from orcd_core.gguf_file import check_supported, open_gguf
+    from orcd_core.plugins import default_registry
+    from orcd_core.shape import kv_bytes, kv_rows
+    from orcd_core.testing import synth
+    from orcd_server.commands.serve import kv_context_cap
+
+    path = synth.synthesize("gpt-oss", tmp_path / "oss.gguf", layers=4, seed=3,
+                            vocab=testmodels.llama_cpp_models_dir() / "ggml-vocab-gpt-2.gguf").path
+    shape = check_supported(open_gguf(path), default_registry()).config(open_gguf(path)).shape()
+    assert shape.kv_windows == (128, 0, 128, 0)
+    n_ctx = 8192
+    info = inspect_json(capsys, path, "--context", n_ctx)
+    per_row = shape.n_head_kv[0] * shape.head_dim_k * 2  # fp16 K (or V) of one position
+    aligned = lambda n: -(-n // 256) * 256  # noqa: E731 (each buffer starts on 256 bytes)
+    expected = 2 * (2 * aligned(n_ctx * per_row) + 2 * aligned(kv_rows(128, n_ctx) * per_row))
+    assert expected < 4 * 2 * n_ctx * per_row  # less than every layer at the full context
+    assert info["vram_estimate"]["kv_cache_bytes"] == kv_bytes(shape, n_ctx) == expected
+    cap = kv_context_cap(path, 1)
+    assert kv_bytes(shape, cap) <= 1 << 20 < kv_bytes(shape, cap + 1)

@@ -13,7 +13,8 @@ import time
 import httpx
 import openai
 import pytest
-from orcd_core import synth, testmodels
+from orcd_core import testmodels
+from orcd_core.testing import synth
 from serve_helpers import ProcessServer, collect, metric_value, tokens
 
 KEY = "sk-test-5b1f0c77d2e94f4a"

@@ -45,7 +45,8 @@ def model_path() -> str:
     if override:
         return override
     if "path" not in _MODEL:
-        from orcd_core import synth, testmodels
+        from orcd_core import testmodels
+        from orcd_core.testing import synth
 
         try:
             _MODEL["path"] = str(testmodels.fetch_model("smollm2"))

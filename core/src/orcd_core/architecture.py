@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
+from .shape import ModelShape
+
 
 class Architecture:
     """Base class of architecture adapters."""
@@ -19,17 +21,35 @@ class Architecture:
     #: Metadata keys (without the "{arch}." prefix) that must be present, with their Python type(s).
     required_metadata: ClassVar[dict[str, type | tuple[type, ...]]] = {}
 
-    def config(self, model) -> Any:
-        """A typed config built from the GGUF metadata of `model` (an `orcd_core.gguf_file.GGUFModel`)."""
+    def config(self, gguf) -> "ModelConfig":
+        """A typed config built from the metadata of `gguf` (the opened file, an
+        `orcd_core.gguf_file.GGUFModel`)."""
         raise NotImplementedError(f"{self.name}: config")
 
-    def build(self, model, device, registry=None) -> "RunnableModel":
-        """Map the file's tensors to weights on `device` and return the runnable model.
+    def build(self, gguf, device, registry=None) -> "RunnableModel":
+        """Map the tensors of `gguf` (the opened file) to weights on `device` and return the runnable model.
         `registry` resolves tensor types to `QuantFormat`s (`default_registry()` when None)."""
         raise NotImplementedError(f"{self.name}: build")
 
+    def synth_spec(self):
+        """Optional: the `orcd_core.testing.synth.SynthSpec` of this architecture's synthetic models
+        (`orcd-worker synth`), or None (the default) when the adapter offers none. Test support: an
+        implementation imports its tables on demand, so loading the plugin stays cheap."""
+        return None
+
     def __repr__(self) -> str:
         return f"<Architecture {self.name}>"
+
+
+class ModelConfig(Protocol):
+    """What every architecture's config (`Architecture.config`) offers the core, whatever else it holds."""
+
+    n_vocab: int  # rows of token_embd
+    context_length: int | None  # {arch}.context_length; None when the file does not say
+
+    def shape(self) -> ModelShape:
+        """The sizes memory planning needs (`orcd_core.shape`): layers, KV heads and windows per layer, ..."""
+        ...
 
 
 class RunnableModel(Protocol):
@@ -38,7 +58,7 @@ class RunnableModel(Protocol):
     `forward` is the whole model for one step: it issues device ops only (no host reads), so the
     CUDA backend can capture a decode step (T = 1) as one graph."""
 
-    config: Any  # the typed config; engines read `context_length` (int or None) from it when present
+    config: ModelConfig  # the engine reads `n_vocab`, `context_length` and `shape()`
 
     def new_kv_cache(self, n_ctx: int) -> Any:
         """A KV cache (`orcd_core.device.KVCache`) for `n_ctx` positions on the model's device."""

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .gguf_file import TensorInfo
+
+if TYPE_CHECKING:
+    from .shape import ModelShape
 
 MAX_STEP_TOKENS = 512  # tokens of one forward call at most: the engine's prefill chunk
 
@@ -104,6 +107,12 @@ class Device(abc.ABC):
     """A backend. One instance per process; it owns the weights, caches and workspaces it creates."""
 
     name: str  # "reference" | "cuda"
+    sm: str | None = None  # the GPU's compute capability ("90"); None off a GPU
+    cuda_runtime_version: int | None = None  # cudaRuntimeGetVersion(); None off a GPU
+
+    def close(self) -> None:
+        """Free everything the device holds (weights, caches, workspaces). The reference backend
+        holds nothing beyond Python objects."""
 
     # -- memory -----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -139,11 +148,11 @@ class Device(abc.ABC):
         """Bytes held by category: weights, kv_cache, workspace."""
         return {"weights": 0, "kv_cache": 0, "workspace": 0}
 
-    def prepare_load(self, model, *, n_ctx: int, progress: "ProgressFn | None" = None,
-                     kv_windows: Sequence[int] | None = None) -> None:
+    def prepare_load(self, model, *, n_ctx: int, shape: "ModelShape",
+                     progress: "ProgressFn | None" = None) -> None:
         """Called by the engine once, before the adapter uploads weights: the CUDA backend checks
-        weights + KV cache (`n_ctx` positions; `kv_windows` as the config's, None = no sliding-window
-        layers) + workspace against free VRAM here (raising
+        weights + KV cache (`n_ctx` positions of `shape`, the config's `orcd_core.shape.ModelShape`)
+        + workspace against free VRAM here (raising
         `orcd_core.errors.InsufficientVram`) and reserves its weight arena; `progress(fraction)` is
         then called as weight bytes reach the device. The reference backend needs nothing."""
 

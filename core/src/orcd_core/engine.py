@@ -19,7 +19,7 @@ from typing import Callable, Generator
 import numpy as np
 
 from .device import MAX_STEP_TOKENS, Device, KVCache, Step
-from .devices import create_device
+from .backends import create_device
 from .errors import OrcdError
 from .generation import (
     Cancelled,
@@ -28,23 +28,15 @@ from .generation import (
     GeneratedToken,
     GenerationRequest,
     GenerationResult,
+    MAX_STOP_STRINGS,
     InvalidRequest,
     PreparedRequest,
 )
 from .gguf_file import check_supported, open_gguf
+from .shape import resolve_context
 from .stops import StopMatcher
 
-DEFAULT_CONTEXT = 4096  # when neither the file nor the caller says
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill forward call
-MAX_STOPS = 16
-
-#: llama.cpp's `llama_ftype` (general.file_type) names
-FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-    18: "Q6_K", 32: "BF16", 38: "MXFP4_MOE",
-}
-
 
 class Engine:
     def __init__(self, *, model_path: Path, gguf, arch, model, device: Device, tokenizer, n_ctx: int,
@@ -82,19 +74,13 @@ class Engine:
 
             raise UnsupportedArchitecture(path, "the file has no tensors (vocabulary only): nothing to run")
         config = arch.config(gguf)  # metadata errors surface before the device is touched
-        ctx_len = getattr(config, "context_length", None)
         if max_context is not None and max_context < 1:
             raise InvalidRequest(f"max_context must be >= 1, got {max_context}")
-        if max_context and ctx_len:
-            n_ctx = min(max_context, ctx_len)
-        else:
-            n_ctx = max_context or ctx_len or DEFAULT_CONTEXT
+        n_ctx = resolve_context(max_context, config.context_length)
         tokenizer = load_tokenizer(gguf, registry=registry, tokenizer_json=tokenizer_path)
         opts = {"load_chunk_mb": load_chunk_mb} if backend == "cuda" else {}
         device = create_device(backend, gpu_device, **opts)
-        kv_windows = getattr(config, "kv_windows", None)  # sliding-window layers keep a bounded cache
-        device.prepare_load(gguf, n_ctx=int(n_ctx), progress=progress,
-                            kv_windows=list(kv_windows()) if callable(kv_windows) else None)
+        device.prepare_load(gguf, n_ctx=int(n_ctx), shape=config.shape(), progress=progress)
         # a backend that implements prepare_load plans memory there (KV cache included) and reports progress
         reports_progress = plans_memory = type(device).prepare_load is not Device.prepare_load
         model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
@@ -112,13 +98,13 @@ class Engine:
                 "model": self.model_name,
                 "architecture": self.architecture,
                 "quant_kind": quant_kind(self.gguf),
-                "tokenizer_kind": getattr(self.tokenizer, "kind", None) or self.gguf.get("tokenizer.ggml.model"),
-                "vocab_size": int(getattr(self.config, "n_vocab", 0) or len(self.gguf.get("tokenizer.ggml.tokens", []))),
-                "context_length": getattr(self.config, "context_length", None),
+                "tokenizer_kind": self.tokenizer.kind,
+                "vocab_size": int(self.config.n_vocab or len(self.gguf.get("tokenizer.ggml.tokens", []))),
+                "context_length": self.config.context_length,
                 "n_ctx": self.n_ctx,
                 "backend": self.backend,
-                "sm": getattr(self.device, "sm", None),
-                "cuda_runtime_version": getattr(self.device, "cuda_runtime_version", None),
+                "sm": self.device.sm,
+                "cuda_runtime_version": self.device.cuda_runtime_version,
             }
         mem = self.device.memory_report()
         return {**self._info,
@@ -126,9 +112,7 @@ class Engine:
                 "resident": bool(self.device.healthy)}
 
     def close(self) -> None:
-        close = getattr(self.device, "close", None)
-        if close is not None:
-            close()
+        self.device.close()
         self.model = None
 
     # -- requests ----------------------------------------------------------------------------------
@@ -138,10 +122,11 @@ class Engine:
         validate_request(request)
         if request.prompt_ids is not None:
             ids = [int(i) for i in request.prompt_ids]
-            vocab = int(getattr(self.config, "n_vocab", 0) or 0)
+            vocab = int(self.config.n_vocab or 0)
             bad = [i for i in ids if i < 0 or (vocab and i >= vocab)]
             if bad:
-                raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}")
+                raise InvalidRequest(f"prompt_ids holds ids outside the vocabulary (0..{vocab - 1}): {bad[:5]}",
+                                     field="prompt_ids")
         elif request.messages is not None or request.chat:
             from .tokenizer import encode_chat
 
@@ -265,7 +250,7 @@ class Engine:
         if len(ids) > self.n_ctx:
             raise ContextLengthExceeded(f"{len(ids)} ids exceed the context of {self.n_ctx}",
                                         n_prompt_tokens=len(ids), n_ctx=self.n_ctx)
-        vocab = int(getattr(self.config, "n_vocab", 0) or 0)
+        vocab = int(self.config.n_vocab or 0)
         if vocab and any(i < 0 or i >= vocab for i in ids):
             raise InvalidRequest(f"logits: ids must be in 0..{vocab - 1}")
         cache = self.model.new_kv_cache(self.n_ctx)
@@ -317,40 +302,60 @@ def _build_with_progress(arch, gguf, device: Device, registry, progress):
 
 
 def quant_kind(gguf) -> str:
-    """The dominant weight type: the experts' type for MoE files, else general.file_type's name,
-    else the type holding the most bytes."""
-    experts = [t for t in gguf.tensors.values() if "_exps." in t.name]
+    """The dominant weight type: for a mixture of experts (a file with 3-D weights: one matrix per
+    expert) the type holding most of the expert bytes, else general.file_type's name (llama.cpp's
+    `llama_ftype`, as gguf-py names it), else the type holding the most bytes."""
+    experts = [t for t in gguf.tensors.values() if len(t.shape) == 3]
     pool = experts or list(gguf.tensors.values())
     if not experts:
-        ft = gguf.get("general.file_type")
-        if isinstance(ft, int) and ft in FILE_TYPES:
-            return FILE_TYPES[ft]
+        name = file_type_name(gguf.get("general.file_type"))
+        if name is not None:
+            return name
     by_type: dict[str, int] = {}
     for t in pool:
         by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
     return max(by_type, key=by_type.get) if by_type else "unknown"
 
 
+def file_type_name(file_type) -> str | None:
+    """"Q4_K_M" for general.file_type 15 (gguf-py's LlamaFileType without its MOSTLY_/ALL_ prefix);
+    None for an absent, unknown or GUESSED value."""
+    import gguf as ggufpy
+
+    if isinstance(file_type, bool) or not isinstance(file_type, int):
+        return None
+    try:
+        member = ggufpy.LlamaFileType(file_type)
+    except ValueError:
+        return None
+    if member is ggufpy.LlamaFileType.GUESSED:
+        return None
+    return member.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
 def validate_request(request: GenerationRequest) -> None:
+    """Raises `InvalidRequest` whose `details["field"]` names the request field at fault (the names
+    of `GenerationRequest` and `SamplingParams`, which the HTTP API shares), None when no one field is."""
     s = request.sampling
     checks = [
-        (request.max_tokens >= 0, f"max_tokens must be >= 0, got {request.max_tokens}"),
-        (s.temperature >= 0, f"temperature must be >= 0, got {s.temperature}"),
-        (s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}"),
-        (0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}"),
-        (0 <= s.min_p <= 1, f"min_p must be in [0, 1], got {s.min_p}"),
-        (s.repetition_penalty > 0, f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
-        (s.repetition_window >= 0, f"repetition_window must be >= 0, got {s.repetition_window}"),
-        (0 <= s.seed < 2**64, f"seed must be in 0..2^64-1, got {s.seed}"),
-        (len(request.stop) <= MAX_STOPS, f"at most {MAX_STOPS} stop sequences, got {len(request.stop)}"),
-        (all(isinstance(x, str) and x for x in request.stop), "stop sequences must be non-empty strings"),
+        ("max_tokens", request.max_tokens >= 0, f"max_tokens must be >= 0, got {request.max_tokens}"),
+        ("temperature", s.temperature >= 0, f"temperature must be >= 0, got {s.temperature}"),
+        ("top_k", s.top_k >= 0, f"top_k must be >= 0, got {s.top_k}"),
+        ("top_p", 0 <= s.top_p <= 1, f"top_p must be in [0, 1], got {s.top_p}"),
+        ("min_p", 0 <= s.min_p <= 1, f"min_p must be in [0, 1], got {s.min_p}"),
+        ("repetition_penalty", s.repetition_penalty > 0, f"repetition_penalty must be > 0, got {s.repetition_penalty}"),
+        ("repetition_window", s.repetition_window >= 0, f"repetition_window must be >= 0, got {s.repetition_window}"),
+        ("seed", 0 <= s.seed < 2**64, f"seed must be in 0..2^64-1, got {s.seed}"),
+        ("stop", len(request.stop) <= MAX_STOP_STRINGS,
+         f"at most {MAX_STOP_STRINGS} stop sequences, got {len(request.stop)}"),
+        ("stop", all(isinstance(x, str) and x for x in request.stop), "stop sequences must be non-empty strings"),
     ]
     sources = sum(x is not None for x in (request.prompt, request.messages, request.prompt_ids))
-    checks.append((sources == 1, "give exactly one of prompt, messages, prompt_ids"))
-    checks.append((not (request.chat and request.prompt is None), "chat=True needs a prompt"))
-    for ok, message in checks:
+    checks.append((None, sources == 1, "give exactly one of prompt, messages, prompt_ids"))
+    checks.append((None, not (request.chat and request.prompt is None), "chat=True needs a prompt"))
+    for name, ok, message in checks:
         if not ok:
-            raise InvalidRequest(message)
+            raise InvalidRequest(message, field=name)
 
 
 __all__ = ["Engine", "OrcdError", "quant_kind", "validate_request"]

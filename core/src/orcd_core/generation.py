@@ -37,6 +37,11 @@ class ChatMessage:
     content: str
 
 
+#: Stop sequences per request at most (the engine's and the HTTP API's limit; each is matched on every
+#: token's text).
+MAX_STOP_STRINGS = 4
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str | None = None

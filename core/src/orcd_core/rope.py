@@ -31,29 +31,39 @@ MAX_FREQ_BASE = 1e12
 MAX_ROPE_FACTOR = 1e6
 
 
-def rope_scaling_type(model) -> str:
-    value = str(model.get(model.arch_key("rope.scaling.type"), "linear"))
-    if value not in SCALING_TYPES:
-        raise GGUFMetadataError(
-            model.path, f"metadata {model.arch_key('rope.scaling.type')!r} is {value!r}, expected one of {SCALING_TYPES}"
-        )
+def rope_scaling_type(model, *, arch: str | None = None, allowed: tuple[str, ...] = SCALING_TYPES) -> str:
+    """`{arch}.rope.scaling.type` ("linear" when absent), one of `allowed`. `arch` defaults to the
+    file's architecture."""
+    key = f"{arch or model.architecture}.rope.scaling.type"
+    value = str(model.metadata.get(key, "linear"))
+    if value not in allowed:
+        raise GGUFMetadataError(model.path, f"metadata {key!r} is {value!r}, expected one of {allowed}")
     return value
 
 
-def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
+def rope_spec_from_metadata(model, *, n_rot: int, neox: bool, arch: str | None = None,
+                            scaling_types: tuple[str, ...] = SCALING_TYPES, ignored: tuple[str, ...] = ()) -> RopeSpec:
     """The RopeSpec llama.cpp would use for this file at its trained settings (freq_factors None:
-    adapters add the factors tensor they pick, with `dataclasses.replace`)."""
+    adapters add the factors tensor they pick, with `dataclasses.replace`).
+
+    Overrides for architectures that llama.cpp reads differently: `arch` (the key prefix; default the
+    file's architecture), `scaling_types` (the rope.scaling.type values accepted) and `ignored` (key
+    suffixes the architecture does not read: their defaults above apply, e.g. gpt-oss's fixed betas)."""
+    prefix = arch or model.architecture
+
+    def key(suffix: str) -> str:
+        return f"{prefix}.{suffix}"
 
     def num(suffix: str, default: float, **bounds) -> float:  # finite, range-checked where read
-        return model.float_value(model.arch_key(suffix), default, **bounds)
+        return default if suffix in ignored else model.float_value(key(suffix), default, **bounds)
 
-    scaling = rope_scaling_type(model)
+    scaling = rope_scaling_type(model, arch=prefix, allowed=scaling_types)
     factor = num("rope.scaling.factor", 0.0, lo=0.0, hi=MAX_ROPE_FACTOR) or num(
         "rope.scale_linear", 0.0, lo=0.0, hi=MAX_ROPE_FACTOR)
     freq_scale = 1.0 if factor == 0.0 or scaling == "none" else 1.0 / factor
-    n_ctx_orig = model.int_value(model.arch_key("rope.scaling.original_context_length"), 0, lo=0,
-                                 hi=MAX_CONTEXT_LENGTH) or model.int_value(
-        model.arch_key("context_length"), 0, lo=0, hi=MAX_CONTEXT_LENGTH)
+    n_ctx_orig = (0 if "rope.scaling.original_context_length" in ignored else model.int_value(
+        key("rope.scaling.original_context_length"), 0, lo=0, hi=MAX_CONTEXT_LENGTH)) or model.int_value(
+        key("context_length"), 0, lo=0, hi=MAX_CONTEXT_LENGTH)
     ext_factor = num("rope.scaling.yarn_ext_factor", 1.0 if scaling == "yarn" else 0.0, lo=-1.0, hi=MAX_ROPE_FACTOR)
     attn_factor = num("rope.scaling.yarn_attn_factor", 1.0, lo=0.0, hi=MAX_ROPE_FACTOR)
     if ext_factor != 0.0:
@@ -64,7 +74,7 @@ def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
     return RopeSpec(
         n_rot=n_rot,
         neox=neox,
-        base=rope_freq_base(model, "rope.freq_base"),
+        base=DEFAULT_FREQ_BASE if "rope.freq_base" in ignored else rope_freq_base(model, key("rope.freq_base")),
         freq_scale=freq_scale,
         ext_factor=ext_factor,
         attn_factor=attn_factor,
@@ -74,9 +84,10 @@ def rope_spec_from_metadata(model, *, n_rot: int, neox: bool) -> RopeSpec:
     )
 
 
-def rope_freq_base(model, suffix: str = "rope.freq_base", default: float = DEFAULT_FREQ_BASE) -> float:
-    """`{arch}.{suffix}`: a finite base above 1 (0, 1, NaN or inf would make every angle 0 or NaN)."""
-    return model.float_value(model.arch_key(suffix), default, lo=1.0, hi=MAX_FREQ_BASE, lo_open=True)
+def rope_freq_base(model, key: str | None = None, default: float = DEFAULT_FREQ_BASE) -> float:
+    """Metadata `key` (default `{arch}.rope.freq_base`): a finite base above 1 (0, 1, NaN or inf would
+    make every angle 0 or NaN)."""
+    return model.float_value(key or model.arch_key("rope.freq_base"), default, lo=1.0, hi=MAX_FREQ_BASE, lo_open=True)
 
 
 def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float, beta_slow: float) -> tuple[float, float]:

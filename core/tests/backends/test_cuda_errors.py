@@ -30,8 +30,10 @@ def test_kv_cache_that_does_not_fit_is_vram_oom_and_frees_everything(dev):
 
 
 def test_model_that_does_not_fit_fails_before_allocating(dev, tmp_path):
-    from orcd_core import synth, testmodels
+    from orcd_core import testmodels
+    from orcd_core.testing import synth
     from orcd_core.gguf_file import open_gguf
+    from orcd_core.plugins import default_registry
 
     path = tmp_path / "qwen2-tiny.gguf"
     synth.synthesize("qwen2", path, size="tiny", layers=1, seed=1,
@@ -39,7 +41,7 @@ def test_model_that_does_not_fit_fails_before_allocating(dev, tmp_path):
     model = open_gguf(path)
     free0, _ = cupy.cuda.runtime.memGetInfo()
     with pytest.raises(InsufficientVram) as exc:
-        dev.prepare_load(model, n_ctx=10**10)
+        dev.prepare_load(model, n_ctx=10**10, shape=default_registry().architecture("qwen2").config(model).shape())
     msg = str(exc.value)
     assert "required" in msg and "available" in msg and "GPU 0" in msg and str(path) in msg
     assert len(msg.splitlines()) == 1

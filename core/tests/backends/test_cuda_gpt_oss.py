@@ -1,5 +1,5 @@
 """gpt-oss on the CUDA backend against the NumPy reference, on synthetic GGUFs written by
-orcd_core.synth (gpt-oss-20b's names, shapes, types (MXFP4 experts, Q8_0 rest) and metadata: 2880 wide,
+orcd_core.testing.synth (gpt-oss-20b's names, shapes, types (MXFP4 experts, Q8_0 rest) and metadata: 2880 wide,
 64/8 heads of 64, 32 experts top 4, sinks, sliding window 128 on alternate layers, YaRN).
 
 - 2-layer full-width cut: every position's logits within relative L2 1e-2 of the reference, also for
@@ -37,7 +37,7 @@ cupy = require_cuda_gpu()
 
 
 def synth_file(synth_dir: Path, size: str, layers: int | None) -> Path:
-    from orcd_core import synth
+    from orcd_core.testing import synth
 
     path = synth_dir / f"gpt-oss-{size}-{layers or 'all'}.gguf"
     if not path.exists():
@@ -135,7 +135,7 @@ def test_full_size_vram(full):
     mem = full.device.memory_report()
     used = full.device.vram_bytes_used()
     weights = full.gguf.tensor_data_bytes
-    kv = full.device.kv_bytes_estimate(full.gguf, full.n_ctx, full.config.kv_windows())
+    kv = full.device.kv_bytes_estimate(full.config.shape(), full.n_ctx)
     ratio = (used + kv) / (weights + kv)  # no request is live: add the KV cache one would hold
     print(f"gpt-oss full: vram_bytes_used {used} = {mem}; tensor bytes {weights}, KV for {full.n_ctx} "
           f"positions {kv}; (used + KV) / (weights + KV) = {ratio:.3f}")
@@ -153,7 +153,7 @@ def test_full_size_request_that_cannot_get_its_kv_cache_is_vram_oom(full):
     greedy = SamplingParams(temperature=0.0)
     dev.stream.synchronize()
     used0, (free0, _) = dev.vram_bytes_used(), cupy.cuda.runtime.memGetInfo()
-    kv = dev.kv_bytes_estimate(full.gguf, full.n_ctx, full.config.kv_windows())
+    kv = dev.kv_bytes_estimate(full.config.shape(), full.n_ctx)
     ballast = raw_alloc(free0 - kv // 2)  # another tenant: less than one KV cache stays free
     try:
         with pytest.raises(VramOOM) as exc:

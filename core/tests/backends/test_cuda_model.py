@@ -1,5 +1,5 @@
 """Whole models on the CUDA backend against the NumPy reference, on synthetic GGUFs written by
-orcd_core.synth (qwen2 Q4_K_M, llama Q4_1, phi3 Q4_K_M: the real files' names, shapes, types and
+orcd_core.testing.synth (qwen2 Q4_K_M, llama Q4_1, phi3 Q4_K_M: the real files' names, shapes, types and
 metadata, random valid blocks).
 
 - logits: 2-layer cuts at full width (the reference runs them in seconds), every position's logits
@@ -30,7 +30,8 @@ ARCHS = {"qwen2": {}, "llama": {"vocab": "ggml-vocab-llama-spm.gguf"}, "phi3": {
 
 
 def synth_file(synth_dir: Path, arch: str, size: str, layers: int | None) -> Path:
-    from orcd_core import synth, testmodels
+    from orcd_core import testmodels
+    from orcd_core.testing import synth
 
     path = synth_dir / f"{arch}-{size}-{layers or 'all'}.gguf"
     if not path.exists():

@@ -14,7 +14,7 @@ import pytest
 from gpt_tiny_gguf import write_gpt2, write_gpt_oss
 
 from orcd_core.device import Step
-from orcd_core.devices import create_device
+from orcd_core.backends import create_device
 from orcd_core.errors import GGUFTensorError
 from orcd_core.gguf_file import GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
@@ -71,7 +71,7 @@ def test_gpt_oss_config_from_file(tmp_path: Path, registry):
     assert c.rope.freq_scale == pytest.approx(1 / 32) and c.rope.n_ctx_orig == 256
     built = arch.build(model, create_device("reference"), registry)
     assert built.kv_windows() == [8, 0, 8]
-    layer = built.layers[0]
+    layer = built.blocks[0]
     assert [w.shape for w, _ in layer.qkv.weights] == [(8 * 32 + 2 * 2 * 32, 128)]  # q|k|v fused (all Q8_0)
     assert layer.gate_up.shape == (8, 2 * 64, 128)  # gate|up experts fused: [E, 2F, D]
     gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
@@ -87,7 +87,7 @@ def test_gate_up_of_different_types_fuse_through_f16(tmp_path: Path, registry):
 
     model = open_gguf(write_gpt_oss(tmp_path / "oss.gguf", seed=5, n_layer=1, up_exps_type=T.F16))
     built = check_supported(model, registry).build(model, create_device("reference"), registry)
-    gate_up = built.layers[0].gate_up
+    gate_up = built.blocks[0].gate_up
     assert gate_up.shape == (8, 128, 128) and gate_up.fmt.name == "F16"
     gate = registry.quant_format(39).dequantize(model.tensors["blk.0.ffn_gate_exps.weight"].data, (8, 64, 128))
     up = registry.quant_format(1).dequantize(model.tensors["blk.0.ffn_up_exps.weight"].data, (8, 64, 128))
@@ -171,3 +171,35 @@ def test_strict_loading(tmp_path: Path, registry):
     model.metadata["gpt2.embedding_length"] = 96
     with pytest.raises(GGUFTensorError, match=r"token_embd.weight.*\[384, 128\].*\[384, 96\]"):
         check_supported(model, registry).build(model, create_device("reference"), registry)
+
+
+def test_rope_is_the_core_function_with_gpt_oss_overrides():
+    """gpt-oss reads the shared `rope_spec_from_metadata`, minus the keys llama.cpp does not read for
+    it: yarn betas, ext/attn factor overrides and rope.scale_linear leave its spec unchanged."""
+    from orcd_core.errors import GGUFMetadataError
+    from orcd_core.rope import rope_spec_from_metadata
+
+    base = {"rope.freq_base": 150000.0, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
+            "rope.scaling.original_context_length": 4096}
+    odd = {"rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_beta_slow": 2.0,
+           "rope.scaling.yarn_ext_factor": 0.5, "rope.scaling.yarn_attn_factor": 3.0}
+    assert rope_specs(_meta(**base, **odd), 64)["rope"] == rope_specs(_meta(**base), 64)["rope"]
+    shared = rope_spec_from_metadata(_meta(**base, **odd), n_rot=64, neox=True, arch="gpt-oss")
+    assert (shared.beta_fast, shared.beta_slow, shared.ext_factor) == (16.0, 2.0, 0.5)  # others read them
+    with pytest.raises(GGUFMetadataError, match="longrope"):
+        rope_specs(_meta(**{"rope.scaling.type": "longrope"}), 64)
+
+
+def test_per_layer_counts_must_agree():
+    from orcd_core.errors import GGUFMetadataError
+    from orcd_core.hparams import uniform_per_layer
+
+    m = _meta(**{"expert_used_count": [4, 4, 4], "bad": [4, 2], "zero": 0})
+    assert uniform_per_layer(m, "gpt-oss.expert_used_count") == 4
+    assert uniform_per_layer(m, "gpt-oss.absent", 7) == 7
+    with pytest.raises(GGUFMetadataError, match="varies per layer"):
+        uniform_per_layer(m, "gpt-oss.bad")
+    with pytest.raises(GGUFMetadataError, match="expected a positive int"):
+        uniform_per_layer(m, "gpt-oss.zero")
+    with pytest.raises(GGUFMetadataError, match="missing"):
+        uniform_per_layer(m, "gpt-oss.absent")

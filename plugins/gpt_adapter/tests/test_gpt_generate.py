@@ -1,5 +1,5 @@
 """Greedy generation of gpt-oss and gpt2 through the Engine on the reference backend, on synthetic
-files (orcd_core.synth): finite logits, the same ids on a second run, and the greedy ids equal to the
+files (orcd_core.testing.synth): finite logits, the same ids on a second run, and the greedy ids equal to the
 argmax of the engine's own logits over prompt + generated ids in one prefill (so decoding with the KV
 cache, past gpt-oss's sliding window of 128, agrees with a full evaluation)."""
 
@@ -13,7 +13,7 @@ import pytest
 from orcd_core.engine import Engine
 from orcd_core.generation import GenerationRequest, SamplingParams
 from orcd_core.plugins import load_plugins
-from orcd_core.synth import synthesize
+from orcd_core.testing.synth import synthesize
 
 N_NEW = 24
 

@@ -1,5 +1,5 @@
 """Parity of the gpt-oss and gpt2 adapters (reference backend) with llama.cpp, on synthetic files from
-`orcd_core.synth` (tiny dims that keep every feature: gpt-oss with 8/1 heads of 64, sinks, SWA 128 on
+`orcd_core.testing.synth` (tiny dims that keep every feature: gpt-oss with 8/1 heads of 64, sinks, SWA 128 on
 even layers, YaRN, 32 MXFP4 experts top-4 with biases, o200k vocabulary; gpt2 with learned positions,
 LayerNorm, fused c_attn, GELU, Q4_K_M mix, tied and untied).
 
@@ -29,10 +29,10 @@ from gguf import GGMLQuantizationType
 from gpt_tiny_gguf import write_gpt_oss
 
 from orcd_core.device import Step
-from orcd_core.devices import create_device
+from orcd_core.backends import create_device
 from orcd_core.gguf_file import check_supported, open_gguf
 from orcd_core.plugins import load_plugins
-from orcd_core.synth import synthesize
+from orcd_core.testing.synth import synthesize
 
 pytestmark = pytest.mark.oracle
 

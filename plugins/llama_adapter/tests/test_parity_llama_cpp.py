@@ -212,10 +212,10 @@ REL_L2_BOUND = {"F16": 0.005, None: 0.04}
 @pytest.mark.parametrize("arch,recipe,seed,layers", SYNTH_CASES,
                          ids=[f"{a}-{r or 'recipe'}-seed{s}-{n}L" for a, r, s, n in SYNTH_CASES])
 def test_parity_synthetic(tmp_path, arch, recipe, seed, layers):
-    """Synthetic files from `orcd_core.synth` (tiny widths, random weights): relative L2 error of the
+    """Synthetic files from `orcd_core.testing.synth` (tiny widths, random weights): relative L2 error of the
     logits at every position within the bound above, top-1 equal at >= 90% of positions."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from orcd_core.synth import synthesize
+    from orcd_core.testing.synth import synthesize
 
     path = synthesize(arch, tmp_path / f"{arch}.gguf", size="tiny", seed=seed, layers=layers, recipe=recipe).path
     engine = Engine.load(path, backend="reference", max_context=256)

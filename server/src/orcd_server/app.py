@@ -213,7 +213,8 @@ def _prepare(engine, request: GenerationRequest, n_ctx: int):
     except ContextLengthExceeded as exc:
         raise RequestError(400, "CONTEXT_LENGTH_EXCEEDED", str(exc), **_context_details(exc, n_ctx)) from None
     except InvalidRequest as exc:
-        raise invalid(exc.details.get("field") or _field_named_in(str(exc)), str(exc)) from None
+        field = exc.details.get("field")  # the engine's field names are the API's
+        raise invalid(field if field in _REQUEST_FIELDS else None, str(exc)) from None
     except OrcdError as exc:  # chat template errors, tokenizer errors
         field = "messages" if request.messages is not None else ("chat" if request.chat else "prompt")
         raise invalid(field, str(exc)) from None
@@ -221,12 +222,6 @@ def _prepare(engine, request: GenerationRequest, n_ctx: int):
 
 
 _REQUEST_FIELDS = set(schemas.ExecuteRequest.__struct_fields__)
-
-
-def _field_named_in(message: str) -> str | None:
-    """The request field an engine message starts with ("top_p must be in (0, 1]" -> "top_p")."""
-    first = message.split(" ", 1)[0].strip(":,")
-    return first if first in _REQUEST_FIELDS else None
 
 
 def _context_details(exc: ContextLengthExceeded, n_ctx: int) -> dict[str, Any]:

@@ -11,16 +11,15 @@ Every failure is a `RequestError` with the HTTP status, a stable code and the of
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
-from orcd_core.generation import SamplingParams
+from orcd_core.generation import MAX_STOP_STRINGS, SamplingParams  # one stop limit for the engine and the API
 
 MAX_PROMPT_CHARS = 32_768
 MAX_TOKENS_LIMIT = 2048
 MAX_JOB_ID_CHARS = 256
-MAX_STOP_STRINGS = 4
 MAX_STOP_TOKENS = 32
 MAX_MESSAGES = 512
 UINT64_MAX = 2**64 - 1
@@ -62,48 +61,6 @@ class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):
     """POST /cancel."""
 
     job_id: JobId
-
-
-# -- event payloads (the `data:` of each SSE event) --------------------------------------------------
-
-
-class StartedEvent(msgspec.Struct):
-    job_id: str
-    model: str
-    started_at: str  # RFC 3339, UTC, milliseconds
-    seed: int
-    n_prompt_tokens: int
-
-
-class TokenEvent(msgspec.Struct):
-    t: str  # the text this token released (valid UTF-8; "" while a code point is still split)
-    i: int  # 0-based index among generated tokens
-    id: int  # token id
-
-
-class Timings(msgspec.Struct):
-    """As llama.cpp's server reports them."""
-
-    prompt_n: int
-    prompt_ms: float
-    prompt_per_second: float
-    predicted_n: int
-    predicted_ms: float
-    predicted_per_second: float
-
-
-class EndEvent(msgspec.Struct):
-    tokens_out: int
-    tokens_in: int
-    decode_time_ms: float
-    finish_reason: Literal["stop", "length", "stop_sequence"]
-    timings: Timings
-
-
-class ErrorEvent(msgspec.Struct):
-    code: str
-    message: str
-    retriable: bool
 
 
 # -- errors ------------------------------------------------------------------------------------------

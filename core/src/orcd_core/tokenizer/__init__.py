@@ -30,6 +30,7 @@ __all__ = [
     "encode_chat",
     "load_tokenizer",
     "render_chat",
+    "tokenizer_kind",
 ]
 
 
@@ -37,6 +38,23 @@ def load_tokenizer(model, registry=None, tokenizer_json: Path | str | None = Non
     """The tokenizer for an opened `GGUFModel`, built by the registered backend that applies with the
     highest priority. `tokenizer_json` (else a `tokenizer.json` beside the model file, if any) selects
     the `hf-json` backend. Raises `TokenizerError` when no backend applies or the vocabulary is bad."""
+    backend, tj = _choose_backend(model, registry, tokenizer_json)
+    tokenizer = backend.load(model, tj)
+    _check_chat_template(model, tokenizer)
+    return tokenizer
+
+
+def tokenizer_kind(model, registry=None, tokenizer_json: Path | str | None = None) -> str | None:
+    """The kind of the backend `load_tokenizer` would use for `model` (None when none applies);
+    reads metadata only, builds nothing."""
+    try:
+        backend, _tj = _choose_backend(model, registry, tokenizer_json)
+    except TokenizerError:
+        return None
+    return backend.kind
+
+
+def _choose_backend(model, registry, tokenizer_json):
     if registry is None:
         from ..plugins import default_registry
 
@@ -51,9 +69,7 @@ def load_tokenizer(model, registry=None, tokenizer_json: Path | str | None = Non
     backends = sorted(registry.tokenizers.values(), key=lambda b: (-getattr(b, "priority", 0), b.kind))
     for backend in backends:
         if backend.applies(model, tj):
-            tokenizer = backend.load(model, tj)
-            _check_chat_template(model, tokenizer)
-            return tokenizer
+            return backend, tj
     raise GGUFVocabularyError(
         model.path, f"no tokenizer backend applies (tokenizer.ggml.model = "
         f"{model.get('tokenizer.ggml.model')!r:.60}; installed backends: {', '.join(b.kind for b in backends) or 'none'})"

@@ -20,6 +20,7 @@ from orcd_core.device import Device, KVCache, Step
 from orcd_core.errors import GGUFMetadataError, GGUFTensorError
 from orcd_core.generation import InvalidRequest
 from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
+from orcd_core.shape import ModelShape
 from orcd_core.weights import Proj, TensorLoader
 
 
@@ -43,6 +44,13 @@ class Gpt2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def shape(self) -> ModelShape:
+        return ModelShape(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_vocab=self.n_vocab, context_length=self.context_length,
+            n_head=self.n_head, n_head_kv=(self.n_head_kv,) * self.n_layer, head_dim_k=self.head_dim,
+            head_dim_v=self.head_dim, kv_windows=(0,) * self.n_layer, ffn_width=self.n_ff,
+        )
 
     @classmethod
     def from_gguf(cls, model) -> "Gpt2Config":
@@ -164,8 +172,13 @@ class Gpt2(Architecture):
         "attention.layer_norm_epsilon": float,
     }
 
-    def config(self, model) -> Gpt2Config:
-        return Gpt2Config.from_gguf(model)
+    def config(self, gguf) -> Gpt2Config:
+        return Gpt2Config.from_gguf(gguf)
 
-    def build(self, model, device, registry=None) -> Gpt2Model:
-        return Gpt2Model(self.config(model), device, TensorLoader(model, device, registry))
+    def build(self, gguf, device, registry=None) -> Gpt2Model:
+        return Gpt2Model(self.config(gguf), device, TensorLoader(gguf, device, registry))
+
+    def synth_spec(self):
+        from .synth import GPT2  # test support: imported on demand only
+
+        return GPT2

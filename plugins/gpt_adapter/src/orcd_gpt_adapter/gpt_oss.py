@@ -22,7 +22,9 @@ from orcd_core.architecture import Architecture
 from orcd_core.device import Device, KVCache, RopeSpec, Step
 from orcd_core.errors import GGUFMetadataError
 from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
-from orcd_core.rope import MAX_ROPE_FACTOR, rope_freq_base
+from orcd_core.hparams import uniform_per_layer
+from orcd_core.rope import rope_freq_base, rope_spec_from_metadata
+from orcd_core.shape import ModelShape
 from orcd_core.weights import Proj, TensorLoader
 
 
@@ -46,7 +48,7 @@ class GptOssConfig:
     n_expert: int
     n_expert_used: int
     n_ff_exp: int
-    rms_eps: float
+    norm_eps: float
     context_length: int | None  # None when the file does not say
     sliding_window: int
     swa_layers: tuple[bool, ...]  # True: layer il attends within the sliding window
@@ -57,21 +59,22 @@ class GptOssConfig:
         """Per-layer sliding window of the KV cache (0 = the whole context)."""
         return [self.sliding_window if swa else 0 for swa in self.swa_layers]
 
+    def shape(self) -> ModelShape:
+        """The FFN width is the experts' times the experts used (the activations of one token)."""
+        return ModelShape(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_vocab=self.n_vocab, context_length=self.context_length,
+            n_head=self.n_head, n_head_kv=(self.n_head_kv,) * self.n_layer, head_dim_k=self.head_dim,
+            head_dim_v=self.head_dim, kv_windows=tuple(self.kv_windows()),
+            ffn_width=self.n_ff_exp * self.n_expert_used,
+        )
+
     @classmethod
     def from_gguf(cls, model) -> "GptOssConfig":
-        md = model.metadata
-
         def count(suffix: str, hi: int, default=_REQUIRED) -> int:
             """A positive integer in 1..hi (one value, or a per-layer array of equal values)."""
             full = f"{ARCH}.{suffix}"
-            value = md.get(full, default)
-            if value is _REQUIRED:
-                raise GGUFMetadataError(model.path, f"metadata key {full!r} is missing")
-            if isinstance(value, list):  # llama.cpp accepts one value per layer; gpt-oss has one value
-                if not value or len(set(value)) != 1:
-                    raise GGUFMetadataError(model.path, f"{ARCH}: per-layer {full} {value!r:.60}")
-                value = value[0]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            value = uniform_per_layer(model, full) if default is _REQUIRED else uniform_per_layer(model, full, default)
+            if value > hi:
                 raise GGUFMetadataError(model.path, f"metadata key {full!r} is {value!r:.60}, expected an integer in 1..{hi}")
             return value
 
@@ -98,7 +101,7 @@ class GptOssConfig:
             n_expert=n_expert,
             n_expert_used=n_expert_used,
             n_ff_exp=n_ff_exp,
-            rms_eps=model.float_value(f"{ARCH}.attention.layer_norm_rms_epsilon", lo=0.0, hi=1.0, lo_open=True),
+            norm_eps=model.float_value(f"{ARCH}.attention.layer_norm_rms_epsilon", lo=0.0, hi=1.0, lo_open=True),
             context_length=model.int_value(f"{ARCH}.context_length", None, lo=1, hi=MAX_CONTEXT_LENGTH),
             sliding_window=count("attention.sliding_window", MAX_CONTEXT_LENGTH),
             swa_layers=swa_pattern(model, n_layer),
@@ -120,46 +123,26 @@ def swa_pattern(model, n_layer: int) -> tuple[bool, ...]:
     return tuple(n == 0 or il % n < n - 1 for il in range(n_layer))
 
 
+#: rope keys llama.cpp does not read for gpt-oss: YaRN's betas stay 32 / 1, ext_factor follows the
+#: scaling type, attn_factor starts at 1, and there is no legacy rope.scale_linear
+ROPE_IGNORED = ("rope.scale_linear", "rope.scaling.yarn_ext_factor", "rope.scaling.yarn_attn_factor",
+                "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow")
+
+
 def rope_specs(model, head_dim: int) -> dict[str, RopeSpec]:
-    """RoPE of the full and the SWA layers from `rope.*` metadata, with the YaRN parameters that
-    llama.cpp derives (llama_context's constructor): ext_factor 1 when rope.scaling.type is "yarn";
-    attn_factor = get_mscale(factor) / (1 + 0.1 ln factor) * rope.scaling.attn_factor (= the attn
-    factor alone for factor >= 1, since ggml's rope multiplies by 1 + 0.1 ln(1/freq_scale) itself);
-    beta_fast 32, beta_slow 1 (gpt-oss reads no yarn_beta_* keys); n_ctx_orig from
-    rope.scaling.original_context_length, else context_length."""
-    md = model.metadata
-
-    def num(suffix: str, default: float, **bounds) -> float:
-        return model.float_value(f"{ARCH}.{suffix}", default, **bounds)
-
-    base = rope_freq_base(model, "rope.freq_base")
-    base_swa = rope_freq_base(model, "rope.freq_base_swa", base)
-    scaling = str(md.get(f"{ARCH}.rope.scaling.type", "linear"))
-    if scaling not in ("none", "linear", "yarn"):
-        raise GGUFMetadataError(model.path, f"{ARCH}.rope.scaling.type is {scaling!r}, expected none, linear or yarn")
-    factor = num("rope.scaling.factor", 0.0, lo=0.0, hi=MAX_ROPE_FACTOR)
-    freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
-    ext_factor = 1.0 if scaling == "yarn" else 0.0
-    attn_factor = 1.0
-    if ext_factor != 0.0:
-        f = 1.0 / freq_scale
-        mscale = 1.0 if f <= 1.0 else 0.1 * math.log(f) + 1.0
-        attn_factor = mscale / (1.0 + 0.1 * math.log(f))
-    attn_factor *= num("rope.scaling.attn_factor", 1.0, lo=0.0, hi=MAX_ROPE_FACTOR, lo_open=True)
-    n_ctx_orig = model.int_value(f"{ARCH}.rope.scaling.original_context_length", 0, lo=0, hi=MAX_CONTEXT_LENGTH) or \
-        model.int_value(f"{ARCH}.context_length", 0, lo=0, hi=MAX_CONTEXT_LENGTH)
+    """RoPE of the full and the SWA layers: `orcd_core.rope.rope_spec_from_metadata` (which derives
+    YaRN's parameters as llama_context does) with gpt-oss's overrides (scaling none, linear or yarn;
+    the keys of ROPE_IGNORED unread); the SWA layers use rope.freq_base_swa where the file sets it."""
     n_rot = model.int_value(f"{ARCH}.rope.dimension_count", head_dim, lo=2, hi=head_dim)
     if n_rot % 2:
         raise GGUFMetadataError(model.path, f"{ARCH}.rope.dimension_count is {n_rot}, expected an even number")
-    rope = RopeSpec(
-        n_rot=n_rot, neox=True, base=base, freq_scale=freq_scale,
-        ext_factor=ext_factor, attn_factor=attn_factor, beta_fast=32.0, beta_slow=1.0, n_ctx_orig=n_ctx_orig,
-    )
-    return {"rope": rope, "rope_swa": replace(rope, base=base_swa)}
+    rope = rope_spec_from_metadata(model, n_rot=n_rot, neox=True, arch=ARCH, scaling_types=("none", "linear", "yarn"),
+                                   ignored=ROPE_IGNORED)
+    return {"rope": rope, "rope_swa": replace(rope, base=rope_freq_base(model, f"{ARCH}.rope.freq_base_swa", rope.base))}
 
 
 @dataclass
-class Layer:
+class Block:
     attn_norm: Any  # [D]
     qkv: Proj  # q|k|v with biases: [T, D] -> [T, Hq hd], [T, Hkv hd], [T, Hkv hd]
     wo: Any  # [D, Hq hd]
@@ -185,7 +168,7 @@ class GptOssModel:
         self.tok_embd = t.weight("token_embd.weight", [c.n_vocab, D])
         self.output_norm = t.array("output_norm.weight", [D])
         self.output = t.weight("output.weight", [c.n_vocab, D])
-        self.layers: list[Layer] = []
+        self.blocks: list[Block] = []
         for il in range(c.n_layer):
             p = f"blk.{il}."
             if t.has(p + "attn_qkv.weight"):  # llama.cpp also accepts one fused tensor
@@ -194,7 +177,7 @@ class GptOssModel:
                 parts = [(p + f"attn_{x}.weight", n) for x, n in (("q", nq), ("k", nkv), ("v", nkv))]
                 qkv = t.proj(p + "attn_qkv.weight", parts, D, [p + f"attn_{x}.bias" for x in "qkv"])
             gate_up = [(p + "ffn_gate_exps.weight", [E, F, D]), (p + "ffn_up_exps.weight", [E, F, D])]
-            self.layers.append(Layer(
+            self.blocks.append(Block(
                 attn_norm=t.array(p + "attn_norm.weight", [D]),
                 qkv=qkv,
                 wo=t.weight(p + "attn_output.weight", [D, nq]),
@@ -229,28 +212,28 @@ class GptOssModel:
         """Logits of the step's tokens: [T, V] with `all_logits`, else [1, V] (the last token)."""
         dev = self.device
         x = dev.embedding(self.tok_embd, step.ids)  # [T, D]
-        for il, L in enumerate(self.layers):
-            x = dev.add(x, self.attention(il, L, dev.rms_norm(x, L.attn_norm, self.config.rms_eps), step, cache))
-            x = dev.add(x, self.experts(L, dev.rms_norm(x, L.ffn_norm, self.config.rms_eps)))
+        for il, B in enumerate(self.blocks):
+            x = dev.add(x, self.attention(il, B, dev.rms_norm(x, B.attn_norm, self.config.norm_eps), step, cache))
+            x = dev.add(x, self.experts(B, dev.rms_norm(x, B.ffn_norm, self.config.norm_eps)))
         if not all_logits:
             x = x[-1:]  # [1, D]
-        return dev.linear(dev.rms_norm(x, self.output_norm, self.config.rms_eps), self.output)  # [T, V]
+        return dev.linear(dev.rms_norm(x, self.output_norm, self.config.norm_eps), self.output)  # [T, V]
 
-    def attention(self, il: int, L: Layer, h, step: Step, cache: KVCache):
+    def attention(self, il: int, B: Block, h, step: Step, cache: KVCache):
         c, dev, T = self.config, self.device, step.T
         hd, nq = c.head_dim, c.n_head * c.head_dim
-        q, k, v = L.qkv(dev, h)  # [T, nq], [T, nkv], [T, nkv]
+        q, k, v = B.qkv(dev, h)  # [T, nq], [T, nkv], [T, nkv]
         swa = c.swa_layers[il]
         rope = c.rope_swa if swa else c.rope
         q = dev.rope(q.reshape(T, c.n_head, hd), step.positions, rope)  # [T, Hq, hd]
         k = dev.rope(k.reshape(T, c.n_head_kv, hd), step.positions, rope)  # [T, Hkv, hd]
         v = v.reshape(T, c.n_head_kv, hd)  # [T, Hkv, hd]
-        o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd), sinks=L.sinks,
+        o = dev.attention(q, k, v, cache, il, step, scale=1.0 / math.sqrt(hd), sinks=B.sinks,
                           window=c.sliding_window if swa else 0)  # [T, Hq, hd]
-        return dev.linear(o.reshape(T, nq), L.wo, L.bo)  # [T, D]
+        return dev.linear(o.reshape(T, nq), B.wo, B.bo)  # [T, D]
 
-    def experts(self, L: Layer, h):
-        return self.device.moe(h, L.router, L.router_b, L.gate_up, L.gate_up_b, L.down, L.down_b,
+    def experts(self, B: Block, h):
+        return self.device.moe(h, B.router, B.router_b, B.gate_up, B.gate_up_b, B.down, B.down_b,
                                top_k=self.config.n_expert_used, act="swiglu_oai",
                                alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT)  # [T, D]
 
@@ -268,8 +251,13 @@ class GptOss(Architecture):
         "expert_feed_forward_length": (int, list),
     }
 
-    def config(self, model) -> GptOssConfig:
-        return GptOssConfig.from_gguf(model)
+    def config(self, gguf) -> GptOssConfig:
+        return GptOssConfig.from_gguf(gguf)
 
-    def build(self, model, device, registry=None) -> GptOssModel:
-        return GptOssModel(self.config(model), device, TensorLoader(model, device, registry))
+    def build(self, gguf, device, registry=None) -> GptOssModel:
+        return GptOssModel(self.config(gguf), device, TensorLoader(gguf, device, registry))
+
+    def synth_spec(self):
+        from .synth import GPT_OSS  # test support: imported on demand only
+
+        return GPT_OSS

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from orcd_core.device import RopeSpec
 from orcd_core.errors import GGUFMetadataError
 from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
+from orcd_core.hparams import uniform_per_layer
 from orcd_core.rope import rope_scaling_type, rope_spec_from_metadata
+from orcd_core.shape import ModelShape
 
 #: Metadata every file of the family must have (without the "{arch}." prefix).
 REQUIRED_METADATA: dict[str, type | tuple[type, ...]] = {
@@ -47,19 +49,23 @@ class DecoderConfig:
     def n_kv(self) -> int:
         return self.n_head_kv * self.head_dim
 
+    def shape(self) -> ModelShape:
+        """Every layer alike, no sliding window (the family's KV cache spans the whole context)."""
+        return ModelShape(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_vocab=self.n_vocab, context_length=self.context_length,
+            n_head=self.n_head, n_head_kv=(self.n_head_kv,) * self.n_layer, head_dim_k=self.head_dim,
+            head_dim_v=self.head_dim, kv_windows=(0,) * self.n_layer, ffn_width=self.n_ff,
+        )
+
     @classmethod
     def from_gguf(cls, model, *, neox: bool, full_rotary: bool = False) -> "DecoderConfig":
         """`full_rotary`: the architecture requires rope.dimension_count == head_dim (llama)."""
         arch = model.architecture
 
-        def uniform_int(suffix: str, default, hi: int) -> int:
+        def uniform_int(suffix: str, default, hi: int) -> int:  # per-layer arrays: all equal in this family
             key = f"{arch}.{suffix}"
-            value = model.get(key, default)
-            if isinstance(value, list):  # per-layer arrays: this family needs them all equal
-                if not value or len(set(value)) != 1:
-                    raise GGUFMetadataError(model.path, f"metadata {key} varies per layer: {value!r:.80}")
-                value = value[0]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            value = uniform_per_layer(model, key) if default is None else uniform_per_layer(model, key, default)
+            if value > hi:
                 raise GGUFMetadataError(model.path, f"metadata {key} is {value!r:.60}, expected an integer in 1..{hi}")
             return value
 

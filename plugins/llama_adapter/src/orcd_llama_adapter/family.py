@@ -18,8 +18,13 @@ class LlamaFamily(Architecture):
     full_rotary: ClassVar[bool] = False
     required_metadata = REQUIRED_METADATA
 
-    def config(self, model) -> DecoderConfig:
-        return DecoderConfig.from_gguf(model, neox=self.neox, full_rotary=self.full_rotary)
+    def config(self, gguf) -> DecoderConfig:
+        return DecoderConfig.from_gguf(gguf, neox=self.neox, full_rotary=self.full_rotary)
 
-    def build(self, model, device, registry=None) -> DecoderModel:
-        return DecoderModel(self.config(model), device, TensorLoader(model, device, registry))
+    def build(self, gguf, device, registry=None) -> DecoderModel:
+        return DecoderModel(self.config(gguf), device, TensorLoader(gguf, device, registry))
+
+    def synth_spec(self):
+        from .synth import spec  # test support: imported on demand only
+
+        return spec(self.name)

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from orcd_core.devices import BackendUnavailable, cuda_usable
+from orcd_core.backends import BackendUnavailable, cuda_usable
 
 
 MODEL_DEFAULT_HELP = "default: the Qwen2.5 test model, fetched and verified on first use"

@@ -6,9 +6,10 @@ bytes; the bytes add up to the file's tensor data), tokenizer kind, context leng
 file does not say), vocabulary size, whether the installed plugins support the file (plugins,
 architecture config and tokenizer, as `serve` checks them before loading), and an estimate
 of the VRAM the CUDA backend needs for the weights (each tensor in a 256-byte-aligned arena) plus an
-fp16 KV cache at `--context` tokens (default: the model's context length, else 4096). Activations
-and workspaces are not included; sliding-window layers are counted at the full context (an upper
-bound for gpt-oss). A malformed file prints one line and exits 1.
+fp16 KV cache at `--context` tokens (default: the model's context length, else 4096), counted as the
+worker allocates it (`orcd_core.shape.kv_bytes`: sliding-window layers hold their window only; null
+when no installed plugin runs the file). Activations and workspaces are not included. A malformed
+file prints one line and exits 1.
 """
 
 from __future__ import annotations
@@ -21,15 +22,11 @@ from typing import Any
 from orcd_core.errors import GGUFMetadataError, ModelLoadError
 from orcd_core.gguf_file import DEFAULT_MAX_TENSORS, MAX_CONTEXT_LENGTH, GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
-from orcd_core.tokenizer import load_tokenizer
+from orcd_core.shape import ALLOCATION_ALIGNMENT, DEFAULT_CONTEXT, kv_bytes
+from orcd_core.tokenizer import load_tokenizer, tokenizer_kind
 
 from ._model_args import add_model_arg
 
-#: `tokenizer.ggml.model` -> the tokenizer kind the worker uses for it.
-TOKENIZER_KINDS = {"gpt2": "gguf-bpe", "llama": "gguf-spm"}
-ARENA_ALIGNMENT = 256
-KV_BYTES_PER_ELEMENT = 2  # fp16
-DEFAULT_CONTEXT = 4096
 
 
 def add_parser(subparsers) -> None:
@@ -56,34 +53,18 @@ def _block_count(model: GGUFModel) -> int | None:
     return _int(model, f"{model.architecture}.block_count", hi=len(model.tensors) or DEFAULT_MAX_TENSORS)
 
 
-def _per_layer(model: GGUFModel, key: str, n_layer: int, default: int | None) -> list[int] | None:
-    """A per-layer count that GGUF stores either as one integer or as an array of one per layer."""
-    value = model.get(key)
-    if value is None:
-        return None if default is None else [default] * n_layer
-    if isinstance(value, list):
-        if len(value) != n_layer or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-            raise GGUFMetadataError(model.path, f"metadata key {key!r} is {value!r:.60}, expected {n_layer} integers >= 0")
-        return list(value)
-    return [_int(model, key)] * n_layer  # type: ignore[list-item]
-
-
-def kv_cache_bytes(model: GGUFModel, n_ctx: int) -> int | None:
-    """fp16 K and V for every layer at `n_ctx` tokens, from the attention metadata (None when the
-    file lacks what is needed)."""
-    arch = model.architecture
-    n_layer = _block_count(model)
-    n_embd = _int(model, f"{arch}.embedding_length")
-    if not n_layer or not n_embd:
-        return None
-    n_head = _per_layer(model, f"{arch}.attention.head_count", n_layer, None)
-    if n_head is None or not all(n_head):
-        return None
-    n_head_kv = _per_layer(model, f"{arch}.attention.head_count_kv", n_layer, None) or n_head
-    head_k = _int(model, f"{arch}.attention.key_length") or n_embd // max(n_head)
-    head_v = _int(model, f"{arch}.attention.value_length") or head_k
-    per_token = sum(kv * (head_k + head_v) for kv in n_head_kv) * KV_BYTES_PER_ELEMENT
-    return per_token * n_ctx
+def kv_cache_bytes(model: GGUFModel, n_ctx: int, registry) -> tuple[int | None, str | None]:
+    """The KV cache at `n_ctx` tokens as the worker would allocate it (`orcd_core.shape.kv_bytes` of
+    the architecture's `ModelShape`: sliding windows and per-layer KV heads counted), and why the
+    file cannot be loaded (None when it can). Unknown (None) when no plugin runs the architecture or
+    its config rejects the metadata."""
+    try:
+        arch = check_supported(model, registry)
+        if arch is None:  # a vocabulary-only file
+            return None, None
+        return kv_bytes(arch.config(model).shape(), n_ctx), None
+    except ModelLoadError as exc:
+        return None, exc.what
 
 
 def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
@@ -98,19 +79,15 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
     n_ctx = context if context is not None else (context_length or DEFAULT_CONTEXT)
     if n_ctx <= 0:
         raise GGUFMetadataError(model.path, f"context {n_ctx} for the KV-cache estimate, expected a positive number")
-    weights = sum(-(-t.nbytes // ARENA_ALIGNMENT) * ARENA_ALIGNMENT for t in model.tensors.values())
-    kv = kv_cache_bytes(model, n_ctx)
-
+    weights = sum(-(-t.nbytes // ALLOCATION_ALIGNMENT) * ALLOCATION_ALIGNMENT for t in model.tensors.values())
     registry = load_plugins()
-    try:  # what `serve` checks before it touches a device: plugins, the architecture config, the tokenizer
-        arch_adapter = check_supported(model, registry)
-        if arch_adapter is not None and model.tensors:
-            arch_adapter.config(model)
-        if model.get("tokenizer.ggml.model") is not None:
+    kv, reason = kv_cache_bytes(model, n_ctx, registry)
+    if reason is None and model.get("tokenizer.ggml.model") is not None:
+        try:  # what `serve` checks before it touches a device: plugins, the architecture config, the tokenizer
             load_tokenizer(model, registry)
-        supported, reason = True, None
-    except ModelLoadError as exc:
-        supported, reason = False, exc.what
+        except ModelLoadError as exc:
+            reason = exc.what
+    supported = reason is None
 
     return {
         "path": str(model.path),
@@ -124,7 +101,7 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
         "context_length": context_length,
         "vocab_size": vocab_size,
         "tokenizer_model": tok_model if isinstance(tok_model, str) else None,
-        "tokenizer_kind": TOKENIZER_KINDS.get(tok_model) if isinstance(tok_model, str) else None,
+        "tokenizer_kind": tokenizer_kind(model, registry),
         "tensor_count": len(model.tensors),
         "tensor_data_bytes": model.tensor_data_bytes,
         "quant_mix": model.quant_mix(),

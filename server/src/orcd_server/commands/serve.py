@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from orcd_core.errors import GGUFMetadataError, OrcdError
+from orcd_core.errors import OrcdError
 
 from .. import schemas
 from ..security import API_KEY_ENV, ApiKeyError, collect_keys
@@ -194,20 +194,22 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     return v
 
 
-def kv_context_cap(model_path: Path, kv_cache_size_mb: int) -> int:
-    """The most tokens whose fp16 KV cache fits in `kv_cache_size_mb` MiB, from the file's metadata."""
-    from orcd_core.gguf_file import open_gguf
-
-    from .inspect import kv_cache_bytes
+def kv_context_cap(model_path: Path, kv_cache_size_mb: int, registry=None) -> int:
+    """The most tokens whose KV cache (`orcd_core.shape.kv_bytes` of the architecture's shape, as the
+    worker allocates it) fits in `kv_cache_size_mb` MiB."""
+    from orcd_core.gguf_file import check_supported, open_gguf
+    from orcd_core.plugins import default_registry
+    from orcd_core.shape import kv_bytes, max_context_for
 
     model = open_gguf(model_path)
-    per_token = kv_cache_bytes(model, 1)  # range-checked reads of the attention metadata
-    if not per_token:
-        raise GGUFMetadataError(model.path, f"{model.architecture}: the attention metadata (block_count, "
-                                            "head_count, embedding_length) needed to size the KV cache is missing")
-    cap = (kv_cache_size_mb << 20) // per_token
+    arch = check_supported(model, registry if registry is not None else default_registry())
+    if arch is None:
+        raise ServeArgumentError(f"--model {model_path}: the file has no tensors (vocabulary only): nothing to run")
+    shape = arch.config(model).shape()
+    cap = max_context_for(shape, kv_cache_size_mb << 20)
     if cap < 1:
-        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token ({per_token} bytes per token)")
+        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token "
+                                 f"({kv_bytes(shape, 1)} bytes for one)")
     return int(cap)
 
 
@@ -237,10 +239,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_path = Path(model_ref)
     max_context = values["max_context"]
-    if values["kv_cache_size_mb"] is not None:
-        cap = kv_context_cap(model_path, values["kv_cache_size_mb"])
-        max_context = cap if max_context is None else min(max_context, cap)
     registry = default_registry()
+    if values["kv_cache_size_mb"] is not None:
+        cap = kv_context_cap(model_path, values["kv_cache_size_mb"], registry)
+        max_context = cap if max_context is None else min(max_context, cap)
     plugins = [{"name": p.distribution or p.name, "version": p.version} for p in registry.plugins]
 
     def load(progress):

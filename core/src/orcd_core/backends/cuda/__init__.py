@@ -1,5 +1,5 @@
 """The CUDA backend (CuPy + our kernels). Importing this package imports CuPy: only
-`orcd_core.devices.create_device("cuda")` does, never a plugin import."""
+`orcd_core.backends.create_device("cuda")` does, never a plugin import."""
 
 from .device import CudaDevice, GpuDeviceError
 

