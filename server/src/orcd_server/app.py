@@ -37,7 +37,7 @@ from orcd_core.generation import (
     SamplingParams,
 )
 
-from . import schemas
+from . import guard, schemas
 from .jobs import TERMINAL_EVENTS, DuplicateJob, Job, JobQueue, QueueClosed, QueueFull
 from .logging import get_logger
 from .metrics import Metrics
@@ -60,6 +60,13 @@ class ServerSettings:
     log_prompts: bool = False
     ping_interval_s: float = 15.0  # SSE comment lines while a job waits or computes
     plugins: list[dict[str, Any]] = field(default_factory=list)
+    # the request guard (guard.py): the bound host, extra Host names (--allowed-host), browser
+    # origins allowed besides the worker's own (shared with the CORS option), body limits
+    host: str = "127.0.0.1"
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = guard.MAX_BODY_BYTES
+    body_timeout_s: float = guard.BODY_TIMEOUT_S
 
 
 class ServerState:
@@ -92,7 +99,8 @@ def _request_error_handler(_request: Request, exc: RequestError) -> Response:
 def _other_error_handler(request: Request, exc: Exception) -> Response:
     """Litestar's own refusals (404, 405, 413, ...) and unexpected failures, in the same error shape."""
     if isinstance(exc, HTTPException):
-        code = "INVALID_REQUEST" if 400 <= exc.status_code < 500 else "INTERNAL"
+        default = "INVALID_REQUEST" if 400 <= exc.status_code < 500 else "INTERNAL"
+        code = guard.HTTP_STATUS_CODES.get(exc.status_code, default)
         return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code, exc.headers)
     srv = getattr(request.app.state, "orcd", None)
     if srv is not None:
@@ -402,11 +410,23 @@ def create_app(
             if srv.http is not None:
                 await srv.http.aclose()
 
-    return Litestar(
+    policy = guard.GuardPolicy(host=settings.host, allowed_hosts=settings.allowed_hosts,
+                               allowed_origins=settings.allowed_origins, max_body_bytes=settings.max_body_bytes,
+                               body_timeout_s=settings.body_timeout_s)
+
+    def on_refusal(scope, status: int, _code: str) -> None:
+        srv = getattr(app.state, "orcd", None)
+        if srv is not None and scope.get("path") == "/execute":
+            srv.metrics.outcome("invalid")
+
+    app = Litestar(
         route_handlers=[health, metrics, execute, cancel, shutdown],
+        middleware=[lambda app: guard.RequestGuard(app, policy, on_refusal)],
+        request_max_body_size=settings.max_body_bytes,
         lifespan=[lifespan],
         exception_handlers={RequestError: _request_error_handler, Exception: _other_error_handler},
         state=State(),
         logging_config=None,
         openapi_config=None,
     )
+    return app
