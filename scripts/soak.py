@@ -5,7 +5,7 @@ process's RssAnon, thread count and open file descriptors (from /proc/PID) with 
 a warm-up. Exit 1 when RssAnon grew by 50 MiB or more, or threads or descriptors grew at all.
 
     uv run --no-sync python scripts/soak.py --requests 10000 --cancels 1000      # on demand
-    uv run --no-sync python scripts/soak.py --requests 200 --cancels 20          # what CI runs
+    uv run --no-sync python scripts/soak.py --requests 60 --cancels 10 --warmup 20   # what CI runs
 
 `--model PATH` soaks another GGUF; `--json` prints the figures as one JSON object. Traffic goes to
 127.0.0.1 only; the run is bounded by `--max-seconds` (then it stops and says so, exit 1).
@@ -169,7 +169,8 @@ def run(args) -> dict:
             for t in threads:
                 t.join()
 
-        phase((["complete"] * (WARMUP_REQUESTS - 10) + ["cancel", "disconnect"] * 5))  # warm-up: pools, caches
+        n_cut = max(1, args.warmup // 10)
+        phase(["complete"] * (args.warmup - 2 * n_cut) + ["cancel", "disconnect"] * n_cut)  # warm-up: pools, caches
         before = settled_stats(proc.pid)
         soak.counts = dict.fromkeys(soak.counts, 0)
         soak.cancel_latency_s.clear()
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cancels", type=int, default=1_000, help="of the requests, how many are cut short")
     p.add_argument("--clients", type=int, default=4, help="concurrent client connections")
     p.add_argument("--max-tokens", type=int, default=4, help="tokens per completed request")
+    p.add_argument("--warmup", type=int, default=WARMUP_REQUESTS, help="requests before the first measurement")
     p.add_argument("--model", help="GGUF to serve (default: a tiny synthetic llama)")
     p.add_argument("--seed", type=int, default=16)
     p.add_argument("--max-seconds", type=float, default=4 * 3600)
