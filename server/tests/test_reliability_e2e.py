@@ -159,6 +159,7 @@ def test_client_killed_during_prefill(model, tmp_path):
             assert time.monotonic() < deadline and client.poll() is None
             time.sleep(0.01)
         client.send_signal(signal.SIGKILL)  # the job is in prefill: its `started` is sent, no token yet
+        t_kill = time.perf_counter()
         client.wait()
         deadline = time.monotonic() + 60
         while gauges(srv.url) != (0.0, 0.0):
@@ -166,6 +167,9 @@ def test_client_killed_during_prefill(model, tmp_path):
             time.sleep(0.05)
         ends = [r for r in srv.logs() if r.get("event") == "execute_end" and r.get("job_id") == "prefill"]
         assert len(ends) == 1 and ends[0]["outcome"] == "cancelled" and "disconnect" in ends[0]["message"], ends
+        start = next(r for r in srv.logs() if r.get("event") == "execute_start" and r.get("job_id") == "prefill")
+        print(f"killed in prefill of {start['n_prompt_tokens']} tokens: job ended {time.perf_counter() - t_kill:.2f} s "
+              "after the kill")
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             assert collect(c, {"job_id": "next", "prompt": "Hello", "max_tokens": 4, "seed": 1})[-1][0] == "end"
     finally:
