@@ -154,20 +154,28 @@ def run(args) -> dict:
         kinds += ["cancel"] * (args.cancels % 2)
         random.Random(args.seed).shuffle(kinds)
         stop_at = time.monotonic() + args.max_seconds
+        stopping = threading.Event()
 
         def drive(batch: list[str]) -> None:
             with httpx.Client(base_url=url, timeout=120) as client:
                 for kind in batch:
-                    if time.monotonic() > stop_at:
+                    if time.monotonic() > stop_at or stopping.is_set():
                         return
-                    soak.one(client, kind)
+                    try:
+                        soak.one(client, kind)
+                    except httpx.HTTPError:
+                        soak.counts["other"] += 1
 
         def phase(batch: list[str]) -> None:
             threads = [threading.Thread(target=drive, args=(batch[i :: args.clients],)) for i in range(args.clients)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.join()
+            except BaseException:  # Ctrl-C: the clients stop after their current request
+                stopping.set()
+                raise
 
         n_cut = max(1, args.warmup // 10)
         phase(["complete"] * (args.warmup - 2 * n_cut) + ["cancel", "disconnect"] * n_cut)  # warm-up: pools, caches
