@@ -416,7 +416,7 @@ def create_app(
 
     def on_refusal(scope, status: int, _code: str) -> None:
         srv = getattr(app.state, "orcd", None)
-        if srv is not None and scope.get("path") == "/execute":
+        if srv is not None and scope.get("path") == "/execute" and scope.get("method") == "POST":
             srv.metrics.outcome("invalid")
 
     app = Litestar(
