@@ -63,14 +63,22 @@ def proc_stats(pid: int) -> dict[str, float]:
     }
 
 
-SETTLE_S = 11.0  # anyio's idle worker threads exit after 10 s: sample past that
+IDLE_S = 10.5  # anyio retires a worker thread idle for 10 s, at its next to_thread call
+SAMPLE_S = 2.0
 
 
-def settled_stats(pid: int, seconds: float = SETTLE_S) -> dict[str, float]:
-    """The lowest thread and descriptor counts over `seconds` of samples (an idle pool thread or a
-    closing connection that is just going away is not growth), and the last RssAnon."""
+def settled_stats(pid: int, url: str) -> dict[str, float]:
+    """The counts once the server is idle: wait past anyio's idle limit, make one request (its
+    to_thread call retires the idle worker threads: the pool's size is then the same whatever the
+    concurrency before), then take the lowest thread and descriptor counts over a few samples (a
+    closing connection is not growth) and the last RssAnon."""
+    time.sleep(IDLE_S)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("POST", "/execute", json={"job_id": f"settle-{time.monotonic_ns()}", "prompt": "x",
+                                                      "max_tokens": 1}) as response:
+            response.read()
     samples = []
-    end = time.monotonic() + seconds
+    end = time.monotonic() + SAMPLE_S
     while time.monotonic() < end:
         samples.append(proc_stats(pid))
         time.sleep(0.25)
@@ -179,7 +187,7 @@ def run(args) -> dict:
 
         n_cut = max(1, args.warmup // 10)
         phase(["complete"] * (args.warmup - 2 * n_cut) + ["cancel", "disconnect"] * n_cut)  # warm-up: pools, caches
-        before = settled_stats(proc.pid)
+        before = settled_stats(proc.pid, url)
         soak.counts = dict.fromkeys(soak.counts, 0)
         soak.cancel_latency_s.clear()
         t0 = time.perf_counter()
@@ -187,7 +195,7 @@ def run(args) -> dict:
         result["seconds"] = round(time.perf_counter() - t0, 1)
         result["timed_out"] = time.monotonic() > stop_at
         health = httpx.get(url + "/health", timeout=5).json()
-        after = settled_stats(proc.pid)
+        after = settled_stats(proc.pid, url)
         lat = sorted(soak.cancel_latency_s)
         result.update(
             before=before, after=after, counts=soak.counts,
