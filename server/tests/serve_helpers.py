@@ -152,3 +152,15 @@ def timed():
     t0 = time.perf_counter()
     yield box
     box["s"] = time.perf_counter() - t0
+
+
+def tiny_model(directory: Path, layers: int = 1) -> Path:
+    """A synthetic llama-shaped GGUF (192-wide, SmolLM2's structure) with llama.cpp's SentencePiece
+    test vocabulary: a token takes milliseconds on the reference backend, for the storm and soak tests."""
+    from orcd_core import synth, testmodels
+
+    path = Path(directory) / f"llama-tiny-{layers}.gguf"
+    if not path.exists():
+        vocab = testmodels.llama_cpp_models_dir() / "ggml-vocab-llama-spm.gguf"
+        synth.synthesize("llama", path, size="tiny", layers=layers, seed=16, vocab=vocab)
+    return path

@@ -199,7 +199,7 @@ def test_cancel_running_job_within_100ms(h):
     assert h.client.post("/cancel", json={"job_id": "cx"}).status_code == 202
     assert h.client.post("/cancel", json={"job_id": "never-seen"}).json()["status"] == "unknown"
     assert h.client.post("/cancel", json={"job_id": ""}).status_code == 400
-    assert h.client.post("/cancel", content=b"{").status_code == 400
+    assert h.client.post("/cancel", content=b"{", headers={"content-type": "application/json"}).status_code == 400
 
 
 def test_cancel_queued_job_removes_it(h):
@@ -455,9 +455,9 @@ def test_documented_client_example(h):
 
 def test_other_refusals_share_the_error_shape(h):
     r = h.client.get("/execute")
-    assert r.status_code == 405 and r.json()["error"]["code"] == "INVALID_REQUEST"
+    assert r.status_code == 405 and r.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
     r = h.client.get("/nowhere")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "INVALID_REQUEST"
+    assert r.status_code == 404 and r.json()["error"]["code"] == "NOT_FOUND"
 
 
 def test_unexpected_engine_exception_is_a_500_in_the_error_shape():

@@ -39,7 +39,7 @@ from orcd_core.generation import (
     SamplingParams,
 )
 
-from . import schemas
+from . import guard, schemas
 from .jobs import TERMINAL_EVENTS, DuplicateJob, Job, JobQueue, QueueClosed, QueueFull
 from .logging import get_logger
 from .metrics import Metrics
@@ -65,6 +65,13 @@ class ServerSettings:
     model_alias: str | None = None  # the model's id in /v1 (default: the GGUF file's stem)
     api_keys: tuple[str, ...] = ()  # none: no authentication (security.py)
     cors_origins: tuple[str, ...] = ()  # none: no CORS headers
+    # the request guard (guard.py): the bound host, extra Host names (--allowed-host), browser
+    # origins allowed besides the worker's own (shared with the CORS option), body limits
+    host: str = "127.0.0.1"
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = guard.MAX_BODY_BYTES
+    body_timeout_s: float = guard.BODY_TIMEOUT_S
 
 
 class ServerState:
@@ -98,7 +105,8 @@ def _request_error_handler(_request: Request, exc: RequestError) -> Response:
 def _other_error_handler(request: Request, exc: Exception) -> Response:
     """Litestar's own refusals (404, 405, 413, ...) and unexpected failures, in the same error shape."""
     if isinstance(exc, HTTPException):
-        code = "INVALID_REQUEST" if 400 <= exc.status_code < 500 else "INTERNAL"
+        default = "INVALID_REQUEST" if 400 <= exc.status_code < 500 else "INTERNAL"
+        code = guard.HTTP_STATUS_CODES.get(exc.status_code, default)
         return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code, exc.headers)
     srv = getattr(request.app.state, "orcd", None)
     if srv is not None:
@@ -430,11 +438,24 @@ def create_app(
     from . import openai_api, openapi_doc  # the OpenAI-compatible API and the /schema endpoints
     from .security import ApiKeyMiddleware
 
-    middleware = [DefineMiddleware(ApiKeyMiddleware, keys=settings.api_keys)] if settings.api_keys else []
+    policy = guard.GuardPolicy(host=settings.host, allowed_hosts=settings.allowed_hosts,
+                               allowed_origins=[*settings.allowed_origins, *settings.cors_origins],
+                               max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+
+    def on_refusal(scope, status: int, _code: str) -> None:
+        srv = getattr(app.state, "orcd", None)
+        if srv is not None and scope.get("path") == "/execute" and scope.get("method") == "POST":
+            srv.metrics.outcome("invalid")
+
+    # the guard first (Host, Origin, content type, body limits), then the API key
+    middleware = [lambda app: guard.RequestGuard(app, policy, on_refusal)]
+    if settings.api_keys:
+        middleware.append(DefineMiddleware(ApiKeyMiddleware, keys=settings.api_keys))
     # any request header: browser SDKs (openai-node) send their own x-stainless-* headers
     cors = CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None
-    return Litestar(
+    app = Litestar(
         route_handlers=[health, metrics, execute, cancel, shutdown, *openai_api.ROUTES, *openapi_doc.ROUTES],
+        request_max_body_size=settings.max_body_bytes,
         lifespan=[lifespan],
         middleware=middleware,
         cors_config=cors,
@@ -443,3 +464,4 @@ def create_app(
         logging_config=None,
         openapi_config=None,
     )
+    return app

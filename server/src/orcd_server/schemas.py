@@ -23,6 +23,7 @@ MAX_JOB_ID_CHARS = 256
 MAX_STOP_TOKENS = 32
 MAX_MESSAGES = 512
 UINT64_MAX = 2**64 - 1
+MAX_ERROR_MESSAGE_CHARS = 1000  # an error body never grows with what the request (or a template) put in it
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # one set of sampling defaults for the HTTP API and the command line (`generate`)
@@ -70,6 +71,8 @@ class RequestError(Exception):
     """A request refused before any work: rendered as `{"error": {"code", "message", ...}}`."""
 
     def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any):
+        if len(message) > MAX_ERROR_MESSAGE_CHARS:
+            message = message[: MAX_ERROR_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.status = status
         self.code = code
@@ -112,6 +115,8 @@ def decode(body: bytes, type_: type) -> Any:
         return _raise_validation(exc)
     except msgspec.DecodeError as exc:
         raise invalid(None, f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # a string holding bytes that are not UTF-8
+        raise invalid(None, f"the request body is not valid UTF-8 (byte {exc.start})") from None
 
 
 def _raise_validation(exc: msgspec.ValidationError):

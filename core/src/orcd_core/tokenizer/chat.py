@@ -12,6 +12,10 @@ Limits, all reported as `ChatTemplateError` for that request (never a crash of t
   repetition (`*`), `**`, and filter or method calls with integer arguments above that limit (e.g.
   `center(10**9)`) are refused before they allocate; values read through attributes, items, calls
   and filters longer than the limit are refused (a string doubled in a `namespace` stops there);
+  integer `*` and `**` whose result would pass `MAX_INT_BITS`, and format strings (`%`, the
+  `format` filter, `str.format`) with a width or precision over the limit, are refused before the
+  one C call that would hold the GIL (and stall every other thread, /health included);
+  `raise_exception` reports at most `MAX_RAISED_CHARS` of its message;
 - sandbox: attribute access to internals (`__class__`, `__globals__`, `mro`, ...) and mutation of
   arguments raise `SecurityError` -> `ChatTemplateError`.
 
@@ -45,8 +49,15 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_MAX_OUTPUT_CHARS = 1_000_000
+MAX_INT_BITS = 1 << 16  # integers a template computes stay below 2**65536 (one C call on a bigger one holds the GIL)
+MAX_RAISED_CHARS = 500  # what `raise_exception(message)` reports of its message
+
+# a width or precision inside a format string: printf style (`%0999d`, `%.99f`) and str.format (`{:>999}`)
+_PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d*)(?:\.(\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+_DIGITS = re.compile(r"\d+")
 
 
 class _TemplateAbort(BaseException):
@@ -66,7 +77,7 @@ class _Limits:
 class _GuardedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox plus size guards on operations that can allocate without bound."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
 
     def __init__(self, limits: _Limits, **kw: Any):
         super().__init__(**kw)
@@ -82,15 +93,39 @@ class _GuardedEnvironment(ImmutableSandboxedEnvironment):
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > self._limits.max_chars:
                 raise ChatTemplateError(f"chat template passed the integer {v}, over the limit {self._limits.max_chars}")
 
+    def _check_format(self, fmt: Any, pattern: re.Pattern) -> None:
+        """Refuse a format string whose width or precision exceeds the output limit: formatting
+        allocates it in one C call, before any output check could run."""
+        if not isinstance(fmt, str):
+            return
+        for spec in pattern.finditer(fmt):
+            for digits in _DIGITS.findall(spec.group(0)[1:]):
+                if len(digits) > 9 or int(digits) > self._limits.max_chars:
+                    raise ChatTemplateError(f"chat template formats with a width of {digits[:20]}, over the limit")
+
+    def wrap_str_format(self, value: Any):
+        """`'{:>9}'.format(...)` read in a template (the sandbox wraps str.format here)."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            self._check_format(value.__self__, _BRACE_SPEC)
+        return wrapped
+
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        ints = isinstance(left, int) and isinstance(right, int) and not isinstance(left, bool)
         if operator == "**":
             if isinstance(right, (int, float)) and abs(right) > 64:
                 raise ChatTemplateError(f"chat template computes a power with exponent {right}")
+            if ints and left.bit_length() * max(right, 1) > MAX_INT_BITS:
+                raise ChatTemplateError(f"chat template computes an integer of more than {MAX_INT_BITS} bits")
         elif operator == "*":
+            if ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise ChatTemplateError(f"chat template computes an integer of more than {MAX_INT_BITS} bits")
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
                     if len(seq) * count > self._limits.max_chars:
                         raise ChatTemplateError("chat template repeats a value beyond the output limit")
+        elif operator == "%":
+            self._check_format(left, _PRINTF_SPEC)
         return self._check_size(super().call_binop(context, operator, left, right))
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -118,7 +153,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, s
 
 
 def _raise_exception(message: str = "") -> None:
-    raise _RaisedByTemplate(str(message))
+    text = str(message)
+    if len(text) > MAX_RAISED_CHARS:
+        text = text[:MAX_RAISED_CHARS] + f"… ({len(text)} characters)"
+    raise _RaisedByTemplate(text)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -131,6 +169,13 @@ def _compile(source: str, max_chars: int):
     env = _GuardedEnvironment(limits, trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters = {name: _guard_filter(env, fn) for name, fn in env.filters.items()}
     env.filters["tojson"] = _guard_filter(env, _tojson)
+    format_filter = env.filters["format"]
+
+    def guarded_format(value, *args, **kwargs):
+        env._check_format(value, _PRINTF_SPEC)
+        return format_filter(value, *args, **kwargs)
+
+    env.filters["format"] = guarded_format
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)

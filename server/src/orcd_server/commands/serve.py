@@ -11,6 +11,7 @@ refuse new work with 503, end waiting jobs with CANCELLED, let the running job f
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import signal
@@ -63,7 +64,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--log-format", default=None, help="json or console (default: console on a terminal, else json)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and output text (default: SHA-256 + length)")
     p.add_argument("--shutdown-timeout-sec", default="30",
-                   help="after SIGTERM or POST /shutdown, how long the running job may go on (then CANCELLED)")
+                   help="after SIGTERM or POST /shutdown, how long the running job may go on before it is cancelled "
+                        "(its stream then ends with an `error` event, code CANCELLED, retriable); waiting jobs end "
+                        "at once. A stream still running waits out the whole drain: with the default, SIGTERM can "
+                        "take 30 s to exit; 0 cancels at once")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="accept requests whose Host header names HOST (repeatable; '*' accepts any); always "
+                        "accepted: the --host address, localhost, 127.0.0.1, [::1]")
     p.add_argument("--alias", help="the model's id in /v1/models and /v1 responses (default: the file's stem)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require `Authorization: Bearer KEY` or `X-Api-Key: KEY` on every endpoint but /health "
@@ -213,6 +220,21 @@ def kv_context_cap(model_path: Path, kv_cache_size_mb: int, registry=None) -> in
     return int(cap)
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning to log when the worker listens beyond this machine without an API key."""
+    if api_key:
+        return None
+    name = host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name.lower() == "localhost"
+    if loopback:
+        return None
+    return (f"listening on {host} without an API key: anyone who can reach this address can run, cancel and "
+            "stop jobs; bind 127.0.0.1 or set an API key")
+
+
 # -- run ---------------------------------------------------------------------------------------------
 
 
@@ -230,6 +252,9 @@ def run(args: argparse.Namespace) -> int:
     log = get_logger("orcd.server")
     log.info("startup", backend=values["backend"], host=args.host, port=values["port"], pid=os.getpid(),
              python=sys.version.split()[0])
+    exposure = exposure_warning(args.host, values["api_keys"])
+    if exposure:
+        log.warning("exposed", host=args.host, message=exposure)
     if model_ref is None:
         from orcd_core.testmodels import default_model_path
 
@@ -272,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         model_alias=args.alias,
         api_keys=values["api_keys"],
         cors_origins=values["cors_origins"],
+        host=args.host,
+        allowed_hosts=list(args.allowed_host),
     )
     return serve_app(settings, load, host=args.host, port=values["port"])
 
