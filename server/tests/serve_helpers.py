@@ -157,7 +157,8 @@ def timed():
 def tiny_model(directory: Path, layers: int = 1) -> Path:
     """A synthetic llama-shaped GGUF (192-wide, SmolLM2's structure) with llama.cpp's SentencePiece
     test vocabulary: a token takes milliseconds on the reference backend, for the storm and soak tests."""
-    from orcd_core import synth, testmodels
+    from orcd_core import testmodels
+    from orcd_core.testing import synth
 
     path = Path(directory) / f"llama-tiny-{layers}.gguf"
     if not path.exists():

@@ -18,6 +18,7 @@ import secrets
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ from .logging import get_logger
 from .metrics import Metrics
 from .schemas import RequestError, invalid
 from .worker import EngineWorker
+
+LOOP_EXECUTOR_THREADS = 1  # the event loop's default executor (lifespan)
 
 
 @dataclass
@@ -419,6 +422,10 @@ def create_app(
         worker_box["w"] = worker
         srv = ServerState(settings, worker, queue, metrics_, log)
         srv.loop = asyncio.get_running_loop()
+        # The loop's default executor runs microseconds of work: Litestar's SSE response takes each
+        # stream's first items through it, httpx resolves the callback host there. One thread, so the
+        # process's thread count does not drift with how many streams happened to start at once.
+        srv.loop.set_default_executor(ThreadPoolExecutor(max_workers=LOOP_EXECUTOR_THREADS, thread_name_prefix="orcd-loop"))
         app.state.orcd = srv
         if settings.callback_url:
             import httpx  # only needed with --callback-url
