@@ -33,7 +33,8 @@ WARMUP_REQUESTS = 50
 
 
 def tiny_model(directory: Path) -> Path:
-    from orcd_core import synth, testmodels
+    from orcd_core import testmodels
+    from orcd_core.testing import synth
 
     path = directory / "soak-llama-tiny.gguf"
     if not path.exists():
