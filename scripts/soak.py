@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 MAX_RSS_GROWTH_MIB = 50.0
+MAX_VRAM_DRIFT_BYTES = 1 << 20  # VRAM back to its baseline within 1 MiB (our counters and the driver's view)
 WARMUP_REQUESTS = 50
 
 
@@ -142,7 +143,7 @@ def run(args) -> dict:
     port = free_port()
     log = open(work / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orcd_server.cli", "serve", "--backend", "reference", "--model", str(model),
+        [sys.executable, "-m", "orcd_server.cli", "serve", "--backend", args.backend, "--model", str(model),
          "--port", str(port), "--log-format", "json", "--queue-size", "64", "--max-context", "512"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -189,6 +190,7 @@ def run(args) -> dict:
         n_cut = max(1, args.warmup // 10)
         phase(["complete"] * (args.warmup - 2 * n_cut) + ["cancel", "disconnect"] * n_cut)  # warm-up: pools, caches
         before = settled_stats(proc.pid, url)
+        vram_before = gpu_memory(proc.pid, url)
         soak.counts = dict.fromkeys(soak.counts, 0)
         soak.cancel_latency_s.clear()
         t0 = time.perf_counter()
@@ -197,6 +199,12 @@ def run(args) -> dict:
         result["timed_out"] = time.monotonic() > stop_at
         health = httpx.get(url + "/health", timeout=5).json()
         after = settled_stats(proc.pid, url)
+        vram_after = gpu_memory(proc.pid, url)
+        result["vram_bytes_used"] = [vram_before["vram_bytes_used"], vram_after["vram_bytes_used"]]
+        result["driver_used_mib"] = [vram_before["driver_used_mib"], vram_after["driver_used_mib"]]
+        result["vram_growth_bytes"] = vram_after["vram_bytes_used"] - vram_before["vram_bytes_used"]
+        if vram_before["driver_used_mib"] is not None and vram_after["driver_used_mib"] is not None:
+            result["driver_growth_mib"] = vram_after["driver_used_mib"] - vram_before["driver_used_mib"]
         lat = sorted(soak.cancel_latency_s)
         result.update(
             before=before, after=after, counts=soak.counts,
@@ -216,8 +224,29 @@ def run(args) -> dict:
     return result
 
 
+def gpu_memory(pid: int, url: str) -> dict:
+    """The worker's VRAM: its own byte counters (/health vram_bytes_used, 0 on the reference backend)
+    and what the driver says the process holds (nvidia-smi, MiB; None without a GPU)."""
+    used = int(httpx.get(url + "/health", timeout=5).json().get("vram_bytes_used") or 0)
+    driver = None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            p, mib = [x.strip() for x in line.split(",")[:2]]
+            if int(p) == pid:
+                driver = int(mib)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return {"vram_bytes_used": used, "driver_used_mib": driver}
+
+
 def problems(result: dict, requests: int, cancels: int) -> list[str]:
     out = []
+    if abs(result.get("vram_growth_bytes", 0)) > MAX_VRAM_DRIFT_BYTES:
+        out.append(f"VRAM in use moved by {result['vram_growth_bytes']} bytes (limit {MAX_VRAM_DRIFT_BYTES})")
+    if abs(result.get("driver_growth_mib") or 0) > MAX_VRAM_DRIFT_BYTES >> 20:
+        out.append(f"the driver's view of the process moved by {result['driver_growth_mib']} MiB")
     if result.get("timed_out"):
         out.append("the run passed --max-seconds")
     if result["rss_anon_growth_mib"] >= MAX_RSS_GROWTH_MIB:
@@ -245,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=WARMUP_REQUESTS, help="requests before the first measurement")
     p.add_argument("--model", help="GGUF to serve (default: a tiny synthetic llama)")
     p.add_argument("--seed", type=int, default=16)
+    p.add_argument("--backend", default="reference", choices=("reference", "cuda"))
     p.add_argument("--max-seconds", type=float, default=4 * 3600)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
