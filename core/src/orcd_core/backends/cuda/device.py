@@ -477,17 +477,12 @@ class CudaDevice(Device):
         x = self._c(x)
         T, K = x.shape
         N = t.rows
-        if K != t.cols:
-            raise ValueError(f"linear {w.name}: x has {K} columns, the weight {t.cols}")
-        if K % 32:
-            raise NotImplementedError(f"linear {w.name}: row length {K} is not a multiple of 32")
-        if bias is not None and bias.shape != (N,):
-            raise ValueError(f"linear {w.name}: bias shape {bias.shape}, expected ({N},)")
+        _check_linear(w, K, bias)
         y = self._ws((T, N))
         ks = self._fmt_module(w.fmt)
         name = w.fmt.name
         if T <= GEMV_MAX_T:  # (one token: _gemv1)
-            R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
+            R = _rows_per_warp(N, K)
             launch(ks.fn(f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
                    (32 * GEMV_WARPS,),
                    (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)),
@@ -505,17 +500,10 @@ class CudaDevice(Device):
         (`add`); any other read launches it plain. Its input may be a deferred norm or silu_mul."""
         t = w.data
         K, N = int(x.shape[1]), t.rows
-        if K != t.cols:
-            raise ValueError(f"linear {w.name}: x has {K} columns, the weight {t.cols}")
-        if K % 32:
-            raise NotImplementedError(f"linear {w.name}: row length {K} is not a multiple of 32")
-        if bias is not None and bias.shape != (N,):
-            raise ValueError(f"linear {w.name}: bias shape {bias.shape}, expected ({N},)")
+        _check_linear(w, K, bias)
         mode, src, aux, eps = self._gemv_input(x, K)
         fn = self._fmt_module(w.fmt).fn(f"gemv_{w.fmt.name}")
-        # rows per warp: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which
-        # gives each lane several independent items in flight (measured: docs/perf-notes.md)
-        R = 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
+        R = _rows_per_warp(N, K)
         grid, smem = (_blocks(N, GEMV_WARPS * R),), xs_bytes(1, K)
         b = bias if bias is not None else NULL
 
@@ -743,6 +731,23 @@ def kv_rows(window: int, n_ctx: int) -> int:
     """Rows of one layer's KV cache: the whole context, or for a sliding-window layer a ring of the
     window plus the keys one step writes before its queries read (MAX_STEP_TOKENS - 1 more)."""
     return min(int(window) + MAX_STEP_TOKENS - 1, int(n_ctx)) if window > 0 else int(n_ctx)
+
+
+def _check_linear(w: Weight, K: int, bias) -> None:
+    """x's width against the weight's, the GEMV's 32-element items, the bias's shape."""
+    t = w.data
+    if K != t.cols:
+        raise ValueError(f"linear {w.name}: x has {K} columns, the weight {t.cols}")
+    if K % 32:
+        raise NotImplementedError(f"linear {w.name}: row length {K} is not a multiple of 32")
+    if bias is not None and bias.shape != (t.rows,):
+        raise ValueError(f"linear {w.name}: bias shape {bias.shape}, expected ({t.rows},)")
+
+
+def _rows_per_warp(N: int, K: int) -> int:
+    """The GEMV's R: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which gives
+    each lane several independent items in flight (measured: docs/perf-notes.md)."""
+    return 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
 
 
 def _blocks(n: int, per: int) -> int:
