@@ -3,7 +3,7 @@
 
     uv run --no-sync python scripts/fuzz_gguf.py --count 10000 --seed 1 --out /tmp/fuzz-defects
 
-Each mutation starts from one of the tiny models of orcd_core.testing.gguf_builder (qwen2, llama,
+Each mutation starts from one of the tiny models of tests/support/gguf_builder.py (qwen2, llama,
 phi3, gpt-oss, gpt2) and applies one of: byte flips (1-8 bytes, 85% of them inside the header region:
 header, metadata and tensor table), a truncation (70% inside the header region), or field rewrites
 (1-3 metadata values or tensor-table fields replaced by hostile values: 0, -1, 2^32-1, 2^63, NaN, inf,
@@ -38,6 +38,8 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # gguf_builder
+
 ARCHS = ("qwen2", "llama", "phi3", "gpt-oss", "gpt2")
 HOSTILE_INTS = [0, 1, 2, 3, -1, 7, 31, 33, 255, 1 << 15, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40,
                 (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
@@ -49,7 +51,7 @@ _HEAD: dict[str, int] = {}
 
 
 def _base(arch: str):
-    from orcd_core.testing.gguf_builder import tiny_model
+    from gguf_builder import tiny_model
 
     return tiny_model(arch, seed=0)
 
@@ -68,7 +70,7 @@ def _position(rng: random.Random, head: int, size: int, header_share: float) -> 
 
 def _rewrite(rng: random.Random, arch: str) -> bytes:
     """1-3 hostile field values written through the builder (so the file stays well-formed around them)."""
-    from orcd_core.testing import gguf_builder as gb
+    import gguf_builder as gb
 
     b = _base(arch)
     for _ in range(rng.randint(1, 3)):

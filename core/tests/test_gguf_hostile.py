@@ -1,4 +1,4 @@
-"""Hostile GGUF files: a table of corruptions of tiny but complete models (orcd_core.testing.gguf_builder),
+"""Hostile GGUF files: a table of corruptions of tiny but complete models (tests/support/gguf_builder.py),
 each taken through the whole load path (parse, plugin support check, architecture config, tokenizer
 and chat template, reference-backend weight build). Every row must raise exactly its `ModelLoadError`
 subclass, with a message naming the file and the field or tensor, within 1 s and with bounded memory
@@ -30,7 +30,7 @@ from orcd_core.errors import (
 from orcd_core.generation import GenerationRequest
 from orcd_core.gguf_file import open_gguf
 from orcd_core.plugins import default_registry
-from orcd_core.testing.gguf_builder import (
+from gguf_builder import (
     ARCHITECTURES, ARRAY, BOOL, F32, FLOAT32, INT32, INT64, KV, STRING, UINT32, UINT64, GGUFBuilder, Tensor,
     tiny_model,
 )

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from orcd_core.testing.gguf_builder import ARRAY, INT32, UINT64, tiny_model
+from gguf_builder import ARRAY, INT32, UINT64, tiny_model
 from orcd_server.cli import main
 
 from serve_helpers import free_port
