@@ -190,15 +190,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content 
 
 
 def byte_symbols() -> list[str]:
-    """GPT-2's bytes_to_unicode: the printable symbol standing for each byte 0..255."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = dict(zip(keep, keep))
-    extra = 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b] = 256 + extra
-            extra += 1
-    return [chr(symbols[b]) for b in range(256)]
+    """GPT-2's bytes_to_unicode (the tokenizer's own table): the printable symbol of each byte 0..255."""
+    from orcd_core.tokenizer.base import BYTE_TO_CHAR
+
+    return [BYTE_TO_CHAR[b] for b in range(256)]
 
 
 def _bpe_vocab(b: GGUFBuilder) -> int:
