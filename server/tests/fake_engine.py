@@ -28,7 +28,8 @@ class FakeTokenizer:
 
 
 class FakeEngine:
-    def __init__(self, *, step_s: float = 0.005, n_ctx: int = 4096, fail_with: Exception | None = None):
+    def __init__(self, *, step_s: float = 0.005, n_ctx: int = 4096, fail_with: Exception | None = None,
+                 max_batch: int = 1):
         self.model_name = "fake-model"
         self.architecture = "fake"
         self.backend = "reference"
@@ -39,6 +40,8 @@ class FakeEngine:
         self.closed = threading.Event()
         self.kv_live = 0  # KV caches allocated and not yet freed
         self.runs = 0
+        self.max_batch = max_batch
+        self._scheduler = None
 
     @classmethod
     def loader(cls, *, load_s: float = 0.0, **kwargs):
@@ -81,33 +84,85 @@ class FakeEngine:
             )
         return PreparedRequest(request=request, prompt_ids=ids, n_ctx=self.n_ctx)
 
-    def run(self, prepared, cancel=None):
-        self.runs += 1
-        if self.fail_with is not None:
-            raise self.fail_with
-        request = prepared.request
-        rng = random.Random(request.sampling.seed)
-        self.kv_live += 1
-        t0 = time.perf_counter()
-        ids: list[int] = []
-        try:
-            for i in range(request.max_tokens):
-                time.sleep(self.step_s)
-                if cancel is not None and cancel.cancelled:
-                    raise Cancelled("cancelled")
-                k = rng.randrange(len(WORDS))
-                ids.append(k)
-                yield GeneratedToken(id=k, index=i, text=WORDS[k])
-            ms = (time.perf_counter() - t0) * 1000
-            return GenerationResult(
-                tokens_in=len(prepared.prompt_ids), tokens_out=len(ids), finish_reason="length",
-                prompt_ms=1.0, decode_ms=ms, ids=ids, text="".join(WORDS[k] for k in ids),
-            )
-        finally:
-            self.kv_live -= 1
+    @property
+    def scheduler(self) -> "FakeScheduler":
+        if self._scheduler is None:
+            self._scheduler = FakeScheduler(self, self.max_batch)
+        return self._scheduler
 
     def close(self) -> None:
         self.closed.set()
+
+
+class _FakeSeq:
+    def __init__(self, prepared, cancel):
+        self.prepared, self.cancel = prepared, cancel
+        self.rng = random.Random(prepared.request.sampling.seed)
+        self.ids: list[int] = []
+        self.t0 = 0.0
+
+
+class FakeScheduler:
+    """orcd_core.scheduler.Scheduler's interface: up to `max_batch` sequences advance one token per
+    `step()`, which takes `step_s` whatever their number."""
+
+    def __init__(self, engine: FakeEngine, max_batch: int):
+        self.engine, self.max_batch = engine, max_batch
+        self.waiting: list[_FakeSeq] = []
+        self.active: list[_FakeSeq] = []
+
+    def submit(self, prepared, cancel=None) -> _FakeSeq:
+        seq = _FakeSeq(prepared, cancel)
+        self.waiting.append(seq)
+        return seq
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @property
+    def n_free(self) -> int:
+        return max(0, self.max_batch - len(self.active) - len(self.waiting))
+
+    def step(self) -> list:
+        eng, events = self.engine, []
+        while self.waiting and len(self.active) < self.max_batch:
+            seq = self.waiting.pop(0)
+            eng.runs += 1
+            if eng.fail_with is not None:
+                events.append((seq, eng.fail_with))
+                continue
+            eng.kv_live += 1
+            seq.t0 = time.perf_counter()
+            self.active.append(seq)
+        if not self.active:
+            return events
+        time.sleep(eng.step_s)
+        for seq in list(self.active):
+            request = seq.prepared.request
+            if seq.cancel is not None and seq.cancel.cancelled:
+                self._leave(seq)
+                events.append((seq, Cancelled("cancelled")))
+                continue
+            k = seq.rng.randrange(len(WORDS))
+            seq.ids.append(k)
+            events.append((seq, GeneratedToken(id=k, index=len(seq.ids) - 1, text=WORDS[k])))
+            if len(seq.ids) >= request.max_tokens:
+                self._leave(seq)
+                ms = (time.perf_counter() - seq.t0) * 1000
+                events.append((seq, GenerationResult(
+                    tokens_in=len(seq.prepared.prompt_ids), tokens_out=len(seq.ids), finish_reason="length",
+                    prompt_ms=1.0, decode_ms=ms, ids=list(seq.ids), text="".join(WORDS[k] for k in seq.ids))))
+        return events
+
+    def _leave(self, seq) -> None:
+        self.active.remove(seq)
+        self.engine.kv_live -= 1
+
+    def close(self) -> None:
+        for seq in list(self.active):
+            self._leave(seq)
+        self.waiting.clear()
 
 
 __all__ = ["FakeEngine", "FakeTokenizer", "VramOOM"]

@@ -44,6 +44,8 @@ CASES = [
     (["--shutdown-timeout-sec", "-1"], "--shutdown-timeout-sec must be >= 0"),
     (["--kv-cache-size-mb", "0"], "--kv-cache-size-mb must be >= 1"),
     (["--queue-size", "0"], "--queue-size must be between 1 and 100000"),
+    (["--max-batch", "9"], "--max-batch must be between 1 and 8"),
+    (["--max-batch", "0"], "--max-batch must be between 1 and 8"),
     (["--callback-url", "ftp://example.org/x"], "--callback-url must be an http(s) URL"),
     (["--callback-url", "http://"], "--callback-url must be an http(s) URL"),
     (["--log-format", "xml"], "--log-format must be json or console"),
@@ -111,6 +113,7 @@ def test_kv_cache_size_caps_the_context():
     assert per_token == 30 * 3 * 2 * 64 * 2  # SmolLM2-135M: 30 layers, 3 KV heads of 64
     for mb in (1, 7, 64):
         assert kv_context_cap(path, mb) == (mb << 20) // per_token
+        assert kv_context_cap(path, mb, n_seq=4) == ((mb << 20) // 4) // per_token  # --max-batch 4: a cache each
 
 
 def test_model_that_fails_to_load_exits_1_after_logging_it(model):

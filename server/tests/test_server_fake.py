@@ -473,3 +473,33 @@ def test_unexpected_engine_exception_is_a_500_in_the_error_shape():
         assert h.client.get("/health").json()["status"] == "healthy"
     finally:
         h.srv.stop()
+
+
+def test_jobs_run_together_up_to_max_batch_and_the_rest_wait():
+    """Continuous batching as the server drives it: with a batch of 3, three streams run at once (their
+    tokens interleave, each step gives each a token), a fourth waits in the queue until one ends, and
+    a cancelled one leaves while the others go on; beyond running + queue, 429."""
+    h = start(engine={"max_batch": 3}, queue_size=1, step_s=0.01)
+    try:
+        outs = [[] for _ in range(4)]
+        threads = []
+        for i in range(3):  # (one at a time: the queue holds one)
+            threads.append(stream_async(h.srv.url, {"job_id": f"j{i}", "prompt": "x", "max_tokens": 60 if i else 400},
+                                        outs[i]))
+            h.wait_jobs(i + 1)  # (raises unless the jobs run side by side)
+        threads.append(stream_async(h.srv.url, {"job_id": "j3", "prompt": "x", "max_tokens": 5}, outs[3]))
+        h.wait_jobs(3, 1)
+        r = h.client.post("/execute", json={"job_id": "j4", "prompt": "x", "max_tokens": 5})
+        assert r.status_code == 429
+        h.client.post("/cancel", json={"job_id": "j0"})
+        for t in threads:
+            t.join()
+        assert outs[0][-1][1]["code"] == "CANCELLED"
+        for out in outs[1:]:
+            assert out[-1][0] == "end", out[-1]
+        assert [len([e for e in out if e[0] == "token"]) for out in outs[1:]] == [60, 60, 5]
+        # j3 started only once a place was free (j0 cancelled), not after all of them
+        assert outs[3][0][1]["started_at"] >= outs[0][0][1]["started_at"]
+        assert h.engine.kv_live == 0
+    finally:
+        h.srv.stop()

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .shape import ModelShape
 
 MAX_STEP_TOKENS = 512  # tokens of one forward call at most: the engine's prefill chunk
+MAX_BATCH = 8  # sequences of one batched decode step at most (the rows of its GEMVs)
 
 
 @dataclass(frozen=True)
@@ -91,16 +92,54 @@ class KVCache:
 
 
 @dataclass
+class KVBatch:
+    """The KV caches of a batched decode step: row b of the step is one token of its own sequence,
+    at `step.positions[b]`, which reads and writes `caches[b]`. Every cache has the engine's layout
+    (same layers, context, windows). `table` is the backend's (the CUDA one: per layer, the rows'
+    K and V addresses, rewritten when the rows change, so a captured step serves any sequences)."""
+
+    caches: list[KVCache]
+    n_ctx: int
+    window: list[int] = field(default_factory=list)
+    table: Any = None
+
+
+@dataclass
 class Step:
-    """The tokens of one forward call (a prefill chunk or one decode token).
+    """The tokens of one forward call: a prefill chunk of one sequence, or a decode step of one
+    token per sequence (the cache argument is then a `KVBatch`).
 
     ids: device int32 [T]; positions: device int32 [T] (absolute positions); n_past: device int32 [1]
-    (tokens already in the cache before this step). `T` is a host int."""
+    (tokens already in the cache before this step), or [T] in a batched decode step (each row's
+    own: its position). `T` is a host int."""
 
     T: int
     ids: Any
     positions: Any
     n_past: Any
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One sequence of a batched decode loop, as the host knows it: `id` is the last chosen token
+    (not yet in the cache) at `position`; `step_index` the index among generated tokens of the token
+    the next step returns; `recent` the ids the repetition penalty sees (oldest first, at most
+    `params.repetition_window`); `budget` how many more steps may include it (None: no bound)."""
+
+    cache: KVCache
+    id: int
+    position: int
+    step_index: int
+    params: Any
+    recent: list[int]
+    budget: int | None = None
+
+    def advance(self, token: int) -> None:
+        """The host's copy of what a step did on the device for this row."""
+        W = int(self.params.repetition_window)
+        if W > 0:
+            self.recent = (self.recent + [int(token)])[-W:]
+        self.id, self.position, self.step_index = int(token), self.position + 1, self.step_index + 1
 
 
 class Device(abc.ABC):
@@ -149,10 +188,11 @@ class Device(abc.ABC):
         return {"weights": 0, "kv_cache": 0, "workspace": 0}
 
     def prepare_load(self, model, *, n_ctx: int, shape: "ModelShape",
-                     progress: "ProgressFn | None" = None) -> None:
+                     progress: "ProgressFn | None" = None, n_seq: int = 1) -> None:
         """Called by the engine once, before the adapter uploads weights: the CUDA backend checks
-        weights + KV cache (`n_ctx` positions of `shape`, the config's `orcd_core.shape.ModelShape`)
-        + workspace against free VRAM here (raising
+        weights + `n_seq` KV caches (`n_ctx` positions of `shape`, the config's
+        `orcd_core.shape.ModelShape`; one per request decoded at once) + workspace against free
+        VRAM here (raising
         `orcd_core.errors.InsufficientVram`) and reserves its weight arena; `progress(fraction)` is
         then called as weight bytes reach the device. The reference backend needs nothing."""
 
@@ -166,20 +206,14 @@ class Device(abc.ABC):
         """False once a periodic check found a weight no longer resident in device memory."""
         return True
 
-    def decoder(self, forward: "Callable[[Step], Any]", *, first_id: int, position: int, params,
-                step_index: int, recent_ids: Sequence[int], max_steps: int | None = None) -> "Decoder":
-        """The decode loop of one request. `forward(step)` runs the model on a one-token `Step` and
-        returns that token's logits [V] (the adapter's forward + `logits_last`); it must only call
-        device ops. `first_id` is the last chosen token, not yet in the KV cache, at `position`
-        (= n_past); `step_index` is the index (among generated tokens) of the token the first
-        `next()` returns; `recent_ids` the ids the repetition penalty sees so far (prompt and
-        generated, `first_id` included). Each `Decoder.next()` feeds the previous token, runs one
-        step, samples and returns the new id (one small device->host copy). `max_steps`: the most
-        `next()` calls the caller will make (None: unknown); a backend that runs a step ahead of the
-        host (the CUDA one) never starts one past it. This default runs the ops one by one; the CUDA
-        backend captures the step once as a CUDA graph and replays it, one step in flight ahead."""
-        return EagerDecoder(self, forward, first_id=first_id, position=position, params=params,
-                            step_index=step_index, recent_ids=recent_ids)
+    def batch_decoder(self, forward: "Callable[[Step, KVBatch], Any]", *, max_rows: int) -> "BatchDecoder":
+        """The decode loop of up to `max_rows` (<= MAX_BATCH) sequences at once: each step feeds every
+        row's last token, samples each row with its own parameters and returns one token per row.
+        `forward(step, kv)` runs the model on a decode `Step` of T rows over the `KVBatch` and returns
+        the rows' logits [T, V]; it must only call device ops. Rows join and leave between steps
+        (`BatchDecoder.join` / `leave`). This default runs the ops one by one; the CUDA backend
+        captures one CUDA graph per row count, kept across requests, and runs one step ahead."""
+        return EagerBatchDecoder(self, forward, max_rows=max_rows)
 
     # -- ops --------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -207,7 +241,9 @@ class Device(abc.ABC):
     def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
                   sinks=None, window: int = 0) -> Any:
         """Write k, v [T, Hkv, hd] into `cache` at `step.positions`, then causal attention of
-        q [T, Hq, hd] over the cache (GQA: query head h uses KV head h // (Hq // Hkv)).
+        q [T, Hq, hd] over the cache (GQA: query head h uses KV head h // (Hq // Hkv)). `cache` may
+        be a `KVBatch` (a batched decode step): row t then attends over `cache.caches[t]` only, at
+        its own position.
         `sinks` [Hq]: learned logits added to each softmax denominator (gpt-oss). `window` > 0:
         a query at position p sees keys at positions > p - window. Returns [T, Hq, hd]."""
 
@@ -246,36 +282,66 @@ class Device(abc.ABC):
 ProgressFn = Callable[[float], None]
 
 
-class Decoder(abc.ABC):
-    """One request's decode loop (see `Device.decoder`)."""
+class BatchDecoder(abc.ABC):
+    """A batched decode loop (see `Device.batch_decoder`). `rows` are the member sequences, in the
+    order of the step's rows."""
+
+    def __init__(self, device: Device, forward, *, max_rows: int):
+        if not 1 <= int(max_rows) <= MAX_BATCH:
+            raise ValueError(f"max_rows must be in 1..{MAX_BATCH}, got {max_rows}")
+        self.device, self.forward, self.max_rows = device, forward, int(max_rows)
+        self.rows: list[DecodeRow] = []
+        self.changed = True  # the rows differ from those of the last step issued
+
+    def join(self, row: DecodeRow) -> None:
+        if len(self.rows) >= self.max_rows:
+            raise ValueError(f"batch decoder: already {len(self.rows)} rows (max_rows {self.max_rows})")
+        if row.budget is not None and row.budget < 1:
+            raise ValueError("batch decoder: a row without budget cannot join")
+        self.rows.append(row)
+        self.changed = True
+
+    def leave(self, row: DecodeRow) -> None:
+        """Remove a row; a step already issued with it may still write its cache (`close` or the next
+        `step` waits for it before the caller frees the cache on the device's stream)."""
+        self.rows.remove(row)
+        self.changed = True
 
     @abc.abstractmethod
-    def next(self) -> int:
-        """Run one decode step and return the chosen id."""
+    def step(self) -> list[tuple[DecodeRow, int]]:
+        """Run one decode step of the current rows; returns (row, token) for each row of the step
+        still a member, after `row.advance(token)`."""
 
     def close(self) -> None:
-        """Release what the loop holds (a captured graph); the KV cache stays the caller's."""
+        """Release what the loop holds (captured graphs); the KV caches stay the caller's."""
 
 
-class EagerDecoder(Decoder):
-    """`Device.decoder`'s default: each step issued op by op, inputs uploaded per step."""
+class EagerBatchDecoder(BatchDecoder):
+    """`Device.batch_decoder`'s default: each step issued op by op, inputs uploaded per step, each row
+    sampled by `Device.sample`."""
 
-    def __init__(self, device: Device, forward, *, first_id: int, position: int, params,
-                 step_index: int, recent_ids: Sequence[int]):
-        self.device, self.forward, self.params = device, forward, params
-        self.id, self.pos, self.step_index = int(first_id), int(position), int(step_index)
-        self.window = max(int(getattr(params, "repetition_window", 0)), 1)
-        self.recent = [int(i) for i in recent_ids][-self.window:]
-
-    def next(self) -> int:
-        d = self.device
+    def step(self) -> list[tuple[DecodeRow, int]]:
+        d, rows = self.device, list(self.rows)
+        if not rows:
+            return []
+        for r in rows:
+            if r.budget is not None and r.budget < 1:
+                raise RuntimeError("batch decoder: a row ran past its budget")
+        self.changed = False
         d.begin_step()
-        pos = d.to_device([self.pos])
-        step = Step(T=1, ids=d.to_device([self.id]), positions=pos, n_past=d.to_device([self.pos]))
-        logits = self.forward(step)
-        recent = [-1] * (self.window - len(self.recent)) + self.recent
-        tok = d.sample(logits, self.params, d.to_device(recent), d.to_device([self.step_index]))
-        tok = int(d.to_host(tok).reshape(-1)[0])
-        self.recent = (self.recent + [tok])[-self.window:]
-        self.id, self.pos, self.step_index = tok, self.pos + 1, self.step_index + 1
-        return tok
+        pos = d.to_device([r.position for r in rows])
+        step = Step(T=len(rows), ids=d.to_device([r.id for r in rows]), positions=pos, n_past=pos)
+        proto = rows[0].cache
+        kv = KVBatch([r.cache for r in rows], proto.n_ctx, list(proto.window))
+        logits = self.forward(step, kv)  # [T, V]
+        out = []
+        for b, r in enumerate(rows):
+            W = max(int(r.params.repetition_window), 1)
+            recent = ([-1] * W + r.recent)[-W:]
+            tok = d.sample(logits[b], r.params, d.to_device(recent), d.to_device([r.step_index]))
+            tok = int(d.to_host(tok).reshape(-1)[0])
+            if r.budget is not None:
+                r.budget -= 1
+            r.advance(tok)
+            out.append((r, tok))
+        return out

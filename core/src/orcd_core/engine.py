@@ -1,24 +1,25 @@
-"""The engine: one loaded model on one device, generating for one request at a time.
+"""The engine: one loaded model on one device, generating for up to `max_batch` requests at once.
 
-    engine = Engine.load(path, backend="reference")
+    engine = Engine.load(path, backend="reference", max_batch=8)
     prepared = engine.prepare(GenerationRequest(prompt="Hello", max_tokens=16))
-    gen = engine.run(prepared)            # yields GeneratedToken, returns GenerationResult
+    gen = engine.run(prepared)            # one request alone: yields GeneratedToken, returns GenerationResult
+    engine.scheduler.submit(prepared)     # or several: continuous batching (orcd_core.scheduler)
 
 Backend-agnostic: everything on the device goes through the model's forward pass (adapters written
 against `orcd_core.device.Device`) and `Device.sample`. Prefill is `prefill`; the per-token work is
-the device's `Decoder` (`Device.decoder(decode_forward, ...)`): `decode_forward` is the model's
-forward for one token, which the CUDA backend captures once as a graph and replays per token.
+the device's `BatchDecoder` (`Device.batch_decoder(decode_forward, ...)`): `decode_forward` is the
+model's forward for one token of each sequence in the batch, which the CUDA backend captures once per
+row count as a graph and replays per step.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Generator
 
 import numpy as np
 
-from .device import MAX_STEP_TOKENS, Device, KVCache, Step
+from .device import MAX_BATCH, MAX_STEP_TOKENS, Device, KVBatch, KVCache, Step
 from .backends import create_device
 from .errors import OrcdError
 from .generation import (
@@ -34,13 +35,12 @@ from .generation import (
 )
 from .gguf_file import check_supported, open_gguf
 from .shape import resolve_context
-from .stops import StopMatcher
 
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill forward call
 
 class Engine:
     def __init__(self, *, model_path: Path, gguf, arch, model, device: Device, tokenizer, n_ctx: int,
-                 backend: str, registry) -> None:
+                 backend: str, registry, max_batch: int = 1) -> None:
         self.model_path = model_path
         self.gguf = gguf
         self.arch = arch
@@ -53,6 +53,8 @@ class Engine:
         self.architecture = gguf.architecture
         self.model_name = str(gguf.get("general.name") or model_path.stem)
         self.config = model.config
+        self.max_batch = int(max_batch)
+        self._scheduler = None
         self._info: dict | None = None
 
     # -- loading -----------------------------------------------------------------------------------
@@ -60,8 +62,10 @@ class Engine:
     @classmethod
     def load(cls, model_path, *, backend: str = "reference", gpu_device: int = 0, registry=None,
              tokenizer_path=None, max_context: int | None = None, load_chunk_mb: int = 1,
-             progress: Callable[[float], None] | None = None) -> "Engine":
-        """Open and validate the file, build its tokenizer, then upload the weights to a new device."""
+             progress: Callable[[float], None] | None = None, max_batch: int = 1) -> "Engine":
+        """Open and validate the file, build its tokenizer, then upload the weights to a new device.
+        `max_batch`: requests decoded together at most (1..MAX_BATCH); the device plans VRAM for that
+        many KV caches of the context."""
         from .plugins import default_registry
         from .tokenizer import load_tokenizer
 
@@ -76,11 +80,13 @@ class Engine:
         config = arch.config(gguf)  # metadata errors surface before the device is touched
         if max_context is not None and max_context < 1:
             raise InvalidRequest(f"max_context must be >= 1, got {max_context}")
+        if not 1 <= int(max_batch) <= MAX_BATCH:
+            raise InvalidRequest(f"max_batch must be in 1..{MAX_BATCH}, got {max_batch}", field="max_batch")
         n_ctx = resolve_context(max_context, config.context_length)
         tokenizer = load_tokenizer(gguf, registry=registry, tokenizer_json=tokenizer_path)
         opts = {"load_chunk_mb": load_chunk_mb} if backend == "cuda" else {}
         device = create_device(backend, gpu_device, **opts)
-        device.prepare_load(gguf, n_ctx=int(n_ctx), shape=config.shape(), progress=progress)
+        device.prepare_load(gguf, n_ctx=int(n_ctx), shape=config.shape(), progress=progress, n_seq=int(max_batch))
         # a backend that implements prepare_load plans memory there (KV cache included) and reports progress
         reports_progress = plans_memory = type(device).prepare_load is not Device.prepare_load
         model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
@@ -88,7 +94,7 @@ class Engine:
         if not plans_memory:
             _check_kv_fits(path, model, device, int(n_ctx))
         return cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
-                   n_ctx=int(n_ctx), backend=backend, registry=registry)
+                   n_ctx=int(n_ctx), backend=backend, registry=registry, max_batch=int(max_batch))
 
     def info(self) -> dict:
         """Facts about the loaded model, from host-side state only (no GPU call): the fixed part is
@@ -112,6 +118,9 @@ class Engine:
                 "resident": bool(self.device.healthy)}
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
         self.device.close()
         self.model = None
 
@@ -153,68 +162,38 @@ class Engine:
             )
         return PreparedRequest(request=request, prompt_ids=ids, n_ctx=self.n_ctx)
 
+    @property
+    def scheduler(self):
+        """The engine's continuous-batching scheduler (`orcd_core.scheduler`): up to `max_batch`
+        requests prefilled and decoded together. One thread drives it."""
+        if self._scheduler is None:
+            from .scheduler import Scheduler
+
+            self._scheduler = Scheduler(self, self.max_batch)
+        return self._scheduler
+
     def run(self, prepared: PreparedRequest, cancel: CancelToken | None = None
             ) -> Generator[GeneratedToken, None, GenerationResult]:
-        """Prefill, then decode token by token (see ENGINE.md for the stop rules)."""
-        from .tokenizer import IncrementalDetokenizer
-
-        req, dev = prepared.request, self.device
-        prompt = prepared.prompt_ids
-        params = req.sampling
-        cache = self.model.new_kv_cache(prepared.n_ctx)
-        decoder = None
+        """One request alone: prefill, then decode token by token (the scheduler's rules, see
+        orcd_core.scheduler). Yields its tokens, returns its result, raises its error."""
+        sched = self.scheduler
+        if sched.busy:
+            raise RuntimeError("Engine.run: the scheduler is serving other requests (drive it with step())")
+        seq = sched.submit(prepared, cancel)
         try:
-            t0 = time.perf_counter()
-            logits = self.prefill(prompt, cache, cancel=cancel)  # [1, V]
-            W = max(1, params.repetition_window)
-            recent = ([-1] * W + prompt)[-W:]
-            next_id = dev.sample(dev.logits_last(logits), params, dev.to_device(recent), dev.to_device([0]))
-            token = int(dev.to_host(next_id).reshape(-1)[0])
-            prompt_ms = (time.perf_counter() - t0) * 1e3
-            t1 = time.perf_counter()
-            eog = set(self.tokenizer.eog_ids)
-            detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)  # control tokens render empty
-            stops = StopMatcher(req.stop)
-            out_ids: list[int] = []
-            text_parts: list[str] = []
-            finish = "length"
-            pending: GeneratedToken | None = None  # yielded one step late, so the last one can
-            for index in range(req.max_tokens):  # carry the text released at the end
-                if cancel is not None and cancel.cancelled:
-                    raise Cancelled("the request was cancelled", tokens_out=len(out_ids))
-                if index > 0:
-                    if decoder is None:  # feeds out_ids[-1] at its position, then samples
-                        decoder = dev.decoder(lambda step: self.decode_forward(step, cache), first_id=out_ids[-1],
-                                              position=len(prompt) + index - 1, params=params, step_index=index,
-                                              recent_ids=prompt + out_ids, max_steps=req.max_tokens - index)
-                    token = decoder.next()
-                if token in eog:
-                    finish = "stop"
-                    break
-                if pending is not None:
-                    yield pending
-                out_ids.append(token)
-                text = stops.push(detok.push(token))
-                text_parts.append(text)
-                pending = GeneratedToken(id=token, index=index, text=text)
-                if stops.stopped:
-                    finish = "stop_sequence"
-                    break
-            if finish != "stop_sequence":
-                tail = stops.push(detok.flush())
-                tail += stops.flush()
-                if tail and pending is not None:
-                    text_parts.append(tail)
-                    pending = GeneratedToken(id=pending.id, index=pending.index, text=pending.text + tail)
-            if pending is not None:
-                yield pending
-            decode_ms = (time.perf_counter() - t1) * 1e3
-            return GenerationResult(tokens_in=len(prompt), tokens_out=len(out_ids), finish_reason=finish,
-                                    prompt_ms=prompt_ms, decode_ms=decode_ms, ids=out_ids, text="".join(text_parts))
+            while True:
+                for _, event in sched.step():
+                    if isinstance(event, GeneratedToken):
+                        if cancel is not None and cancel.cancelled:
+                            break  # the next step ends it as cancelled
+                        yield event
+                    elif isinstance(event, GenerationResult):
+                        return event
+                    else:
+                        raise event
         finally:
-            if decoder is not None:
-                decoder.close()
-            dev.free_kv_cache(cache)
+            if not seq.done:  # the caller stopped early (generator closed): release its cache
+                sched._release(seq)
 
     # -- the device work ---------------------------------------------------------------------------
 
@@ -237,10 +216,10 @@ class Engine:
                 outs.append(np.asarray(dev.to_host(logits), dtype=np.float32))
         return np.concatenate(outs) if all_logits else logits
 
-    def decode_forward(self, step: Step, cache: KVCache):
-        """The decode step's device work: the model's forward for one token -> its logits [V].
-        Device ops only (the CUDA backend captures it as one graph)."""
-        return self.device.logits_last(self.model.forward(step, cache))
+    def decode_forward(self, step: Step, kv: KVBatch):
+        """A decode step's device work: the model's forward for one token of each sequence of `kv`
+        -> the rows' logits [T, V]. Device ops only (the CUDA backend captures it as a graph)."""
+        return self.model.forward(step, kv, all_logits=True)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """[T, V] float32 logits for exactly these ids from position 0 (no BOS added)."""

@@ -99,7 +99,8 @@ class Job:
 
 
 class JobQueue:
-    """At most `maxsize` jobs waiting, plus the one running. Thread-safe."""
+    """At most `maxsize` jobs waiting, plus those running (the engine takes up to its batch size).
+    Thread-safe."""
 
     def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
@@ -107,7 +108,7 @@ class JobQueue:
         self.maxsize = maxsize
         self._waiting: collections.deque[Job] = collections.deque()
         self._by_id: dict[str, Job] = {}
-        self._running: Job | None = None
+        self._running: dict[str, Job] = {}
         self._closed = False
         self._cond = threading.Condition()
 
@@ -122,7 +123,7 @@ class JobQueue:
                 raise DuplicateJob(job.job_id)
             if len(self._waiting) >= self.maxsize:
                 raise QueueFull
-            ahead = len(self._waiting) + (1 if self._running is not None else 0)
+            ahead = len(self._waiting)
             self._waiting.append(job)
             self._by_id[job.job_id] = job
             self._cond.notify()
@@ -135,7 +136,7 @@ class JobQueue:
             job = self._by_id.get(job_id)
             if job is None:
                 return "unknown"
-            if job is self._running:
+            if self._running.get(job_id) is job:
                 job.request_cancel(reason)
                 return "cancelling"
             self._waiting.remove(job)
@@ -147,12 +148,12 @@ class JobQueue:
         with self._cond:
             return self._by_id.get(job_id)
 
-    def close(self) -> tuple[Job | None, list[Job]]:
-        """Accept nothing more; return (the running job or None, the waiting jobs), read under one
-        lock. The waiting jobs are removed from the queue; the running one stays."""
+    def close(self) -> tuple[list[Job], list[Job]]:
+        """Accept nothing more; return (the running jobs, the waiting jobs), read under one lock.
+        The waiting jobs are removed from the queue; the running ones stay."""
         with self._cond:
             self._closed = True
-            running = self._running
+            running = list(self._running.values())
             waiting = list(self._waiting)
             self._waiting.clear()
             for job in waiting:
@@ -162,22 +163,23 @@ class JobQueue:
 
     # -- consumer side (engine thread) ------------------------------------------------------------
 
-    def take(self) -> Job | None:
-        """Block until a job is waiting (returns it, marked running) or the queue is closed and empty (None)."""
+    def take(self, block: bool = True) -> Job | None:
+        """The oldest waiting job, marked running; None when none is waiting and `block` is False, or
+        the queue is closed and empty. With `block`, waits for one."""
         with self._cond:
-            while not self._waiting and not self._closed:
+            while block and not self._waiting and not self._closed:
                 self._cond.wait()
             if not self._waiting:
                 return None
             job = self._waiting.popleft()
-            self._running = job
+            self._running[job.job_id] = job
             job.state = JobState.RUNNING
             return job
 
     def finish(self, job: Job) -> None:
         with self._cond:
-            if self._running is job:
-                self._running = None
+            if self._running.get(job.job_id) is job:
+                del self._running[job.job_id]
             self._by_id.pop(job.job_id, None)
 
     # -- state (any thread) -----------------------------------------------------------------------
@@ -188,11 +190,12 @@ class JobQueue:
 
     @property
     def n_running(self) -> int:
-        return 1 if self._running is not None else 0
+        return len(self._running)
 
     @property
-    def running(self) -> Job | None:
-        return self._running
+    def running(self) -> list[Job]:
+        with self._cond:
+            return list(self._running.values())
 
     @property
     def closed(self) -> bool:

@@ -1,10 +1,10 @@
-"""The engine thread: the one thread that loads the model, runs jobs one at a time, and frees the
-device at the end. Everything that touches the GPU happens here (CuPy's current device is per
+"""The engine thread: the one thread that loads the model, runs the jobs (up to the engine's batch
+size at once, through its continuous-batching scheduler), and frees the device at the end. Everything that touches the GPU happens here (CuPy's current device is per
 thread), so the event loop only ever reads cached state and answers /health and /metrics at once.
 
-Life: loading (progress 0..100) -> ready (jobs from the queue, FIFO, batch 1) -> draining (after
-SIGTERM or POST /shutdown: no new work, waiting jobs end with CANCELLED, the running one may finish
-until the deadline, then is cancelled) -> engine.close() -> `on_exit(code)`.
+Life: loading (progress 0..100) -> ready (jobs from the queue, FIFO, up to `max_batch` decoding
+together) -> draining (after SIGTERM or POST /shutdown: no new work, waiting jobs end with CANCELLED,
+the running ones may finish until the deadline, then are cancelled) -> engine.close() -> `on_exit(code)`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from orcd_core.errors import ModelLoadError, OrcdError
-from orcd_core.generation import Cancelled, GenerationError
+from orcd_core.generation import Cancelled, GeneratedToken, GenerationError, GenerationResult
 
 from .jobs import Job, JobQueue
 from .logging import text_fields
@@ -26,6 +27,17 @@ from .metrics import Metrics
 
 PROGRESS_STEPS = (0, 25, 50, 75, 100)
 SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval while serving (see start)
+
+
+@dataclass(eq=False)
+class _Running:
+    """A job in the engine's scheduler: what its events need on the engine thread."""
+
+    job: Job
+    started: float
+    timer: threading.Timer
+    last: float | None = None
+    pieces: list[str] = field(default_factory=list)
 
 
 class _LoadAborted(Exception):
@@ -105,16 +117,21 @@ class EngineWorker:
                 return False
             self.draining = True
         running, waiting = self.queue.close()
-        self.log.info("shutdown", phase="begin", reason=reason, running_job=running.job_id if running else None,
+        self.log.info("shutdown", phase="begin", reason=reason, running_jobs=[j.job_id for j in running],
                       queued=len(waiting), deadline_s=self.shutdown_timeout_s)
         for job in waiting:
             job.request_cancel("shutdown")
             self._terminal(job, "cancelled", error=("CANCELLED", "the worker is shutting down", True))
-        if running is not None:
+
+        def cancel_running():
+            for job in self.queue.running:  # (the jobs running when the deadline comes)
+                job.request_cancel("shutdown")
+
+        if running:
             if self.shutdown_timeout_s <= 0:
-                running.request_cancel("shutdown")
+                cancel_running()
             else:
-                self._shutdown_timer = threading.Timer(self.shutdown_timeout_s, running.request_cancel, ("shutdown",))
+                self._shutdown_timer = threading.Timer(self.shutdown_timeout_s, cancel_running)
                 self._shutdown_timer.daemon = True
                 self._shutdown_timer.start()
         return True
@@ -228,21 +245,41 @@ class EngineWorker:
         self.info = {**self.info, "vram_bytes_used": 0, "resident": False}
 
     def _serve_jobs(self) -> None:
+        """Continuous batching: jobs join the engine's scheduler while it has a place, and every
+        `step()` advances all of them (orcd_core.scheduler); each job's events go out as they come."""
+        sched = self.engine.scheduler
+        running: dict[Any, _Running] = {}  # scheduler sequence -> its job's state
         while True:
-            job = self.queue.take()
-            if job is None:  # closed and empty
-                return
+            while sched.n_free > 0:
+                job = self.queue.take(block=not sched.busy)
+                if job is None:
+                    break
+                self._start_job(job, sched, running)
+            if not sched.busy:
+                if self.queue.closed and self.queue.n_waiting == 0:
+                    return
+                continue
             try:
-                self._run_job(job)  # its terminal event (`_terminal`) finishes it in the queue
-            except BaseException:
-                self.queue.finish(job)  # failed before its terminal event: it must not stay "running"
-                raise
-            finally:
-                self._refresh_info()
+                events = sched.step()
+            except Exception as exc:  # a fault outside the requests' own errors: fail them all, go on
+                self.log.error("error", code="INTERNAL", message=repr(exc), where="scheduler",
+                               traceback=traceback.format_exc())
+                sched.close()
+                for seq, r in list(running.items()):
+                    del running[seq]
+                    self._end_job(r, {"outcome": "error", "error": ("INTERNAL", f"internal error: {exc!r}", False)})
+                continue
+            for seq, event in events:
+                r = running.get(seq)
+                if r is None:
+                    continue
+                if isinstance(event, GeneratedToken):
+                    self._on_token(r, event)
+                    continue
+                del running[seq]
+                self._end_job(r, self._outcome(r.job, event))
 
-    def _run_job(self, job: Job) -> None:
-        log = job.log
-        started = time.monotonic()
+    def _start_job(self, job: Job, sched, running: dict) -> None:
         if job.cancel_token.cancelled:  # cancelled between take() and here
             self._terminal(job, "cancelled", error=("CANCELLED", f"job cancelled ({job.cancel_reason})", False))
             return
@@ -256,45 +293,38 @@ class EngineWorker:
                 "n_prompt_tokens": job.n_prompt_tokens,
             },
         )
-        log.info("execute_start", n_prompt_tokens=job.n_prompt_tokens, seed=job.seed,
-                 queue_wait_ms=round((started - job.accepted_at) * 1000, 3),
-                 **text_fields("prompt", job.prompt_text, self.log_prompts))
+        started = time.monotonic()
+        job.log.info("execute_start", n_prompt_tokens=job.n_prompt_tokens, seed=job.seed,
+                     queue_wait_ms=round((started - job.accepted_at) * 1000, 3), running=len(running) + 1,
+                     **text_fields("prompt", job.prompt_text, self.log_prompts))
         timer = threading.Timer(self.inference_timeout_s, job.request_cancel, ("timeout",))
         timer.daemon = True
         timer.start()
-        pieces: list[str] = []
-        last = None
-        gen = None
-        terminal: dict[str, Any]
-        try:
-            gen = self.engine.run(job.prepared, job.cancel_token)
-            while True:
-                try:
-                    token = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                now = time.monotonic()
-                if last is None:
-                    self.metrics.ttft.observe(now - started)
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                pieces.append(token.text)
-                job.emit("token", {"t": token.text, "i": token.index, "id": token.id})
-            if result.finish_reason == "cancelled":
-                raise Cancelled("generation cancelled")
-            tokens_out = int(result.tokens_out)
-            tokens_in = int(result.tokens_in)
-            prompt_ms = round(float(result.prompt_ms), 3)
-            decode_ms = round(float(result.decode_ms), 3)
+        seq = sched.submit(job.prepared, job.cancel_token)
+        running[seq] = _Running(job=job, started=started, timer=timer)
+
+    def _on_token(self, r: "_Running", token: GeneratedToken) -> None:
+        now = time.monotonic()
+        if r.last is None:
+            self.metrics.ttft.observe(now - r.started)
+        else:
+            self.metrics.itl.observe(now - r.last)
+        r.last = now
+        r.pieces.append(token.text)
+        r.job.emit("token", {"t": token.text, "i": token.index, "id": token.id})
+
+    def _outcome(self, job: Job, event) -> dict[str, Any]:
+        """The terminal event of a job from the scheduler's last event for it."""
+        if isinstance(event, GenerationResult):
+            tokens_out, tokens_in = int(event.tokens_out), int(event.tokens_in)
+            prompt_ms, decode_ms = round(float(event.prompt_ms), 3), round(float(event.decode_ms), 3)
             self.metrics.prompt_tokens.inc(tokens_in)
             self.metrics.generation_tokens.inc(tokens_out)
             end = {
                 "tokens_out": tokens_out,
                 "tokens_in": tokens_in,
                 "decode_time_ms": decode_ms,
-                "finish_reason": result.finish_reason,
+                "finish_reason": event.finish_reason,
                 "timings": {
                     "prompt_n": tokens_in,
                     "prompt_ms": prompt_ms,
@@ -304,25 +334,23 @@ class EngineWorker:
                     "predicted_per_second": _per_second(tokens_out, decode_ms),
                 },
             }
-            terminal = {"outcome": "completed", "end": end}
-        except Cancelled:
+            return {"outcome": "completed", "end": end}
+        if isinstance(event, Cancelled):
             if job.cancel_reason == "timeout":
                 message = f"inference exceeded --inference-timeout-sec {self.inference_timeout_s:g}"
-                terminal = {"outcome": "timeout", "error": ("INFERENCE_TIMEOUT", message, True)}
-            else:
-                reason = job.cancel_reason or "cancelled"
-                terminal = {"outcome": "cancelled", "error": ("CANCELLED", f"job cancelled ({reason})", reason == "shutdown")}
-        except GenerationError as exc:
-            terminal = {"outcome": "error", "error": (exc.code, str(exc), bool(exc.retriable))}
-        except Exception as exc:
-            job.log.error("error", code="INTERNAL", message=repr(exc), traceback=traceback.format_exc())
-            terminal = {"outcome": "error", "error": ("INTERNAL", f"internal error: {exc!r}", False)}
-        finally:
-            timer.cancel()
-            if gen is not None:
-                gen.close()  # the engine's `finally` frees the KV cache (already done unless we failed)
+                return {"outcome": "timeout", "error": ("INFERENCE_TIMEOUT", message, True)}
+            reason = job.cancel_reason or "cancelled"
+            return {"outcome": "cancelled", "error": ("CANCELLED", f"job cancelled ({reason})", reason == "shutdown")}
+        if isinstance(event, GenerationError):
+            return {"outcome": "error", "error": (event.code, str(event), bool(event.retriable))}
+        job.log.error("error", code="INTERNAL", message=repr(event))
+        return {"outcome": "error", "error": ("INTERNAL", f"internal error: {event!r}", False)}
+
+    def _end_job(self, r: "_Running", terminal: dict[str, Any]) -> None:
+        r.timer.cancel()
+        self._refresh_info()
         # the job's resources are released: it stops counting as running before its terminal event
-        self._terminal(job, terminal.pop("outcome"), output="".join(pieces), run_s=time.monotonic() - started,
+        self._terminal(r.job, terminal.pop("outcome"), output="".join(r.pieces), run_s=time.monotonic() - r.started,
                        **terminal)
 
     def _terminal(self, job: Job, outcome: str, *, end: dict | None = None,

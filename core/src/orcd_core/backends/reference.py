@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..device import Device, KVCache, RopeSpec, Step, Weight
+from ..device import MAX_BATCH, Device, KVBatch, KVCache, RopeSpec, Step, Weight
 from ..gguf_file import TensorInfo
 from ..rope import yarn_corr_dims
 
@@ -103,7 +103,12 @@ class ReferenceDevice(Device):
     def linear(self, x, w: Weight, bias=None) -> np.ndarray:
         if w.data.ndim != 2:
             raise ValueError(f"linear: weight {w.name!r} has shape {w.shape}; expert stacks go through moe()")
-        y = np.matmul(x, w.data.T)  # [T, K] @ [K, N] -> [T, N]
+        if x.ndim == 2 and x.shape[0] <= MAX_BATCH:
+            # decode-size: one matvec per row, so that a row's result does not depend on how many
+            # rows share the step (a sequence decodes the same tokens alone or batched)
+            y = np.stack([w.data @ row for row in x])
+        else:
+            y = np.matmul(x, w.data.T)  # [T, K] @ [K, N] -> [T, N]
         if bias is not None:
             y += bias
         return y
@@ -141,8 +146,16 @@ class ReferenceDevice(Device):
             out[..., 1 : spec.n_rot : 2] = x0 * sin + x1 * cos
         return out
 
-    def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
+    def attention(self, q, k, v, cache: KVCache | KVBatch, layer: int, step: Step, *, scale: float,
                   sinks=None, window: int = 0) -> np.ndarray:
+        if isinstance(cache, KVBatch):  # a batched decode step: row t is one token of caches[t]
+            pos = np.asarray(step.positions).reshape(-1)
+            ids = np.asarray(step.ids).reshape(-1)
+            rows = [self.attention(q[t : t + 1], k[t : t + 1], v[t : t + 1], c, layer,
+                                   Step(1, ids[t : t + 1], pos[t : t + 1], pos[t : t + 1]), scale=scale,
+                                   sinks=sinks, window=window)
+                    for t, c in enumerate(cache.caches)]
+            return np.concatenate(rows)
         T, Hq, hd = q.shape
         Hkv = k.shape[1]
         if Hq % Hkv:
@@ -211,8 +224,19 @@ class ReferenceDevice(Device):
         wts = np.exp(sel - sel.max(axis=-1, keepdims=True))
         wts = wts / wts.sum(axis=-1, keepdims=True)  # softmax over the chosen experts
         out = np.zeros((T, D), F32)
+        # decode-size: token by token (each row computed as it would be alone, see `linear`)
+        groups = [(np.array([t]), chosen[t : t + 1]) for t in range(T)] if T <= MAX_BATCH else [(np.arange(T), chosen)]
+        for rows_of, ch in groups:
+            self._moe_experts(x, rows_of, ch, wts, gate_up, gate_up_bias, down, down_bias, F, act, alpha, limit, out)
+        return out
+
+    def _moe_experts(self, x, token_ids, chosen, wts, gate_up, gate_up_bias, down, down_bias, F, act, alpha, limit,
+                     out) -> None:
+        """The chosen experts of the tokens `token_ids` (their rows of `chosen`), expert by expert
+        (ascending), accumulated into `out`."""
         for e in np.unique(chosen):
-            rows, slot = np.nonzero(chosen == e)  # tokens routed to expert e
+            sub, slot = np.nonzero(chosen == e)  # tokens routed to expert e
+            rows = token_ids[sub]
             xe = x[rows]  # [n, D]
             h = xe @ gate_up.data[e].T  # [n, 2F]
             if gate_up_bias is not None:
@@ -222,7 +246,6 @@ class ReferenceDevice(Device):
             if down_bias is not None:
                 y += down_bias[e]
             out[rows] += y * wts[rows, slot][:, None]
-        return out
 
     @staticmethod
     def _glu(gate, up, act: str, alpha: float, limit: float) -> np.ndarray:

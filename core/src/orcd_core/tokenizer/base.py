@@ -342,13 +342,14 @@ class IncrementalDetokenizer:
     follows a BOS removed by `skip_special`). Cost: one list lookup and one incremental UTF-8 decode.
     """
 
-    __slots__ = ("_pieces", "_hidden", "_decode", "_first", "_strip", "_bos", "_eos", "_held_eos", "_n")
+    __slots__ = ("_pieces", "_hidden", "_decoder", "_decode", "_first", "_strip", "_bos", "_eos", "_held_eos", "_n")
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self._pieces = tokenizer._pieces
         self._n = tokenizer.vocab_size
         self._hidden = tokenizer._hidden if skip_special else frozenset()
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._decode = self._decoder.decode
         self._first = True
         self._strip = tokenizer.add_space_prefix
         self._bos = tokenizer.bos_id if (skip_special and tokenizer.add_bos) else None
@@ -376,3 +377,9 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         self._held_eos = b""
         return self._decode(b"", True)
+
+    @property
+    def holding(self) -> bool:
+        """True while the bytes of a split code point wait for the next token (`flush` would
+        release them as U+FFFD); a held final EOS does not count (flush drops it)."""
+        return bool(self._decoder.getstate()[0])

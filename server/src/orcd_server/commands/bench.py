@@ -5,7 +5,8 @@
   cache; tok/s = N / time of the prefill (the last chunk's logits included, synchronized).
 - tg N: text generation. One random token prefilled, then N decode steps, each feeding the previous
   step's token (greedy, chosen on the device; the CUDA backend replays one CUDA graph per step);
-  tok/s = N / time of the N steps.
+  tok/s = N / time of the N steps. With `-b B`, B sequences decode together (one batched step gives
+  a token to each): tok/s = B * N / time.
 Each test runs once as a warm-up (kernel compilation, workspace sizing, graph capture stay out of
 the numbers), then `-r` times; the median is reported with the spread (min..max).
 """
@@ -19,6 +20,7 @@ import time
 
 import numpy as np
 
+from orcd_core.device import MAX_BATCH
 from orcd_core.generation import SamplingParams
 
 from ._model_args import BACKEND_HELP, add_model_arg
@@ -35,6 +37,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-d", "--depth", type=int, default=0, metavar="D",
                         help="tokens already in the KV cache before each test (0), as llama-bench -d")
     parser.add_argument("-r", "--repetitions", type=int, default=3, metavar="R", help="timed runs per test (3)")
+    parser.add_argument("-b", "--batch", type=int, default=1, metavar="B",
+                        help=f"sequences decoded together in tg (1..{MAX_BATCH}; tok/s counts all of them)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the random prompt ids (1234)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
@@ -66,31 +70,41 @@ def bench_pp(engine, n: int, reps: int, rng, depth: int = 0) -> list[float]:
     return times
 
 
-def bench_tg(engine, n: int, reps: int, rng, depth: int = 0) -> list[float]:
+def bench_tg(engine, n: int, reps: int, rng, depth: int = 0, batch: int = 1) -> list[float]:
+    """`batch` sequences decoding together (continuous batching's step): each step yields one token
+    per sequence, so the rate is batch * n / time."""
+    from orcd_core.device import DecodeRow
+
     dev, model = engine.device, engine.model
     vocab = int(engine.config.n_vocab)
     greedy = SamplingParams(temperature=0.0, repetition_window=0)
     times = []
-    for r in range(reps + 1):
-        prompt = rng.integers(0, vocab, depth + 1).tolist()
-        cache = model.new_kv_cache(depth + n + 1)
-        decoder = None
-        try:
-            engine.prefill(prompt, cache)
-            decoder = dev.decoder(lambda step, cache=cache: dev.logits_last(model.forward(step, cache)),
-                                  first_id=int(rng.integers(0, vocab)), position=depth + 1, params=greedy, step_index=1,
-                                  recent_ids=[], max_steps=n)
-            _sync(dev, dev.to_device([0]))
-            t0 = time.perf_counter()
-            for _ in range(n):
-                decoder.next()
-            dt = time.perf_counter() - t0
-        finally:
-            if decoder is not None:
-                decoder.close()
-            dev.free_kv_cache(cache)
-        if r:
-            times.append(dt)
+    decoder = dev.batch_decoder(engine.decode_forward, max_rows=batch)  # kept across runs, as the server's
+    try:
+        for r in range(reps + 1):
+            caches, rows = [], []
+            try:
+                for _ in range(batch):
+                    caches.append(model.new_kv_cache(depth + n + 1))
+                    engine.prefill(rng.integers(0, vocab, depth + 1).tolist(), caches[-1])
+                    rows.append(DecodeRow(cache=caches[-1], id=int(rng.integers(0, vocab)), position=depth + 1,
+                                          step_index=1, params=greedy, recent=[], budget=n))
+                    decoder.join(rows[-1])
+                _sync(dev, dev.to_device([0]))
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    decoder.step()
+                dt = time.perf_counter() - t0
+            finally:
+                for row in rows:
+                    decoder.leave(row)
+                decoder.step()  # (no rows: waits for a step still in flight before the caches go)
+                for cache in caches:
+                    dev.free_kv_cache(cache)
+            if r:
+                times.append(dt)
+    finally:
+        decoder.close()
     return times
 
 
@@ -103,18 +117,21 @@ def run(args: argparse.Namespace) -> int:
     reps = max(1, args.repetitions)
     be = backend(args)
     t0 = time.perf_counter()
-    engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device,
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise SystemExit(f"orcd-worker bench: --batch must be in 1..{MAX_BATCH}, got {args.batch}")
+    engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device, max_batch=args.batch,
                          max_context=args.depth + max(args.n_prompt, args.n_gen + 1, 1))
     load_s = time.perf_counter() - t0
     results = {"model": str(args.model), "architecture": engine.architecture, "backend": be,
                "gpu": getattr(engine.device, "gpu_name", None), "load_s": round(load_s, 3),
-               "file_bytes": engine.gguf.file_size, "repetitions": reps, "depth": args.depth}
+               "file_bytes": engine.gguf.file_size, "repetitions": reps, "depth": args.depth, "batch": args.batch}
     try:
         for test, n, fn in (("pp", args.n_prompt, bench_pp), ("tg", args.n_gen, bench_tg)):
             if n <= 0:
                 continue
-            times = fn(engine, n, reps, rng, args.depth)
-            rates = sorted(n / t for t in times)
+            k = args.batch if test == "tg" else 1
+            times = fn(engine, n, reps, rng, args.depth, **({"batch": k} if test == "tg" else {}))
+            rates = sorted(k * n / t for t in times)
             results[f"{test}{n}"] = {"tok_s": round(statistics.median(rates), 2), "min": round(rates[0], 2),
                                      "max": round(rates[-1], 2), "runs_s": times}  # runs_s unrounded: the rates follow exactly
     finally:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from orcd_core.device import MAX_BATCH
 from orcd_core.errors import OrcdError
 
 from .. import schemas
@@ -59,7 +60,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-tokens-out", default="2048", help="default and upper limit of max_tokens (1..2048)")
     p.add_argument("--inference-timeout-sec", default="300", help="a job running longer ends with INFERENCE_TIMEOUT")
     p.add_argument("--kv-cache-size-mb", help="cap the context so that its fp16 KV cache fits in this many MiB")
-    p.add_argument("--queue-size", default="16", help="jobs that may wait while one runs (then 429)")
+    p.add_argument("--max-batch", default="8",
+                   help=f"jobs decoded together (continuous batching; 1..{MAX_BATCH}, default 8); VRAM is planned "
+                        "for that many KV caches of the context")
+    p.add_argument("--queue-size", default="16", help="jobs that may wait while --max-batch run (then 429)")
     p.add_argument("--callback-url", help="POST each job's terminal event (JSON) to this URL")
     p.add_argument("--log-format", default=None, help="json or console (default: console on a terminal, else json)")
     p.add_argument("--log-prompts", action="store_true", help="log prompt and output text (default: SHA-256 + length)")
@@ -168,6 +172,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     v["shutdown_timeout_s"] = _float("shutdown-timeout-sec", args.shutdown_timeout_sec, 0.0, strict=False)
     v["kv_cache_size_mb"] = _int("kv-cache-size-mb", args.kv_cache_size_mb, 1)
     v["queue_size"] = _int("queue-size", args.queue_size, 1, 100_000)
+    v["max_batch"] = _int("max-batch", args.max_batch, 1, MAX_BATCH)
     if args.log_format not in (None, "json", "console"):
         raise ServeArgumentError(f"--log-format must be json or console, got {args.log_format!r}")
     if args.callback_url is not None:
@@ -201,9 +206,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     return v
 
 
-def kv_context_cap(model_path: Path, kv_cache_size_mb: int, registry=None) -> int:
-    """The most tokens whose KV cache (`orcd_core.shape.kv_bytes` of the architecture's shape, as the
-    worker allocates it) fits in `kv_cache_size_mb` MiB."""
+def kv_context_cap(model_path: Path, kv_cache_size_mb: int, registry=None, n_seq: int = 1) -> int:
+    """The most tokens whose KV caches (`orcd_core.shape.kv_bytes` of the architecture's shape, as the
+    worker allocates it, for each of `n_seq` jobs decoding together) fit in `kv_cache_size_mb` MiB."""
     from orcd_core.gguf_file import check_supported, open_gguf
     from orcd_core.plugins import default_registry
     from orcd_core.shape import kv_bytes, max_context_for
@@ -213,10 +218,10 @@ def kv_context_cap(model_path: Path, kv_cache_size_mb: int, registry=None) -> in
     if arch is None:
         raise ServeArgumentError(f"--model {model_path}: the file has no tensors (vocabulary only): nothing to run")
     shape = arch.config(model).shape()
-    cap = max_context_for(shape, kv_cache_size_mb << 20)
+    cap = max_context_for(shape, (kv_cache_size_mb << 20) // max(1, n_seq))
     if cap < 1:
-        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token "
-                                 f"({kv_bytes(shape, 1)} bytes for one)")
+        raise ServeArgumentError(f"--kv-cache-size-mb {kv_cache_size_mb} holds no token for each of {n_seq} jobs "
+                                 f"({kv_bytes(shape, 1)} bytes for one; lower --max-batch?)")
     return int(cap)
 
 
@@ -266,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     max_context = values["max_context"]
     registry = default_registry()
     if values["kv_cache_size_mb"] is not None:
-        cap = kv_context_cap(model_path, values["kv_cache_size_mb"], registry)
+        cap = kv_context_cap(model_path, values["kv_cache_size_mb"], registry, n_seq=values["max_batch"])
         max_context = cap if max_context is None else min(max_context, cap)
     plugins = [{"name": p.distribution or p.name, "version": p.version} for p in registry.plugins]
 
@@ -280,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
             registry=registry,
             max_context=max_context,
             progress=progress,
+            max_batch=values["max_batch"],
         )
 
     settings = ServerSettings(

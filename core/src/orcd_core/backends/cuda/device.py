@@ -166,14 +166,14 @@ class CudaDevice(Device):
         return x, inner
 
     # ---- loading ---------------------------------------------------------------------------------
-    def prepare_load(self, model, *, n_ctx: int, shape, progress=None) -> None:
+    def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
         self._enter()
         self.model_path = str(model.path)
         self._progress = progress
         tensors = list(model.tensors.values())
         weight_bytes = sum(align(t.nbytes) for t in tensors)
         weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
-        kv = self.kv_bytes_estimate(shape, n_ctx)
+        kv = self.kv_bytes_estimate(shape, n_ctx) * max(1, int(n_seq))
         ws = self.workspace_estimate(shape)
         pool = self.prefill_pool_estimate(shape)
         scratch = self._scratch_bytes(model)
@@ -183,7 +183,7 @@ class CudaDevice(Device):
             raise InsufficientVram(
                 model.path,
                 f"not enough VRAM on GPU {self.gpu} ({self.gpu_name}): {need} bytes required "
-                f"(weights {weight_bytes}, KV cache {kv} for {n_ctx} positions, workspace {ws + pool + scratch}), "
+                f"(weights {weight_bytes}, KV cache {kv} for {n_seq} x {n_ctx} positions, workspace {ws + pool + scratch}), "
                 f"{free} bytes available of {total}")
         self._planned = sum(t.nbytes for t in tensors)
         try:
