@@ -30,6 +30,7 @@ def main() -> None:
     from orcd_core.backends.cuda import device as D
     from orcd_core.device import Step
     from orcd_core.engine import Engine
+    from orcd_core.device import DecodeRow
     from orcd_core.generation import SamplingParams
 
     eng = Engine.load(args.model, backend="cuda", max_context=args.ctx)
@@ -60,7 +61,7 @@ def main() -> None:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
             recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem)))
             if names.get(id(f), "").startswith("gemv_"):
-                gemvs.setdefault((names[id(f)], int(args[5]), int(args[6])), (f, block, args, shared_mem))
+                gemvs.setdefault((names[id(f)], int(args[6]), int(args[7])), (f, block, args, shared_mem))
 
     for mod in (K, D):
         mod.launch = timed_launch
@@ -135,7 +136,7 @@ def main() -> None:
     timing["on"] = True
     dev.begin_step()
     out = dev.logits_last(model.forward(step, cache))
-    dev.argmax(out)
+    dev.sample(out, SamplingParams(temperature=0.0), None, dev.to_device([0]))
     timing["on"] = False
     replay_all()
     report(f"decode step at position {args.p}")
@@ -148,7 +149,8 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(10):
         dev.begin_step()
-        dev.argmax(dev.logits_last(model.forward(step, cache)))
+        dev.sample(dev.logits_last(model.forward(step, cache)), SamplingParams(temperature=0.0), None,
+                   dev.to_device([0]))
     t1 = time.perf_counter()
     prof.disable()
     if args.pyprof:
@@ -157,15 +159,17 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"decode step eager: issue {(t1 - t0) * 1e5:.0f} us/step, issue+run {(t2 - t0) * 1e5:.0f} us/step")
     greedy = SamplingParams(temperature=0.0, repetition_window=0)
-    dec = dev.decoder(lambda st: dev.logits_last(model.forward(st, cache)), first_id=1, position=args.p,
-                      params=greedy, step_index=1, recent_ids=[])
+    dec = dev.batch_decoder(eng.decode_forward, max_rows=1)
+    row = DecodeRow(cache=cache, id=1, position=args.p, step_index=1, params=greedy, recent=[])
+    dec.join(row)
     for _ in range(3):
-        dec.next()
+        dec.step()
     t0 = time.perf_counter()
     for _ in range(50):
-        dec.next()
+        dec.step()
     print(f"decode step graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
-          f"(graph nodes: {getattr(dec.graphs[1], 'num_nodes', '?')})")
+          f"(graph nodes: {getattr(dec.graphs.get((1, 1)), 'num_nodes', '?')})")
+    dec.leave(row)
     dec.close()
     # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
     variants = []
@@ -174,7 +178,7 @@ def main() -> None:
     for name, N, Kd, f, block, args, smem in variants:
         row = []
         for R in (1, 2, 4):
-            a2 = args[:8] + (np.int32(R),) + args[9:]  # (W, rb, x, y, bias, N, K, T, R, aux, res, eps, mode)
+            a2 = args[:9] + (np.int32(R),) + args[10:]  # (W, rb, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode)
             grid = ((N + 4 * R - 1) // (4 * R),)
             dev.stream.begin_capture()
             for _ in range(20):

@@ -37,6 +37,9 @@ class ChatMessage:
     content: str
 
 
+#: The repetition penalty's window at most (the GPU keeps a ring of this many ids per decoding request).
+MAX_REPETITION_WINDOW = 1024
+
 #: Stop sequences per request at most (the engine's and the HTTP API's limit; each is matched on every
 #: token's text).
 MAX_STOP_STRINGS = 4

@@ -94,6 +94,14 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* >= 32 floa
     v = lane < nw ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+// The RMS norm's pieces, written once for the two places that compute it on decode rows (the GEMV's
+// fused staging, stage_x1, and rms_norm_rows): the same expressions in the same order, so that a row
+// normalized by either, with the same block size, gets the same values.
+__device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
+__device__ __forceinline__ float rms_scale(float ss, int K, float eps) { return 1.0f / sqrtf(ss / (float)K + eps); }
+__device__ __forceinline__ float4 rms_apply4(float4 v, float r, float4 w) {
+    return make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
+}
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = warp_max(v);

@@ -23,6 +23,22 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
     for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * r * w[i];
 }
 
+// rms_norm_f32 for decode rows (D % 4 == 0), launched with the GEMV's block size: the arithmetic of
+// the GEMV's fused RMS staging (stage_x1), so a row's normalized values are the same whether a GEMV
+// stages the norm itself (one token, short rows) or reads this kernel's output (more rows).
+extern "C" __global__ void rms_norm_rows(const float* __restrict__ x, const float* __restrict__ w,
+                                         float* __restrict__ y, int D, float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (i64)blockIdx.x * D;
+    float* yr = y + (i64)blockIdx.x * D;
+    const int n4 = D >> 2;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) ss += sumsq4(*(const float4*)(xr + 4 * i));
+    const float r = rms_scale(block_sum(ss, scratch), D, eps);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x)
+        *(float4*)(yr + 4 * i) = rms_apply4(*(const float4*)(xr + 4 * i), r, *(const float4*)(w + 4 * i));
+}
+
 // y = (x - mean) / sqrt(var + eps) * w + b  (ggml_norm followed by weight and bias; either may be null)
 extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                           const float* __restrict__ b, float* __restrict__ y, int D, float eps) {
@@ -118,12 +134,18 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, i64 x_stride, f
                    attn_factor, corr0, corr1);
 }
 
+// The cache of token t: kc / vc, or in a batched decode step (kvp non-null) the row's own, whose K and V
+// addresses are kvp[t] and kvp[kvs + t] (the layer's slice of the decoder's table).
+__device__ __forceinline__ half_bits* kv_of(half_bits* c, const unsigned long long* kvp, int kvs, int t, int which) {
+    return kvp ? (half_bits*)kvp[which * kvs + t] : c;
+}
+
 // RoPE of q and k and the KV-cache write in one launch (the rope_f32 x2 + kv_write of an attention
 // step, fused): q [T, Hq, hd] (token stride qs) -> q_out contiguous; k roped and v copied into the fp16
-// cache rows positions[t] % n_rows. One thread per pair of dims of a q, k or v head.
+// cache rows positions[t] % n_rows (of token t's cache, kv_of). One thread per pair of dims of a q, k or v head.
 extern "C" __global__ void rope_kv_write(const float* __restrict__ q, i64 qs, const float* __restrict__ k, i64 ks,
                                          const float* __restrict__ v, i64 vs, float* __restrict__ q_out,
-                                         half_bits* __restrict__ kc, half_bits* __restrict__ vc,
+                                         half_bits* kc, half_bits* vc, const unsigned long long* __restrict__ kvp, int kvs,
                                          const int* __restrict__ positions, const float* __restrict__ freq_factors,
                                          int T, int Hq, int Hkv, int hd, int n_rows, int n_rot, int neox,
                                          float theta_scale, float freq_scale, float ext_factor, float attn_factor,
@@ -141,12 +163,12 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ q, i64 qs, co
                        freq_factors, theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1);
     } else if (h < Hq + Hkv) {
         const int hk = h - Hq;
-        rope_head_pair(k + (i64)t * ks + (i64)hk * hd, kc + slot + (i64)hk * hd, p, pos, n_rot, neox, freq_factors,
-                       theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1);
+        rope_head_pair(k + (i64)t * ks + (i64)hk * hd, kv_of(kc, kvp, kvs, t, 0) + slot + (i64)hk * hd, p, pos, n_rot,
+                       neox, freq_factors, theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1);
     } else {
         const int hv = h - Hq - Hkv;
         const float* vr = v + (i64)t * vs + (i64)hv * hd;
-        half_bits* o = vc + slot + (i64)hv * hd;
+        half_bits* o = kv_of(vc, kvp, kvs, t, 1) + slot + (i64)hv * hd;
         o[2 * p] = f2h(vr[2 * p]);
         o[2 * p + 1] = f2h(vr[2 * p + 1]);
     }
@@ -199,19 +221,19 @@ extern "C" __global__ void copy_rows_f32(const float* __restrict__ x, float* __r
 
 // ================================================================================================
 // KV cache: k, v [T, Hkv, hd] float32 (token strides ks, vs) -> cache [n_rows, Hkv, hd] fp16 at slot
-// positions[t] % n_rows
+// positions[t] % n_rows (of token t's cache in a batched decode step: kv_of)
 // ================================================================================================
 extern "C" __global__ void kv_write(const float* __restrict__ k, i64 ks, const float* __restrict__ v, i64 vs,
-                                   half_bits* __restrict__ kc, half_bits* __restrict__ vc, const int* __restrict__ positions,
-                                   int T, int Hkv, int hd, int n_rows) {
+                                   half_bits* kc, half_bits* vc, const unsigned long long* __restrict__ kvp, int kvs,
+                                   const int* __restrict__ positions, int T, int Hkv, int hd, int n_rows) {
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const i64 per_t = (i64)Hkv * hd;
     if (i >= (i64)T * per_t) return;
     const int t = (int)(i / per_t);
     const i64 r = i - (i64)t * per_t;
     const i64 dst = (i64)(positions[t] % n_rows) * per_t + r;
-    kc[dst] = f2h(k[(i64)t * ks + r]);
-    vc[dst] = f2h(v[(i64)t * vs + r]);
+    kv_of(kc, kvp, kvs, t, 0)[dst] = f2h(k[(i64)t * ks + r]);
+    kv_of(vc, kvp, kvs, t, 1)[dst] = f2h(v[(i64)t * vs + r]);
 }
 
 // ================================================================================================
@@ -367,8 +389,9 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // ================================================================================================
-// Attention for one decode token, split over the sequence (flash-decoding).
-// Grid (Hq, S), 128 threads. The query at p = positions[0] sees keys [lo, p] (lo = p - window + 1 for
+// Attention for decode tokens, one per sequence (a batched step: row b's cache is kv_of(.., b)), split
+// over the sequence (flash-decoding). Grid (Hq, S, B), 128 threads; row b = blockIdx.z computes exactly
+// what a lone token computes. The query at p = positions[b] sees keys [lo, p] (lo = p - window + 1 for
 // a sliding window, else 0); split s covers keys [lo + s*chunk, lo + (s+1)*chunk) of them, and only the
 // first S_eff = ceil((p + 1 - lo) / chunk) splits run (the others exit at once: S is sized for the
 // longest span, the context or the window). A split writes its unnormalized output, max and
@@ -380,28 +403,32 @@ extern "C" __global__ void __launch_bounds__(128)
 #define AD_CHUNK 256
 
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
-                                         int h, int S, int n, int hd);
+                                         int hh, int sh, int S, int n, int hd);
 
 extern "C" __global__ void __launch_bounds__(128)
-    attn_decode_part(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
-                     const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml, int Hq,
-                     int Hkv, int hd, int n_rows, float scale, int window, int chunk, unsigned int* __restrict__ counters,
-                     const float* __restrict__ sinks, float* __restrict__ out) {
+    attn_decode_part(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
+                     int kvs, const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml,
+                     int Hq, int Hkv, int hd, int n_rows, float scale, int window, int chunk,
+                     unsigned int* __restrict__ counters, const float* __restrict__ sinks, float* __restrict__ out) {
     __shared__ float qsh[AP_MAXD];
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
     __shared__ float2 accs[128];
+    const int b = blockIdx.z;
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
-    const int p = positions[0];
+    const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
+    const half_bits* __restrict__ kc = kv_of(kc0, kvp, kvs, b, 0);
+    const half_bits* __restrict__ vc = kv_of(vc0, kvp, kvs, b, 1);
+    const int p = positions[b];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int S_eff = min(S, (p + 1 - lo + chunk - 1) / chunk);
     if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
     const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
-    float* po = part_o + ((i64)h * S + s) * hd;
-    float* pml = part_ml + ((i64)h * S + s) * 2;
+    float* po = part_o + ((i64)hh * S + s) * hd;
+    float* pml = part_ml + ((i64)hh * S + s) * 2;
     __shared__ bool last;
     {
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)h * hd + d] * scale;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
         __syncthreads();
         const int n = ke - kb;
         const i64 row = (i64)Hkv * hd;  // elements per cache position
@@ -456,23 +483,24 @@ extern "C" __global__ void __launch_bounds__(128)
     // head's counter to 0, so a replayed graph finds it zeroed.
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&counters[h], 1u) == (unsigned)(S_eff - 1);
+    if (threadIdx.x == 0) last = atomicAdd(&counters[hh], 1u) == (unsigned)(S_eff - 1);
     __syncthreads();
     if (last) {
         __threadfence();
-        attn_decode_combine_head(part_o, part_ml, sinks, out, h, S, S_eff, hd);
-        if (threadIdx.x == 0) counters[h] = 0u;
+        attn_decode_combine_head(part_o, part_ml, sinks, out, hh, h, S, S_eff, hd);
+        if (threadIdx.x == 0) counters[hh] = 0u;
     }
 }
 
 // Reads go through L2 (__ldcg): the partials were written by other blocks of the same launch. The
-// partials of head h are the first n of its S slots.
+// partials of (row, head) hh are the first n of its S slots; sh is the head's sink.
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
-                                         int h, int S, int n, int hd) {
+                                         int hh, int sh, int S, int n, int hd) {
+    const int h = hh;
     const float* ml = part_ml + (i64)h * S * 2;
-    float M = sinks ? sinks[h] : -INFINITY;
+    float M = sinks ? sinks[sh] : -INFINITY;
     for (int s = 0; s < n; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
-    float L = sinks ? expf(sinks[h] - M) : 0.0f;
+    float L = sinks ? expf(sinks[sh] - M) : 0.0f;
     for (int s = 0; s < n; ++s) {
         const float m = __ldcg(ml + 2 * s);
         if (m > -INFINITY) L += __ldcg(ml + 2 * s + 1) * expf(m - M);
@@ -488,8 +516,8 @@ __device__ void attn_decode_combine_head(const float* part_o, const float* part_
 }
 
 // ================================================================================================
-// Argmax over a [V] row, two passes: ARGMAX_BLOCKS partial (value, index) pairs, then one block.
-// Ties go to the lowest index (as numpy.argmax).
+// Argmax over each [V] row of [B, V], two passes: ARGMAX_BLOCKS partial (value, index) pairs per row
+// (grid (ARGMAX_BLOCKS, B)), then one block per row (grid B). Ties go to the lowest index (as numpy.argmax).
 // ================================================================================================
 #define ARGMAX_BLOCKS 64
 
@@ -512,44 +540,50 @@ __device__ __forceinline__ void block_argmax(float& v, int& i) {
 }
 
 extern "C" __global__ void argmax_part(const float* __restrict__ x, int V, float* __restrict__ pv, int* __restrict__ pi) {
+    const int b = blockIdx.y;
+    x += (i64)b * V;
     float v = -INFINITY;
     int i = 0x7fffffff;
     for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < V; k += gridDim.x * blockDim.x) argmax_merge(v, i, x[k], k);
     block_argmax(v, i);
-    if (threadIdx.x == 0) { pv[blockIdx.x] = v; pi[blockIdx.x] = i; }
+    if (threadIdx.x == 0) { pv[b * gridDim.x + blockIdx.x] = v; pi[b * gridDim.x + blockIdx.x] = i; }
 }
 
 extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi, int P, int* __restrict__ out,
                                         float* __restrict__ out_v) {
+    const int b = blockIdx.x;
     float v = -INFINITY;
     int i = 0x7fffffff;
-    for (int k = threadIdx.x; k < P; k += blockDim.x) argmax_merge(v, i, pv[k], pi[k]);
+    for (int k = threadIdx.x; k < P; k += blockDim.x) argmax_merge(v, i, pv[b * P + k], pi[b * P + k]);
     block_argmax(v, i);
     if (threadIdx.x == 0) {
-        out[0] = i == 0x7fffffff ? 0 : i;
-        if (out_v) out_v[0] = v;
+        out[b] = i == 0x7fffffff ? 0 : i;
+        if (out_v) out_v[b] = v;
     }
 }
 
 // ================================================================================================
 // Decode-loop bookkeeping, run at the end of a captured step so the next replay needs no host copy:
-// the chosen token becomes the next step's input id; position, n_past and step index advance by one.
+// row b's chosen token becomes its next input id, its position and step index advance by one, and the
+// token replaces the oldest id of its repetition window (a ring of windows[b] ids: slot step % W).
 // ================================================================================================
-extern "C" __global__ void advance_step(const int* __restrict__ token, int* __restrict__ ids, int* __restrict__ positions,
-                                        int* __restrict__ n_past, int* __restrict__ step_index, int* __restrict__ recent,
-                                        int W, int step0) {
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-        const int t = token[0];
-        ids[0] = t;
-        positions[0] += 1;
-        n_past[0] += 1;
-        if (W > 0) recent[(step_index[0] - step0) % W] = t;  // the window's oldest slot
-        step_index[0] += 1;
+extern "C" __global__ void advance_rows(const int* __restrict__ token, int* __restrict__ ids, int* __restrict__ positions,
+                                        int* __restrict__ step_index, int* __restrict__ recent, int rs,
+                                        const int* __restrict__ windows, int B) {
+    const int b = threadIdx.x;
+    if (b < B) {
+        const int t = token[b], W = windows[b];
+        ids[b] = t;
+        positions[b] += 1;
+        if (W > 0) recent[(i64)b * rs + step_index[b] % W] = t;
+        step_index[b] += 1;
     }
 }
 
 // ================================================================================================
-// Sampling (orcd_core/sampling.py is the specification; this reproduces it on the GPU).
+// Sampling (orcd_core/sampling.py is the specification; this reproduces it on the GPU), for each row b
+// of [B, V] logits with the row's own parameters (device arrays indexed by b: a captured step samples
+// any rows): grid y = row for the element-wise kernels, grid x = row for the one-block ones.
 //   sample_prep:    l = logits / temperature (float32 division; skipped when greedy)
 //   sample_penalty: llama.cpp's repetition penalty on each distinct id of the window
 //   argmax_part/final over l: greedy result, and l_max for the exponentials
@@ -559,12 +593,20 @@ extern "C" __global__ void advance_step(const int* __restrict__ token, int* __re
 //                   with per-digit weight histograms (double) in shared memory.
 // The uniform is SplitMix64(seed + (step_index + 1) * golden gamma), top 24 bits.
 // ================================================================================================
-extern "C" __global__ void sample_prep(const float* __restrict__ logits, float* __restrict__ l, int V, float temperature) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < V) l[i] = temperature > 0.0f ? logits[i] / temperature : logits[i];
+extern "C" __global__ void sample_prep(const float* __restrict__ logits, i64 ls, float* __restrict__ l, int V,
+                                       const float* __restrict__ temps) {
+    const int b = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    const float temperature = temps[b];
+    if (i < V) l[(i64)b * V + i] = temperature > 0.0f ? logits[b * ls + i] / temperature : logits[b * ls + i];
 }
 
-extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const int* __restrict__ recent, int W, float penalty) {
+extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const int* __restrict__ recent, int rs,
+                                          const int* __restrict__ windows, const float* __restrict__ penalties) {
+    const int b = blockIdx.x, W = windows[b];
+    const float penalty = penalties[b];
+    if (penalty == 1.0f || W <= 0) return;
+    l += (i64)b * V;
+    recent += (i64)b * rs;
     for (int j = threadIdx.x; j < W; j += blockDim.x) {
         const int id = recent[j];
         if (id < 0 || id >= V) continue;
@@ -577,9 +619,11 @@ extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const in
     }
 }
 
-extern "C" __global__ void sample_exp(const float* __restrict__ l, const float* __restrict__ pv, double* __restrict__ e, int V) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < V) e[i] = exp((double)l[i] - (double)pv[0]);
+extern "C" __global__ void sample_exp(const float* __restrict__ l, const float* __restrict__ vmax, double* __restrict__ e, int V,
+                                      const float* __restrict__ temps) {
+    const int b = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (temps[b] <= 0.0f) return;  // greedy: the argmax is the answer
+    if (i < V) e[(i64)b * V + i] = exp((double)l[(i64)b * V + i] - (double)vmax[b]);
 }
 
 __device__ __forceinline__ unsigned long long sample_key(float v, int i) {
@@ -655,12 +699,21 @@ __device__ __forceinline__ double splitmix_uniform(unsigned long long seed, int 
 
 // One block of 1024 threads.
 extern "C" __global__ void __launch_bounds__(1024)
-    sample_select(const float* __restrict__ l, const double* __restrict__ e, int V, int top_k, double top_p, double min_p,
-                  unsigned long long seed, const int* __restrict__ step_index, int* __restrict__ out) {
+    sample_select(const float* __restrict__ l, const double* __restrict__ e, int V, const int* __restrict__ top_ks,
+                  const double* __restrict__ top_ps, const double* __restrict__ min_ps,
+                  const unsigned long long* __restrict__ seeds, const float* __restrict__ temps,
+                  const int* __restrict__ step_index, int* __restrict__ out) {
     __shared__ double hist[256];
     __shared__ double scratch[32];
     __shared__ int chosen;
     __shared__ unsigned long long kmin[32];
+    const int b = blockIdx.x;
+    if (temps[b] <= 0.0f) return;  // greedy: out[b] is the argmax
+    l += (i64)b * V;
+    e += (i64)b * V;
+    const int top_k = top_ks[b];
+    const double top_p = top_ps[b], min_p = min_ps[b];
+    const unsigned long long seed = seeds[b];
     unsigned long long lo = 0;
     if (top_k > 0 && top_k < V) lo = radix_select(l, e, V, 0ull, -1.0, true, (double)top_k, false, hist, &chosen);
     if (top_p < 1.0) {
@@ -670,7 +723,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     const double emin = min_p > 0.0 ? min_p : -1.0;
     const double total = set_sum(l, e, V, lo, emin, scratch);
-    const double target = splitmix_uniform(seed, step_index[0]) * total;
+    const double target = splitmix_uniform(seed, step_index[b]) * total;
     unsigned long long x = radix_select(l, e, V, lo, emin, false, target, true, hist, &chosen);
     if (!x) {  // rounding left no candidate past the target: the last (smallest) key of the set
         unsigned long long m = ~0ull;
@@ -692,5 +745,5 @@ extern "C" __global__ void __launch_bounds__(1024)
         __syncthreads();
         x = kmin[0];
     }
-    if (threadIdx.x == 0) out[0] = (int)(0xFFFFFFFFu - (u32)(x & 0xFFFFFFFFull));
+    if (threadIdx.x == 0) out[b] = (int)(0xFFFFFFFFu - (u32)(x & 0xFFFFFFFFull));
 }

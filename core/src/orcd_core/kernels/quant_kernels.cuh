@@ -15,17 +15,19 @@
 // consecutive items, so a warp reads consecutive bytes of the row.
 //
 // ORCD_QUANT_KERNELS(NAME, F) then defines, with uniform names per format:
-//   gemv_NAME        y[n] = sum_k W[n, k] x'[k] (+ bias[n]) (+ res[n])   decode matvec (one token), R rows
-//                    per warp; dynamic shared memory xs_bytes = 4 * T * xs_chunk(T, K) (x staged there);
-//                    x' is x, rms_norm(x) * aux or silu(x) * aux by `mode` (GEMV_X_*: the op before the
-//                    GEMV fused into its staging), res a residual added in the epilogue (or null)
-//   gemv_t4_NAME     the same for T <= GEMV_MAX_T tokens: y[t, n]
+//   gemv_NAME        y[t, n] = sum_k W[n, k] x'[t, k] (+ bias[n]) (+ res[t, n])   decode matvec of one
+//                    token (T = 1), R rows per warp; dynamic shared memory xs_bytes = 4 * T * xs_chunk(T, K)
+//                    (x staged there); x' is x, rms_norm(x) * aux or silu(x) * aux by `mode` (GEMV_X_*:
+//                    the op before the GEMV fused into its staging), res a residual added in the epilogue
+//                    (or null); x rows x_stride floats apart, aux rows aux_stride (0: one aux for all)
+//   gemv_t4_NAME     the same for T <= 4 tokens, gemv_t8_NAME for T <= GEMV_MAX_T (a batched decode
+//                    step's rows): each row's y computed exactly as gemv_NAME computes a lone token's
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
 #include "common.cuh"
 
-#define GEMV_MAX_T 4
+#define GEMV_MAX_T 8
 #define GEMV_WARPS 4  // rows per block: one warp per row
 
 // Activations are staged in shared memory first (XS_MAX_BYTES of dynamic shared memory at most; the
@@ -60,7 +62,8 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, i64 stride,
 #define GEMV_X_SILU 2   // silu(x) * aux, x the gate and aux the up half [K] (as silu_mul_f32)
 
 // Stage elements [k0, k0 + kc) of one vector through `mode`. Every thread of the block takes part;
-// the caller synchronizes after it (block_sum's barriers order the RMS mode's two passes).
+// the caller synchronizes after it (block_sum's barriers order the RMS mode's two passes). The RMS
+// mode's arithmetic is rms_norm_rows's (core.cu, launched with this block size): the same values.
 __device__ __forceinline__ void stage_x1(const float* __restrict__ x, const float* __restrict__ aux, float eps,
                                          int mode, int k0, int kc, int K, float4* xs, float* red) {
     const int n4 = kc >> 2;
@@ -75,15 +78,12 @@ __device__ __forceinline__ void stage_x1(const float* __restrict__ x, const floa
     float ss = 0.0f;  // GEMV_X_RMS: kc == K (the launcher checks), raw x first, then scaled in place
     for (int i = threadIdx.x; i < n4; i += blockDim.x) {
         const float4 v = *(const float4*)(x + 4 * i);
-        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        ss += sumsq4(v);
         xs[xs_f4(4 * i)] = v;
     }
-    ss = block_sum(ss, red);
-    const float r = 1.0f / sqrtf(ss / (float)K + eps);
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {  // each thread rescales the slots it wrote
-        const float4 v = xs[xs_f4(4 * i)], w = *(const float4*)(aux + 4 * i);
-        xs[xs_f4(4 * i)] = make_float4(v.x * r * w.x, v.y * r * w.y, v.z * r * w.z, v.w * r * w.w);
-    }
+    const float r = rms_scale(block_sum(ss, red), K, eps);
+    for (int i = threadIdx.x; i < n4; i += blockDim.x)  // each thread rescales the slots it wrote
+        xs[xs_f4(4 * i)] = rms_apply4(xs[xs_f4(4 * i)], r, *(const float4*)(aux + 4 * i));
 }
 
 // sum over the item's 32 weights v (item order) times the staged x at element offsets eb + x0 + 0..15
@@ -104,6 +104,7 @@ __device__ __forceinline__ float item_dot_xs(const float v[32], const float4* __
 // stream its decode into the sum, keeping fewer registers live (more warps, more loads in flight).
 template <class F>
 struct ItemDot {
+    static constexpr bool generic = true;  // (a specialization is a streamed decode: see gemv_impl)
     __device__ static __forceinline__ float dot(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
         float v[32];
         int x0, x1;
@@ -118,11 +119,17 @@ struct ItemDot {
 // per row at the end.
 #define GEMV_MAX_R 4
 
+// Whether ItemDot<F> is the generic dequantize-then-dot (no `generic` member: a format's own streamed one).
+template <class D, class = void>
+struct item_dot_is_generic { static constexpr bool value = false; };
+template <class D>
+struct item_dot_is_generic<D, decltype((void)D::generic, void())> { static constexpr bool value = D::generic; };
+
 template <class F, int MAXT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
-                                          float* __restrict__ y, const float* __restrict__ bias, int N, int K,
-                                          int T, int R, const float* __restrict__ aux, const float* __restrict__ res,
-                                          float eps, int mode) {
+                                          i64 x_stride, float* __restrict__ y, const float* __restrict__ bias,
+                                          int N, int K, int T, int R, const float* __restrict__ aux, i64 aux_stride,
+                                          const float* __restrict__ res, float eps, int mode) {
     extern __shared__ float4 xs[];
     __shared__ float red[32];
     const int lane = threadIdx.x & 31;
@@ -137,8 +144,12 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
     for (int k0 = 0; k0 < K; k0 += KC) {
         const int kc = min(KC, K - k0);
         if (k0) __syncthreads();  // the previous chunk is consumed
-        if (MAXT == 1 && mode != GEMV_X_PLAIN) stage_x1(x, aux, eps, mode, k0, kc, K, xs, red);
-        else stage_x(x, K, T, k0, kc, xs);
+        if (mode == GEMV_X_PLAIN) {
+            stage_x(x, x_stride, T, k0, kc, xs);
+        } else {
+            for (int t = 0; t < T; ++t)
+                stage_x1(x + t * x_stride, aux + t * aux_stride, eps, mode, k0, kc, K, xs + t * (kc >> 2), red);
+        }
         __syncthreads();
         const int n_items = kc >> 5, it0 = k0 >> 5;
         int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
@@ -148,11 +159,18 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
             const int b = g / F::IPB, i = g - b * F::IPB;
             const u8* blk = W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS;
             const int eb = b * F::QK - k0;
-            if constexpr (MAXT == 1) {  // one token: the format's (possibly streamed) item dot
-                const float s = ItemDot<F>::dot(blk, i, xs, eb);
+            // Each token's dot is the one-token kernel's (the same value for a row alone or batched):
+            // the format's streamed item dot per token, or the generic one's dequantize once, dot each.
+            if constexpr (MAXT == 1 || !item_dot_is_generic<ItemDot<F>>::value) {
 #pragma unroll
-                for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[0][rr] += rr == r ? s : 0.0f;
-            } else {  // several tokens: dequantize once, dot with each
+                for (int t = 0; t < MAXT; ++t) {
+                    if (t < T) {
+                        const float s = ItemDot<F>::dot(blk, i, xs + t * (kc >> 2), eb);
+#pragma unroll
+                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
+                    }
+                }
+            } else {
                 float v[32];
                 int x0, x1;
                 F::item(blk, i, v, x0, x1);
@@ -244,14 +262,21 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 
 #define ORCD_QUANT_KERNELS(NAME, F)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
-        gemv_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,   \
-                    int T, int R, const float* aux, const float* res, float eps, int mode) {                 \
-        gemv_impl<F, 1>(W, row_bytes, x, y, bias, N, K, 1, R, aux, res, eps, mode);                          \
+        gemv_##NAME(const u8* W, i64 row_bytes, const float* x, i64 xst, float* y, const float* bias, int N, \
+                    int K, int T, int R, const float* aux, i64 ast, const float* res, float eps, int mode) {  \
+        gemv_impl<F, 1>(W, row_bytes, x, xst, y, bias, N, K, 1, R, aux, ast, res, eps, mode);                \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
-        gemv_t4_##NAME(const u8* W, i64 row_bytes, const float* x, float* y, const float* bias, int N, int K,\
-                       int T, int R) {                                                                       \
-        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, y, bias, N, K, T, R, nullptr, nullptr, 0.0f, GEMV_X_PLAIN);\
+        gemv_t4_##NAME(const u8* W, i64 row_bytes, const float* x, i64 xst, float* y, const float* bias,     \
+                       int N, int K, int T, int R, const float* aux, i64 ast, const float* res, float eps,   \
+                       int mode) {                                                                           \
+        gemv_impl<F, 4>(W, row_bytes, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode);                \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \
+        gemv_t8_##NAME(const u8* W, i64 row_bytes, const float* x, i64 xst, float* y, const float* bias,     \
+                       int N, int K, int T, int R, const float* aux, i64 ast, const float* res, float eps,   \
+                       int mode) {                                                                           \
+        gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode);       \
     }                                                                                                        \
     extern "C" __global__ void dequant_f16_##NAME(const u8* W, i64 row_bytes, half_bits* out, int row0,      \
                                                   int n_rows, int K) {                                       \

@@ -18,21 +18,22 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
+from ...device import MAX_BATCH, MAX_STEP_TOKENS, Device, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from .fusion import DeferredOps
 from .kernels import NULL, XS_MAX_BYTES, KernelSet, f32, i32, i64, launch, xs_bytes
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
-GEMV_MAX_T = 4  # quant_kernels.cuh
+GEMV_MAX_T = 8  # quant_kernels.cuh: rows of the decode GEMVs (gemv_t8) at most; more: dequantize + GEMM
+assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
 GEMV_WARPS = 4  # warps per block
 GEMV_MAX_R = 4  # rows per warp at most
 ATTN_MAX_HEAD_DIM = 128
 DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
 GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU = 0, 1, 2  # the one-token GEMV's input modes (quant_kernels.cuh)
 ARGMAX_BLOCKS = 64
-MAX_HEADS = 1024  # per-head split counters of the decode attention
+MAX_HEADS = 1024  # (row, head) split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
 
@@ -99,7 +100,10 @@ class CudaDevice(Device):
         self._check_s = float(residency_check_s)
         self._timer: threading.Timer | None = None
         self._closed = False
-        self.sampler = None  # created on first non-greedy sample
+        self.sampler = None  # created at the first sample (MAX_BATCH rows of the vocabulary)
+        self._sample_state = None  # the one-row state of `sample` (a prefill's first token)
+        self._attn_part = None  # decode attention partials, shared by every layer (see attention)
+        self._attn_epoch = 0
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
@@ -419,7 +423,8 @@ class CudaDevice(Device):
             "kv_cache": sum(self._kv_live.values()),
             "workspace": self.workspace.nbytes + self.pool.nbytes
             + (self._scratch.nbytes if self._scratch is not None else 0)
-            + (self.sampler.nbytes if self.sampler is not None else 0),
+            + (self.sampler.nbytes if self.sampler is not None else 0)
+            + (self._attn_part[0] if self._attn_part is not None else 0),
         }
 
     def vram_bytes_used(self) -> int:
@@ -440,6 +445,8 @@ class CudaDevice(Device):
         self.workspace = None
         self.pool.release()
         self.sampler = None
+        self._sample_state = None
+        self._attn_part = None
         if self._cublas:
             cublas.destroy(self._cublas)
             self._cublas = 0
@@ -457,37 +464,32 @@ class CudaDevice(Device):
                (t.data, i64(t.row_bytes), ids, out, i32(t.rows), i32(t.cols)))
         return out
 
-    def _gemv_input(self, x, K: int):
-        """(mode, x, aux, eps) of a one-token GEMV over x: a deferred rms_norm (all of K staged at
-        once) or silu_mul producing x is fused into the GEMV's staging instead of being launched."""
+    def _gemv_input(self, x, T: int, K: int):
+        """(mode, x, x row stride, aux, aux row stride, eps) of a decode GEMV over the T rows of x: a
+        deferred rms_norm (all of T x K staged at once) or silu_mul producing x is fused into the
+        GEMV's staging instead of being launched."""
         d = self.deferred.exact(x, "rms_norm")
-        if d is not None and 4 * K <= XS_MAX_BYTES:
-            return GEMV_X_RMS, d.args["x"], d.args["weight"], d.args["eps"]
+        if d is not None and 4 * T * K <= XS_MAX_BYTES:
+            return GEMV_X_RMS, d.args["x"], K, d.args["weight"], 0, d.args["eps"]
         d = self.deferred.exact(x, "silu_mul")
         if d is not None:
-            return GEMV_X_SILU, d.args["gate"], d.args["up"], 0.0
-        return GEMV_X_PLAIN, self._c(x), NULL, 0.0
+            return GEMV_X_SILU, d.args["gate"], d.args["gs"], d.args["up"], d.args["us"], 0.0
+        x, xs = self._rows(x)
+        if T > 1 and (xs % 4 or x.data.ptr % 16):  # staged as float4s
+            x, xs = self._c(x), K
+        return GEMV_X_PLAIN, x, xs, NULL, 0, 0.0
 
     def linear(self, x, w: Weight, bias=None) -> cupy.ndarray:
         t = w.data
         if len(w.shape) != 2:
             raise ValueError(f"linear: weight {w.name!r} has shape {w.shape}; expert stacks go through moe()")
-        if x.ndim == 2 and x.shape[0] == 1 and x.dtype == np.float32:
-            return self._gemv1(x, w, bias)
+        if x.ndim == 2 and x.shape[0] <= GEMV_MAX_T and x.dtype == np.float32:
+            return self._gemv(x, w, bias)
         x = self._c(x)
         T, K = x.shape
         N = t.rows
         _check_linear(w, K, bias)
         y = self._ws((T, N))
-        ks = self._fmt_module(w.fmt)
-        name = w.fmt.name
-        if T <= GEMV_MAX_T:  # (one token: _gemv1)
-            R = _rows_per_warp(N, K)
-            launch(ks.fn(f"gemv_t4_{name}"), (_blocks(N, GEMV_WARPS * R),),
-                   (32 * GEMV_WARPS,),
-                   (t.data, i64(t.row_bytes), x, y, bias if bias is not None else NULL, i32(N), i32(K), i32(T), i32(R)),
-                   shared_mem=xs_bytes(T, K))
-            return y
         x16 = self._ws((T, K), np.float16)
         launch(self.core.fn("f32_to_f16"), (_blocks(T * K, 256),), (256,), (x, x16, i64(T * K)))
         self._dequant_gemm(w, 0, N, K, x16.data.ptr, T, y.data.ptr)
@@ -495,24 +497,28 @@ class CudaDevice(Device):
             return self.add(y, bias)
         return y
 
-    def _gemv1(self, x, w: Weight, bias) -> cupy.ndarray:
-        """The one-token linear, deferred: an `add` of a residual absorbs it into the GEMV's epilogue
-        (`add`); any other read launches it plain. Its input may be a deferred norm or silu_mul."""
+    def _gemv(self, x, w: Weight, bias) -> cupy.ndarray:
+        """The decode linear of T <= GEMV_MAX_T rows (one token, or one per sequence of a batched
+        step), deferred: an `add` of a residual absorbs it into the GEMV's epilogue (`add`); any other
+        read launches it plain. Its input may be a deferred norm or silu_mul. Each row's result is the
+        one-token kernel's (quant_kernels.cuh), so a sequence decodes the same alone or batched."""
         t = w.data
-        K, N = int(x.shape[1]), t.rows
+        T, K, N = int(x.shape[0]), int(x.shape[1]), t.rows
         _check_linear(w, K, bias)
-        mode, src, aux, eps = self._gemv_input(x, K)
-        fn = self._fmt_module(w.fmt).fn(f"gemv_{w.fmt.name}")
+        mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, T, K)
+        kind = "gemv" if T == 1 else "gemv_t4" if T <= 4 else "gemv_t8"
+        fn = self._fmt_module(w.fmt).fn(f"{kind}_{w.fmt.name}")
         R = _rows_per_warp(N, K)
-        grid, smem = (_blocks(N, GEMV_WARPS * R),), xs_bytes(1, K)
+        grid, smem = (_blocks(N, GEMV_WARPS * R),), xs_bytes(T, K)
         b = bias if bias is not None else NULL
 
         def run(y, res=NULL):
             launch(fn, grid, (32 * GEMV_WARPS,),
-                   (t.data, i64(t.row_bytes), src, y, b, i32(N), i32(K), i32(1), i32(R), aux, res, f32(eps), i32(mode)),
+                   (t.data, i64(t.row_bytes), src, i64(s_src), y, b, i32(N), i32(K), i32(T), i32(R), aux, i64(s_aux),
+                    res, f32(eps), i32(mode)),
                    shared_mem=smem)
 
-        return self.deferred.defer("gemv", self._ws((1, N)), run)
+        return self.deferred.defer("gemv", self._ws((T, N)), run)
 
     def _dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
         """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
@@ -542,12 +548,14 @@ class CudaDevice(Device):
         rows = x.size // D
         y = self._ws(x.shape)
 
-        def run(out):
-            launch(self.core.fn("rms_norm_f32"), (rows,), (_norm_threads(D),), (x, weight, out, i32(D), f32(eps)))
+        if rows <= GEMV_MAX_T and D % 4 == 0:
+            # decode rows: a GEMV consuming it stages the norm itself (fusion.py); else rms_norm_rows,
+            # the same arithmetic at the GEMV's block size
+            def run(out):
+                launch(self.core.fn("rms_norm_rows"), (rows,), (32 * GEMV_WARPS,), (x, weight, out, i32(D), f32(eps)))
 
-        if rows == 1:  # one token: a GEMV consuming it stages the norm itself (fusion.py)
             return self.deferred.defer("rms_norm", y, run, x=x, weight=weight, eps=float(eps))
-        run(y)
+        launch(self.core.fn("rms_norm_f32"), (rows,), (_norm_threads(D),), (x, weight, y, i32(D), f32(eps)))
         return y
 
     def layer_norm(self, x, weight, bias, eps: float) -> cupy.ndarray:
@@ -573,7 +581,7 @@ class CudaDevice(Device):
                                                                     i32(hd), *rargs[1:]))
 
         y = self._ws(x.shape)
-        if T > 1:  # a prefill step: every deferred output would stay held until the step ends
+        if T > GEMV_MAX_T:  # a prefill step: every deferred output would stay held until the step ends
             run(y)
             return y
         return self.deferred.defer("rope", y, run, x=x, stride=xs, positions=positions, rargs=rargs)
@@ -591,7 +599,7 @@ class CudaDevice(Device):
         return (ff, i32(spec.n_rot), i32(1 if spec.neox else 0), f32(theta_scale), f32(spec.freq_scale),
                 f32(spec.ext_factor), f32(spec.attn_factor), f32(c0), f32(c1))
 
-    def attention(self, q, k, v, cache: KVCache, layer: int, step: Step, *, scale: float,
+    def attention(self, q, k, v, cache: KVCache | KVBatch, layer: int, step: Step, *, scale: float,
                   sinks=None, window: int = 0) -> cupy.ndarray:
         dq, dk = self.deferred.exact(q, "rope"), self.deferred.exact(k, "rope")
         fused = (dq is not None and dk is not None and dq.args["positions"] is dk.args["positions"]
@@ -609,42 +617,78 @@ class CudaDevice(Device):
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}")
         if hd > ATTN_MAX_HEAD_DIM or hd % 8:
             raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {ATTN_MAX_HEAD_DIM})")
-        kc, vc = cache.k[layer], cache.v[layer]
-        n_rows = int(kc.shape[0])
-        if n_rows < cache.n_ctx and (window <= 0 or T + window - 1 > n_rows):
+        batched = isinstance(cache, KVBatch)  # row t: one token of the sequence whose cache is caches[t]
+        if batched:
+            if len(cache.caches) != T:
+                raise ValueError(f"attention: {T} rows for {len(cache.caches)} caches")
+            proto = cache.caches[0]
+            kc = vc = NULL
+            n_rows = int(proto.k[layer].shape[0])
+            kvs = int(cache.table.shape[2])
+            kvp = np.uint64(cache.table.data.ptr + layer * 2 * kvs * 8)  # the layer's [2, rows] addresses
+            per_seq = 1
+        else:
+            kc, vc = cache.k[layer], cache.v[layer]
+            n_rows, kvp, kvs, per_seq = int(kc.shape[0]), NULL, 0, T
+        if n_rows < cache.n_ctx and (window <= 0 or per_seq + window - 1 > n_rows):
             # a ring: this step's keys are written before its queries read, so the ring must hold the
             # window's past keys and the step's own
-            raise ValueError(f"attention: layer {layer} keeps {n_rows} positions; a step of {T} tokens with "
-                             f"window {window} needs {T + max(window, 1) - 1}")
+            raise ValueError(f"attention: layer {layer} keeps {n_rows} positions; a step of {per_seq} tokens with "
+                             f"window {window} needs {per_seq + max(window, 1) - 1}")
         if fused:
             q = self._ws((T, Hq, hd))
             launch(self.core.fn("rope_kv_write"), (_blocks(T * (Hq + 2 * Hkv) * (hd // 2), 128),), (128,),
-                   (dq.args["x"], i64(dq.args["stride"]), dk.args["x"], i64(ks), v, i64(vs), q, kc, vc, dq.args["positions"], dq.args["rargs"][0],
-                    i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows), *dq.args["rargs"][1:]))
+                   (dq.args["x"], i64(dq.args["stride"]), dk.args["x"], i64(ks), v, i64(vs), q, kc, vc, kvp, i32(kvs),
+                    dq.args["positions"], dq.args["rargs"][0], i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
+                    *dq.args["rargs"][1:]))
         else:
             launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
-                   (k, i64(ks), v, i64(vs), kc, vc, step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
+                   (k, i64(ks), v, i64(vs), kc, vc, kvp, i32(kvs), step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
         out = self._ws((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
-        if T == 1:
+        if T == 1 or batched:
             # splits cover the keys the query can see, from the window's start: at most `span` keys;
             # small splits (many blocks) for short spans, at most 128 splits; the kernel runs only the
             # splits the position reaches (the others exit at once)
             span = min(window, cache.n_ctx) if window > 0 else cache.n_ctx
             chunk = min(DECODE_CHUNK, max(64, -(-span // 128)))
             S = max(1, math.ceil(span / chunk))
-            part_o = self._ws((Hq, S, hd))
-            part_ml = self._ws((Hq, S, 2))
-            if Hq > MAX_HEADS:
-                raise NotImplementedError(f"attention: {Hq} query heads (at most {MAX_HEADS})")
-            launch(self.core.fn("attn_decode_part"), (Hq, S), (128,),
-                   (q, kc, vc, step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
+            if T * Hq > MAX_HEADS:
+                raise NotImplementedError(f"attention: {T} rows of {Hq} query heads (at most {MAX_HEADS} in all)")
+            part_o, part_ml = self._attn_partials(T, Hq * S, hd)
+            launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
+                   (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     f32(scale), i32(window), i32(chunk), self._attn_counters, sk, out))
         else:
             launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
                    (q, kc, vc, step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     f32(scale), i32(window)))
         return out
+
+    def _attn_partials(self, T: int, per_row: int, hd: int) -> tuple[cupy.ndarray, cupy.ndarray]:
+        """The decode attention's split partials of T rows of `per_row` (head, split) pairs: output
+        [n, hd], max and sum [n, 2]. One buffer for every layer (their attentions run one after the
+        other on the stream) at a fixed address for the captured graphs: sized for GEMV_MAX_T rows at
+        the first need; grown (outside a capture; the graphs are then recaptured) only if a later
+        step needs more."""
+        def nbytes(n):
+            return align(n * hd * 4) + n * 2 * 4
+
+        n = T * per_row
+        if self._attn_part is None or self._attn_part[0] < nbytes(n):
+            if self.stream.is_capturing():
+                raise RuntimeError("the attention partials cannot grow during a CUDA graph capture")
+            size = nbytes(max(n, GEMV_MAX_T * per_row))
+            self._attn_part = None  # (free first)
+            self._attn_part = (size, raw_alloc(size))
+            self._attn_epoch += 1
+        mem = self._attn_part[1]
+        return view(mem, 0, (n, hd), np.float32), view(mem, align(n * hd * 4), (n, 2), np.float32)
+
+    @property
+    def graph_epoch(self) -> int:
+        """Changes whenever a buffer that captured decode graphs point into is replaced."""
+        return self.workspace.epoch * 1_000_003 + self._attn_epoch
 
     def _eltwise(self, name: str, *arrays) -> cupy.ndarray:
         arrays = [self._c(a) for a in arrays]
@@ -682,8 +726,9 @@ class CudaDevice(Device):
             launch(self.core.fn("silu_mul_f32"), (_blocks(g.size, 256),), (256,),
                    (g, i64(gs if g.ndim > 1 else cols), u, i64(us if u.ndim > 1 else cols), out, i32(rows), i32(cols)))
 
-        if rows == 1 and cols % 4 == 0:  # one token: the down GEMV stages silu(g) * u itself
-            return self.deferred.defer("silu_mul", y, run, gate=g, up=u)
+        if rows <= GEMV_MAX_T and cols % 4 == 0:  # decode rows: the down GEMV stages silu(g) * u itself
+            return self.deferred.defer("silu_mul", y, run, gate=g, up=u, gs=gs if g.ndim > 1 else cols,
+                                       us=us if u.ndim > 1 else cols)
         run(y)
         return y
 
@@ -710,21 +755,32 @@ class CudaDevice(Device):
         launch(self.core.fn("argmax_final"), (1,), (64,), (pv, pi, i32(ARGMAX_BLOCKS), out, NULL))
         return out
 
-    def sample(self, logits, params, recent_ids, step_index) -> cupy.ndarray:
+    def sampler_for(self, V: int):
+        """The sampler's scratch for MAX_BATCH rows of this vocabulary (made once: graphs hold it)."""
         from .sampler import Sampler
 
-        logits = self._c(logits)
-        if self.sampler is None or self.sampler.V < logits.size:
-            self.sampler = Sampler(self, logits.size)
-        return self.sampler.sample(logits, params, recent_ids, step_index)
+        if self.sampler is None or self.sampler.V != V:
+            self.sampler = Sampler(self, V, MAX_BATCH)
+        return self.sampler
+
+    def sample(self, logits, params, recent_ids, step_index) -> cupy.ndarray:
+        """One row (a prefill's last logits): the batched sampler on a one-row state written from
+        the host (never inside a captured step)."""
+        from .sampler import RowState
+
+        logits = self._c(logits).reshape(1, -1)
+        recent = [] if recent_ids is None else [int(i) for i in self.to_host(recent_ids).reshape(-1) if i >= 0]
+        step = int(self.to_host(step_index).reshape(-1)[0])
+        if self._sample_state is None:
+            self._sample_state = RowState(1)
+        self._sample_state.fill([(0, 0, step, params, recent)], self.stream)
+        return self.sampler_for(int(logits.shape[1])).sample_rows(logits, self._sample_state)
 
     # ---- decode loop ------------------------------------------------------------------------------
-    def decoder(self, forward, *, first_id: int, position: int, params, step_index: int, recent_ids,
-                max_steps: int | None = None):
-        from .graph import GraphDecoder
+    def batch_decoder(self, forward, *, max_rows: int):
+        from .graph import GraphBatchDecoder
 
-        return GraphDecoder(self, forward, first_id=first_id, position=position, params=params,
-                            step_index=step_index, recent_ids=recent_ids, max_steps=max_steps)
+        return GraphBatchDecoder(self, forward, max_rows=max_rows)
 
 
 def kv_rows(window: int, n_ctx: int) -> int:

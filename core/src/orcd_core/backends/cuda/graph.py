@@ -1,114 +1,164 @@
-"""The decode loop on the GPU: one CUDA graph per step, replayed, one step ahead of the host.
+"""The batched decode loop on the GPU: one CUDA graph per row count, kept across requests, replayed one
+step ahead of the host.
 
-The first step runs op by op (it compiles/loads kernels and sizes the workspace); the next two are
-captured from the stream (relaxed mode), one graph per parity of the step index, and every later step
-replays the graph of its parity. The step's inputs live in small persistent device buffers: the
-captured `advance_step` kernel moves the sampled token into the next step's input id, advances
-position, n_past and step index, and writes the token into the repetition window (a ring whose oldest
-slot is overwritten). Each graph ends with a 4-byte copy of the token into its own slot of pinned host
-memory and an event: no host->device copy at all, and one small device->host copy per token.
+A step of B rows (B sequences, one token each) reads everything it needs from persistent device
+buffers: the rows' input ids, positions, step indices, sampling parameters and repetition windows
+(`RowState`) and, per layer, the rows' KV-cache addresses (`table`, through the `KVBatch`). So the
+graph of B rows serves any B sequences: when the rows change (a request joins or leaves) the host
+rewrites those buffers from its own copy of each row (`DecodeRow`) with two copies, and the same graph
+replays. The first step of each B runs op by op (kernels load, the workspace finds its size); the next
+two are captured (relaxed mode), one graph per parity of the step count, and every later step of B
+rows replays the graph of its parity. The captured `advance_rows` kernel moves each sampled token into
+its row's next input, advances its position and step index and writes the token into its window.
+Each graph ends with a copy of the B tokens into its own slot of pinned host memory and an event: no
+host->device copy per step, one small device->host copy.
 
-Pipelining: since step k + 1 needs nothing from the host, `next()` launches it before it waits for
-step k's token, so the GPU runs step k + 1 while the host detokenizes, matches stops and streams
-token k. The two parities keep step k's token from being overwritten by step k + 1's copy. A step is
-never launched past `max_steps`; when the caller stops early (end of text, a stop sequence, a
-cancel) the one step in flight is discarded by `close()`, which waits for it.
+Pipelining: while the rows stay the same, `step()` launches step k + 1 before it waits for step k's
+tokens, so the GPU runs k + 1 while the host detokenizes, matches stops and streams step k's tokens
+(the two parities keep step k's tokens from being overwritten by k + 1's). A row is never launched
+past its budget. When the rows change, the step in flight finishes first (its tokens for rows that
+left are dropped), then the buffers are rewritten. A graph holds the workspace's and the attention
+scratch's addresses: when either is replaced (it grew), every graph is dropped and recaptured.
 """
 
 from __future__ import annotations
 
+import collections
+
 import cupy
 import numpy as np
 
-from ...device import Decoder, Step
+from ...device import BatchDecoder, KVBatch, Step
 from ...generation import CudaError
 from .kernels import i32, launch
 from .memory import raw_alloc, view
+from .sampler import RowState
 
 
-class GraphDecoder(Decoder):
-    def __init__(self, dev, forward, *, first_id: int, position: int, params, step_index: int, recent_ids,
-                 max_steps: int | None = None):
+class GraphBatchDecoder(BatchDecoder):
+    def __init__(self, dev, forward, *, max_rows: int):
+        super().__init__(dev, forward, max_rows=max_rows)
         dev._enter()
-        self.dev, self.forward, self.params = dev, forward, params
-        self.W = max(int(params.repetition_window), 1)
-        recent = [int(i) for i in recent_ids][-self.W:]
-        recent = [-1] * (self.W - len(recent)) + recent  # oldest first: slot k % W is replaced at step k
-        self._mem = raw_alloc(4 * (8 + self.W))
-        buf = view(self._mem, 0, (8 + self.W,), np.int32)
-        host = np.array([first_id, position, position, step_index, 0, 0, 0, 0] + recent, np.int32)
-        buf.set(host, stream=dev.stream)
-        self.ids, self.pos, self.n_past, self.step = buf[0:1], buf[1:2], buf[2:3], buf[3:4]
-        self.recent = buf[8:]
-        self.step0 = int(step_index)
-        self._pinned = cupy.cuda.alloc_pinned_memory(8)
-        self._tok = np.frombuffer(self._pinned, np.int32, 2)  # slot k % 2: step k's token
+        self.dev = dev
+        self.st = RowState(self.max_rows)
+        self.kv: KVBatch | None = None  # created with the table at the first rows (it needs their layout)
+        self._table_mem = None
+        self._pinned = cupy.cuda.alloc_pinned_memory(8 * self.max_rows)
+        self._tok = np.frombuffer(self._pinned, np.int32, 2 * self.max_rows).reshape(2, self.max_rows)
         self._done = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
-        self.graphs: list = [None, None]
-        self.max_steps = None if max_steps is None else int(max_steps)
-        self.n_launched = 0  # steps issued to the GPU
-        self.n_steps = 0  # tokens returned
-        dev.stream.synchronize()
+        self.graphs: dict[tuple[int, int], object] = {}  # (rows, parity) -> graph
+        self._eager_done: set[int] = set()  # row counts whose first (eager) step ran
+        self._epoch = dev.graph_epoch
+        self._flight: collections.deque = collections.deque()  # (rows of the step, parity)
+        self._n_launched = 0
 
-    def _issue(self, slot: int) -> None:
-        """The step's ops, on the device's stream (eagerly, or into the capture)."""
-        dev = self.dev
-        step = Step(T=1, ids=self.ids, positions=self.pos, n_past=self.n_past)
-        logits = self.forward(step)
-        tok = dev.sample(logits, self.params, self.recent, self.step)
-        launch(dev.core.fn("advance_step"), (1,), (32,),
-               (tok, self.ids, self.pos, self.n_past, self.step, self.recent, i32(self.W), i32(self.step0)))
-        cupy.cuda.runtime.memcpyAsync(self._tok.ctypes.data + 4 * slot, tok.data.ptr, 4,
+    # -- the rows' device state ---------------------------------------------------------------------
+    def _upload(self) -> None:
+        """Rewrite the state and the KV table from the host's rows (no step in flight)."""
+        rows = self.rows
+        proto = rows[0].cache
+        if self.kv is None:
+            L, n = proto.n_layers, self.max_rows
+            self._table_mem = raw_alloc(L * 2 * n * 8)
+            table = view(self._table_mem, 0, (L, 2, n), np.uint64)
+            self.kv = KVBatch([], proto.n_ctx, list(proto.window), table)
+            self._table_host = np.zeros((L, 2, n), np.uint64)
+        for r in rows:
+            c = r.cache
+            if c.n_ctx != self.kv.n_ctx or list(c.window) != self.kv.window or c.n_layers != proto.n_layers:
+                raise ValueError("batch decoder: every row's KV cache must have the engine's layout "
+                                 f"(n_ctx {self.kv.n_ctx}, windows {self.kv.window})")
+        host = self._table_host
+        host[:] = 0
+        for b, r in enumerate(rows):
+            for layer in range(proto.n_layers):
+                host[layer, 0, b] = r.cache.k[layer].data.ptr
+                host[layer, 1, b] = r.cache.v[layer].data.ptr
+        self.kv.table.set(host, stream=self.dev.stream)
+        self.kv.caches = [r.cache for r in rows]
+        self.st.fill([(r.id, r.position, r.step_index, r.params, r.recent) for r in rows], self.dev.stream)
+        self.changed = False
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _issue(self, B: int, parity: int) -> None:
+        """The step's ops on the device's stream (eagerly, or into the capture)."""
+        dev, st = self.dev, self.st
+        step = Step(T=B, ids=st.ids[:B], positions=st.pos[:B], n_past=st.pos[:B])
+        logits = dev._c(self.forward(step, self.kv))  # [B, V]
+        tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st)
+        launch(dev.core.fn("advance_rows"), (1,), (32,),
+               (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)))
+        cupy.cuda.runtime.memcpyAsync(self._tok[parity].ctypes.data, tok.data.ptr, 4 * B,
                                       cupy.cuda.runtime.memcpyDeviceToHost, dev.stream.ptr)
 
     def _launch(self) -> None:
-        """Issue step `n_launched` (eager for the first, captured for the next two, then replayed)."""
-        dev = self.dev
-        k, slot = self.n_launched, self.n_launched % 2
+        dev, rows = self.dev, list(self.rows)
+        B, parity = len(rows), self._n_launched % 2
+        for r in rows:
+            if r.budget is not None and r.budget < 1:
+                raise RuntimeError("batch decoder: a row ran past its budget")
+        if dev.graph_epoch != self._epoch:  # a buffer the graphs point into was replaced
+            self.graphs.clear()
+            self._eager_done.clear()
+            self._epoch = dev.graph_epoch
         try:
-            if k == 0:
+            if B not in self._eager_done:
                 dev.begin_step()
-                self._issue(slot)
-            elif self.graphs[slot] is None:
+                self._issue(B, parity)
+                self._eager_done.add(B)
+            elif (B, parity) not in self.graphs:
                 dev.begin_step()
                 mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", None)
                 dev.stream.begin_capture(mode) if mode is not None else dev.stream.begin_capture()
                 try:
-                    self._issue(slot)
+                    self._issue(B, parity)
                 finally:
                     graph = dev.stream.end_capture()
-                self.graphs[slot] = graph
                 graph.upload(dev.stream) if hasattr(graph, "upload") else None
                 graph.launch(dev.stream)
+                self.graphs[(B, parity)] = graph
             else:
-                self.graphs[slot].launch(dev.stream)
-            self._done[slot].record(dev.stream)
+                self.graphs[(B, parity)].launch(dev.stream)
+            self._done[parity].record(dev.stream)
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"decode step failed on GPU {dev.gpu}: {exc}") from exc
-        self.n_launched += 1
+        for r in rows:
+            if r.budget is not None:
+                r.budget -= 1
+        self._flight.append((rows, parity))
+        self._n_launched += 1
 
-    def next(self) -> int:
-        dev = self.dev
-        dev._enter()
-        k = self.n_steps
-        if self.max_steps is not None and k >= self.max_steps:
-            raise RuntimeError(f"decoder: more than max_steps={self.max_steps} steps asked for")
-        if self.n_launched == k:
+    def step(self) -> list:
+        self.dev._enter()
+        if not self._flight:
+            if not self.rows:
+                return []
+            if self.changed:
+                self._upload()
             self._launch()
-        if self.n_launched == k + 1 and (self.max_steps is None or k + 1 < self.max_steps):
-            self._launch()  # step k + 1 runs while the host handles token k
+        if (not self.changed and len(self._flight) == 1 and self.rows
+                and all(r.budget is None or r.budget >= 1 for r in self.rows)):
+            self._launch()  # step k + 1 runs while the host handles step k's tokens
+        rows, parity = self._flight.popleft()
         try:
-            self._done[k % 2].synchronize()
+            self._done[parity].synchronize()
         except cupy.cuda.runtime.CUDARuntimeError as exc:
-            raise CudaError(f"decode step failed on GPU {dev.gpu}: {exc}") from exc
-        self.n_steps += 1
-        return int(self._tok[k % 2])
+            raise CudaError(f"decode step failed on GPU {self.dev.gpu}: {exc}") from exc
+        members = {id(r) for r in self.rows}
+        out = []
+        for b, r in enumerate(rows):
+            if id(r) in members:  # (a row that left since: its token is dropped)
+                tok = int(self._tok[parity, b])
+                r.advance(tok)
+                out.append((r, tok))
+        return out
 
     def close(self) -> None:
-        try:  # a step still in flight writes the KV cache and our buffers: let it finish first
+        try:  # a step still in flight writes KV caches and our buffers: let it finish first
             self.dev.stream.synchronize()
         except cupy.cuda.runtime.CUDARuntimeError:
             pass
-        self.graphs = [None, None]
-        self._mem = None
+        self._flight.clear()
+        self.graphs.clear()
+        self._table_mem = None
         self._pinned = None

@@ -69,6 +69,7 @@ class Workspace:
         self.extra: list[Arena] = []
         self.high_water = 0
         self._step_bytes = 0
+        self.epoch = 0  # counts replacements of the arena (captured graphs hold its addresses)
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +81,7 @@ class Workspace:
             self.extra = []
             self.arena = None  # free first, then take the larger one
             self.arena = Arena(align(self.high_water + (1 << 20)), "workspace")
+            self.epoch += 1
         self.arena.used = 0
         self._step_bytes = 0
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 from ... import kernels as ksrc
+from ...device import MAX_BATCH
 from ...generation import CudaError
 from .kernels import NULL, f32, i32, i64, launch, xs_bytes
 
 MOE_WARPS = 4  # moe_kernels.cuh: output rows per block
 MAX_EXPERTS = 256  # moe.cu: MOE_MAX_E_PER_LANE * 32
 MAX_TOP_K = 8  # moe_kernels.cuh MOE_MAX_K: the decode down-projection keeps one partial per slot
-DECODE_MAX_T = 4  # up to this many tokens: expert-indexed GEMVs; more: grouped by expert
+DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
+#                          each token's computed as it would be alone; more: grouped by expert
 ACTS = {"silu": 0, "swiglu_oai": 1}
 _SOURCE = "moe.cu"
 
