@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     from orcd_core.plugins import default_registry
 
     from ..app import ServerSettings
-    from ..logging import bind_worker, configure_logging, get_logger
+    from ..logging import DownloadProgress, bind_worker, configure_logging, get_logger
 
     model_ref = args.model
     bind_worker(worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"])
@@ -258,7 +258,11 @@ def run(args: argparse.Namespace) -> int:
     if model_ref is None:
         from orcd_core.testmodels import default_model_path
 
-        model_path = default_model_path(progress=lambda msg: log.info("model_fetch", message=msg))
+        shown = DownloadProgress(sys.stdout, log)  # a bar beside console logs on a terminal, else log events
+        try:
+            model_path = default_model_path(progress=shown.line, on_bytes=shown.bytes)
+        finally:
+            shown.close()
         model_ref = str(model_path)
         bind_worker(worker_id=values["worker_id"], model_ref=model_ref, gpu_device=values["gpu_device"])
     else:
