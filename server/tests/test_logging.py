@@ -1,5 +1,5 @@
-"""Structured logs: JSON lines off a terminal, console lines with a progress bar on one, the worker's
-context on every line, and no prompt or output text unless --log-prompts."""
+"""Structured logs: JSON lines off a terminal, console lines with a progress bar on one, no field
+repeated on every line, and no prompt or output text unless --log-prompts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from fake_engine import FakeEngine
 from orcd_server.app import ServerSettings, create_app
 from orcd_server.logging import (
     DownloadProgress,
-    bind_worker,
     configure_logging,
     get_logger,
     resolve_format,
@@ -33,7 +32,6 @@ class _Tty(io.StringIO):
 def _reset_structlog():
     yield
     structlog.reset_defaults()
-    bind_worker()
 
 
 def test_format_follows_the_terminal():
@@ -42,18 +40,19 @@ def test_format_follows_the_terminal():
     assert resolve_format("json", _Tty()) == "json"
 
 
-def test_json_lines_carry_the_worker_context():
+def test_json_lines_carry_only_their_own_fields():
     out = io.StringIO()
-    bind_worker(worker_id="w-1", model_ref="/m.gguf", gpu_device=0)
     assert configure_logging(None, out) == "json"
+    get_logger("t").info("startup", worker_id="w-1", model_ref="/m.gguf", gpu_device=0)
     get_logger("t").info("ready")
     get_logger("t", job_id="j-9").info("execute_start", n_prompt_tokens=3)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [line["event"] for line in lines] == ["ready", "execute_start"]
+    assert [line["event"] for line in lines] == ["startup", "ready", "execute_start"]
     for line in lines:
-        assert line["worker_id"] == "w-1" and line["model_ref"] == "/m.gguf" and line["gpu_device"] == 0
         assert line["level"] == "info" and line["timestamp"].endswith("Z")
-    assert lines[1]["job_id"] == "j-9" and "job_id" not in lines[0]
+    assert set(lines[1]) == {"event", "level", "timestamp"}  # nothing bound globally
+    assert set(lines[2]) == {"event", "level", "timestamp", "job_id", "n_prompt_tokens"} and lines[2]["job_id"] == "j-9"
+    assert lines[0]["worker_id"] == "w-1" and lines[0]["model_ref"] == "/m.gguf"
 
 
 def test_console_draws_a_progress_bar_for_the_model_load():

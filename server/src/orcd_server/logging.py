@@ -3,9 +3,10 @@ lines (with a progress bar for the model load) when it is. `--log-format` overri
 `DownloadProgress` shows the default model's download: a bar redrawn in place on a terminal, a
 `model_download_progress` event (or, without a logger, a line) every 10 % elsewhere.
 
-Every line carries the worker's static context (`worker_id`, `model_ref`, `gpu_device`), set once
-by `bind_worker`, and `job_id` inside a job (bound on the job's logger). Library logs that go
-through the standard `logging` module (uvicorn) are rendered the same way.
+No field is repeated on every line: what stays the same for the worker's life (worker id, model,
+device, backend, address, pid) is logged once, in the `startup` event (`serve`); a line carries its
+event's own fields, its level and timestamp, and `job_id` inside a job (bound on the job's logger).
+Library logs that go through the standard `logging` module (uvicorn) are rendered the same way.
 
 Prompt and output text never reach the logs unless `--log-prompts` is given: `text_fields` logs a
 SHA-256 prefix and the length instead.
@@ -20,21 +21,8 @@ from typing import Any, TextIO
 
 import structlog
 
-_WORKER_CONTEXT: dict[str, Any] = {}
 PROGRESS_BAR_WIDTH = 24
 DOWNLOAD_STEP_PERCENT = 10  # off a terminal, one download progress event per this many percent
-
-
-def bind_worker(**context: Any) -> None:
-    """Set the context every log line carries (worker_id, model_ref, gpu_device)."""
-    _WORKER_CONTEXT.clear()
-    _WORKER_CONTEXT.update(context)
-
-
-def _add_worker_context(_logger, _method, event_dict):
-    for key, value in _WORKER_CONTEXT.items():
-        event_dict.setdefault(key, value)
-    return event_dict
 
 
 def progress_bar(percent: float) -> str:
@@ -114,7 +102,6 @@ def configure_logging(fmt: str | None = None, stream: TextIO | None = None, leve
     fmt = resolve_format(fmt, stream)
     shared: list = [
         structlog.contextvars.merge_contextvars,
-        _add_worker_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -244,13 +244,14 @@ def run(args: argparse.Namespace) -> int:
     from orcd_core.plugins import default_registry
 
     from ..app import ServerSettings
-    from ..logging import DownloadProgress, bind_worker, configure_logging, get_logger
+    from ..logging import DownloadProgress, configure_logging, get_logger
 
     model_ref = args.model
-    bind_worker(worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"])
     configure_logging(args.log_format)
     log = get_logger("orcd.server")
-    log.info("startup", backend=values["backend"], host=args.host, port=values["port"], pid=os.getpid(),
+    # the worker's fixed context, once (not bound to every line: docs/http_api.md, "Logs")
+    log.info("startup", worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"],
+             backend=values["backend"], host=args.host, port=values["port"], pid=os.getpid(),
              python=sys.version.split()[0])
     exposure = exposure_warning(args.host, values["api_keys"])
     if exposure:
@@ -264,7 +265,6 @@ def run(args: argparse.Namespace) -> int:
         finally:
             shown.close()
         model_ref = str(model_path)
-        bind_worker(worker_id=values["worker_id"], model_ref=model_ref, gpu_device=values["gpu_device"])
     else:
         model_path = Path(model_ref)
     max_context = values["max_context"]
