@@ -103,6 +103,14 @@ def test_download_progress_is_a_bar_on_a_terminal():
     assert len(frames) == len(set(frames)) == len(range(0, 1000, 30)) + 1
 
 
+def test_download_progress_keeps_json_logs_json_on_a_terminal():
+    out = _Tty()
+    configure_logging("json", out)
+    _download(DownloadProgress(out, get_logger("t"), bar=False))
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]  # every line is JSON: no bar
+    assert [line["percent"] for line in lines if line["event"] == "model_download_progress"] == list(range(0, 101, 10))
+
+
 def test_download_progress_without_a_logger_prints_lines():
     out = io.StringIO()
     _download(DownloadProgress(out), total=2_000_000, chunk=150_000)

@@ -45,13 +45,14 @@ class DownloadProgress:
     On a terminal (`stream.isatty()`) a bar on `stream`, redrawn in place at each whole percent; lines
     go above it. Elsewhere, with a structlog `log`: events `model_fetch` (`message`) and
     `model_download_progress` (`model`, `percent`, `bytes`, `total_bytes`) every DOWNLOAD_STEP_PERCENT;
-    without one, plain lines on `stream`. `close()` ends a bar that is still drawn."""
+    without one, plain lines on `stream`. `bar=False` forces the second form (JSON logs on a terminal).
+    `close()` ends a bar that is still drawn."""
 
-    def __init__(self, stream: TextIO, log=None):
+    def __init__(self, stream: TextIO, log=None, bar: bool = True):
         self.stream = stream
         self.log = log
         isatty = getattr(stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
+        self.tty = bar and bool(isatty and isatty())
         self._shown = -1  # the percent last drawn or reported
         self._drawn = False  # a bar is on the current line
 

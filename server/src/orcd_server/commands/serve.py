@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     from ..logging import DownloadProgress, configure_logging, get_logger
 
     model_ref = args.model
-    configure_logging(args.log_format)
+    log_format = configure_logging(args.log_format)
     log = get_logger("orcd.server")
     # the worker's fixed context, once (not bound to every line: docs/http_api.md, "Logs")
     log.info("startup", worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"],
@@ -259,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
     if model_ref is None:
         from orcd_core.testmodels import default_model_path
 
-        shown = DownloadProgress(sys.stdout, log)  # a bar beside console logs on a terminal, else log events
+        # a bar beside console logs on a terminal, else log events (JSON lines stay JSON on a terminal too)
+        shown = DownloadProgress(sys.stdout, log, bar=log_format == "console")
         try:
             model_path = default_model_path(progress=shown.line, on_bytes=shown.bytes)
         finally:
