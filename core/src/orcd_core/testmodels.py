@@ -353,6 +353,11 @@ class _Transient(Exception):
     """A failure worth another attempt: refused, reset or dropped connection, timeout, HTTP 408/425/429/5xx."""
 
 
+class _RangeRefused(_Transient):
+    """HTTP 416 to a resume: the `.part` file is not a prefix the server can continue (the next attempt
+    starts over)."""
+
+
 def _open_url(url: str, range_start: int = 0):
     """The response to GET `url` (from byte `range_start` when > 0). Raises `_Transient` for what a
     retry may cure, `DownloadError` for the rest (404, a local file that is not there, a bad URL)."""
@@ -363,6 +368,8 @@ def _open_url(url: str, range_start: int = 0):
         return urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 (https or file from our config)
     except urllib.error.HTTPError as exc:
         exc.close()
+        if exc.code == 416 and range_start:
+            raise _RangeRefused(f"HTTP 416: the server cannot resume at byte {range_start:,}") from None
         if exc.code in TRANSIENT_HTTP:
             raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
@@ -476,7 +483,12 @@ def _transfer(url: str, part: Path, size: int | None, say: Progress, what: str,
         if on_bytes is not None:
             on_bytes(have)
         return
-    with _open_url(url, have) as resp:
+    try:
+        resp = _open_url(url, have)
+    except _RangeRefused:
+        part.unlink()
+        raise
+    with resp:
         resumed = have > 0 and getattr(resp, "status", None) == 206 and _range_start(resp.headers) == have
         if have and not resumed:
             say(f"{what}: the server did not resume at {_megabytes(have)}; downloading again")
