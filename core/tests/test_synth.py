@@ -202,4 +202,4 @@ def test_only_adapters_with_a_synth_spec_are_synthesizable():
         synth.spec_of("nosynth", registry)
     for arch in synth.archs(installed):
         spec = synth.spec_of(arch, installed)
-        assert set(spec.sizes) == set(synth.SIZES) and spec.recipe in synth.RECIPES
+        assert set(spec.sizes) == set(synth.SIZES) and spec.recipe in synth.recipes(installed)

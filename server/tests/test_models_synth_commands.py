@@ -15,7 +15,7 @@ from orcd_server.cli import main
 def test_models_fetch_and_path(monkeypatch, tmp_path, capsys):
     fetched = []
 
-    def fake_fetch(name, force=False, progress=None):
+    def fake_fetch(name, force=False, progress=None, on_bytes=None):
         fetched.append((name, force))
         return tmp_path / testmodels.MODELS[name].filename
 
@@ -36,7 +36,7 @@ def test_models_fetch_and_path(monkeypatch, tmp_path, capsys):
     [ChecksumMismatch("/c/q.gguf", "a" * 64, "b" * 64), DownloadError("https://x/y/json: cannot connect (refused)")],
 )
 def test_models_errors_are_one_line(monkeypatch, capsys, error):
-    def failing(name, force=False, progress=None):
+    def failing(name, force=False, progress=None, on_bytes=None):
         raise error
 
     monkeypatch.setattr(testmodels, "fetch_model", failing)

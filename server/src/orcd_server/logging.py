@@ -1,9 +1,12 @@
 """Structured logs (structlog): JSON lines when the output is not a terminal, readable console
 lines (with a progress bar for the model load) when it is. `--log-format` overrides the choice.
+`DownloadProgress` shows the default model's download: a bar redrawn in place on a terminal, a
+`model_download_progress` event (or, without a logger, a line) every 10 % elsewhere.
 
-Every line carries the worker's static context (`worker_id`, `model_ref`, `gpu_device`), set once
-by `bind_worker`, and `job_id` inside a job (bound on the job's logger). Library logs that go
-through the standard `logging` module (uvicorn) are rendered the same way.
+No field is repeated on every line: what stays the same for the worker's life (worker id, model,
+device, backend, address, pid) is logged once, in the `startup` event (`serve`); a line carries its
+event's own fields, its level and timestamp, and `job_id` inside a job (bound on the job's logger).
+Library logs that go through the standard `logging` module (uvicorn) are rendered the same way.
 
 Prompt and output text never reach the logs unless `--log-prompts` is given: `text_fields` logs a
 SHA-256 prefix and the length instead.
@@ -18,30 +21,73 @@ from typing import Any, TextIO
 
 import structlog
 
-_WORKER_CONTEXT: dict[str, Any] = {}
 PROGRESS_BAR_WIDTH = 24
+DOWNLOAD_STEP_PERCENT = 10  # off a terminal, one download progress event per this many percent
 
 
-def bind_worker(**context: Any) -> None:
-    """Set the context every log line carries (worker_id, model_ref, gpu_device)."""
-    _WORKER_CONTEXT.clear()
-    _WORKER_CONTEXT.update(context)
-
-
-def _add_worker_context(_logger, _method, event_dict):
-    for key, value in _WORKER_CONTEXT.items():
-        event_dict.setdefault(key, value)
-    return event_dict
+def progress_bar(percent: float) -> str:
+    """`[#####...] 42%`: PROGRESS_BAR_WIDTH cells."""
+    filled = round(PROGRESS_BAR_WIDTH * percent / 100)
+    return f"[{'#' * filled}{'.' * (PROGRESS_BAR_WIDTH - filled)}] {percent:3.0f}%"
 
 
 def _progress_bar(_logger, _method, event_dict):
-    """Console only: draw the model-load progress as a bar in the event text."""
-    if event_dict.get("event") == "model_load_progress" and "percent" in event_dict:
-        percent = float(event_dict["percent"])
-        filled = round(PROGRESS_BAR_WIDTH * percent / 100)
-        bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
-        event_dict["event"] = f"model_load_progress [{bar}] {percent:3.0f}%"
+    """Console only: draw the model-load and download progress as a bar in the event text."""
+    event = event_dict.get("event")
+    if event in ("model_load_progress", "model_download_progress") and "percent" in event_dict:
+        event_dict["event"] = f"{event} {progress_bar(float(event_dict['percent']))}"
     return event_dict
+
+
+class DownloadProgress:
+    """The callbacks of `orcd_core.testmodels.fetch_model`: `line` (what happens) and `bytes` (how far).
+
+    On a terminal (`stream.isatty()`) a bar on `stream`, redrawn in place at each whole percent; lines
+    go above it. Elsewhere, with a structlog `log`: events `model_fetch` (`message`) and
+    `model_download_progress` (`model`, `percent`, `bytes`, `total_bytes`) every DOWNLOAD_STEP_PERCENT;
+    without one, plain lines on `stream`. `bar=False` forces the second form (JSON logs on a terminal).
+    `close()` ends a bar that is still drawn."""
+
+    def __init__(self, stream: TextIO, log=None, bar: bool = True):
+        self.stream = stream
+        self.log = log
+        isatty = getattr(stream, "isatty", None)
+        self.tty = bar and bool(isatty and isatty())
+        self._shown = -1  # the percent last drawn or reported
+        self._drawn = False  # a bar is on the current line
+
+    def line(self, text: str) -> None:
+        self.close()
+        if self.log is not None:
+            self.log.info("model_fetch", message=text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def bytes(self, what: str, done: int, total: int) -> None:
+        if total <= 0:
+            return  # the registry gave no sizes: the start and end lines are all there is
+        percent = min(100, done * 100 // total)
+        if self.tty:
+            if percent != self._shown:
+                self._shown = percent
+                self.stream.write(f"\r{what} {progress_bar(percent)} {done / 1e6:,.1f} / {total / 1e6:,.1f} MB")
+                self.stream.flush()
+                self._drawn = True
+            return
+        step = percent - percent % DOWNLOAD_STEP_PERCENT
+        if step <= self._shown:
+            return
+        self._shown = step
+        if self.log is not None:
+            self.log.info("model_download_progress", model=what, percent=step, bytes=done, total_bytes=total)
+        else:
+            print(f"{what}: {step}% of {total / 1e6:,.1f} MB", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
 
 
 def resolve_format(fmt: str | None, stream: TextIO) -> str:
@@ -57,7 +103,6 @@ def configure_logging(fmt: str | None = None, stream: TextIO | None = None, leve
     fmt = resolve_format(fmt, stream)
     shared: list = [
         structlog.contextvars.merge_contextvars,
-        _add_worker_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -14,8 +14,9 @@ window, YaRN); `layers` overrides the layer count.
 Types follow a *recipe* named like llama.cpp's file types: `Q4_K_M` (the mixture logic of llama-quantize:
 attn_v / ffn_down get Q6_K on the `use_more_bits` layers, fused QKV gets Q5_K, output Q6_K, and types whose
 block does not divide the row fall back to Q5_0 / Q5_1 / Q8_0), `MXFP4_MOE` (experts MXFP4, the rest Q8_0),
-or any GGML type name (every quantizable tensor in that type, as `llama-quantize ... TYPE` does; `F32`/`F16`
-give unquantized files). Tensors that the converter always keeps in F32 (norms, biases, 1-D tensors, the
+or the name of any installed tensor type, a third-party plugin's included (every quantizable tensor in
+that type, as `llama-quantize ... TYPE` does, the output matrix Q6_K; `F32`/`F16` give unquantized
+files); `recipes()` lists them. Tensors that the converter always keeps in F32 (norms, biases, 1-D tensors, the
 router, learned positions) stay F32. Tensors are written in the order the converter emits them for a
 single-file checkpoint (sorted by Hugging Face name), because llama-quantize's per-layer choices count
 tensors in file order (an adapter's tests check its untied plan against a real file's tensor table
@@ -93,7 +94,7 @@ class SynthSpec:
 
     model_name: str  # the real model the full size imitates ("Qwen2.5-0.5B-Instruct")
     sizes: dict[str, Dims]  # "full" and "tiny"
-    recipe: str  # default type recipe (see RECIPES)
+    recipe: str  # default type recipe (one of `recipes()`)
     tied: bool  # by default output.weight is the token embedding (not written)
     #: (dims, n_vocab, tied) -> the tensor table in the order the converter writes it
     tensors: Callable[[Dims, int, bool], list[TableRow]]
@@ -168,13 +169,34 @@ def layer_order(n_layer: int) -> list[int]:
 
 # -- type recipes (llama-quantize's choices, written from its documented behaviour) -------------------
 
-_BLOCK = {  # type name -> block size (elements per block)
-    "F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
-    "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "MXFP4": 32,
-}  # fmt: skip
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
 _FLOATS = ("F32", "F16", "BF16")
-RECIPES = ("Q4_K_M", "MXFP4_MOE", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4", *_FLOATS)
+#: llama.cpp's type mixtures; the other recipes are the installed tensor types (`recipes()`)
+MIXTURES = ("Q4_K_M", "MXFP4_MOE")
+
+
+def recipes(registry=None) -> tuple[str, ...]:
+    """The recipes `build_plan` accepts: the mixtures, then every installed tensor type by GGML type id
+    (the core's floats and any plugin's formats, discovered through the registry)."""
+    formats = _registry(registry).quant_formats
+    return MIXTURES + tuple(formats[t].name for t in sorted(formats))
+
+
+def _check_recipe(recipe: str, registry) -> None:
+    known = recipes(registry)
+    if recipe in known:
+        return
+    if recipe in _ggml_blocks():
+        raise SynthError(f"recipe {recipe}: no installed plugin provides the tensor type {recipe} "
+                         f"(installed: {_registry(registry).describe_installed()})")
+    raise SynthError(f"unknown recipe {recipe!r} (known: {', '.join(known)})")
+
+
+def _ggml_blocks() -> dict[str, int]:
+    """GGML type name -> elements per block, for every type gguf-py knows (installed or not)."""
+    from ..gguf_file import ggml_type_table
+
+    return {name: block for name, block, _size in ggml_type_table().values()}
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -192,17 +214,17 @@ def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
     )
 
 
-def _fallback(type_name: str, ne0: int) -> str:
-    if ne0 % _BLOCK[type_name] == 0:
+def _fallback(type_name: str, ne0: int, blocks: dict[str, int]) -> str:
+    if ne0 % blocks[type_name] == 0:
         return type_name
     fb = _FALLBACK.get(type_name, type_name)
-    return fb if ne0 % _BLOCK[fb] == 0 else "F16"
+    return fb if ne0 % blocks[fb] == 0 else "F16"
 
 
 def _assign_types(table, recipe: str, n_layer: int) -> list[str]:
-    """The GGML type of each tensor of `table` under `recipe`, counting as llama-quantize does (file order)."""
-    if recipe not in RECIPES:
-        raise SynthError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    """The GGML type of each tensor of `table` under `recipe` (checked by the caller), counting as
+    llama-quantize does (file order)."""
+    blocks = _ggml_blocks()
     tied = not any(name == "output.weight" for name, *_ in table)
     n_attn_v = sum(1 for name, *_ in table if name.endswith(("attn_v.weight", "attn_qkv.weight")))
     i_attn_v = i_ffn_down = 0
@@ -218,7 +240,7 @@ def _assign_types(table, recipe: str, n_layer: int) -> list[str]:
         ne0 = shape[0]
         t = default
         if name == "output.weight" or (tied and name == "token_embd.weight"):
-            if recipe == "MXFP4_MOE" or ne0 % _BLOCK[default]:
+            if recipe == "MXFP4_MOE" or ne0 % blocks[default]:
                 t = "Q8_0"
             elif t != "Q8_0":
                 t = "Q6_K"
@@ -236,7 +258,7 @@ def _assign_types(table, recipe: str, n_layer: int) -> list[str]:
             if recipe == "Q4_K_M" and _use_more_bits(i_layer, n_layer):
                 t = "Q6_K"
             i_ffn_down += 1
-        types.append(_fallback(t, ne0))
+        types.append(_fallback(t, ne0, blocks))
     return types
 
 
@@ -366,6 +388,7 @@ def build_plan(
             raise SynthError(f"--layers must be at least 1, got {layers}")
         dims = replace(dims, n_layer=layers)
     recipe = recipe or spec.recipe
+    _check_recipe(recipe, registry)
     tied = spec.tied if tied is None else tied
     if tied and not spec.can_tie:
         raise SynthError(f"{arch} always has a separate output.weight (llama.cpp requires it)")

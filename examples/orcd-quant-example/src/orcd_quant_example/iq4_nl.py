@@ -6,6 +6,9 @@ Block of 32 weights, 18 bytes (llama.cpp's `block_iq4_nl`):
     qs[16] uint8    index of weight j in the low nibble of qs[j], of weight j + 16 in the high nibble
 
     weight = d * KVALUES[index]
+
+The CUDA kernels (decode GEMV, dequantize-to-fp16, row gather) are in `iq4_nl.cu`, named by
+`cuda_source`; the worker's CUDA backend compiles that file on first use.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class IQ4_NL(QuantFormat):
     name = "IQ4_NL"
     block_size = 32
     type_size = 18
+    cuda_source = ("orcd_quant_example", "iq4_nl.cu")
 
     def dequantize_blocks(self, blocks: np.ndarray) -> np.ndarray:
         blocks = as_blocks(blocks, self.type_size, self.name)

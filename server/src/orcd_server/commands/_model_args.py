@@ -49,7 +49,13 @@ def model_path(args: argparse.Namespace) -> Path:
         return Path(args.model)
     from orcd_core.testmodels import default_model_path
 
-    return default_model_path(progress=lambda msg: print(msg, file=sys.stderr))
+    from ..logging import DownloadProgress
+
+    shown = DownloadProgress(sys.stderr)
+    try:
+        return default_model_path(progress=shown.line, on_bytes=shown.bytes)
+    finally:
+        shown.close()
 
 
 def backend(args: argparse.Namespace) -> str:

@@ -8,6 +8,8 @@ import sys
 
 from orcd_core import testmodels
 
+from ..logging import DownloadProgress
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -29,20 +31,24 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr)
+def _fetch(name: str, force: bool = False):
+    shown = DownloadProgress(sys.stderr)
+    try:
+        return testmodels.fetch_model(name, force=force, progress=shown.line, on_bytes=shown.bytes)
+    finally:
+        shown.close()
 
 
 def run(args: argparse.Namespace) -> int:
     if args.models_command == "fetch":
         names = list(testmodels.MODELS) if args.name == "all" else [args.name]
         for name in names:
-            path = testmodels.fetch_model(name, force=args.force, progress=_progress)
+            path = _fetch(name, force=args.force)
             model = testmodels.MODELS[name]
             print(f"{name}\t{path}\t{model.size} bytes\tsha256 {model.sha256}")
         return 0
     if args.name == "llama.cpp-vocab":
-        print(testmodels.llama_cpp_models_dir(progress=_progress))
+        print(testmodels.llama_cpp_models_dir(progress=lambda line: print(line, file=sys.stderr)))
     else:
-        print(testmodels.fetch_model(args.name, progress=_progress))
+        print(_fetch(args.name))
     return 0

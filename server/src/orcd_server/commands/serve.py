@@ -249,13 +249,14 @@ def run(args: argparse.Namespace) -> int:
     from orcd_core.plugins import default_registry
 
     from ..app import ServerSettings
-    from ..logging import bind_worker, configure_logging, get_logger
+    from ..logging import DownloadProgress, configure_logging, get_logger
 
     model_ref = args.model
-    bind_worker(worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"])
-    configure_logging(args.log_format)
+    log_format = configure_logging(args.log_format)
     log = get_logger("orcd.server")
-    log.info("startup", backend=values["backend"], host=args.host, port=values["port"], pid=os.getpid(),
+    # the worker's fixed context, once (not bound to every line: docs/http_api.md, "Logs")
+    log.info("startup", worker_id=values["worker_id"], model_ref=model_ref or "default", gpu_device=values["gpu_device"],
+             backend=values["backend"], host=args.host, port=values["port"], pid=os.getpid(),
              python=sys.version.split()[0])
     exposure = exposure_warning(args.host, values["api_keys"])
     if exposure:
@@ -263,9 +264,13 @@ def run(args: argparse.Namespace) -> int:
     if model_ref is None:
         from orcd_core.testmodels import default_model_path
 
-        model_path = default_model_path(progress=lambda msg: log.info("model_fetch", message=msg))
+        # a bar beside console logs on a terminal, else log events (JSON lines stay JSON on a terminal too)
+        shown = DownloadProgress(sys.stdout, log, bar=log_format == "console")
+        try:
+            model_path = default_model_path(progress=shown.line, on_bytes=shown.bytes)
+        finally:
+            shown.close()
         model_ref = str(model_path)
-        bind_worker(worker_id=values["worker_id"], model_ref=model_ref, gpu_device=values["gpu_device"])
     else:
         model_path = Path(model_ref)
     max_context = values["max_context"]

@@ -1,4 +1,4 @@
-"""`orcd-worker synth ARCH OUT.gguf [--layers N] [--size full|tiny] [--seed S] [--vocab VOCAB.gguf]`:
+"""`orcd-worker synth ARCH OUT.gguf [--layers N] [--size full|tiny] [--seed S] [--vocab VOCAB.gguf] [--recipe R]`:
 write a synthetic GGUF with the tensor names, shapes, types and metadata of a real model of ARCH,
 filled with random valid blocks (deterministic from the seed)."""
 
@@ -26,9 +26,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--recipe",
-        choices=synth.RECIPES,
         default=None,
-        help="type recipe: a llama.cpp mixture (Q4_K_M, MXFP4_MOE) or one GGML type (default: the real model's)",
+        help=f"type recipe: a llama.cpp mixture ({', '.join(synth.MIXTURES)}) or the name of any installed tensor "
+             "type, a third-party plugin's included (`orcd-worker plugins` lists them; default: the real model's)",
     )
     parser.add_argument(
         "--untied", action="store_true", help="write a separate output.weight where the real model ties it to token_embd"
