@@ -53,8 +53,7 @@ class CudaDevice(Device):
 
     name = "cuda"
 
-    def __init__(self, gpu_device: int = 0, *, load_chunk_mb: float = 1, residency_check_s: float = 60.0,
-                 registry=None):
+    def __init__(self, gpu_device: int = 0, *, load_chunk_mb: float = 1, residency_check_s: float = 60.0):
         n = _device_count()
         if not 0 <= int(gpu_device) < n:
             raise GpuDeviceError(f"--gpu-device {gpu_device}: this machine has {n} CUDA device(s)"
@@ -70,7 +69,6 @@ class CudaDevice(Device):
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
         self.chunk_bytes = int(float(load_chunk_mb) * (1 << 20))
-        self.registry = registry
         self._modules: dict[str, KernelSet] = {}
         self._by_fmt: dict[int, KernelSet] = {}  # ggml type -> its compiled source (looked up per op)
         self.core = self._module("core.cu", ksrc.expand(ksrc.read("core.cu")))
