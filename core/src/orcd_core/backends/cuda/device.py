@@ -31,7 +31,6 @@ GEMV_MAX_R = 4  # rows per warp at most
 ATTN_MAX_HEAD_DIM = 128
 DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
 GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU = 0, 1, 2  # the one-token GEMV's input modes (quant_kernels.cuh)
-ARGMAX_BLOCKS = 64
 MAX_HEADS = 1024  # per-head split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
@@ -697,16 +696,6 @@ class CudaDevice(Device):
 
     def logits_last(self, x) -> cupy.ndarray:
         return x[-1]
-
-    def argmax(self, logits) -> cupy.ndarray:
-        logits = self._c(logits)
-        V = logits.size
-        pv = self._ws((ARGMAX_BLOCKS,))
-        pi = self._ws((ARGMAX_BLOCKS,), np.int32)
-        out = self._ws((1,), np.int32)
-        launch(self.core.fn("argmax_part"), (ARGMAX_BLOCKS,), (256,), (logits, i32(V), pv, pi))
-        launch(self.core.fn("argmax_final"), (1,), (64,), (pv, pi, i32(ARGMAX_BLOCKS), out, NULL))
-        return out
 
     def sample(self, logits, params, recent_ids, step_index) -> cupy.ndarray:
         from .sampler import Sampler
