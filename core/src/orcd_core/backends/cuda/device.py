@@ -23,6 +23,7 @@ from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from .fusion import DeferredOps
 from .kernels import NULL, XS_MAX_BYTES, KernelSet, f32, i32, i64, launch, xs_bytes
+from .kernels import blocks as _blocks
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
 GEMV_MAX_T = 4  # quant_kernels.cuh
@@ -735,10 +736,6 @@ def _rows_per_warp(N: int, K: int) -> int:
     """The GEMV's R: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which gives
     each lane several independent items in flight (measured: docs/perf-notes.md)."""
     return 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
-
-
-def _blocks(n: int, per: int) -> int:
-    return max(1, (int(n) + per - 1) // per)
 
 
 def _norm_threads(D: int) -> int:

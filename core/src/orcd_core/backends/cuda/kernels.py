@@ -75,6 +75,11 @@ def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> N
             raise CudaError(f"kernel {getattr(fn, 'kernel', fn)} failed: {exc}") from exc
 
 
+def blocks(n: int, per: int) -> int:
+    """Blocks of a 1-D grid that covers `n` items at `per` items a block (at least one)."""
+    return max(1, (int(n) + per - 1) // per)
+
+
 XS_MAX_BYTES = 32768  # quant_kernels.cuh: shared memory for the GEMVs' staged activations
 
 
