@@ -21,6 +21,7 @@ from ... import kernels as ksrc
 from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
+from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
 from .kernels import NULL, XS_MAX_BYTES, KernelSet, f32, i32, i64, launch, xs_bytes
 from .kernels import blocks as _blocks
@@ -202,8 +203,6 @@ class CudaDevice(Device):
     def kv_bytes_estimate(shape, n_ctx: int) -> int:
         """Bytes of one KV cache of `n_ctx` positions, as `new_kv_cache` allocates it (sliding-window
         layers per `shape.kv_windows` hold a bounded ring): `orcd_core.shape.kv_bytes`."""
-        from ...shape import kv_bytes
-
         return kv_bytes(shape, n_ctx)
 
     @staticmethod
@@ -713,12 +712,6 @@ class CudaDevice(Device):
 
         return GraphDecoder(self, forward, first_id=first_id, position=position, params=params,
                             step_index=step_index, recent_ids=recent_ids, max_steps=max_steps)
-
-
-def kv_rows(window: int, n_ctx: int) -> int:
-    """Rows of one layer's KV cache: the whole context, or for a sliding-window layer a ring of the
-    window plus the keys one step writes before its queries read (MAX_STEP_TOKENS - 1 more)."""
-    return min(int(window) + MAX_STEP_TOKENS - 1, int(n_ctx)) if window > 0 else int(n_ctx)
 
 
 def _check_linear(w: Weight, K: int, bias) -> None:
