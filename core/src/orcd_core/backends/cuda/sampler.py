@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels import f32, i32, launch
-from .memory import raw_alloc, view
+from .memory import align, raw_alloc, view
 
 ARGMAX_BLOCKS = 64
 
@@ -26,9 +26,9 @@ class Sampler:
         self.nbytes = self.V * 4 + self.V * 8 + ARGMAX_BLOCKS * 8 + 1024
         self._mem = raw_alloc(self.nbytes)
         self.l = view(self._mem, 0, (self.V,), np.float32)
-        off = (self.V * 4 + 255) // 256 * 256
+        off = align(self.V * 4)
         self.e = view(self._mem, off, (self.V,), np.float64)
-        off += (self.V * 8 + 255) // 256 * 256
+        off += align(self.V * 8)
         self.pv = view(self._mem, off, (ARGMAX_BLOCKS,), np.float32)
         self.pi = view(self._mem, off + 256, (ARGMAX_BLOCKS,), np.int32)
         self.vmax = view(self._mem, off + 512, (1,), np.float32)
