@@ -18,7 +18,7 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...device import MAX_STEP_TOKENS, Device, KVCache, RopeSpec, Step, Weight
+from ...device import MAX_STEP_TOKENS, Device, KVCache, LoadProgress, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
@@ -53,6 +53,7 @@ class CudaDevice(Device):
     """The CUDA backend (one GPU per process)."""
 
     name = "cuda"
+    plans_memory = True
 
     def __init__(self, gpu_device: int = 0, *, load_chunk_mb: float = 1, residency_check_s: float = 60.0):
         n = _device_count()
@@ -85,9 +86,8 @@ class CudaDevice(Device):
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
         self._weights_bytes = 0
-        self._uploaded = 0
         self._planned = 0
-        self._progress = None
+        self._load: LoadProgress | None = None
         self._uploader: ChunkedUploader | None = None
         self.model_path = ""
         self._healthy = True
@@ -168,7 +168,6 @@ class CudaDevice(Device):
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None) -> None:
         self._enter()
         self.model_path = str(model.path)
-        self._progress = progress
         tensors = list(model.tensors.values())
         weight_bytes = sum(align(t.nbytes) for t in tensors)
         weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
@@ -196,8 +195,8 @@ class CudaDevice(Device):
             self.pool.release()
             raise InsufficientVram(model.path, f"VRAM allocation on GPU {self.gpu} failed: {exc}") from None
         self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
-        if progress:
-            progress(0.0)
+        self._load = LoadProgress(progress, self._planned)
+        self._load.start()
 
     @staticmethod
     def kv_bytes_estimate(shape, n_ctx: int) -> int:
@@ -247,11 +246,6 @@ class CudaDevice(Device):
         self.arenas.append(a)
         return a.base, a.take(nbytes)
 
-    def _report(self, n: int) -> None:
-        self._uploaded += n
-        if self._progress and self._planned:
-            self._progress(min(1.0, self._uploaded / self._planned))
-
     def upload_weight(self, name: str, parts, fmt) -> Weight:
         self._enter()
         if not parts:
@@ -286,7 +280,8 @@ class CudaDevice(Device):
                 self._uploader.copy(o, p.data)
                 o += p.nbytes
             shape = (sum(s[0] for s in shapes),) + shapes[0][1:] if len(shapes[0]) > 1 else (sum(s[0] for s in shapes),)
-        self._report(nbytes)
+        if self._load is not None:
+            self._load.add(nbytes)
         self._weights_bytes += nbytes
         rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         data = view(base, off, (rows, row_bytes), np.uint8)
@@ -311,8 +306,9 @@ class CudaDevice(Device):
             self._uploader.close()
             self._uploader = None
         self.stream.synchronize()
-        if self._progress:
-            self._progress(1.0)
+        if self._load is not None:
+            self._load.finish()
+            self._load = None
         self.check_residency()
         if self._check_s > 0 and self._timer is None:
             self._schedule()
