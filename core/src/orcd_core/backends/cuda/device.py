@@ -18,21 +18,17 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
+from ...kernels.constants import AD_CHUNK, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
+from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
 from ...device import MAX_STEP_TOKENS, Device, KVCache, LoadProgress, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
-from .kernels import NULL, XS_MAX_BYTES, KernelSet, f32, i32, i64, launch, xs_bytes
+from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
 from .kernels import blocks as _blocks
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
-GEMV_MAX_T = 4  # quant_kernels.cuh
-GEMV_WARPS = 4  # warps per block
-GEMV_MAX_R = 4  # rows per warp at most
-ATTN_MAX_HEAD_DIM = 128
-DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
-GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU = 0, 1, 2  # the one-token GEMV's input modes (quant_kernels.cuh)
 MAX_HEADS = 1024  # per-head split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
@@ -600,8 +596,8 @@ class CudaDevice(Device):
         Hkv = k.shape[1]
         if Hq % Hkv or k.shape != (T, Hkv, hd) or v.shape != (T, Hkv, hd):
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}")
-        if hd > ATTN_MAX_HEAD_DIM or hd % 8:
-            raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {ATTN_MAX_HEAD_DIM})")
+        if hd > AP_MAXD or hd % 8:
+            raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {AP_MAXD})")
         kc, vc = cache.k[layer], cache.v[layer]
         n_rows = int(kc.shape[0])
         if n_rows < cache.n_ctx and (window <= 0 or T + window - 1 > n_rows):
@@ -624,7 +620,7 @@ class CudaDevice(Device):
             # small splits (many blocks) for short spans, at most 128 splits; the kernel runs only the
             # splits the position reaches (the others exit at once)
             span = min(window, cache.n_ctx) if window > 0 else cache.n_ctx
-            chunk = min(DECODE_CHUNK, max(64, -(-span // 128)))
+            chunk = min(AD_CHUNK, max(64, -(-span // 128)))
             S = max(1, math.ceil(span / chunk))
             part_o = self._ws((Hq, S, hd))
             part_ml = self._ws((Hq, S, 2))

@@ -23,13 +23,12 @@ import numpy as np
 
 from ... import kernels as ksrc
 from ...generation import CudaError
+from ...kernels.constants import MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS
 from .kernels import NULL, blocks, f32, i32, i64, launch, xs_bytes
 
-MOE_WARPS = 4  # moe_kernels.cuh: output rows per block
-MAX_EXPERTS = 256  # moe.cu: MOE_MAX_E_PER_LANE * 32
-MAX_TOP_K = 8  # moe_kernels.cuh MOE_MAX_K: the decode down-projection keeps one partial per slot
+MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
 DECODE_MAX_T = 4  # up to this many tokens: expert-indexed GEMVs; more: grouped by expert
-ACTS = {"silu": 0, "swiglu_oai": 1}
+ACTS = {"silu": MOE_ACT_SILU, "swiglu_oai": MOE_ACT_SWIGLU_OAI}
 _SOURCE = "moe.cu"
 
 
@@ -68,9 +67,9 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         raise ValueError(f"moe: x {x.shape}, router {router.shape}, gate_up {gate_up.shape}, down {down.shape}")
     if act not in ACTS:
         raise ValueError(f"moe: unknown activation {act!r} (expected one of {sorted(ACTS)})")
-    if not 1 <= top_k <= min(E, MAX_TOP_K) or E > MAX_EXPERTS:
+    if not 1 <= top_k <= min(E, MOE_MAX_K) or E > MAX_EXPERTS:
         raise NotImplementedError(f"moe: {E} experts, top {top_k} (supported: up to {MAX_EXPERTS} experts, "
-                                  f"top 1..{MAX_TOP_K})")
+                                  f"top 1..{MOE_MAX_K})")
     if D % 32 or F % 32:
         raise NotImplementedError(f"moe: widths D {D}, F {F} must be multiples of 32")
     gub = _bias(gate_up_bias, (E, 2 * F), "gate|up")

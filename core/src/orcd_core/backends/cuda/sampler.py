@@ -14,7 +14,7 @@ import numpy as np
 from .kernels import f32, i32, launch
 from .memory import align, raw_alloc, view
 
-ARGMAX_BLOCKS = 64
+ARGMAX_BLOCKS = 64  # blocks of argmax_part: partial (value, index) pairs (the kernels take the count)
 
 
 class Sampler:
