@@ -203,3 +203,6 @@ def test_per_layer_counts_must_agree():
         uniform_per_layer(m, "gpt-oss.zero")
     with pytest.raises(GGUFMetadataError, match="missing"):
         uniform_per_layer(m, "gpt-oss.absent")
+    assert uniform_per_layer(m, "gpt-oss.expert_used_count", hi=4) == 4
+    with pytest.raises(GGUFMetadataError, match=r"expert_used_count.*expected an integer in 1\.\.3"):
+        uniform_per_layer(m, "gpt-oss.expert_used_count", hi=3)
