@@ -69,7 +69,7 @@ class CudaDevice(Device):
         self.chunk_bytes = int(float(load_chunk_mb) * (1 << 20))
         self._modules: dict[str, KernelSet] = {}
         self._by_fmt: dict[int, KernelSet] = {}  # ggml type -> its compiled source (looked up per op)
-        self.core = self._module("core.cu", ksrc.expand(ksrc.read("core.cu")))
+        self.core = self.core_kernels("core.cu")
         self.arenas: list[Arena] = []
         self._kv_live: dict[int, int] = {}
         self._kv_mem: dict[int, Any] = {}
@@ -108,6 +108,11 @@ class CudaDevice(Device):
         if ks is None:
             ks = self._modules[label] = KernelSet(label, source)
         return ks
+
+    def core_kernels(self, name: str) -> KernelSet:
+        """A source of `orcd_core.kernels` ("core.cu", "moe.cu"), compiled on first use."""
+        ks = self._modules.get(name)
+        return ks if ks is not None else self._module(name, ksrc.expand(ksrc.read(name)))
 
     def _fmt_module(self, fmt) -> KernelSet:
         ks = self._by_fmt.get(fmt.ggml_type)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ... import kernels as ksrc
 from ...generation import CudaError
 from ...kernels.constants import MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS
 from .kernels import NULL, blocks, f32, i32, i64, launch, xs_bytes
@@ -30,11 +29,6 @@ MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the exp
 DECODE_MAX_T = 4  # up to this many tokens: expert-indexed GEMVs; more: grouped by expert
 ACTS = {"silu": MOE_ACT_SILU, "swiglu_oai": MOE_ACT_SWIGLU_OAI}
 _SOURCE = "moe.cu"
-
-
-def _module(dev):
-    ks = dev._modules.get(_SOURCE)
-    return ks if ks is not None else dev._module(_SOURCE, ksrc.expand(ksrc.read(_SOURCE)))
 
 
 def _fmt_fn(dev, w, kind: str):
@@ -74,7 +68,7 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         raise NotImplementedError(f"moe: widths D {D}, F {F} must be multiples of 32")
     gub = _bias(gate_up_bias, (E, 2 * F), "gate|up")
     dnb = _bias(down_bias, (E, D), "down")
-    mk = _module(dev)
+    mk = dev.core_kernels(_SOURCE)
     if router.fmt.name == "F32":  # gpt-oss's: float32 logits for any T (the GEMM path rounds to fp16)
         logits = dev._ws((T, E))  # [T, E]
         launch(mk.fn("moe_router_f32"), (blocks(E, MOE_WARPS), T), (32 * MOE_WARPS,),
