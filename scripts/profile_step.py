@@ -130,13 +130,15 @@ def main() -> None:
     print(f"prefill wall (not isolated): {(time.perf_counter() - t0) * 1e3:.2f} ms")
 
     step = Step(1, dev.to_device([1]), dev.to_device([args.p]), dev.to_device([args.p]))
+    greedy = SamplingParams(temperature=0.0, repetition_window=0)
+    step_index = dev.to_device([0])
     dev.begin_step()
     out = dev.logits_last(model.forward(step, cache))
     dev.stream.synchronize()
     timing["on"] = True
     dev.begin_step()
     out = dev.logits_last(model.forward(step, cache))
-    dev.sample(out, SamplingParams(temperature=0.0), None, dev.to_device([0]))
+    dev.sample(out, greedy, None, step_index)
     timing["on"] = False
     replay_all()
     report(f"decode step at position {args.p}")
@@ -149,8 +151,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(10):
         dev.begin_step()
-        dev.sample(dev.logits_last(model.forward(step, cache)), SamplingParams(temperature=0.0), None,
-                   dev.to_device([0]))
+        dev.sample(dev.logits_last(model.forward(step, cache)), greedy, None, step_index)
     t1 = time.perf_counter()
     prof.disable()
     if args.pyprof:
@@ -158,7 +159,6 @@ def main() -> None:
     dev.stream.synchronize()
     t2 = time.perf_counter()
     print(f"decode step eager: issue {(t1 - t0) * 1e5:.0f} us/step, issue+run {(t2 - t0) * 1e5:.0f} us/step")
-    greedy = SamplingParams(temperature=0.0, repetition_window=0)
     dec = dev.batch_decoder(eng.decode_forward, max_rows=1)
     row = DecodeRow(cache=cache, id=1, position=args.p, step_index=1, params=greedy, recent=[])
     dec.join(row)

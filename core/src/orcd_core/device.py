@@ -148,6 +148,9 @@ class Device(abc.ABC):
     name: str  # "reference" | "cuda"
     sm: str | None = None  # the GPU's compute capability ("90"); None off a GPU
     cuda_runtime_version: int | None = None  # cudaRuntimeGetVersion(); None off a GPU
+    #: True when `prepare_load` checks weights + KV cache + workspace against free memory (the CUDA
+    #: backend); else the engine allocates one KV cache of the context at load to prove it fits.
+    plans_memory: bool = False
 
     def close(self) -> None:
         """Free everything the device holds (weights, caches, workspaces). The reference backend
@@ -187,19 +190,21 @@ class Device(abc.ABC):
         """Bytes held by category: weights, kv_cache, workspace."""
         return {"weights": 0, "kv_cache": 0, "workspace": 0}
 
+    @abc.abstractmethod
     def prepare_load(self, model, *, n_ctx: int, shape: "ModelShape",
                      progress: "ProgressFn | None" = None, n_seq: int = 1) -> None:
-        """Called by the engine once, before the adapter uploads weights: the CUDA backend checks
-        weights + `n_seq` KV caches (`n_ctx` positions of `shape`, the config's
+        """Called by the engine once, before the adapter uploads weights. `progress(fraction)` of
+        the file's tensor bytes uploaded is reported through a `LoadProgress`: 0.0 here, then after
+        each `upload_weight`, 1.0 in `finish_load`. A backend that `plans_memory` (the CUDA one)
+        checks weights + `n_seq` KV caches (`n_ctx` positions of `shape`, the config's
         `orcd_core.shape.ModelShape`; one per request decoded at once) + workspace against free
-        VRAM here (raising
-        `orcd_core.errors.InsufficientVram`) and reserves its weight arena; `progress(fraction)` is
-        then called as weight bytes reach the device. The reference backend needs nothing."""
+        VRAM here (raising `orcd_core.errors.InsufficientVram`) and reserves its weight arena."""
 
+    @abc.abstractmethod
     def finish_load(self) -> None:
-        """Called by the engine once the adapter has uploaded every weight: the CUDA backend waits
-        for the last chunk, frees its staging buffers, checks that every weight is resident in
-        device memory and starts the periodic residency check. The reference backend needs nothing."""
+        """Called by the engine once the adapter has uploaded every weight: reports progress 1.0;
+        the CUDA backend also waits for the last chunk, frees its staging buffers, checks that every
+        weight is resident in device memory and starts the periodic residency check."""
 
     @property
     def healthy(self) -> bool:
@@ -280,6 +285,31 @@ class Device(abc.ABC):
 
 
 ProgressFn = Callable[[float], None]
+
+
+class LoadProgress:
+    """The load-progress callback of `Device.prepare_load`: `progress(fraction)` of `total_bytes`
+    (the file's tensor bytes) uploaded, 0.0 at `start`, after each `add`, 1.0 at `finish`."""
+
+    def __init__(self, progress: ProgressFn | None, total_bytes: int):
+        self.progress = progress
+        self.total = max(int(total_bytes), 1)
+        self.done = 0
+
+    def start(self) -> None:
+        if self.progress is not None:
+            self.progress(0.0)
+
+    def add(self, nbytes: int) -> None:
+        """`nbytes` more of the file's bytes are on the device (called by `upload_weight`)."""
+        self.done += int(nbytes)
+        if self.progress is not None:
+            self.progress(min(1.0, self.done / self.total))
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(1.0)
+
 
 
 class BatchDecoder(abc.ABC):

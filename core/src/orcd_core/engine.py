@@ -88,11 +88,9 @@ class Engine:
         opts = {"load_chunk_mb": load_chunk_mb} if backend == "cuda" else {}
         device = create_device(backend, gpu_device, **opts)
         device.prepare_load(gguf, n_ctx=int(n_ctx), shape=config.shape(), progress=progress, n_seq=int(max_batch))
-        # a backend that implements prepare_load plans memory there (KV cache included) and reports progress
-        reports_progress = plans_memory = type(device).prepare_load is not Device.prepare_load
-        model = _build_with_progress(arch, gguf, device, registry, None if reports_progress else progress)
+        model = arch.build(gguf, device, registry=registry)  # each upload_weight reports progress
         device.finish_load()
-        if not plans_memory:
+        if not device.plans_memory:
             _check_kv_fits(path, model, device, int(n_ctx))
         return cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
                    n_ctx=int(n_ctx), backend=backend, registry=registry, max_batch=int(max_batch))
@@ -253,32 +251,6 @@ def _check_kv_fits(path: Path, model, device: Device, n_ctx: int) -> None:
         raise InsufficientVram(path, f"the KV cache for a context of {n_ctx} tokens cannot be allocated ({exc}); "
                                      "serve a shorter context (--max-context)") from None
     device.free_kv_cache(cache)
-
-
-def _build_with_progress(arch, gguf, device: Device, registry, progress):
-    """`arch.build`, reporting the fraction of tensor bytes uploaded so far through `progress`."""
-    if progress is None:
-        return arch.build(gguf, device, registry=registry)
-    total = max(1, gguf.tensor_data_bytes)
-    done = 0
-    upload_weight, upload_array = device.upload_weight, device.upload_array
-
-    def tracked_weight(name, parts, fmt):
-        nonlocal done
-        w = upload_weight(name, parts, fmt)
-        done += sum(p.nbytes for p in parts)
-        progress(min(1.0, done / total))
-        return w
-
-    progress(0.0)
-    device.upload_weight = tracked_weight  # instance attribute shadows the method while loading
-    try:
-        model = arch.build(gguf, device, registry=registry)
-    finally:
-        del device.upload_weight
-        assert device.upload_array == upload_array
-    progress(1.0)
-    return model
 
 
 def quant_kind(gguf) -> str:

@@ -17,8 +17,9 @@ from .device import MAX_STEP_TOKENS
 DEFAULT_CONTEXT = 4096
 #: The KV cache holds fp16 keys and values.
 KV_BYTES_PER_ELEMENT = 2
-#: The CUDA backend's allocation granularity (backends/cuda/memory.py `align`): each layer's K and
-#: V buffer, and each weight in the arena, start on a 256-byte boundary.
+#: The CUDA backend's allocation granularity (its allocators in backends/cuda/memory.py take it from
+#: here): each layer's K and V buffer, each weight in the arena and each activation of a step start on
+#: a 256-byte boundary.
 ALLOCATION_ALIGNMENT = 256
 
 
@@ -54,7 +55,8 @@ def kv_rows(window: int, n_ctx: int) -> int:
     return min(int(window) + MAX_STEP_TOKENS - 1, int(n_ctx)) if window > 0 else int(n_ctx)
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """`n` bytes rounded up to a multiple of ALLOCATION_ALIGNMENT."""
     return -(-int(n) // ALLOCATION_ALIGNMENT) * ALLOCATION_ALIGNMENT
 
 
@@ -64,8 +66,8 @@ def kv_bytes(shape: ModelShape, n_ctx: int) -> int:
     total = 0
     for n_kv, window in zip(shape.n_head_kv, shape.kv_windows, strict=True):
         rows = kv_rows(window, n_ctx)
-        total += _align(rows * n_kv * shape.head_dim_k * KV_BYTES_PER_ELEMENT)
-        total += _align(rows * n_kv * shape.head_dim_v * KV_BYTES_PER_ELEMENT)
+        total += align(rows * n_kv * shape.head_dim_k * KV_BYTES_PER_ELEMENT)
+        total += align(rows * n_kv * shape.head_dim_v * KV_BYTES_PER_ELEMENT)
     return total
 
 

@@ -127,8 +127,10 @@ def test_weights_are_resident_device_memory(qwen_full):
 def test_decode_step_is_six_kernels_a_layer(cut_pair, monkeypatch):
     """A llama-family decode step, fused (backends/cuda/fusion.py): per layer norm+q|k|v GEMV,
     rope+KV write, attention, o GEMV+residual, norm+gate|up GEMV, silu+down GEMV+residual; then the
-    embedding, the norm+head GEMV and greedy argmax (2). Logits as the reference's."""
+    embedding, the norm+head GEMV and greedy sampling (3: sample_prep, argmax_part, argmax_final).
+    Logits as the reference's."""
     import orcd_core.backends.cuda.device as D
+    import orcd_core.backends.cuda.sampler as S
     from orcd_core.device import Step
 
     arch, ref, gpu = cut_pair
@@ -139,6 +141,7 @@ def test_decode_step_is_six_kernels_a_layer(cut_pair, monkeypatch):
         want = ref.prefill(ids, caches[0], all_logits=True)[-1]
         gpu.prefill(ids[:3], caches[1])
         step = Step(1, dev.to_device([ids[3]]), dev.to_device([3]), dev.to_device([3]))
+        step_index = dev.to_device([0])
         dev.begin_step()
         n, orig = [0], D.launch
 
@@ -147,13 +150,14 @@ def test_decode_step_is_six_kernels_a_layer(cut_pair, monkeypatch):
             return orig(*a, **k)
 
         monkeypatch.setattr(D, "launch", counting)
+        monkeypatch.setattr(S, "launch", counting)
         logits = dev.logits_last(model.forward(step, caches[1]))
-        dev.argmax(logits)
+        dev.sample(logits, SamplingParams(temperature=0.0), None, step_index)
         got = np.asarray(dev.to_host(logits), np.float64)
         monkeypatch.undo()
         # a projection whose parts have different types in the file is one GEMV per part
         extra = sum(len(B.qkv.weights) - 1 + len(B.gate_up.weights) - 1 for B in model.blocks)
-        assert n[0] == 6 * model.config.n_layer + extra + 4, arch
+        assert n[0] == 6 * model.config.n_layer + extra + 5, arch
         assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-2
     finally:
         ref.device.free_kv_cache(caches[0])

@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from orcd_core import kernels as ksrc
+from orcd_core.kernels.constants import define_options
 from orcd_core.plugins import default_registry
 
 ARCHS = ("sm_90",)
@@ -52,11 +53,11 @@ def _load_nvrtc():
     return None
 
 
-def _compile_nvrtc(lib, name: str, source: str, arch: str) -> tuple[bool, str]:
+def _compile_nvrtc(lib, name: str, source: str, arch: str, defines=define_options()) -> tuple[bool, str]:
     prog = ctypes.c_void_p()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None)
     assert rc == 0, f"nvrtcCreateProgram: {rc}"
-    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode()]
+    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), *(d.encode() for d in defines)]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -74,24 +75,33 @@ def test_every_format_of_the_cuda_plugins_names_a_source():
     assert expected <= names, f"formats without cuda_source: {sorted(expected - names)}"
 
 
-@pytest.mark.parametrize("label", sorted(_all_sources()))
-def test_source_compiles(label, tmp_path):
-    source = _all_sources()[label]
+def _compile(label: str, source: str, arch: str, tmp_path, defines=define_options()) -> tuple[bool, str]:
+    """(compiled, log) with nvcc when on PATH, else NVRTC; skips when neither exists."""
     nvcc = shutil.which("nvcc")
     if nvcc:
         src = tmp_path / (label.replace("/", "_"))
         src.write_text(source)
-        for arch in ARCHS:
-            r = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "--cubin", "-Werror", "all-warnings",
-                                "-o", str(tmp_path / "out.cubin"), str(src)], capture_output=True, text=True)
-            assert r.returncode == 0, f"{label} ({arch}):\n{r.stderr[-4000:]}"
-        return
+        r = subprocess.run([nvcc, "-std=c++17", f"-arch={arch}", "--cubin", "-Werror", "all-warnings", *defines,
+                            "-o", str(tmp_path / "out.cubin"), str(src)], capture_output=True, text=True)
+        return r.returncode == 0, r.stderr
     lib = _load_nvrtc()
     if lib is None:
         pytest.skip("neither nvcc nor NVRTC (nvidia-cuda-nvrtc) is installed")
+    return _compile_nvrtc(lib, label, source, arch, defines)
+
+
+@pytest.mark.parametrize("label", sorted(_all_sources()))
+def test_source_compiles(label, tmp_path):
+    source = _all_sources()[label]
     for arch in ARCHS:
-        ok, log = _compile_nvrtc(lib, label, source, arch)
+        ok, log = _compile(label, source, arch, tmp_path)
         assert ok, f"{label} ({arch}):\n{log[-4000:]}"
+
+
+def test_a_compile_without_the_shared_constants_stops_at_the_check(tmp_path):
+    """The sources define none of the table's constants: without the -D options common.cuh's #error fires."""
+    ok, log = _compile("core.cu", ksrc.core_sources()["core.cu"], ARCHS[0], tmp_path, defines=())
+    assert not ok and "orcd_core.kernels.constants.define_options()" in log, log[-2000:]
 
 
 def test_uniform_kernel_names_per_format():

@@ -102,6 +102,21 @@ def test_gpt2_tied_output(tmp_path: Path, registry):
     assert built.config.context_length == built.config.n_positions == 128 and built.config.head_dim == 32
 
 
+def test_gpt2_per_layer_counts_as_llama_cpp_reads_them(tmp_path: Path, registry):
+    """Head counts and the FFN width may be per-layer arrays (llama.cpp's get_key_or_arr), all equal."""
+    from orcd_core.errors import GGUFMetadataError
+
+    model = open_gguf(write_gpt2(tmp_path / "g2.gguf", seed=2))
+    arch = check_supported(model, registry)
+    model.metadata.update({"gpt2.attention.head_count": [4, 4], "gpt2.attention.head_count_kv": [2, 2],
+                           "gpt2.feed_forward_length": [512, 512]})
+    c = arch.config(model)
+    assert (c.n_head, c.n_head_kv, c.n_ff) == (4, 2, 512)
+    model.metadata["gpt2.attention.head_count"] = [4, 2]
+    with pytest.raises(GGUFMetadataError, match="head_count varies per layer"):
+        arch.config(model)
+
+
 def test_context_length_may_be_absent(tmp_path: Path, registry):
     """Without `{arch}.context_length` the config says None (issue 2); gpt2 then takes its bound from
     position_embd's rows and refuses a longer cache with one clear error."""
@@ -203,3 +218,6 @@ def test_per_layer_counts_must_agree():
         uniform_per_layer(m, "gpt-oss.zero")
     with pytest.raises(GGUFMetadataError, match="missing"):
         uniform_per_layer(m, "gpt-oss.absent")
+    assert uniform_per_layer(m, "gpt-oss.expert_used_count", hi=4) == 4
+    with pytest.raises(GGUFMetadataError, match=r"expert_used_count.*expected an integer in 1\.\.3"):
+        uniform_per_layer(m, "gpt-oss.expert_used_count", hi=3)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..device import MAX_BATCH, Device, KVBatch, KVCache, RopeSpec, Step, Weight
+from ..device import MAX_BATCH, Device, KVBatch, KVCache, LoadProgress, RopeSpec, Step, Weight
 from ..gguf_file import TensorInfo
 from ..rope import yarn_corr_dims
 
@@ -37,6 +37,19 @@ class ReferenceDevice(Device):
     def __init__(self) -> None:
         self._weight_bytes = 0
         self._kv_bytes = 0
+        self._load: LoadProgress | None = None
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
+        """Nothing to plan (host memory; the engine proves the KV cache fits); progress starts."""
+        self._load = LoadProgress(progress, model.tensor_data_bytes)
+        self._load.start()
+
+    def finish_load(self) -> None:
+        if self._load is not None:
+            self._load.finish()
+            self._load = None
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -55,6 +68,8 @@ class ReferenceDevice(Device):
             data = np.concatenate(arrays, axis=-2 if ndim >= 2 else 0)
         data = np.ascontiguousarray(data, dtype=F32)
         self._weight_bytes += data.nbytes
+        if self._load is not None:
+            self._load.add(sum(p.nbytes for p in parts))
         return Weight(name=name, shape=tuple(data.shape), fmt=fmt, data=data, nbytes=data.nbytes)
 
     def upload_array(self, name: str, array) -> np.ndarray:

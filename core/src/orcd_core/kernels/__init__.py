@@ -2,7 +2,8 @@
 reductions), `quant_kernels.cuh` (the GEMV / dequantize / row-gather templates every tensor format
 instantiates), `moe_kernels.cuh` (the expert-indexed GEMV templates), `core.cu` (norms, RoPE,
 attention, element-wise, argmax, sampling), `moe.cu` (mixture-of-experts routing and grouping) and
-`floats.cu` (F32/F16/BF16).
+`floats.cu` (F32/F16/BF16). The numbers they share with their Python launchers are `constants.py`'s
+table, passed to every compile as `-D` options.
 
 `expand(text)` inlines `#include "name.cuh"` lines from this folder, so a plugin's `.cu` compiles
 with NVRTC without an include path, and the on-disk kernel cache (keyed on the full source text)

@@ -11,6 +11,15 @@ typedef unsigned int u32;
 typedef long long i64;
 
 #define ORCD_WARP 32
+
+// The sizes and codes shared with the Python launchers are -D options of every compile, from one table
+// (orcd_core/kernels/constants.py); no source defines them. A compile without them stops here.
+#if !defined(GEMV_MAX_T) || !defined(GEMV_WARPS) || !defined(GEMV_MAX_R) || !defined(XS_MAX_BYTES) ||     \
+    !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
+    !defined(AD_CHUNK) || !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                \
+    !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
+#error "compile with the -D options of orcd_core.kernels.constants.define_options()"
+#endif
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif

@@ -245,7 +245,7 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, i64 ks, const f
 // ================================================================================================
 #define AP_QT 16
 #define AP_KT 32
-#define AP_MAXD 128
+// AP_MAXD (head dim at most): a -D option (kernels/constants.py)
 
 extern "C" __global__ void __launch_bounds__(128)
     attn_prefill(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
@@ -400,7 +400,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // Scores: one thread per key (16-byte K loads). Values: a thread owns a pair of dims (4-byte loads)
 // and one of G = 128 / (hd/2) key groups; its loop is unrolled so several V loads are in flight.
 // ================================================================================================
-#define AD_CHUNK 256
+// AD_CHUNK: a -D option (kernels/constants.py)
 
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
                                          int hh, int sh, int S, int n, int hd);
@@ -516,10 +516,10 @@ __device__ void attn_decode_combine_head(const float* part_o, const float* part_
 }
 
 // ================================================================================================
-// Argmax over each [V] row of [B, V], two passes: ARGMAX_BLOCKS partial (value, index) pairs per row
-// (grid (ARGMAX_BLOCKS, B)), then one block per row (grid B). Ties go to the lowest index (as numpy.argmax).
+// Argmax over each [V] row of [B, V], two passes: one partial (value, index) pair per block of the
+// first (grid (P, B), P the launcher's ARGMAX_BLOCKS, backends/cuda/sampler.py), then one block per row
+// (grid B). Ties go to the lowest index (as numpy.argmax).
 // ================================================================================================
-#define ARGMAX_BLOCKS 64
 
 __device__ __forceinline__ void argmax_merge(float& v, int& i, float v2, int i2) {
     if (v2 > v || (v2 == v && i2 < i)) { v = v2; i = i2; }

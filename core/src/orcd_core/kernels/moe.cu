@@ -22,7 +22,7 @@ extern "C" __global__ void moe_router_f32(const float* __restrict__ W, const flo
     if (lane == 0) out[(i64)t * E + e] = s + (bias ? bias[e] : 0.0f);
 }
 
-#define MOE_MAX_E_PER_LANE 8  // experts per lane in moe_topk_softmax: E <= 256
+// MOE_MAX_E_PER_LANE (experts per lane in moe_topk_softmax: E <= 32 times it): a -D option (kernels/constants.py)
 
 // grid T, block 32. ids[t, s] = the s-th largest of logits[t, :E] (lowest id first on ties, as a stable
 // descending sort), wts[t, s] = softmax over the k chosen logits.

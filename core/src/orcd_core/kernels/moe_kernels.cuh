@@ -17,12 +17,13 @@
 #pragma once
 #include "quant_kernels.cuh"
 
-#define MOE_WARPS 4  // output rows per block
+// MOE_WARPS (output rows per block), MOE_MAX_K and the MOE_ACT_* codes: -D options (kernels/constants.py)
 
-// act 0: SiLU GLU, silu(g) * u. act 1: ggml_swiglu_oai: x = min(g, limit), y = clamp(u, -limit, limit),
-// x * sigmoid(alpha * x) * (y + 1).
+// act MOE_ACT_SILU: SiLU GLU, silu(g) * u. act MOE_ACT_SWIGLU_OAI: ggml_swiglu_oai: x = min(g, limit),
+// y = clamp(u, -limit, limit), x * sigmoid(alpha * x) * (y + 1).
+static_assert(MOE_ACT_SILU != MOE_ACT_SWIGLU_OAI, "the expert activations are distinct");
 __device__ __forceinline__ float moe_act(float g, float u, int act, float alpha, float limit) {
-    if (act == 1) {
+    if (act == MOE_ACT_SWIGLU_OAI) {
         const float xg = fminf(g, limit);
         const float yu = fmaxf(fminf(u, limit), -limit);
         return xg / (1.0f + expf(-alpha * xg)) * (yu + 1.0f);
@@ -94,7 +95,6 @@ __device__ __forceinline__ void moe_gemv_glu_impl(const u8* __restrict__ W, i64 
 
 // grid (ceil(N / MOE_WARPS), T), dynamic shared memory 4 * k * xs_chunk(k, K); W is [E, N, K], a [T * k, K],
 // wts [T, k], out [T, N]; the k slots' rows of one output are one flat list (their loads in flight together)
-#define MOE_MAX_K 8
 template <class F>
 __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
                                               const float* __restrict__ wts, const float* __restrict__ a,

@@ -27,8 +27,8 @@
 #pragma once
 #include "common.cuh"
 
-#define GEMV_MAX_T 8
-#define GEMV_WARPS 4  // rows per block: one warp per row
+// GEMV_MAX_T, GEMV_WARPS (warps per block), GEMV_MAX_R, XS_MAX_BYTES and the GEMV_X_* modes below are
+// -D options of every compile (orcd_core/kernels/constants.py), shared with the launchers.
 
 // Activations are staged in shared memory first (XS_MAX_BYTES of dynamic shared memory at most; the
 // launcher passes xs_bytes(T, K)): a lane reads the x of *its* item, so lanes of a warp read 32
@@ -37,7 +37,6 @@
 // (0..7) of 32-element row r sits at r * 8 + (c ^ (r & 7)), so the 8 lanes of a quarter-warp that read
 // float4 c of 8 consecutive rows hit 8 different bank groups. When T vectors of K floats do not fit,
 // the K axis is walked in chunks of XS_MAX_BYTES / (4 T) floats (a multiple of 256: whole blocks).
-#define XS_MAX_BYTES 32768
 
 __host__ __device__ __forceinline__ int xs_chunk(int T, int K) {
     return 4 * T * K <= XS_MAX_BYTES ? K : (XS_MAX_BYTES / (4 * T)) & ~255;
@@ -57,9 +56,11 @@ __device__ __forceinline__ void stage_x(const float* __restrict__ x, i64 stride,
 }
 // The one-token GEMV's input modes: the element-wise or row-wise op that produced x, done while x is
 // staged, so that it needs no launch of its own (backends/cuda/fusion.py decides).
-#define GEMV_X_PLAIN 0  // x as given
-#define GEMV_X_RMS 1    // rms_norm(x) * aux, aux the norm weight [K] (as rms_norm_f32); all of K in one chunk
-#define GEMV_X_SILU 2   // silu(x) * aux, x the gate and aux the up half [K] (as silu_mul_f32)
+//   GEMV_X_PLAIN  x as given
+//   GEMV_X_RMS    rms_norm(x) * aux, aux the norm weight [K] (as rms_norm_f32); all of K in one chunk
+//   GEMV_X_SILU   silu(x) * aux, x the gate and aux the up half [K] (as silu_mul_f32)
+static_assert(GEMV_X_PLAIN != GEMV_X_RMS && GEMV_X_PLAIN != GEMV_X_SILU && GEMV_X_RMS != GEMV_X_SILU,
+              "the GEMV input modes are distinct");
 
 // Stage elements [k0, k0 + kc) of one vector through `mode`. Every thread of the block takes part;
 // the caller synchronizes after it (block_sum's barriers order the RMS mode's two passes). The RMS
@@ -117,7 +118,6 @@ struct ItemDot {
 // has a few items per lane even for short rows): the warp walks the R rows' items of the staged chunk as
 // one flat list, lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced
 // per row at the end.
-#define GEMV_MAX_R 4
 
 // Whether ItemDot<F> is the generic dequantize-then-dot (no `generic` member: a format's own streamed one).
 template <class D, class = void>

@@ -20,6 +20,7 @@ from orcd_core.device import Device, KVCache, Step
 from orcd_core.errors import GGUFMetadataError, GGUFTensorError
 from orcd_core.generation import InvalidRequest
 from orcd_core.gguf_file import MAX_CONTEXT_LENGTH, embedding_rows
+from orcd_core.hparams import uniform_per_layer
 from orcd_core.shape import ModelShape
 from orcd_core.weights import Proj, TensorLoader
 
@@ -56,10 +57,11 @@ class Gpt2Config:
     def from_gguf(cls, model) -> "Gpt2Config":
         # each value range-checked where it is read, against the file and the values before it
         n_embd = model.int_value(f"{ARCH}.embedding_length", lo=1, hi=MAX_WIDTH)
-        n_head = model.int_value(f"{ARCH}.attention.head_count", lo=1, hi=n_embd)
+        # head counts and the FFN width: one value or a per-layer array of equal values (as llama.cpp reads them)
+        n_head = uniform_per_layer(model, f"{ARCH}.attention.head_count", hi=n_embd)
         if n_embd % n_head:
             raise GGUFMetadataError(model.path, f"{ARCH}.attention.head_count {n_head} does not divide embedding_length {n_embd}")
-        n_head_kv = model.int_value(f"{ARCH}.attention.head_count_kv", n_head, lo=1, hi=n_head)
+        n_head_kv = uniform_per_layer(model, f"{ARCH}.attention.head_count_kv", n_head, hi=n_head)
         if n_head % n_head_kv:
             raise GGUFMetadataError(model.path, f"{ARCH}: {n_head} heads is not a multiple of {n_head_kv} KV heads")
         context_length = model.int_value(f"{ARCH}.context_length", None, lo=1, hi=MAX_CONTEXT_LENGTH)
@@ -72,7 +74,7 @@ class Gpt2Config:
             n_layer=model.int_value(f"{ARCH}.block_count", lo=1, hi=max(1, len(model.tensors))),
             n_head=n_head,
             n_head_kv=n_head_kv,
-            n_ff=model.int_value(f"{ARCH}.feed_forward_length", lo=1, hi=MAX_WIDTH),
+            n_ff=uniform_per_layer(model, f"{ARCH}.feed_forward_length", hi=MAX_WIDTH),
             norm_eps=model.float_value(f"{ARCH}.attention.layer_norm_epsilon", lo=0.0, hi=1.0, lo_open=True),
             # llama.cpp sizes position_embd by context_length; without the key, the table's rows
             n_positions=int(context_length or pos.np_shape[0]),

@@ -34,7 +34,6 @@ SWIGLU_LIMIT = 7.0
 #: Largest width and expert count a file may claim (gpt-oss-120b: 128 experts, widths ~3k).
 MAX_WIDTH = 1 << 20
 MAX_EXPERTS = 1 << 12
-_REQUIRED = object()
 
 
 @dataclass(frozen=True)
@@ -70,13 +69,9 @@ class GptOssConfig:
 
     @classmethod
     def from_gguf(cls, model) -> "GptOssConfig":
-        def count(suffix: str, hi: int, default=_REQUIRED) -> int:
+        def count(suffix: str, hi: int, default: int | None = None) -> int:
             """A positive integer in 1..hi (one value, or a per-layer array of equal values)."""
-            full = f"{ARCH}.{suffix}"
-            value = uniform_per_layer(model, full) if default is _REQUIRED else uniform_per_layer(model, full, default)
-            if value > hi:
-                raise GGUFMetadataError(model.path, f"metadata key {full!r} is {value!r:.60}, expected an integer in 1..{hi}")
-            return value
+            return uniform_per_layer(model, f"{ARCH}.{suffix}", default, hi=hi)
 
         # each value range-checked where it is read, against the file and the values before it
         n_layer = model.int_value(f"{ARCH}.block_count", lo=1, hi=max(1, len(model.tensors)))

@@ -63,11 +63,7 @@ class DecoderConfig:
         arch = model.architecture
 
         def uniform_int(suffix: str, default, hi: int) -> int:  # per-layer arrays: all equal in this family
-            key = f"{arch}.{suffix}"
-            value = uniform_per_layer(model, key) if default is None else uniform_per_layer(model, key, default)
-            if value > hi:
-                raise GGUFMetadataError(model.path, f"metadata {key} is {value!r:.60}, expected an integer in 1..{hi}")
-            return value
+            return uniform_per_layer(model, f"{arch}.{suffix}", default, hi=hi)
 
         # every value is range-checked here, where it is read: against the file (a block has at
         # least one tensor) and against the values read before it

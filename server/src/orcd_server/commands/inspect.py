@@ -22,7 +22,7 @@ from typing import Any
 from orcd_core.errors import GGUFMetadataError, ModelLoadError
 from orcd_core.gguf_file import DEFAULT_MAX_TENSORS, MAX_CONTEXT_LENGTH, GGUFModel, check_supported, open_gguf
 from orcd_core.plugins import load_plugins
-from orcd_core.shape import ALLOCATION_ALIGNMENT, DEFAULT_CONTEXT, kv_bytes
+from orcd_core.shape import DEFAULT_CONTEXT, align, kv_bytes
 from orcd_core.tokenizer import load_tokenizer, tokenizer_kind
 
 from ._model_args import add_model_arg
@@ -79,7 +79,7 @@ def inspect_model(path: str, context: int | None = None) -> dict[str, Any]:
     n_ctx = context if context is not None else (context_length or DEFAULT_CONTEXT)
     if n_ctx <= 0:
         raise GGUFMetadataError(model.path, f"context {n_ctx} for the KV-cache estimate, expected a positive number")
-    weights = sum(-(-t.nbytes // ALLOCATION_ALIGNMENT) * ALLOCATION_ALIGNMENT for t in model.tensors.values())
+    weights = sum(align(t.nbytes) for t in model.tensors.values())
     registry = load_plugins()
     kv, reason = kv_cache_bytes(model, n_ctx, registry)
     if reason is None and model.get("tokenizer.ggml.model") is not None:

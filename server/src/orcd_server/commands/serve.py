@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", default="8080", help="TCP port (default 8080)")
     p.add_argument("--backend", default="cuda", help="cuda (default) or reference (NumPy on the CPU; slow)")
     p.add_argument("--max-context", help="serve at most this many tokens of context (default: the model's)")
-    p.add_argument("--max-tokens-out", default="2048", help="default and upper limit of max_tokens (1..2048)")
+    p.add_argument("--max-tokens-out", default=str(schemas.MAX_TOKENS_LIMIT),
+                   help=f"default and upper limit of max_tokens (1..{schemas.MAX_TOKENS_LIMIT})")
     p.add_argument("--inference-timeout-sec", default="300", help="a job running longer ends with INFERENCE_TIMEOUT")
     p.add_argument("--kv-cache-size-mb", help="cap the context so that its fp16 KV cache fits in this many MiB")
     p.add_argument("--max-batch", default="8",

@@ -18,21 +18,18 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...device import MAX_BATCH, MAX_STEP_TOKENS, Device, KVBatch, KVCache, RopeSpec, Step, Weight
+from ...kernels.constants import AD_CHUNK, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
+from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
+from ...device import MAX_BATCH, MAX_STEP_TOKENS, Device, KVBatch, KVCache, LoadProgress, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
+from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
-from .kernels import NULL, XS_MAX_BYTES, KernelSet, f32, i32, i64, launch, xs_bytes
+from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
+from .kernels import blocks as _blocks
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
-GEMV_MAX_T = 8  # quant_kernels.cuh: rows of the decode GEMVs (gemv_t8) at most; more: dequantize + GEMM
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
-GEMV_WARPS = 4  # warps per block
-GEMV_MAX_R = 4  # rows per warp at most
-ATTN_MAX_HEAD_DIM = 128
-DECODE_CHUNK = 256  # keys per split of the decode attention (core.cu AD_CHUNK)
-GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU = 0, 1, 2  # the one-token GEMV's input modes (quant_kernels.cuh)
-ARGMAX_BLOCKS = 64
 MAX_HEADS = 1024  # (row, head) split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
@@ -53,9 +50,9 @@ class CudaDevice(Device):
     """The CUDA backend (one GPU per process)."""
 
     name = "cuda"
+    plans_memory = True
 
-    def __init__(self, gpu_device: int = 0, *, load_chunk_mb: float = 1, residency_check_s: float = 60.0,
-                 registry=None):
+    def __init__(self, gpu_device: int = 0, *, load_chunk_mb: float = 1, residency_check_s: float = 60.0):
         n = _device_count()
         if not 0 <= int(gpu_device) < n:
             raise GpuDeviceError(f"--gpu-device {gpu_device}: this machine has {n} CUDA device(s)"
@@ -71,10 +68,9 @@ class CudaDevice(Device):
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
         self.chunk_bytes = int(float(load_chunk_mb) * (1 << 20))
-        self.registry = registry
         self._modules: dict[str, KernelSet] = {}
         self._by_fmt: dict[int, KernelSet] = {}  # ggml type -> its compiled source (looked up per op)
-        self.core = self._module("core.cu", ksrc.expand(ksrc.read("core.cu")))
+        self.core = self.core_kernels("core.cu")
         self.arenas: list[Arena] = []
         self._kv_live: dict[int, int] = {}
         self._kv_mem: dict[int, Any] = {}
@@ -87,9 +83,8 @@ class CudaDevice(Device):
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
         self._weights_bytes = 0
-        self._uploaded = 0
         self._planned = 0
-        self._progress = None
+        self._load: LoadProgress | None = None
         self._uploader: ChunkedUploader | None = None
         self.model_path = ""
         self._healthy = True
@@ -117,6 +112,11 @@ class CudaDevice(Device):
         if ks is None:
             ks = self._modules[label] = KernelSet(label, source)
         return ks
+
+    def core_kernels(self, name: str) -> KernelSet:
+        """A source of `orcd_core.kernels` ("core.cu", "moe.cu"), compiled on first use."""
+        ks = self._modules.get(name)
+        return ks if ks is not None else self._module(name, ksrc.expand(ksrc.read(name)))
 
     def _fmt_module(self, fmt) -> KernelSet:
         ks = self._by_fmt.get(fmt.ggml_type)
@@ -173,7 +173,6 @@ class CudaDevice(Device):
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
         self._enter()
         self.model_path = str(model.path)
-        self._progress = progress
         tensors = list(model.tensors.values())
         weight_bytes = sum(align(t.nbytes) for t in tensors)
         weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
@@ -201,15 +200,13 @@ class CudaDevice(Device):
             self.pool.release()
             raise InsufficientVram(model.path, f"VRAM allocation on GPU {self.gpu} failed: {exc}") from None
         self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
-        if progress:
-            progress(0.0)
+        self._load = LoadProgress(progress, self._planned)
+        self._load.start()
 
     @staticmethod
     def kv_bytes_estimate(shape, n_ctx: int) -> int:
         """Bytes of one KV cache of `n_ctx` positions, as `new_kv_cache` allocates it (sliding-window
         layers per `shape.kv_windows` hold a bounded ring): `orcd_core.shape.kv_bytes`."""
-        from ...shape import kv_bytes
-
         return kv_bytes(shape, n_ctx)
 
     @staticmethod
@@ -254,11 +251,6 @@ class CudaDevice(Device):
         self.arenas.append(a)
         return a.base, a.take(nbytes)
 
-    def _report(self, n: int) -> None:
-        self._uploaded += n
-        if self._progress and self._planned:
-            self._progress(min(1.0, self._uploaded / self._planned))
-
     def upload_weight(self, name: str, parts, fmt) -> Weight:
         self._enter()
         if not parts:
@@ -293,7 +285,8 @@ class CudaDevice(Device):
                 self._uploader.copy(o, p.data)
                 o += p.nbytes
             shape = (sum(s[0] for s in shapes),) + shapes[0][1:] if len(shapes[0]) > 1 else (sum(s[0] for s in shapes),)
-        self._report(nbytes)
+        if self._load is not None:
+            self._load.add(nbytes)
         self._weights_bytes += nbytes
         rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         data = view(base, off, (rows, row_bytes), np.uint8)
@@ -318,8 +311,9 @@ class CudaDevice(Device):
             self._uploader.close()
             self._uploader = None
         self.stream.synchronize()
-        if self._progress:
-            self._progress(1.0)
+        if self._load is not None:
+            self._load.finish()
+            self._load = None
         self.check_residency()
         if self._check_s > 0 and self._timer is None:
             self._schedule()
@@ -615,8 +609,8 @@ class CudaDevice(Device):
         Hkv = k.shape[1]
         if Hq % Hkv or k.shape != (T, Hkv, hd) or v.shape != (T, Hkv, hd):
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}")
-        if hd > ATTN_MAX_HEAD_DIM or hd % 8:
-            raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {ATTN_MAX_HEAD_DIM})")
+        if hd > AP_MAXD or hd % 8:
+            raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {AP_MAXD})")
         batched = isinstance(cache, KVBatch)  # row t: one token of the sequence whose cache is caches[t]
         if batched:
             if len(cache.caches) != T:
@@ -651,7 +645,7 @@ class CudaDevice(Device):
             # small splits (many blocks) for short spans, at most 128 splits; the kernel runs only the
             # splits the position reaches (the others exit at once)
             span = min(window, cache.n_ctx) if window > 0 else cache.n_ctx
-            chunk = min(DECODE_CHUNK, max(64, -(-span // 128)))
+            chunk = min(AD_CHUNK, max(64, -(-span // 128)))
             S = max(1, math.ceil(span / chunk))
             if T * Hq > MAX_HEADS:
                 raise NotImplementedError(f"attention: {T} rows of {Hq} query heads (at most {MAX_HEADS} in all)")
@@ -745,16 +739,6 @@ class CudaDevice(Device):
     def logits_last(self, x) -> cupy.ndarray:
         return x[-1]
 
-    def argmax(self, logits) -> cupy.ndarray:
-        logits = self._c(logits)
-        V = logits.size
-        pv = self._ws((ARGMAX_BLOCKS,))
-        pi = self._ws((ARGMAX_BLOCKS,), np.int32)
-        out = self._ws((1,), np.int32)
-        launch(self.core.fn("argmax_part"), (ARGMAX_BLOCKS,), (256,), (logits, i32(V), pv, pi))
-        launch(self.core.fn("argmax_final"), (1,), (64,), (pv, pi, i32(ARGMAX_BLOCKS), out, NULL))
-        return out
-
     def sampler_for(self, V: int):
         """The sampler's scratch for MAX_BATCH rows of this vocabulary (made once: graphs hold it)."""
         from .sampler import Sampler
@@ -783,12 +767,6 @@ class CudaDevice(Device):
         return GraphBatchDecoder(self, forward, max_rows=max_rows)
 
 
-def kv_rows(window: int, n_ctx: int) -> int:
-    """Rows of one layer's KV cache: the whole context, or for a sliding-window layer a ring of the
-    window plus the keys one step writes before its queries read (MAX_STEP_TOKENS - 1 more)."""
-    return min(int(window) + MAX_STEP_TOKENS - 1, int(n_ctx)) if window > 0 else int(n_ctx)
-
-
 def _check_linear(w: Weight, K: int, bias) -> None:
     """x's width against the weight's, the GEMV's 32-element items, the bias's shape."""
     t = w.data
@@ -804,10 +782,6 @@ def _rows_per_warp(N: int, K: int) -> int:
     """The GEMV's R: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which gives
     each lane several independent items in flight (measured: docs/perf-notes.md)."""
     return 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
-
-
-def _blocks(n: int, per: int) -> int:
-    return max(1, (int(n) + per - 1) // per)
 
 
 def _norm_threads(D: int) -> int:

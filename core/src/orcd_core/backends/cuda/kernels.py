@@ -2,7 +2,8 @@
 
 Each source (`core.cu`, `floats.cu`, a quant plugin's `.cu`) becomes one `cupy.RawModule`, compiled
 once per process for the device's own architecture (NVRTC picks `sm_XY` from the current device) with
-`-std=c++17`. CuPy caches the compiled binary on disk, keyed on the full (include-expanded) source
+`-std=c++17` and the constants the sources share with the launchers as `-D` options
+(`orcd_core.kernels.constants`). CuPy caches the compiled binary on disk, keyed on the full (include-expanded) source
 text and options; the cache lives under `${ORCD_CACHE_DIR:-~/.cache/orcd-worker}/kernels` unless
 `CUPY_CACHE_DIR` says otherwise.
 
@@ -19,8 +20,9 @@ import cupy
 import numpy as np
 
 from ...generation import CudaError
+from ...kernels.constants import XS_MAX_BYTES, define_options
 
-COMPILE_OPTIONS = ("-std=c++17",)
+COMPILE_OPTIONS = ("-std=c++17", *define_options())
 _CHECK = os.environ.get("ORCD_CUDA_CHECK", "") not in ("", "0")
 
 
@@ -75,7 +77,9 @@ def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> N
             raise CudaError(f"kernel {getattr(fn, 'kernel', fn)} failed: {exc}") from exc
 
 
-XS_MAX_BYTES = 32768  # quant_kernels.cuh: shared memory for the GEMVs' staged activations
+def blocks(n: int, per: int) -> int:
+    """Blocks of a 1-D grid that covers `n` items at `per` items a block (at least one)."""
+    return max(1, (int(n) + per - 1) // per)
 
 
 def xs_bytes(n_vectors: int, K: int) -> int:

@@ -17,12 +17,9 @@ import cupy
 import numpy as np
 
 from ...generation import VramOOM
+from ...shape import ALLOCATION_ALIGNMENT, align
 
-ALIGN = 256
-
-
-def align(n: int, a: int = ALIGN) -> int:
-    return (int(n) + a - 1) // a * a
+_MASK = ALLOCATION_ALIGNMENT - 1  # a power of two
 
 
 def raw_alloc(nbytes: int) -> cupy.cuda.MemoryPointer:
@@ -89,7 +86,7 @@ class Workspace:
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         arena = self.arena
-        off = (arena.used + 255) & ~255  # the bump allocation, inlined (this runs for every op)
+        off = (arena.used + _MASK) & ~_MASK  # the bump allocation, inlined (this runs for every op)
         end = off + nbytes
         self._step_bytes += end - arena.used
         if end <= arena.size:

@@ -21,23 +21,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ... import kernels as ksrc
 from ...device import MAX_BATCH
 from ...generation import CudaError
-from .kernels import NULL, f32, i32, i64, launch, xs_bytes
+from ...kernels.constants import MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS
+from .kernels import NULL, blocks, f32, i32, i64, launch, xs_bytes
 
-MOE_WARPS = 4  # moe_kernels.cuh: output rows per block
-MAX_EXPERTS = 256  # moe.cu: MOE_MAX_E_PER_LANE * 32
-MAX_TOP_K = 8  # moe_kernels.cuh MOE_MAX_K: the decode down-projection keeps one partial per slot
+MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
 DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
 #                          each token's computed as it would be alone; more: grouped by expert
-ACTS = {"silu": 0, "swiglu_oai": 1}
+ACTS = {"silu": MOE_ACT_SILU, "swiglu_oai": MOE_ACT_SWIGLU_OAI}
 _SOURCE = "moe.cu"
-
-
-def _module(dev):
-    ks = dev._modules.get(_SOURCE)
-    return ks if ks is not None else dev._module(_SOURCE, ksrc.expand(ksrc.read(_SOURCE)))
 
 
 def _fmt_fn(dev, w, kind: str):
@@ -48,10 +41,6 @@ def _fmt_fn(dev, w, kind: str):
     except CudaError:
         raise NotImplementedError(f"moe: expert weight {w.name!r} is {w.fmt.name}, which has no expert-indexed "
                                   f"GEMV ({kind}_{w.fmt.name}) in its CUDA source") from None
-
-
-def _blocks(n: int, per: int) -> int:
-    return max(1, (int(n) + per - 1) // per)
 
 
 def _bias(b, shape, what):
@@ -74,17 +63,17 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         raise ValueError(f"moe: x {x.shape}, router {router.shape}, gate_up {gate_up.shape}, down {down.shape}")
     if act not in ACTS:
         raise ValueError(f"moe: unknown activation {act!r} (expected one of {sorted(ACTS)})")
-    if not 1 <= top_k <= min(E, MAX_TOP_K) or E > MAX_EXPERTS:
+    if not 1 <= top_k <= min(E, MOE_MAX_K) or E > MAX_EXPERTS:
         raise NotImplementedError(f"moe: {E} experts, top {top_k} (supported: up to {MAX_EXPERTS} experts, "
-                                  f"top 1..{MAX_TOP_K})")
+                                  f"top 1..{MOE_MAX_K})")
     if D % 32 or F % 32:
         raise NotImplementedError(f"moe: widths D {D}, F {F} must be multiples of 32")
     gub = _bias(gate_up_bias, (E, 2 * F), "gate|up")
     dnb = _bias(down_bias, (E, D), "down")
-    mk = _module(dev)
+    mk = dev.core_kernels(_SOURCE)
     if router.fmt.name == "F32":  # gpt-oss's: float32 logits for any T (the GEMM path rounds to fp16)
         logits = dev._ws((T, E))  # [T, E]
-        launch(mk.fn("moe_router_f32"), (_blocks(E, MOE_WARPS), T), (32 * MOE_WARPS,),
+        launch(mk.fn("moe_router_f32"), (blocks(E, MOE_WARPS), T), (32 * MOE_WARPS,),
                (router.data.data, x, _bias(router_bias, (E,), "router"), logits, i32(E), i32(D)))
     else:
         logits = dev._c(dev.linear(x, router, router_bias))  # [T, E] (launched: read below by our kernel)
@@ -94,11 +83,11 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     if T <= DECODE_MAX_T:
         P = T * top_k
         a = dev._ws((P, F))  # [T k, F]
-        launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (_blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
+        launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
                (gate_up.data.data, i64(gate_up.data.row_bytes), ids, x, i32(top_k), gub, a, i32(F), i32(D), i32(E),
                 i32(ACTS[act]), f32(alpha), f32(limit)), shared_mem=xs_bytes(1, D))
         out = dev._ws((T, D))
-        launch(_fmt_fn(dev, down, "moe_down"), (_blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
+        launch(_fmt_fn(dev, down, "moe_down"), (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
                (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)),
                shared_mem=xs_bytes(top_k, F))
         return out
@@ -114,7 +103,7 @@ def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, 
     offsets = dev._ws((E + 1,), np.int32)
     launch(mk.fn("moe_sort"), (1,), (max(32, -(-E // 32) * 32),), (ids, i32(P), i32(E), offsets, order, pos))
     x16 = dev._ws((P, D), np.float16)  # the sorted pairs' tokens
-    launch(mk.fn("moe_gather_f16"), (_blocks(P * D, 256),), (256,), (x, order, i32(k), i32(D), x16, i32(P)))
+    launch(mk.fn("moe_gather_f16"), (blocks(P * D, 256),), (256,), (x, order, i32(k), i32(D), x16, i32(P)))
     offs = [int(v) for v in dev.to_host(offsets)]  # the experts' token counts size the GEMMs
     h = dev._ws((P, 2 * F))
     for e in range(E):
@@ -122,7 +111,7 @@ def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, 
         if n:
             dev._dequant_gemm(gate_up, e * 2 * F, 2 * F, D, x16.data.ptr + 2 * D * offs[e], n, h.data.ptr + 4 * 2 * F * offs[e])
     a16 = dev._ws((P, F), np.float16)
-    launch(mk.fn("moe_glu_f16"), (_blocks(P * F, 256),), (256,),
+    launch(mk.fn("moe_glu_f16"), (blocks(P * F, 256),), (256,),
            (h, ids, order, gub, a16, i32(P), i32(F), i32(act), f32(alpha), f32(limit)))
     y = dev._ws((P, D))
     for e in range(E):
@@ -130,5 +119,5 @@ def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, 
         if n:
             dev._dequant_gemm(down, e * D, D, F, a16.data.ptr + 2 * F * offs[e], n, y.data.ptr + 4 * D * offs[e])
     out = dev._ws((T, D))
-    launch(mk.fn("moe_combine"), (_blocks(T * D, 256),), (256,), (y, ids, pos, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
+    launch(mk.fn("moe_combine"), (blocks(T * D, 256),), (256,), (y, ids, pos, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
     return out

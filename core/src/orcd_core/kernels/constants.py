@@ -1,0 +1,41 @@
+"""The numbers that the CUDA sources and their Python launchers (backends/cuda/) share: one table.
+
+Every upper-case int of this module is passed to every compile of a source as `-DNAME=value`
+(`define_options()`: NVRTC in backends/cuda/kernels.py, nvcc in core/tests/kernels/test_compile.py).
+No source defines one, and `common.cuh` stops a compile that lacks one with `#error`; the launchers
+import them from here. core/tests/kernels/test_constants.py checks that the table, the sources'
+uses and that `#error` check name the same constants. Nothing here imports CuPy.
+"""
+
+from __future__ import annotations
+
+# ---- quant_kernels.cuh: the dequantizing GEMVs every tensor format instantiates ----------------------
+GEMV_MAX_T = 8  # rows of the decode GEMVs (gemv_t4_* up to 4, gemv_t8_* up to 8: a batched decode step's
+#                rows) at most; more go through dequantize + GEMM
+GEMV_WARPS = 4  # warps per GEMV block
+GEMV_MAX_R = 4  # rows per warp at most (the launcher's rows_per_warp)
+XS_MAX_BYTES = 32768  # dynamic shared memory for the staged activations of one GEMV block at most
+GEMV_X_PLAIN = 0  # the one-token GEMV's input modes: x as given,
+GEMV_X_RMS = 1  # rms_norm(x) * aux,
+GEMV_X_SILU = 2  # silu(x) * aux
+
+# ---- core.cu: attention ----------------------------------------------------------------------------
+AP_MAXD = 128  # head dim at most (the attention kernels' shared-memory rows)
+AD_CHUNK = 256  # keys per split of the decode attention at most
+
+# ---- moe_kernels.cuh, moe.cu: mixture of experts ---------------------------------------------------
+MOE_WARPS = 4  # output rows (one warp each) per block of the expert GEMVs and the router
+MOE_MAX_K = 8  # experts per token at most (the decode down-projection keeps one partial per slot)
+MOE_MAX_E_PER_LANE = 8  # experts per lane of moe_topk_softmax: at most 32 times this many experts
+MOE_ACT_SILU = 0  # the expert GLU: silu(g) * u
+MOE_ACT_SWIGLU_OAI = 1  # ggml_swiglu_oai (clamped, with alpha)
+
+
+def table() -> dict[str, int]:
+    """Name -> value of every constant above."""
+    return {k: v for k, v in globals().items() if k.isupper() and type(v) is int}
+
+
+def define_options() -> tuple[str, ...]:
+    """The table as compiler options: ("-DAD_CHUNK=256", ...)."""
+    return tuple(f"-D{k}={v}" for k, v in sorted(table().items()))
