@@ -10,7 +10,8 @@ Figures (each a bounded number of requests):
 - stream tok/s: one stream of `--tokens` (256) greedy tokens, tokens after the first over the time
   after the first; beside it `orcd-worker bench` tg of the same file in the same run (in-process);
 - health/metrics p50/p99 (ms) while a stream runs;
-- aggregate tok/s with 1, 4, 8, 16 concurrent streams (the worker queues what it cannot run);
+- aggregate tok/s with 1, 4, 8, 16 concurrent streams (up to --max-batch decode together, continuous
+  batching; the worker queues the rest), and each against one stream;
 - cancel latency (ms): POST /cancel during the prefill of a ~2048-token prompt -> the terminal event.
 """
 
@@ -160,6 +161,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20, help="requests per TTFT figure")
     ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--max-batch", type=int, default=8, help="the worker's --max-batch (8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     proc = None
@@ -170,6 +172,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{args.port}"
         proc = subprocess.Popen(["orcd-worker", "serve", "--model", args.model, "--backend", args.backend,
                                  "--port", str(args.port), "--queue-size", "64", "--max-context", "4096",
+                                 "--max-batch", str(args.max_batch),
                                  "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -207,8 +210,10 @@ def main() -> int:
               f"(SSE = {s['sse_tok_s'] / res['bench_tg']:.0%} of it)")
     for k, v in res["side"].items():
         print(f"{k + ' during a stream':<34}{v['p50_ms']:>20.2f} ms p50 {v['p99_ms']:>8.2f} p99 (n={v['n']})")
+    one = next((a["tok_s"] for a in res["aggregate"] if a["streams"] == 1), None)
     for a in res["aggregate"]:
-        print(f"{str(a['streams']) + ' concurrent streams':<34}{a['tok_s']:>20.1f} tok/s aggregate")
+        ratio = f" ({a['tok_s'] / one:.2f}x one stream)" if one else ""
+        print(f"{str(a['streams']) + ' concurrent streams':<34}{a['tok_s']:>20.1f} tok/s aggregate{ratio}")
     c = res["cancel_in_prefill"]
     print(f"{'cancel during a 2048-token prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")
     if args.json:
