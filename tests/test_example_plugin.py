@@ -116,20 +116,21 @@ def test_the_examples_gpu_tests_collect_cleanly_without_a_gpu(venv):
 
 
 def test_the_examples_cuda_source_compiles_for_hopper(tmp_path):
-    """iq4_nl.cu, expanded as the CUDA backend expands it, compiles with nvcc for sm_90 into the four
-    kernels the backend launches (where nvcc is installed; the kernels' results are checked on a GPU by
+    """iq4_nl.cu, expanded as the CUDA backend expands it, compiles with nvcc for sm_90 (with the -D options of the constants table) into the
+    kernels the backend launches, none spilling (where nvcc is installed; the kernels' results are checked on a GPU by
     the example's tests/test_iq4_nl_cuda.py, marker `gpu`)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("no nvcc here")
     from orcd_core.kernels import expand
+    from orcd_core.kernels.constants import define_options
 
     source = tmp_path / "iq4_nl.cu"
     source.write_text(expand((EXAMPLE / "src" / "orcd_quant_example" / "iq4_nl.cu").read_text(encoding="utf-8")))
     cubin = tmp_path / "iq4_nl.cubin"
-    proc = run([nvcc, "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", cubin, source])
+    proc = run([nvcc, "-arch=sm_90", "-std=c++17", *define_options(), "-cubin", "-Xptxas", "-v", "-o", cubin, source])
     symbols = cubin.read_bytes()
-    for kernel in ("gemv_IQ4_NL", "gemv_t4_IQ4_NL", "dequant_f16_IQ4_NL", "get_rows_IQ4_NL"):
+    for kernel in ("gemv_IQ4_NL", "gemv_t4_IQ4_NL", "gemv_t8_IQ4_NL", "dequant_f16_IQ4_NL", "get_rows_IQ4_NL"):
         assert f".text.{kernel}".encode() in symbols, kernel
     spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
-    assert spills == ["0"] * 4, proc.stderr  # the level lookup stays in registers (no local-memory table)
+    assert spills == ["0"] * 5, proc.stderr  # the level lookup stays in registers (no local-memory table)
