@@ -52,6 +52,20 @@ def test_temperature_scales_before_the_penalty():
     np.testing.assert_array_equal(apply_temperature_and_penalty(logits, p, [0, 1]), [f(2.0) / f(1.5), f(-2.0) * f(1.5)])
 
 
+def test_frequency_and_presence_penalties_as_llama_cpp():
+    """llama.cpp's penalties sampler: after the repetition penalty, each distinct id of the window,
+    occurring c times, loses c * frequency + presence (float32); ids outside the window are untouched."""
+    f = np.float32
+    logits = np.array([2.0, -1.0, 0.5, 3.0], np.float32)
+    p = SamplingParams(temperature=1.0, repetition_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5,
+                       repetition_window=4)
+    got = apply_temperature_and_penalty(logits, p, [9, 0, 1, 0, 0])  # window: [0, 1, 0, 0]: 0 x3, 1 x1
+    want = [f(2.0) / f(2.0) - (f(3) * f(0.25) + f(0.5)), f(-1.0) * f(2.0) - (f(1) * f(0.25) + f(0.5)), 0.5, 3.0]
+    np.testing.assert_array_equal(got, np.array(want, np.float32))
+    only = SamplingParams(temperature=0, presence_penalty=1.5, repetition_window=2)  # no repetition penalty
+    assert sample(np.array([1.0, 0.6, 0.0], np.float32), only, [0, 2]) == 1  # 0 drops to -0.5 below 0.6
+
+
 def test_sorted_candidates_top_k_keeps_lowest_ids_on_boundary_ties():
     l = np.array([1.0, 3.0, 2.0, 2.0, 2.0, 0.0], np.float32)
     assert sorted_candidates(l, 3).tolist() == [1, 2, 3]

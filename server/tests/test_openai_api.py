@@ -145,7 +145,7 @@ def test_stop_string_cuts_the_text(client):
     (dict(n=2), "n"),
     (dict(logprobs=True, top_logprobs=3), "logprobs"),
     (dict(response_format={"type": "json_object"}), "response_format"),
-    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(max_tokens=5000), "max_tokens"),
     (dict(temperature=3.0), "temperature"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
@@ -156,6 +156,16 @@ def test_refusals_are_bad_request_errors(client, kwargs, param):
     error = info.value.body
     assert info.value.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == param
     assert error["message"]
+
+
+def test_presence_and_frequency_penalties_change_what_repeats(client):
+    """OpenAI's penalties reach the sampler (llama.cpp's semantics over the penalty window): greedy
+    output with a strong frequency penalty differs from the plain one and repeats fewer ids."""
+    plain = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0)
+    pen = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=2.0)
+    assert pen.choices[0].text != plain.choices[0].text
+    assert pen.usage.completion_tokens >= 1
 
 
 def test_completion_refusals(client):

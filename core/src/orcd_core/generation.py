@@ -19,7 +19,8 @@ FinishReason = Literal["stop", "length", "stop_sequence", "cancelled"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Applied in llama.cpp's order: temperature -> repetition penalty -> top-k -> top-p -> min-p -> sample.
+    """Applied in llama.cpp's order: temperature -> penalties (repetition, frequency, presence) -> top-k ->
+    top-p -> min-p -> sample.
     temperature 0 means greedy (argmax); 0/1 values switch a filter off as documented per field."""
 
     temperature: float = 1.0
@@ -27,7 +28,9 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
-    repetition_window: int = 64  # how many previous tokens the penalty looks at (llama.cpp's default)
+    repetition_window: int = 64  # how many previous tokens the penalties look at (llama.cpp's default)
+    presence_penalty: float = 0.0  # subtracted once from each id in the window (0 = off)
+    frequency_penalty: float = 0.0  # subtracted per occurrence of an id in the window (0 = off)
     seed: int = 0  # uint64
 
 

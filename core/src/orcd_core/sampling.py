@@ -4,10 +4,13 @@
 
 1. Temperature. `T = params.temperature`. If T > 0: `l = logits / T` (float32 division).
    If T <= 0 the run is greedy (step 3 returns the argmax).
-2. Repetition penalty (llama.cpp's `penalties` sampler), when `repetition_penalty != 1`: for each
-   *distinct* id among the last `repetition_window` entries of `recent_ids` (ids < 0 are empty
-   slots): `l[id] = l[id] / penalty` if `l[id] > 0`, else `l[id] * penalty` (float32).
-   The engine feeds the prompt's ids and the generated ids into the window.
+2. Penalties (llama.cpp's `penalties` sampler), when `repetition_penalty != 1` or a frequency or
+   presence penalty is set: for each *distinct* id among the last `repetition_window` entries of
+   `recent_ids` (ids < 0 are empty slots), occurring c times there:
+   `l[id] = l[id] / penalty` if `l[id] > 0`, else `l[id] * penalty`; then
+   `l[id] -= c * frequency_penalty + presence_penalty` (float32, that order of operations).
+   The engine feeds the prompt's ids and the generated ids into the window (as llama.cpp does; an
+   OpenAI server counts generated tokens only).
 3. Greedy (T <= 0): return the lowest id among those with the maximal `l`.
 4. Candidates, sorted by (l descending, id ascending). Top-k (`top_k > 0`): the first k of them.
 5. From here on in float64: `e_i = exp(l_i - l_0)` over the sorted candidates (l_0 the largest),
@@ -60,14 +63,22 @@ def apply_temperature_and_penalty(logits: np.ndarray, params: SamplingParams, re
     l = np.array(logits, dtype=np.float32, copy=True)
     if params.temperature > 0:
         l /= np.float32(params.temperature)
-    if params.repetition_penalty != 1.0 and params.repetition_window > 0:
+    if penalties_on(params):
         recent = np.asarray(recent_ids, dtype=np.int64).reshape(-1)[-params.repetition_window :]
-        ids = np.unique(recent[(recent >= 0) & (recent < l.size)])
+        ids, counts = np.unique(recent[(recent >= 0) & (recent < l.size)], return_counts=True)
         if ids.size:
             pen = np.float32(params.repetition_penalty)
             vals = l[ids]
-            l[ids] = np.where(vals > 0, vals / pen, vals * pen)
+            vals = np.where(vals > 0, vals / pen, vals * pen).astype(np.float32)
+            sub = counts.astype(np.float32) * np.float32(params.frequency_penalty) + np.float32(params.presence_penalty)
+            l[ids] = vals - sub.astype(np.float32)
     return l
+
+
+def penalties_on(params: SamplingParams) -> bool:
+    """Whether step 2 changes anything."""
+    return params.repetition_window > 0 and (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                                             or params.presence_penalty != 0.0)
 
 
 def sorted_candidates(l: np.ndarray, top_k: int) -> np.ndarray:

@@ -316,6 +316,9 @@ SAMPLERS = {
     "top-p": SamplingParams(temperature=0.9, top_p=0.9, seed=3),
     "min-p": SamplingParams(temperature=1.3, min_p=0.05, seed=11),
     "all": SamplingParams(temperature=0.8, top_k=100, top_p=0.95, min_p=0.02, repetition_penalty=1.3, seed=2**63 + 5),
+    "freq-presence": SamplingParams(temperature=0.9, repetition_penalty=1.1, frequency_penalty=0.7,
+                                    presence_penalty=0.4, seed=5),
+    "greedy-presence": SamplingParams(temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0),
 }
 
 

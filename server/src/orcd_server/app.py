@@ -212,6 +212,8 @@ def _generation_request(req: schemas.ExecuteRequest, max_tokens: int, seed: int)
             top_p=float(req.top_p),
             min_p=float(req.min_p),
             repetition_penalty=float(req.repetition_penalty),
+            presence_penalty=float(req.presence_penalty),
+            frequency_penalty=float(req.frequency_penalty),
             seed=seed,
         ),
     )

@@ -12,8 +12,7 @@ leaves (at most `--max-tokens-out`); errors are `{"error": {"message", "type", "
 
 Refused with a 400 that says why, rather than silently ignored: `n` > 1, `logprobs` /
 `top_logprobs` (the engine samples on the device and returns only the token id; no per-token
-distribution comes back), `presence_penalty` / `frequency_penalty` other than 0 (the sampler has
-llama.cpp's repetition penalty only: use `repetition_penalty`), `response_format` other than text,
+distribution comes back), `response_format` other than text,
 `tools`, `echo`, `suffix`, and a batch of several prompts.
 """
 
@@ -178,17 +177,12 @@ def model_id(settings) -> str:
 def _check_common(req: _Sampling) -> None:
     if req.n is not None and req.n != 1:
         raise _unsupported("n", "this worker returns one choice per request (n = 1)")
-    if req.presence_penalty:
-        raise _unsupported("presence_penalty", "the sampler has llama.cpp's repetition penalty only; "
-                           "use `repetition_penalty`")
-    if req.frequency_penalty:
-        raise _unsupported("frequency_penalty", "the sampler has llama.cpp's repetition penalty only; "
-                           "use `repetition_penalty`")
 
 
 def _native_fields(req: _Sampling, job_id: str, max_tokens: int | None) -> dict[str, Any]:
     fields: dict[str, Any] = {"job_id": job_id}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed"):
         value = getattr(req, name)
         if value is not None:
             fields[name] = value

@@ -54,6 +54,8 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = _DEFAULTS.min_p
     # > 0: llama.cpp divides positive logits by it, so 0 would make them infinite (vLLM refuses 0 too)
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] = _DEFAULTS.repetition_penalty
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = _DEFAULTS.presence_penalty
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = _DEFAULTS.frequency_penalty
     stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOP_STRINGS)] = []
     seed: Annotated[int, Meta(ge=0)] | None = None
 

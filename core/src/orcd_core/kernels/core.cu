@@ -585,7 +585,7 @@ extern "C" __global__ void advance_rows(const int* __restrict__ token, int* __re
 // of [B, V] logits with the row's own parameters (device arrays indexed by b: a captured step samples
 // any rows): grid y = row for the element-wise kernels, grid x = row for the one-block ones.
 //   sample_prep:    l = logits / temperature (float32 division; skipped when greedy)
-//   sample_penalty: llama.cpp's repetition penalty on each distinct id of the window
+//   sample_penalty: llama.cpp's penalties (repetition, frequency, presence) on each distinct id of the window
 //   argmax_part/final over l: greedy result, and l_max for the exponentials
 //   sample_exp:     e[i] = exp((double)l[i] - (double)l_max)
 //   sample_select:  top-k -> top-p -> min-p -> inverse-CDF draw, in the order (l desc, id asc),
@@ -601,10 +601,11 @@ extern "C" __global__ void sample_prep(const float* __restrict__ logits, i64 ls,
 }
 
 extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const int* __restrict__ recent, int rs,
-                                          const int* __restrict__ windows, const float* __restrict__ penalties) {
-    const int b = blockIdx.x, W = windows[b];
-    const float penalty = penalties[b];
-    if (penalty == 1.0f || W <= 0) return;
+                                          const int* __restrict__ windows, const float* __restrict__ penalties,
+                                          const float* __restrict__ freqs, const float* __restrict__ presences) {
+    const int b = blockIdx.x, W = windows[b];  // (0 when no penalty is on)
+    const float penalty = penalties[b], freq = freqs[b], presence = presences[b];
+    if (W <= 0) return;
     l += (i64)b * V;
     recent += (i64)b * rs;
     for (int j = threadIdx.x; j < W; j += blockDim.x) {
@@ -614,8 +615,12 @@ extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const in
         for (int k = 0; k < j; ++k)
             if (recent[k] == id) { first = false; break; }
         if (!first) continue;
+        int c = 1;
+        for (int k = j + 1; k < W; ++k) c += recent[k] == id;
         const float v = l[id];
-        l[id] = v > 0.0f ? v / penalty : v * penalty;
+        const float r = v > 0.0f ? v / penalty : v * penalty;
+        // (rounded as sampling.py computes it: no fused multiply-add)
+        l[id] = __fsub_rn(r, __fadd_rn(__fmul_rn((float)c, freq), presence));
     }
 }
 

@@ -31,6 +31,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repetition-penalty", "--repeat-penalty", dest="repetition_penalty", type=float,
                         default=d.repetition_penalty, metavar="R",
                         help=f"as the HTTP field repetition_penalty; 1 = off ({d.repetition_penalty:g})")
+    parser.add_argument("--presence-penalty", type=float, default=d.presence_penalty, metavar="P",
+                        help=f"as the HTTP field presence_penalty; 0 = off ({d.presence_penalty:g})")
+    parser.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, metavar="F",
+                        help=f"as the HTTP field frequency_penalty; 0 = off ({d.frequency_penalty:g})")
     parser.add_argument("--repeat-last-n", type=int, default=d.repetition_window, metavar="N",
                         help=f"penalty window ({d.repetition_window})")
     parser.add_argument("--stop", action="append", default=[], metavar="S", help="stop sequence (repeatable)")
@@ -41,6 +45,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, repetition_window=args.repeat_last_n,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                               seed=args.seed)
     request = GenerationRequest(prompt=args.prompt, chat=args.chat, max_tokens=args.max_tokens,
                                 stop=tuple(args.stop), sampling=sampling)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...generation import MAX_REPETITION_WINDOW
+from ...sampling import penalties_on
 from .kernels import i32, i64, launch
 from .memory import align, raw_alloc, view
 
@@ -22,13 +23,14 @@ ARGMAX_BLOCKS = 64  # core.cu: partial (value, index) pairs per row
 
 # (name, dtype, per-row count): the per-row state of a decode loop, one device block and one host copy
 _FIELDS = (("ids", np.int32, 1), ("pos", np.int32, 1), ("step", np.int32, 1), ("window", np.int32, 1),
-           ("top_k", np.int32, 1), ("temp", np.float32, 1), ("penalty", np.float32, 1), ("top_p", np.float64, 1),
+           ("top_k", np.int32, 1), ("temp", np.float32, 1), ("penalty", np.float32, 1), ("freq", np.float32, 1),
+           ("presence", np.float32, 1), ("top_p", np.float64, 1),
            ("min_p", np.float64, 1), ("seed", np.uint64, 1), ("recent", np.int32, MAX_REPETITION_WINDOW))
 
 
 class RowState:
     """`n` rows of decode state on the device: the next input id and position, the step index, the
-    sampling parameters and the repetition window (a ring of `window[b]` ids, slot step % window: the
+    sampling parameters and the penalties' window (a ring of `window[b]` ids, slot step % window: the
     oldest is replaced by advance_rows). `fill` writes them from the host in one copy."""
 
     def __init__(self, n: int):
@@ -59,10 +61,11 @@ class RowState:
             if W > self.rs:
                 raise ValueError(f"repetition_window {W} exceeds {self.rs}")
             self._h_ids[b], self._h_pos[b], self._h_step[b] = tok, pos, step
-            self._h_window[b] = W if p.repetition_penalty != 1.0 else 0
+            self._h_window[b] = W if penalties_on(p) else 0
             self._h_top_k[b] = int(p.top_k)
             self._h_temp[b] = max(float(p.temperature), 0.0)
             self._h_penalty[b] = float(p.repetition_penalty)
+            self._h_freq[b], self._h_presence[b] = float(p.frequency_penalty), float(p.presence_penalty)
             self._h_top_p[b], self._h_min_p[b] = float(p.top_p), float(p.min_p)
             self._h_seed[b] = int(p.seed) & ((1 << 64) - 1)
             if W > 0:
@@ -101,7 +104,8 @@ class Sampler:
         out = self.dev._ws((B,), np.int32)
         gv = (V + 255) // 256
         launch(core.fn("sample_prep"), (gv, B), (256,), (logits, i64(V), self.l, i32(V), st.temp))
-        launch(core.fn("sample_penalty"), (B,), (256,), (self.l, i32(V), st.recent, i32(st.rs), st.window, st.penalty))
+        launch(core.fn("sample_penalty"), (B,), (256,),
+               (self.l, i32(V), st.recent, i32(st.rs), st.window, st.penalty, st.freq, st.presence))
         launch(core.fn("argmax_part"), (ARGMAX_BLOCKS, B), (256,), (self.l, i32(V), self.pv, self.pi))
         launch(core.fn("argmax_final"), (B,), (64,), (self.pv, self.pi, i32(ARGMAX_BLOCKS), out, self.vmax))
         launch(core.fn("sample_exp"), (gv, B), (256,), (self.l, self.vmax, self.e, i32(V), st.temp))
