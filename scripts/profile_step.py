@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one prefill step and one decode step on the CUDA backend.
 
-    python3 scripts/profile_step.py MODEL [-p 512] [--ctx 640]
+    python3 scripts/profile_step.py MODEL [-p 512] [--ctx 640] [--batch 8]
 
 Every launch (and cuBLAS GEMM) of one step is recorded, then each is captured 20 times into a CUDA
 graph whose replay is timed between two CUDA events: its device time without launch gaps (weights that fit in L2 stay there, so
@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=640)
     ap.add_argument("--pyprof", action="store_true", help="cProfile of 10 eager decode steps")
+    ap.add_argument("--sweep", action="store_true", help="time every decode GEMV at 1, 2 and 4 rows per warp")
+    ap.add_argument("--batch", type=int, default=8, help="also profile a batched decode step of this many rows (8)")
     args = ap.parse_args()
 
     from orcd_core.backends.cuda import kernels as K
@@ -159,18 +161,35 @@ def main() -> None:
     dev.stream.synchronize()
     t2 = time.perf_counter()
     print(f"decode step eager: issue {(t1 - t0) * 1e5:.0f} us/step, issue+run {(t2 - t0) * 1e5:.0f} us/step")
-    dec = dev.batch_decoder(eng.decode_forward, max_rows=1)
-    row = DecodeRow(cache=cache, id=1, position=args.p, step_index=1, params=greedy, recent=[])
-    dec.join(row)
-    for _ in range(3):
+    for B in sorted({1, args.batch}):  # the batched decode step of B rows (one per sequence): its kernels, its replay
+        caches = [cache] + [model.new_kv_cache(args.ctx) for _ in range(B - 1)]
+        for c in caches[1:]:
+            eng.prefill(ids, c)
+        dec = dev.batch_decoder(eng.decode_forward, max_rows=B)
+        rows = [DecodeRow(cache=c, id=1 + b, position=args.p, step_index=1, params=greedy, recent=[]) for b, c in enumerate(caches)]
+        for row in rows:
+            dec.join(row)
+        dev.stream.synchronize()
+        timing["on"] = True
+        dec.step()  # the first step of B rows runs op by op: recorded
+        timing["on"] = False
+        replay_all()
+        report(f"batched decode step, {B} rows at position {args.p}")
+        for _ in range(3):
+            dec.step()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            dec.step()
+        print(f"batched decode step of {B} rows, graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
+              f"(graph nodes: {getattr(dec.graphs.get((B, 1)), 'num_nodes', '?')})")
+        for row in rows:
+            dec.leave(row)
         dec.step()
-    t0 = time.perf_counter()
-    for _ in range(50):
-        dec.step()
-    print(f"decode step graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
-          f"(graph nodes: {getattr(dec.graphs.get((1, 1)), 'num_nodes', '?')})")
-    dec.leave(row)
-    dec.close()
+        dec.close()
+        for c in caches[1:]:
+            dev.free_kv_cache(c)
+    if not args.sweep:
+        return
     # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
     variants = []
     for (name, N, Kd), (f, block, args, smem) in sorted(gemvs.items()):

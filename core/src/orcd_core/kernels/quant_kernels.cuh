@@ -152,10 +152,8 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
         }
         __syncthreads();
         const int n_items = kc >> 5, it0 = k0 >> 5;
-        int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
-#pragma unroll 2
-        for (int f = lane; f < nr * n_items; f += 32) {
-            const int g = it0 + it;  // the item's index in the row
+        // The item g of row r (r < nr) of this chunk, added to that row's sums.
+        auto visit = [&](int r, int g) {
             const int b = g / F::IPB, i = g - b * F::IPB;
             const u8* blk = W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS;
             const int eb = b * F::QK - k0;
@@ -167,7 +165,7 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
                     if (t < T) {
                         const float s = ItemDot<F>::dot(blk, i, xs + t * (kc >> 2), eb);
 #pragma unroll
-                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
+                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = __fadd_rn(acc[t][rr], rr == r ? s : 0.0f);
                     }
                 }
             } else {
@@ -179,14 +177,30 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
                     if (t < T) {
                         const float s = item_dot_xs(v, xs + t * (kc >> 2), eb, x0, x1);
 #pragma unroll
-                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] += rr == r ? s : 0.0f;
+                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = __fadd_rn(acc[t][rr], rr == r ? s : 0.0f);
                     }
                 }
             }
-            it += 32;
-            while (it >= n_items) {
-                it -= n_items;
-                ++r;
+        };
+        // Lane l takes the items whose flat index r * (K / 32) + g over the warp's rows is l mod 32, in
+        // ascending order: the same items in the same order whether K is staged whole or in chunks
+        // (how many chunks depends on T), so a row's sum does not depend on how many rows share the launch.
+        if (kc == K) {
+            int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
+#pragma unroll 2
+            for (int f = lane; f < nr * n_items; f += 32) {
+                visit(r, it);
+                it += 32;
+                while (it >= n_items) {
+                    it -= n_items;
+                    ++r;
+                }
+            }
+        } else {
+            const int NI = K >> 5, it1 = it0 + n_items;
+            for (int r = 0; r < nr; ++r) {
+#pragma unroll 2
+                for (int g = it0 + ((lane - r * NI - it0) & 31); g < it1; g += 32) visit(r, g);
             }
         }
     }

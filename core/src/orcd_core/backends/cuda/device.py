@@ -30,6 +30,7 @@ from .kernels import blocks as _blocks
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
 
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
+GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
 MAX_HEADS = 1024  # (row, head) split counters of the decode attention
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
@@ -499,18 +500,27 @@ class CudaDevice(Device):
         t = w.data
         T, K, N = int(x.shape[0]), int(x.shape[1]), t.rows
         _check_linear(w, K, bias)
-        mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, T, K)
-        kind = "gemv" if T == 1 else "gemv_t4" if T <= 4 else "gemv_t8"
-        fn = self._fmt_module(w.fmt).fn(f"{kind}_{w.fmt.name}")
+        G = min(T, GEMV_GROUP_ROWS)  # rows per launch (each row's result is the same for any grouping)
+        mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, G, K)
+        fmod = self._fmt_module(w.fmt)
         R = _rows_per_warp(N, K)
-        grid, smem = (_blocks(N, GEMV_WARPS * R),), xs_bytes(T, K)
+        grid = (_blocks(N, GEMV_WARPS * R),)
         b = bias if bias is not None else NULL
+        parts = []
+        for g0 in range(0, T, G):
+            g = min(G, T - g0)
+            kind = "gemv" if g == 1 else "gemv_t4" if g <= 4 else "gemv_t8"
+            parts.append((g0, g, fmod.fn(f"{kind}_{w.fmt.name}"), xs_bytes(g, K)))
 
         def run(y, res=NULL):
-            launch(fn, grid, (32 * GEMV_WARPS,),
-                   (t.data, i64(t.row_bytes), src, i64(s_src), y, b, i32(N), i32(K), i32(T), i32(R), aux, i64(s_aux),
-                    res, f32(eps), i32(mode)),
-                   shared_mem=smem)
+            for g0, g, fn, smem in parts:
+                xg = src[g0:] if g0 else src
+                ag = aux[g0:] if g0 and s_aux else aux
+                rg = res[g0:] if g0 and res is not NULL else res
+                launch(fn, grid, (32 * GEMV_WARPS,),
+                       (t.data, i64(t.row_bytes), xg, i64(s_src), y[g0:] if g0 else y, b, i32(N), i32(K), i32(g), i32(R),
+                        ag, i64(s_aux), rg, f32(eps), i32(mode)),
+                       shared_mem=smem)
 
         return self.deferred.defer("gemv", self._ws((T, N)), run)
 
