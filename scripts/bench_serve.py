@@ -28,6 +28,8 @@ import uuid
 
 import httpx
 
+# the worker's CLI under this interpreter (the environment the script runs in, as `orcd-worker` is)
+WORKER = [sys.executable, "-c", "import sys; from orcd_server.cli import main; sys.exit(main())"]
 WORD = " hello"  # ~1 token per repetition in BPE vocabularies
 
 
@@ -81,22 +83,39 @@ def one_stream_rate(url, n_tokens):
     return {"tokens": len(toks), "sse_tok_s": rate, "engine_reported_tok_s": engine}
 
 
-def side_latency(url, n_tokens, n_probes=100):
-    done = threading.Event()
-    th = threading.Thread(target=lambda: (stream(url, {"prompt": WORD * 16, "max_tokens": n_tokens,
-                                                       "temperature": 0.0}), done.set()))
+def side_latency(url, n_tokens, n_probes=200, max_s=60.0):
+    """/health and /metrics latency while a stream is decoding: a background client streams
+    back-to-back, and a probe counts only if it was sent between a stream's first token and its end
+    (a short stream at engine speed ends within a fraction of a second, before any fixed delay)."""
+    streaming, stop = threading.Event(), threading.Event()
+
+    def on_event(ev):
+        if ev[0] == "token":
+            streaming.set()
+        elif ev[0] in ("end", "error", "http"):
+            streaming.clear()
+
+    def load():
+        while not stop.is_set():
+            stream(url, {"prompt": WORD * 16, "max_tokens": n_tokens, "temperature": 0.0}, on_event)
+            streaming.clear()
+
+    th = threading.Thread(target=load, daemon=True)
     th.start()
-    time.sleep(0.3)
     lat = {"health": [], "metrics": []}
+    deadline = time.perf_counter() + max_s
     with httpx.Client(timeout=10) as c:
-        i = 0
-        while not done.is_set() and i < n_probes:
+        while len(lat["health"]) < n_probes and time.perf_counter() < deadline:
+            if not streaming.wait(timeout=1.0):
+                continue
             for path in ("health", "metrics"):
                 t = time.perf_counter()
                 c.get(f"{url}/{path}")
-                lat[path].append((time.perf_counter() - t) * 1e3)
-            i += 1
-            time.sleep(0.005)
+                dt = (time.perf_counter() - t) * 1e3
+                if streaming.is_set():  # still decoding when the answer came: a probe under load
+                    lat[path].append(dt)
+            time.sleep(0.002)
+    stop.set()
     th.join()
     return {k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "n": len(v)} for k, v in lat.items()}
 
@@ -144,7 +163,7 @@ def cancel_latency(url, n_words, reps=5):
 
 def in_process_tg(model, backend, n):
     try:
-        r = subprocess.run(["orcd-worker", "bench", model, "--backend", backend, "-p", "0", "-n", str(n), "-r", "3",
+        r = subprocess.run([*WORKER, "bench", model, "--backend", backend, "-p", "0", "-n", str(n), "-r", "3",
                             "--json"], capture_output=True, text=True, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])[f"tg{n}"]["tok_s"]
     except Exception as exc:  # reported, not fatal: the HTTP figures stand on their own
@@ -161,6 +180,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=20, help="requests per TTFT figure")
     ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--prompts", default="32,512,2040", help="prompt lengths (words) of the TTFT figures")
+    ap.add_argument("--cancel-prompt", type=int, default=2040, help="prompt length (words) of the cancel figure")
     ap.add_argument("--max-batch", type=int, default=8, help="the worker's --max-batch (8)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -170,7 +191,7 @@ def main() -> int:
         if not args.model:
             ap.error("give MODEL or --url")
         url = f"http://127.0.0.1:{args.port}"
-        proc = subprocess.Popen(["orcd-worker", "serve", "--model", args.model, "--backend", args.backend,
+        proc = subprocess.Popen([*WORKER, "serve", "--model", args.model, "--backend", args.backend,
                                  "--port", str(args.port), "--queue-size", "64", "--max-context", "4096",
                                  "--max-batch", str(args.max_batch),
                                  "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
@@ -188,11 +209,11 @@ def main() -> int:
             return 1
     try:
         stream(url, {"prompt": WORD * 16, "max_tokens": 8, "temperature": 0.0})  # warm-up (graphs, kernels)
-        res = {"ttft": {w: ttft(url, w, args.reps) for w in (32, 512, 2040)}}
+        res = {"ttft": {int(w): ttft(url, int(w), args.reps) for w in args.prompts.split(",")}}
         res["stream"] = one_stream_rate(url, args.tokens)
         res["side"] = side_latency(url, args.tokens)
         res["aggregate"] = [aggregate(url, int(n), args.tokens) for n in args.concurrency.split(",")]
-        res["cancel_in_prefill"] = cancel_latency(url, 2040)
+        res["cancel_in_prefill"] = cancel_latency(url, args.cancel_prompt)
     finally:
         if proc is not None:
             proc.terminate()
@@ -215,7 +236,7 @@ def main() -> int:
         ratio = f" ({a['tok_s'] / one:.2f}x one stream)" if one else ""
         print(f"{str(a['streams']) + ' concurrent streams':<34}{a['tok_s']:>20.1f} tok/s aggregate{ratio}")
     c = res["cancel_in_prefill"]
-    print(f"{'cancel during a 2048-token prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")
+    print(f"{'cancel during a ' + str(args.cancel_prompt) + '-word prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -1,0 +1,55 @@
+"""scripts/bench_serve.py end to end on the reference backend (CI has no GPU): it starts the worker,
+and every figure it reports is measured, with the count of requests behind it. The CUDA figures come
+from the same script on the GPU machine (docs/perf-notes.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orcd_core import testmodels
+from orcd_core.testing import synth
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_serve.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_bench_serve_reports_every_figure_on_the_reference_backend(tmp_path):
+    model = tmp_path / "llama-tiny.gguf"
+    synth.synthesize("llama", model, size="tiny", layers=1, seed=3,
+                     vocab=testmodels.llama_cpp_models_dir() / "ggml-vocab-llama-spm.gguf")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), str(model), "--backend", "reference",
+                        "--port", str(_free_port()), "--tokens", "24", "--reps", "3", "--prompts", "8,32",
+                        "--cancel-prompt", "64", "--concurrency", "1,3", "--max-batch", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+
+    assert set(res["ttft"]) == {"8", "32"}
+    for t in res["ttft"].values():
+        assert t["n"] == 3 and t["n_prompt_tokens"] > 0 and 0 < t["p50_ms"] <= t["p99_ms"]
+    s = res["stream"]
+    assert s["tokens"] >= 2 and s["sse_tok_s"] > 0 and s["engine_reported_tok_s"] > 0
+    # probes count only while a stream decodes: the background client streams until enough are taken
+    for path in ("health", "metrics"):
+        side = res["side"][path]
+        assert side["n"] > 0 and math.isfinite(side["p50_ms"]) and side["p50_ms"] <= side["p99_ms"], side
+    agg = {a["streams"]: a for a in res["aggregate"]}
+    assert set(agg) == {1, 3} and all(a["tokens"] > 0 and a["tok_s"] > 0 for a in agg.values())
+    cancel = res["cancel_in_prefill"]
+    assert len(cancel["runs"]) == 5 and all(run["terminal"] in ("end", "error") for run in cancel["runs"])
+    assert res["bench_tg"] > 0
+    assert "concurrent streams" in r.stdout and "during a stream" in r.stdout
