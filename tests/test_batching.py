@@ -7,6 +7,7 @@ a long prompt is prefilled a chunk per step while the others keep decoding; KV m
 from __future__ import annotations
 
 import pytest
+from engine_runs import collect as alone
 from gguf_builder import ARCHITECTURES, tiny_model
 
 import orcd_core.engine as engine_mod
@@ -47,16 +48,6 @@ def requests(n_ctx: int) -> list[GenerationRequest]:
     return [GenerationRequest(prompt=p, max_tokens=min(m, n_ctx // 2), sampling=s,
                               stop=("zz",) if i == 3 else ())
             for i, (p, s, m) in enumerate(zip(PROMPTS, PARAMS, max_tokens))]
-
-
-def alone(engine, request):
-    gen = engine.run(engine.prepare(request))
-    tokens = []
-    while True:
-        try:
-            tokens.append(next(gen))
-        except StopIteration as done:
-            return tokens, done.value
 
 
 def drive(engine, submissions, *, cancel_after=None):

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from engine_runs import collect
 
 from orcd_core.engine import Engine
 from orcd_core.generation import (
@@ -35,16 +36,6 @@ def engine(path):
     assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions) and len(fractions) > 10
     yield eng
     eng.close()
-
-
-def collect(engine, request, cancel=None):
-    gen = engine.run(engine.prepare(request), cancel)
-    tokens = []
-    while True:
-        try:
-            tokens.append(next(gen))
-        except StopIteration as done:
-            return tokens, done.value
 
 
 def test_load_and_info(engine):
