@@ -112,7 +112,7 @@ def test_dequantize_f16_kernel(dev, rng, fmt):
     t = tensor("w", fmt, (N, K), rng)
     w = dev.upload_weight("w", [t], fmt)
     out = cupy.full((N, K), np.nan, dtype=np.float16)
-    ks = dev._fmt_module(fmt)
+    ks = dev.format_kernels(fmt)
     from orcd_core.backends.cuda.kernels import i32, i64, launch
 
     launch(ks.fn(f"dequant_f16_{fmt.name}"), ((N * K // 32 + 127) // 128,), (128,),

@@ -51,7 +51,7 @@ def test_dequantize_f16(dev):
     raw = FMT.quantize_random(rng, (N, K), 1.0)
     w = weight(dev, raw, N, K)
     out = cupy.full((N, K), np.nan, dtype=np.float16)
-    launch(dev._fmt_module(FMT).fn("dequant_f16_IQ4_NL"), ((N * K // 32 + 127) // 128,), (128,),
+    launch(dev.format_kernels(FMT).fn("dequant_f16_IQ4_NL"), ((N * K // 32 + 127) // 128,), (128,),
            (w.data.data, i64(w.data.row_bytes), out, i32(0), i32(N), i32(K)))
     want = FMT.dequantize(raw, (N, K))
     np.testing.assert_allclose(cupy.asnumpy(out).astype(np.float32), want, rtol=1e-3, atol=1e-6)

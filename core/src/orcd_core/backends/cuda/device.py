@@ -103,7 +103,7 @@ class CudaDevice(Device):
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _enter(self) -> None:
+    def make_current(self) -> None:
         """Make this GPU and our stream current for the calling thread (CuPy keeps both per thread)."""
         self.dev.use()
         self.stream.use()
@@ -119,7 +119,7 @@ class CudaDevice(Device):
         ks = self._modules.get(name)
         return ks if ks is not None else self._module(name, ksrc.expand(ksrc.read(name)))
 
-    def _fmt_module(self, fmt) -> KernelSet:
+    def format_kernels(self, fmt) -> KernelSet:
         ks = self._by_fmt.get(fmt.ggml_type)
         if ks is None:
             if fmt.cuda_source is None:
@@ -129,10 +129,10 @@ class CudaDevice(Device):
             self._by_fmt[fmt.ggml_type] = ks
         return ks
 
-    def _ws(self, shape, dtype=np.float32) -> cupy.ndarray:
+    def step_array(self, shape, dtype=np.float32) -> cupy.ndarray:
         return self._ws_alloc(shape, dtype)
 
-    def _c(self, x) -> cupy.ndarray:
+    def contiguous(self, x) -> cupy.ndarray:
         """x as a C-contiguous float32 device array (copying a row-strided view into the workspace)."""
         self.deferred.ready(x)
         if x.dtype != np.float32:
@@ -144,7 +144,7 @@ class CudaDevice(Device):
         inner = x[0] if x.ndim > 1 else x
         if x.ndim < 2 or x.strides[-1] != 4 or (inner.size > 0 and not inner.flags.c_contiguous):
             raise ValueError(f"unsupported strided activation: shape {x.shape}, strides {x.strides}")
-        y = self._ws(x.shape)
+        y = self.step_array(x.shape)
         launch(self.core.fn("copy_rows_f32"), (_blocks(rows * cols, 256),), (256,),
                (x, y, i32(rows), i32(cols), i64(x.strides[0] // 4)))
         return y
@@ -167,12 +167,12 @@ class CudaDevice(Device):
         else:
             if strides[0] % 4 == 0:
                 return x, strides[0] // 4
-        x = self._c(x)
+        x = self.contiguous(x)
         return x, inner
 
     # ---- loading ---------------------------------------------------------------------------------
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
-        self._enter()
+        self.make_current()
         self.model_path = str(model.path)
         tensors = list(model.tensors.values())
         weight_bytes = sum(align(t.nbytes) for t in tensors)
@@ -253,7 +253,7 @@ class CudaDevice(Device):
         return a.base, a.take(nbytes)
 
     def upload_weight(self, name: str, parts, fmt) -> Weight:
-        self._enter()
+        self.make_current()
         if not parts:
             raise ValueError(f"weight {name!r}: no parts")
         shapes = [tuple(p.np_shape) for p in parts]
@@ -295,7 +295,7 @@ class CudaDevice(Device):
                       data=DeviceTensor(data, rows, cols, row_bytes, dst), nbytes=nbytes)
 
     def upload_array(self, name: str, array) -> cupy.ndarray:
-        self._enter()
+        self.make_current()
         host = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
         base, off = self._place(host.nbytes)
         out = view(base, off, host.shape, np.float32)
@@ -307,7 +307,7 @@ class CudaDevice(Device):
 
     def finish_load(self) -> None:
         """Wait for the last chunk, drop the staging buffers, check residency, start the timer."""
-        self._enter()
+        self.make_current()
         if self._uploader is not None:
             self._uploader.close()
             self._uploader = None
@@ -355,7 +355,7 @@ class CudaDevice(Device):
     # ---- memory ----------------------------------------------------------------------------------
     def new_kv_cache(self, n_layers: int, n_ctx: int, n_kv_heads: int, head_dim: int,
                      window: Sequence[int] | None = None) -> KVCache:
-        self._enter()
+        self.make_current()
         windows = list(window) if window is not None else [0] * n_layers
         if len(windows) != n_layers:
             raise ValueError(f"window has {len(windows)} entries for {n_layers} layers")
@@ -389,7 +389,7 @@ class CudaDevice(Device):
     def to_device(self, array, dtype: str = "int32") -> cupy.ndarray:
         """A small host array (ids, positions) as a device array that outlives the step (CuPy's pool:
         callers build a Step's inputs before `begin_step`)."""
-        self._enter()
+        self.make_current()
         if self.stream.is_capturing():
             raise CudaError("to_device inside a captured step (step inputs must be device buffers)")
         host = np.ascontiguousarray(np.asarray(array, dtype=dtype))
@@ -407,7 +407,7 @@ class CudaDevice(Device):
         return out
 
     def begin_step(self, *, prefill: bool = False) -> None:
-        self._enter()
+        self.make_current()
         self.workspace.reset()
         self.deferred.reset()
         self._ws_alloc = self.pool.alloc if prefill else self.workspace.alloc
@@ -452,8 +452,8 @@ class CudaDevice(Device):
         T = int(ids.shape[0])
         if t.cols % 32:
             raise ValueError(f"embedding {table.name}: row length {t.cols} is not a multiple of 32")
-        out = self._ws((T, t.cols))
-        ks = self._fmt_module(table.fmt)
+        out = self.step_array((T, t.cols))
+        ks = self.format_kernels(table.fmt)
         n_items = t.cols // 32
         launch(ks.fn(f"get_rows_{table.fmt.name}"), (_blocks(n_items, 128), T), (128,),
                (t.data, i64(t.row_bytes), ids, out, i32(t.rows), i32(t.cols)))
@@ -471,7 +471,7 @@ class CudaDevice(Device):
             return GEMV_X_SILU, d.args["gate"], d.args["gs"], d.args["up"], d.args["us"], 0.0
         x, xs = self._rows(x)
         if T > 1 and (xs % 4 or x.data.ptr % 16):  # staged as float4s
-            x, xs = self._c(x), K
+            x, xs = self.contiguous(x), K
         return GEMV_X_PLAIN, x, xs, NULL, 0, 0.0
 
     def linear(self, x, w: Weight, bias=None) -> cupy.ndarray:
@@ -480,14 +480,14 @@ class CudaDevice(Device):
             raise ValueError(f"linear: weight {w.name!r} has shape {w.shape}; expert stacks go through moe()")
         if x.ndim == 2 and x.shape[0] <= GEMV_MAX_T and x.dtype == np.float32:
             return self._gemv(x, w, bias)
-        x = self._c(x)
+        x = self.contiguous(x)
         T, K = x.shape
         N = t.rows
         _check_linear(w, K, bias)
-        y = self._ws((T, N))
-        x16 = self._ws((T, K), np.float16)
+        y = self.step_array((T, N))
+        x16 = self.step_array((T, K), np.float16)
         launch(self.core.fn("f32_to_f16"), (_blocks(T * K, 256),), (256,), (x, x16, i64(T * K)))
-        self._dequant_gemm(w, 0, N, K, x16.data.ptr, T, y.data.ptr)
+        self.dequant_gemm(w, 0, N, K, x16.data.ptr, T, y.data.ptr)
         if bias is not None:
             return self.add(y, bias)
         return y
@@ -502,7 +502,7 @@ class CudaDevice(Device):
         _check_linear(w, K, bias)
         G = min(T, GEMV_GROUP_ROWS)  # rows per launch (each row's result is the same for any grouping)
         mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, G, K)
-        fmod = self._fmt_module(w.fmt)
+        fmod = self.format_kernels(w.fmt)
         R = _rows_per_warp(N, K)
         grid = (_blocks(N, GEMV_WARPS * R),)
         b = bias if bias is not None else NULL
@@ -522,9 +522,9 @@ class CudaDevice(Device):
                         ag, i64(s_aux), rg, f32(eps), i32(mode)),
                        shared_mem=smem)
 
-        return self.deferred.defer("gemv", self._ws((T, N)), run)
+        return self.deferred.defer("gemv", self.step_array((T, N)), run)
 
-    def _dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
+    def dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
         """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
         dequantized to fp16 through the device's scratch in chunks, cuBLAS with fp32 accumulation. The
         prefill path of `linear` (row0 0, all rows) and of the MoE (one expert's rows of a stack)."""
@@ -534,7 +534,7 @@ class CudaDevice(Device):
             self._scratch = None
             self._scratch = scratch = view(raw_alloc(nbytes), 0, (nbytes // 2,), np.float16)
         chunk = max(1, min(N, scratch.size // K))
-        dq = self._fmt_module(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
+        dq = self.format_kernels(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
         cublas.setStream(self._cublas, self.stream.ptr)
         cublas.setPointerMode(self._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
         for r0 in range(0, N, chunk):
@@ -547,10 +547,10 @@ class CudaDevice(Device):
                           self._zero.ctypes.data, y_ptr + 4 * r0, 0, N, 68, -1)
 
     def rms_norm(self, x, weight, eps: float) -> cupy.ndarray:
-        x = self._c(x)
+        x = self.contiguous(x)
         D = x.shape[-1]
         rows = x.size // D
-        y = self._ws(x.shape)
+        y = self.step_array(x.shape)
 
         if rows <= GEMV_MAX_T and D % 4 == 0:
             # decode rows: a GEMV consuming it stages the norm itself (fusion.py); else rms_norm_rows,
@@ -563,10 +563,10 @@ class CudaDevice(Device):
         return y
 
     def layer_norm(self, x, weight, bias, eps: float) -> cupy.ndarray:
-        x = self._c(x)
+        x = self.contiguous(x)
         D = x.shape[-1]
         rows = x.size // D
-        y = self._ws(x.shape)
+        y = self.step_array(x.shape)
         launch(self.core.fn("layer_norm_f32"), (rows,), (_norm_threads(D),),
                (x, weight if weight is not None else NULL, bias if bias is not None else NULL, y, i32(D), f32(eps)))
         return y
@@ -584,7 +584,7 @@ class CudaDevice(Device):
             launch(fn, (_blocks(T * H * (hd // 2), 128),), (128,), (x, i64(xs), y, positions, *rargs[:1], i32(T), i32(H),
                                                                     i32(hd), *rargs[1:]))
 
-        y = self._ws(x.shape)
+        y = self.step_array(x.shape)
         if T > GEMV_MAX_T:  # a prefill step: every deferred output would stay held until the step ends
             run(y)
             return y
@@ -613,7 +613,7 @@ class CudaDevice(Device):
             ks = dk.args["stride"]
             v, vs = self._rows(v)
         else:
-            q = self._c(q)
+            q = self.contiguous(q)
             (k, ks), (v, vs) = self._rows(k), self._rows(v)
         T, Hq, hd = q.shape
         Hkv = k.shape[1]
@@ -640,7 +640,7 @@ class CudaDevice(Device):
             raise ValueError(f"attention: layer {layer} keeps {n_rows} positions; a step of {per_seq} tokens with "
                              f"window {window} needs {per_seq + max(window, 1) - 1}")
         if fused:
-            q = self._ws((T, Hq, hd))
+            q = self.step_array((T, Hq, hd))
             launch(self.core.fn("rope_kv_write"), (_blocks(T * (Hq + 2 * Hkv) * (hd // 2), 128),), (128,),
                    (dq.args["x"], i64(dq.args["stride"]), dk.args["x"], i64(ks), v, i64(vs), q, kc, vc, kvp, i32(kvs),
                     dq.args["positions"], dq.args["rargs"][0], i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
@@ -648,7 +648,7 @@ class CudaDevice(Device):
         else:
             launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
                    (k, i64(ks), v, i64(vs), kc, vc, kvp, i32(kvs), step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
-        out = self._ws((T, Hq, hd))
+        out = self.step_array((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
         if T == 1 or batched:
             # splits cover the keys the query can see, from the window's start: at most `span` keys;
@@ -695,11 +695,11 @@ class CudaDevice(Device):
         return self.workspace.epoch * 1_000_003 + self._attn_epoch
 
     def _eltwise(self, name: str, *arrays) -> cupy.ndarray:
-        arrays = [self._c(a) for a in arrays]
+        arrays = [self.contiguous(a) for a in arrays]
         n = arrays[0].size
         if any(a.shape != arrays[0].shape for a in arrays):
             raise ValueError(f"{name}: shapes {[a.shape for a in arrays]}")
-        y = self._ws(arrays[0].shape)
+        y = self.step_array(arrays[0].shape)
         launch(self.core.fn(name), (_blocks(n, 256),), (256,), (*arrays, y, i64(n)))
         return y
 
@@ -707,14 +707,14 @@ class CudaDevice(Device):
         for g, r in ((b, a), (a, b)):  # a deferred one-token GEMV takes the other operand as its residual
             d = self.deferred.exact(g, "gemv")
             if d is not None and r.shape == g.shape and self.deferred.exact(r, "gemv") is None:
-                r = self._c(r)
-                y = self._ws(g.shape)
+                r = self.contiguous(r)
+                y = self.step_array(g.shape)
                 d.launch(y, r)
                 return y
-        a, b = self._c(a), self._c(b)
+        a, b = self.contiguous(a), self.contiguous(b)
         if b.shape != a.shape and not (b.ndim == 1 and b.shape[0] == a.shape[-1]):
             raise ValueError(f"add: shapes {a.shape} and {b.shape}")
-        y = self._ws(a.shape)
+        y = self.step_array(a.shape)
         launch(self.core.fn("add_f32"), (_blocks(a.size, 256),), (256,), (a, b, y, i64(a.size), i64(b.size)))
         return y
 
@@ -724,7 +724,7 @@ class CudaDevice(Device):
             raise ValueError(f"silu_mul: shapes {g.shape} and {u.shape}")
         rows = g.shape[0] if g.ndim > 1 else 1
         cols = g.size // rows
-        y = self._ws(g.shape)
+        y = self.step_array(g.shape)
 
         def run(out):
             launch(self.core.fn("silu_mul_f32"), (_blocks(g.size, 256),), (256,),
@@ -762,7 +762,7 @@ class CudaDevice(Device):
         the host (never inside a captured step)."""
         from .sampler import RowState
 
-        logits = self._c(logits).reshape(1, -1)
+        logits = self.contiguous(logits).reshape(1, -1)
         recent = [] if recent_ids is None else [int(i) for i in self.to_host(recent_ids).reshape(-1) if i >= 0]
         step = int(self.to_host(step_index).reshape(-1)[0])
         if self._sample_state is None:

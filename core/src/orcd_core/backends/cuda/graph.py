@@ -38,7 +38,7 @@ from .sampler import RowState
 class GraphBatchDecoder(BatchDecoder):
     def __init__(self, dev, forward, *, max_rows: int):
         super().__init__(dev, forward, max_rows=max_rows)
-        dev._enter()
+        dev.make_current()
         self.dev = dev
         self.st = RowState(self.max_rows)
         self.kv: KVBatch | None = None  # created with the table at the first rows (it needs their layout)
@@ -84,7 +84,7 @@ class GraphBatchDecoder(BatchDecoder):
         """The step's ops on the device's stream (eagerly, or into the capture)."""
         dev, st = self.dev, self.st
         step = Step(T=B, ids=st.ids[:B], positions=st.pos[:B], n_past=st.pos[:B])
-        logits = dev._c(self.forward(step, self.kv))  # [B, V]
+        logits = dev.contiguous(self.forward(step, self.kv))  # [B, V]
         tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st)
         launch(dev.core.fn("advance_rows"), (1,), (32,),
                (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)))
@@ -129,7 +129,7 @@ class GraphBatchDecoder(BatchDecoder):
         self._n_launched += 1
 
     def step(self) -> list:
-        self.dev._enter()
+        self.dev.make_current()
         if not self._flight:
             if not self.rows:
                 return []

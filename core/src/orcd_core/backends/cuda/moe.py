@@ -35,7 +35,7 @@ _SOURCE = "moe.cu"
 
 def _fmt_fn(dev, w, kind: str):
     """The format's `<kind>_<NAME>` kernel, or NotImplementedError naming the type."""
-    ks = dev._fmt_module(w.fmt)
+    ks = dev.format_kernels(w.fmt)
     try:
         return ks.fn(f"{kind}_{w.fmt.name}")
     except CudaError:
@@ -53,7 +53,7 @@ def _bias(b, shape, what):
 
 def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, top_k: int, act: str,
         alpha: float = 1.702, limit: float = 7.0):
-    x = dev._c(x)
+    x = dev.contiguous(x)
     T, D = x.shape
     if len(gate_up.shape) != 3 or len(down.shape) != 3:
         raise ValueError(f"moe: expert weights {gate_up.shape}, {down.shape} are not [E, N, K] stacks")
@@ -72,21 +72,21 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     dnb = _bias(down_bias, (E, D), "down")
     mk = dev.core_kernels(_SOURCE)
     if router.fmt.name == "F32":  # gpt-oss's: float32 logits for any T (the GEMM path rounds to fp16)
-        logits = dev._ws((T, E))  # [T, E]
+        logits = dev.step_array((T, E))  # [T, E]
         launch(mk.fn("moe_router_f32"), (blocks(E, MOE_WARPS), T), (32 * MOE_WARPS,),
                (router.data.data, x, _bias(router_bias, (E,), "router"), logits, i32(E), i32(D)))
     else:
-        logits = dev._c(dev.linear(x, router, router_bias))  # [T, E] (launched: read below by our kernel)
-    ids = dev._ws((T, top_k), np.int32)
-    wts = dev._ws((T, top_k))
+        logits = dev.contiguous(dev.linear(x, router, router_bias))  # [T, E] (launched: read below by our kernel)
+    ids = dev.step_array((T, top_k), np.int32)
+    wts = dev.step_array((T, top_k))
     launch(mk.fn("moe_topk_softmax"), (T,), (32,), (logits, i32(E), i32(top_k), ids, wts))
     if T <= DECODE_MAX_T:
         P = T * top_k
-        a = dev._ws((P, F))  # [T k, F]
+        a = dev.step_array((P, F))  # [T k, F]
         launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
                (gate_up.data.data, i64(gate_up.data.row_bytes), ids, x, i32(top_k), gub, a, i32(F), i32(D), i32(E),
                 i32(ACTS[act]), f32(alpha), f32(limit)), shared_mem=xs_bytes(1, D))
-        out = dev._ws((T, D))
+        out = dev.step_array((T, D))
         launch(_fmt_fn(dev, down, "moe_down"), (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
                (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)),
                shared_mem=xs_bytes(top_k, F))
@@ -98,26 +98,26 @@ def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, 
     if dev.stream.is_capturing():
         raise CudaError(f"moe over {T} tokens inside a captured step (only decode steps are captured)")
     P = T * k
-    order = dev._ws((P,), np.int32)
-    pos = dev._ws((P,), np.int32)
-    offsets = dev._ws((E + 1,), np.int32)
+    order = dev.step_array((P,), np.int32)
+    pos = dev.step_array((P,), np.int32)
+    offsets = dev.step_array((E + 1,), np.int32)
     launch(mk.fn("moe_sort"), (1,), (max(32, -(-E // 32) * 32),), (ids, i32(P), i32(E), offsets, order, pos))
-    x16 = dev._ws((P, D), np.float16)  # the sorted pairs' tokens
+    x16 = dev.step_array((P, D), np.float16)  # the sorted pairs' tokens
     launch(mk.fn("moe_gather_f16"), (blocks(P * D, 256),), (256,), (x, order, i32(k), i32(D), x16, i32(P)))
     offs = [int(v) for v in dev.to_host(offsets)]  # the experts' token counts size the GEMMs
-    h = dev._ws((P, 2 * F))
+    h = dev.step_array((P, 2 * F))
     for e in range(E):
         n = offs[e + 1] - offs[e]
         if n:
-            dev._dequant_gemm(gate_up, e * 2 * F, 2 * F, D, x16.data.ptr + 2 * D * offs[e], n, h.data.ptr + 4 * 2 * F * offs[e])
-    a16 = dev._ws((P, F), np.float16)
+            dev.dequant_gemm(gate_up, e * 2 * F, 2 * F, D, x16.data.ptr + 2 * D * offs[e], n, h.data.ptr + 4 * 2 * F * offs[e])
+    a16 = dev.step_array((P, F), np.float16)
     launch(mk.fn("moe_glu_f16"), (blocks(P * F, 256),), (256,),
            (h, ids, order, gub, a16, i32(P), i32(F), i32(act), f32(alpha), f32(limit)))
-    y = dev._ws((P, D))
+    y = dev.step_array((P, D))
     for e in range(E):
         n = offs[e + 1] - offs[e]
         if n:
-            dev._dequant_gemm(down, e * D, D, F, a16.data.ptr + 2 * F * offs[e], n, y.data.ptr + 4 * D * offs[e])
-    out = dev._ws((T, D))
+            dev.dequant_gemm(down, e * D, D, F, a16.data.ptr + 2 * F * offs[e], n, y.data.ptr + 4 * D * offs[e])
+    out = dev.step_array((T, D))
     launch(mk.fn("moe_combine"), (blocks(T * D, 256),), (256,), (y, ids, pos, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
     return out

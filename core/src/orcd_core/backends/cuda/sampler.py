@@ -101,7 +101,7 @@ class Sampler:
         B, V = int(logits.shape[0]), int(logits.shape[1])
         if B > self.rows or V != self.V:
             raise ValueError(f"sampler for {self.rows} x {self.V}, got logits {logits.shape}")
-        out = self.dev._ws((B,), np.int32)
+        out = self.dev.step_array((B,), np.int32)
         gv = (V + 255) // 256
         launch(core.fn("sample_prep"), (gv, B), (256,), (logits, i64(V), self.l, i32(V), st.temp))
         launch(core.fn("sample_penalty"), (B,), (256,),
