@@ -1,7 +1,8 @@
 """CUDA sources shared by every backend-facing package: `common.cuh` (fp16 helpers, warp/block
 reductions), `quant_kernels.cuh` (the GEMV / dequantize / row-gather templates every tensor format
-instantiates), `moe_kernels.cuh` (the expert-indexed GEMV templates), `core.cu` (norms, RoPE,
-attention, element-wise, argmax, sampling), `moe.cu` (mixture-of-experts routing and grouping) and
+instantiates), `moe_kernels.cuh` (the expert-indexed GEMV templates), `core.cu` (one module of the
+op families, a file each: `norm.cuh`, `rope.cuh`, `eltwise.cuh`, `kv.cuh`, `attention.cuh`,
+`sampling.cuh`, `step.cuh`), `moe.cu` (mixture-of-experts routing and grouping) and
 `floats.cu` (F32/F16/BF16). The numbers they share with their Python launchers are `constants.py`'s
 table, passed to every compile as `-D` options.
 

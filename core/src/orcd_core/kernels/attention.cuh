@@ -1,0 +1,283 @@
+// orcd-worker core kernels: attention (prefill and decode) (part of core.cu, which includes every op family).
+#pragma once
+#include "common.cuh"
+#include "kv.cuh"
+
+// ================================================================================================
+// Attention for prefill (and any step with T > 1): flash-style, O(T) memory.
+// grid (ceil(T / 16), Hq), 128 threads: each warp owns 4 queries; key tiles of 32 keys staged in
+// shared memory; online softmax per query. A query at position p sees keys kp <= p with
+// kp > p - window (window > 0). `sinks` [Hq] (or null) adds exp(sink) to each denominator.
+// Keys are read from the cache (the step's own k/v were written by kv_write first).
+// ================================================================================================
+#define AP_QT 16
+#define AP_KT 32
+// AP_MAXD (head dim at most): a -D option (kernels/constants.py)
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_prefill(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
+                 const int* __restrict__ positions, const float* __restrict__ sinks, float* __restrict__ out, int T,
+                 int Hq, int Hkv, int hd, int n_rows, float scale, int window) {
+    __shared__ float qs[AP_QT][AP_MAXD];
+    __shared__ float ks[AP_KT][AP_MAXD + 1];
+    __shared__ float vs[AP_KT][AP_MAXD];
+    __shared__ int range[2];
+    const int h = blockIdx.y, kvh = h / (Hq / Hkv);
+    const int q0 = blockIdx.x * AP_QT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = threadIdx.x; i < AP_QT * hd; i += blockDim.x) {
+        const int r = i / hd, d = i - r * hd;
+        qs[r][d] = q0 + r < T ? q[((i64)(q0 + r) * Hq + h) * hd + d] * scale : 0.0f;
+    }
+    if (threadIdx.x == 0) {
+        int lo = 0x7fffffff, hi = -1;
+        for (int r = 0; r < AP_QT && q0 + r < T; ++r) {
+            const int p = positions[q0 + r];
+            lo = min(lo, p);
+            hi = max(hi, p);
+        }
+        range[0] = window > 0 ? max(0, lo - window + 1) : 0;
+        range[1] = hi;
+    }
+    __syncthreads();
+    const int kmin = range[0], kmax = range[1];
+    float m[4], l[4], acc[4][4];
+    int qpos[4];
+#pragma unroll
+    for (int qi = 0; qi < 4; ++qi) {
+        const int r = q0 + warp * 4 + qi;
+        qpos[qi] = r < T ? positions[r] : -1;
+        m[qi] = -INFINITY;
+        l[qi] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[qi][c] = 0.0f;
+    }
+    const float* q4 = qs[warp * 4];
+    // K/V tiles: 16-byte loads into registers, the next tile fetched while this one is computed on
+    const int vpr = hd >> 3;         // uint4 per key row
+    const int n_vec = AP_KT * vpr;   // <= 512 = 4 per thread
+    uint4 kreg[4], vreg[4];
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = threadIdx.x + u * 128;
+            const int j = i / vpr, c = i - j * vpr;
+            const int kp = k0 + j;
+            if (i < n_vec && kp <= kmax) {
+                const i64 off = ((i64)(kp % n_rows) * Hkv + kvh) * hd + 8 * c;
+                kreg[u] = ld16(kc + off);
+                vreg[u] = ld16(vc + off);
+            } else {
+                kreg[u] = make_uint4(0, 0, 0, 0);
+                vreg[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+    fetch(kmin);
+    for (int k0 = kmin; k0 <= kmax; k0 += AP_KT) {
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int i = threadIdx.x + u * 128;
+            if (i < n_vec) {
+                const int j = i / vpr, c = 8 * (i - j * vpr);
+                const u32 kw[4] = {kreg[u].x, kreg[u].y, kreg[u].z, kreg[u].w};
+                const u32 vw[4] = {vreg[u].x, vreg[u].y, vreg[u].z, vreg[u].w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    ks[j][c + 2 * e] = h2f_lo(kw[e]);
+                    ks[j][c + 2 * e + 1] = h2f_hi(kw[e]);
+                    vs[j][c + 2 * e] = h2f_lo(vw[e]);
+                    vs[j][c + 2 * e + 1] = h2f_hi(vw[e]);
+                }
+            }
+        }
+        __syncthreads();
+        if (k0 + AP_KT <= kmax) fetch(k0 + AP_KT);
+        // lane = key: its score against the warp's 4 queries (one K read feeds 4 FMA chains)
+        float sc4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 8
+        for (int d = 0; d < hd; ++d) {
+            const float kd = ks[lane][d];
+#pragma unroll
+            for (int qi = 0; qi < 4; ++qi) sc4[qi] += q4[qi * AP_MAXD + d] * kd;
+        }
+        const int kp = k0 + lane;
+        float pr[4];
+#pragma unroll
+        for (int qi = 0; qi < 4; ++qi) {
+            const int p = qpos[qi];
+            const bool valid = p >= 0 && kp <= p && (window <= 0 || kp > p - window);
+            const float sv = valid ? sc4[qi] : -INFINITY;
+            const float m_new = fmaxf(m[qi], warp_max(sv));
+            pr[qi] = 0.0f;
+            if (m_new == -INFINITY) continue;  // nothing visible yet for this query
+            pr[qi] = valid ? expf(sv - m_new) : 0.0f;
+            const float corr = expf(m[qi] - m_new);
+            l[qi] = l[qi] * corr + warp_sum(pr[qi]);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[qi][c] *= corr;
+            m[qi] = m_new;
+        }
+        // values: one V read per (key, dim) feeds the 4 queries
+        for (int j = 0; j < AP_KT; ++j) {
+            float vd[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int d = lane + 32 * c;
+                vd[c] = d < hd ? vs[j][d] : 0.0f;
+            }
+#pragma unroll
+            for (int qi = 0; qi < 4; ++qi) {
+                const float pj = __shfl_sync(0xffffffffu, pr[qi], j);
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[qi][c] += pj * vd[c];
+            }
+        }
+    }
+#pragma unroll
+    for (int qi = 0; qi < 4; ++qi) {
+        const int r = q0 + warp * 4 + qi;
+        if (qpos[qi] < 0) continue;
+        float mm = m[qi], ll = l[qi], f = 1.0f;
+        if (sinks) {
+            const float sk = sinks[h];
+            const float mf = fmaxf(mm, sk);
+            f = expf(mm - mf);
+            ll = ll * f + expf(sk - mf);
+        }
+        const float inv = ll > 0.0f ? f / ll : 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int d = lane + 32 * c;
+            if (d < hd) out[((i64)r * Hq + h) * hd + d] = acc[qi][c] * inv;
+        }
+    }
+}
+
+// ================================================================================================
+// Attention for decode tokens, one per sequence (a batched step: row b's cache is kv_of(.., b)), split
+// over the sequence (flash-decoding). Grid (Hq, S, B), 128 threads; row b = blockIdx.z computes exactly
+// what a lone token computes. The query at p = positions[b] sees keys [lo, p] (lo = p - window + 1 for
+// a sliding window, else 0); split s covers keys [lo + s*chunk, lo + (s+1)*chunk) of them, and only the
+// first S_eff = ceil((p + 1 - lo) / chunk) splits run (the others exit at once: S is sized for the
+// longest span, the context or the window). A split writes its unnormalized output, max and
+// denominator; the head's last split to finish combines the S_eff partials (and the sink) into out.
+// chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
+// Scores: one thread per key (16-byte K loads). Values: a thread owns a pair of dims (4-byte loads)
+// and one of G = 128 / (hd/2) key groups; its loop is unrolled so several V loads are in flight.
+// ================================================================================================
+// AD_CHUNK: a -D option (kernels/constants.py)
+
+__device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
+                                         int hh, int sh, int S, int n, int hd);
+
+extern "C" __global__ void __launch_bounds__(128)
+    attn_decode_part(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
+                     int kvs, const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml,
+                     int Hq, int Hkv, int hd, int n_rows, float scale, int window, int chunk,
+                     unsigned int* __restrict__ counters, const float* __restrict__ sinks, float* __restrict__ out) {
+    __shared__ float qsh[AP_MAXD];
+    __shared__ float sc[AD_CHUNK];
+    __shared__ float red[32];
+    __shared__ float2 accs[128];
+    const int b = blockIdx.z;
+    const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
+    const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
+    const half_bits* __restrict__ kc = kv_of(kc0, kvp, kvs, b, 0);
+    const half_bits* __restrict__ vc = kv_of(vc0, kvp, kvs, b, 1);
+    const int p = positions[b];
+    const int lo = window > 0 ? max(0, p - window + 1) : 0;
+    const int S_eff = min(S, (p + 1 - lo + chunk - 1) / chunk);
+    if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
+    const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
+    float* po = part_o + ((i64)hh * S + s) * hd;
+    float* pml = part_ml + ((i64)hh * S + s) * 2;
+    __shared__ bool last;
+    {
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
+        __syncthreads();
+        const int n = ke - kb;
+        const i64 row = (i64)Hkv * hd;  // elements per cache position
+        float mx = -INFINITY;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d += 8) {
+                const uint4 w = ld16(kr + d);
+                dot += qsh[d] * h2f_lo(w.x) + qsh[d + 1] * h2f_hi(w.x) + qsh[d + 2] * h2f_lo(w.y) + qsh[d + 3] * h2f_hi(w.y) +
+                       qsh[d + 4] * h2f_lo(w.z) + qsh[d + 5] * h2f_hi(w.z) + qsh[d + 6] * h2f_lo(w.w) + qsh[d + 7] * h2f_hi(w.w);
+            }
+            sc[j] = dot;
+            mx = fmaxf(mx, dot);
+        }
+        mx = block_max(mx, red);
+        float sum = 0.0f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float e = expf(sc[j] - mx);
+            sc[j] = e;
+            sum += e;
+        }
+        sum = block_sum(sum, red);  // (its barriers also publish sc[])
+        const int P = hd >> 1;          // threads per key group: one pair of dims each
+        const int G = blockDim.x / P;   // key groups
+        const int g = threadIdx.x / P, t = threadIdx.x - g * P;
+        float2 a = make_float2(0.0f, 0.0f);
+        if (g < G) {
+            const half_bits* vb = vc + (i64)kvh * hd + 2 * t;
+    #pragma unroll 4
+            for (int j = g; j < n; j += G) {
+                const u32 w = ld4(vb + (i64)((kb + j) % n_rows) * row);
+                const float pj = sc[j];
+                a.x += pj * h2f_lo(w);
+                a.y += pj * h2f_hi(w);
+            }
+        }
+        accs[threadIdx.x] = a;
+        __syncthreads();
+        if (threadIdx.x < P) {
+            float2 o = make_float2(0.0f, 0.0f);
+            for (int gg = 0; gg < G; ++gg) {
+                o.x += accs[gg * P + threadIdx.x].x;
+                o.y += accs[gg * P + threadIdx.x].y;
+            }
+            po[2 * threadIdx.x] = o.x;
+            po[2 * threadIdx.x + 1] = o.y;
+        }
+        if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
+    }
+    // The last split of this head to finish combines all S (no second launch); it resets the
+    // head's counter to 0, so a replayed graph finds it zeroed.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[hh], 1u) == (unsigned)(S_eff - 1);
+    __syncthreads();
+    if (last) {
+        __threadfence();
+        attn_decode_combine_head(part_o, part_ml, sinks, out, hh, h, S, S_eff, hd);
+        if (threadIdx.x == 0) counters[hh] = 0u;
+    }
+}
+
+// Reads go through L2 (__ldcg): the partials were written by other blocks of the same launch. The
+// partials of (row, head) hh are the first n of its S slots; sh is the head's sink.
+__device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
+                                         int hh, int sh, int S, int n, int hd) {
+    const int h = hh;
+    const float* ml = part_ml + (i64)h * S * 2;
+    float M = sinks ? sinks[sh] : -INFINITY;
+    for (int s = 0; s < n; ++s) M = fmaxf(M, __ldcg(ml + 2 * s));
+    float L = sinks ? expf(sinks[sh] - M) : 0.0f;
+    for (int s = 0; s < n; ++s) {
+        const float m = __ldcg(ml + 2 * s);
+        if (m > -INFINITY) L += __ldcg(ml + 2 * s + 1) * expf(m - M);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < n; ++s) {
+            const float m = __ldcg(ml + 2 * s);
+            if (m > -INFINITY) o += __ldcg(part_o + ((i64)h * S + s) * hd + d) * expf(m - M);
+        }
+        out[(i64)h * hd + d] = L > 0.0f ? o / L : 0.0f;
+    }
+}
