@@ -2,7 +2,7 @@
 that turns them into KV-cache bytes.
 
 Every architecture's config returns its `ModelShape` (`config.shape()`, see
-`orcd_core.architecture.ModelConfig`); the CUDA load planner (`CudaDevice.kv_bytes_estimate`),
+`orcd_core.architecture.ModelConfig`); the CUDA load planner (`backends/cuda/planner.py`),
 `orcd-worker inspect` and `orcd-worker serve --kv-cache-size-mb` all count through `kv_bytes`, so
 they agree on sliding windows and per-layer KV heads. Nothing here reads GGUF metadata.
 """

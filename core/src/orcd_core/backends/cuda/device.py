@@ -20,7 +20,7 @@ from cupy_backends.cuda.libs import cublas
 from ... import kernels as ksrc
 from ...kernels.constants import AD_CHUNK, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
 from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
-from ...device import MAX_BATCH, MAX_STEP_TOKENS, Device, KVBatch, KVCache, LoadProgress, RopeSpec, Step, Weight
+from ...device import MAX_BATCH, Device, KVBatch, KVCache, LoadProgress, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
@@ -28,12 +28,11 @@ from .fusion import DeferredOps
 from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
 from .kernels import blocks as _blocks
 from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
+from .planner import DEQUANT_SCRATCH_BYTES, plan_load
 
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
 GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
 MAX_HEADS = 1024  # (row, head) split counters of the decode attention
-DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
-PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the workspace estimate plans for
 
 
 class GpuDeviceError(OrcdError):
@@ -174,28 +173,21 @@ class CudaDevice(Device):
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
         self.make_current()
         self.model_path = str(model.path)
-        tensors = list(model.tensors.values())
-        weight_bytes = sum(align(t.nbytes) for t in tensors)
-        weight_bytes += sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + (1 << 20)
-        kv = self.kv_bytes_estimate(shape, n_ctx) * max(1, int(n_seq))
-        ws = self.workspace_estimate(shape)
-        pool = self.prefill_pool_estimate(shape)
-        scratch = self._scratch_bytes(model)
-        need = weight_bytes + kv + ws + pool + scratch
+        plan = plan_load(model.tensors.values(), shape, n_ctx=n_ctx, n_seq=n_seq)
         free, total = cupy.cuda.runtime.memGetInfo()
-        if need > free:
+        if plan.total > free:
             raise InsufficientVram(
                 model.path,
-                f"not enough VRAM on GPU {self.gpu} ({self.gpu_name}): {need} bytes required "
-                f"(weights {weight_bytes}, KV cache {kv} for {n_seq} x {n_ctx} positions, workspace {ws + pool + scratch}), "
-                f"{free} bytes available of {total}")
-        self._planned = sum(t.nbytes for t in tensors)
+                f"not enough VRAM on GPU {self.gpu} ({self.gpu_name}): {plan.total} bytes required "
+                f"({plan.describe()}), {free} bytes available of {total}")
+        self._planned = plan.tensor_bytes
         try:
-            self.arenas.append(Arena(weight_bytes, "weights"))
+            self.arenas.append(Arena(plan.weights, "weights"))
+            scratch = plan.scratch
             self._scratch = view(raw_alloc(scratch), 0, (scratch // 2,), np.float16) if scratch else None
-            self.workspace = Workspace(ws)
+            self.workspace = Workspace(plan.workspace)
             self._ws_alloc = self.workspace.alloc
-            self.pool.reserve(pool)
+            self.pool.reserve(plan.prefill_pool)
         except cupy.cuda.memory.OutOfMemoryError as exc:
             self.arenas.clear()
             self.pool.release()
@@ -209,35 +201,6 @@ class CudaDevice(Device):
         """Bytes of one KV cache of `n_ctx` positions, as `new_kv_cache` allocates it (sliding-window
         layers per `shape.kv_windows` hold a bounded ring): `orcd_core.shape.kv_bytes`."""
         return kv_bytes(shape, n_ctx)
-
-    @staticmethod
-    def _dims(shape) -> tuple[int, int, int, int, int]:
-        """(layers, hidden, FFN width (the experts' times the experts used, for a mixture), q|k|v
-        width, vocabulary) of a `ModelShape`, for the activation estimates."""
-        return shape.n_layer, shape.n_embd, shape.ffn_width, shape.qkv_width, shape.n_vocab
-
-    @classmethod
-    def workspace_estimate(cls, shape) -> int:
-        """The decode workspace: the bump allocator keeps every op's output of a step (it is captured
-        into a graph), for up to GEMV_MAX_T tokens: hidden x 8 + FFN x 5 + q|k|v x 3 floats per token and
-        layer, the logits and the sampler's scratch."""
-        n_layer, d, ffn, qkv, n_vocab = cls._dims(shape)
-        per_tok = (8 * d + 5 * ffn + 3 * qkv) * 4 * max(n_layer, 1)
-        return align(GEMV_MAX_T * per_tok + 4 * n_vocab * 4 + (8 << 20))
-
-    @classmethod
-    def prefill_pool_estimate(cls, shape, chunk: int = PREFILL_CHUNK) -> int:
-        """VRAM reserved at load for prefill activations: arrays are reused once dropped, so the live
-        set is about one layer's (twice, for the residual and the layer being built), the last token's
-        logits and the fp16 copies of the GEMM operands."""
-        n_layer, d, ffn, qkv, n_vocab = cls._dims(shape)
-        per_tok = (8 * d + 5 * ffn + 3 * qkv) * 4
-        return align(2 * chunk * per_tok + 2 * n_vocab * 4 + (8 << 20))
-
-    @staticmethod
-    def _scratch_bytes(model) -> int:
-        biggest = max((t.n_elements * 2 for t in model.tensors.values() if len(t.shape) >= 2), default=0)
-        return align(min(biggest, DEQUANT_SCRATCH_BYTES))
 
     def _place(self, nbytes: int) -> tuple[cupy.cuda.MemoryPointer, int]:
         for a in self.arenas:

@@ -1,0 +1,85 @@
+"""The CUDA backend's VRAM plan for a model, made before anything is allocated (no CuPy here, so the
+plan is computed and tested anywhere): the weight arena (every tensor aligned; 1-D tensors also as
+float32 copies), the KV caches (`orcd_core.shape.kv_bytes` per sequence slot), the decode workspace (a
+captured step keeps every op's output), the prefill pool and the dequantize scratch of prefill GEMMs.
+`CudaDevice.prepare_load` reserves exactly these parts, or refuses the model naming them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...device import MAX_STEP_TOKENS
+from ...kernels.constants import GEMV_MAX_T
+from ...shape import align, kv_bytes
+
+DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
+PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the pool estimate plans for
+ARENA_SLACK_BYTES = 1 << 20  # the weight arena's margin beyond its aligned tensors
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Bytes of each part a model's load reserves; `tensor_bytes` (the file's tensor data, unaligned)
+    is what load progress counts."""
+
+    weights: int
+    kv: int
+    workspace: int
+    prefill_pool: int
+    scratch: int
+    tensor_bytes: int
+    n_ctx: int
+    n_seq: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.workspace + self.prefill_pool + self.scratch
+
+    def describe(self) -> str:
+        return (f"weights {self.weights}, KV cache {self.kv} for {self.n_seq} x {self.n_ctx} positions, "
+                f"workspace {self.workspace + self.prefill_pool + self.scratch}")
+
+
+def _activation_floats_per_token(shape) -> int:
+    """Floats one token's ops of one layer write: hidden x 8 + FFN x 5 + q|k|v x 3 (FFN: the experts'
+    width times the experts used, for a mixture)."""
+    return 8 * shape.n_embd + 5 * shape.ffn_width + 3 * shape.qkv_width
+
+
+def workspace_bytes(shape) -> int:
+    """The decode workspace: the bump allocator keeps every op's output of a step (it is captured into
+    a graph), for up to GEMV_MAX_T rows (a batched step), plus the logits and the sampler's scratch."""
+    per_tok = _activation_floats_per_token(shape) * 4 * max(shape.n_layer, 1)
+    return align(GEMV_MAX_T * per_tok + 4 * shape.n_vocab * 4 + (8 << 20))
+
+
+def prefill_pool_bytes(shape, chunk: int = PREFILL_CHUNK) -> int:
+    """Prefill activations: arrays are reused once dropped, so the live set is about one layer's (twice,
+    for the residual and the layer being built), the last token's logits and the GEMM operands' fp16
+    copies."""
+    per_tok = _activation_floats_per_token(shape) * 4
+    return align(2 * chunk * per_tok + 2 * shape.n_vocab * 4 + (8 << 20))
+
+
+def scratch_bytes(tensors) -> int:
+    """The dequantize scratch: the largest matrix as fp16, at most DEQUANT_SCRATCH_BYTES (bigger ones
+    are dequantized in row chunks)."""
+    biggest = max((t.n_elements * 2 for t in tensors if len(t.shape) >= 2), default=0)
+    return align(min(biggest, DEQUANT_SCRATCH_BYTES))
+
+
+def weight_arena_bytes(tensors) -> int:
+    """Every tensor aligned, 1-D tensors (norms, biases) also as the float32 copies the kernels read."""
+    return (sum(align(t.nbytes) for t in tensors)
+            + sum(align(t.n_elements * 4) for t in tensors if len(t.shape) == 1) + ARENA_SLACK_BYTES)
+
+
+def plan_load(tensors, shape, *, n_ctx: int, n_seq: int = 1) -> LoadPlan:
+    """The plan for a model's tensors (`GGUFModel.tensors.values()`) of `shape` (`ModelShape`), with a
+    KV cache of `n_ctx` positions for each of `n_seq` sequences decoding together."""
+    tensors = list(tensors)
+    n_seq = max(1, int(n_seq))
+    return LoadPlan(weights=weight_arena_bytes(tensors), kv=kv_bytes(shape, n_ctx) * n_seq,
+                    workspace=workspace_bytes(shape), prefill_pool=prefill_pool_bytes(shape),
+                    scratch=scratch_bytes(tensors), tensor_bytes=sum(t.nbytes for t in tensors),
+                    n_ctx=int(n_ctx), n_seq=n_seq)
