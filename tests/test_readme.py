@@ -40,3 +40,17 @@ def test_relative_links_in_readme_and_docs_exist():
         for target in re.findall(r"\]\(([^)#]+)\)", page.read_text(encoding="utf-8")):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+
+
+def test_curl_examples_send_json():
+    """Every curl example with a body says it is JSON: curl's -d alone sends
+    application/x-www-form-urlencoded, which the worker answers with 415 (found on a fresh clone)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    n = 0
+    for page in pages:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in text.splitlines():
+            if "curl " in line and (" -d " in line or " --data" in line):
+                n += 1
+                assert "Content-Type: application/json" in line, f"{page.relative_to(ROOT)}: {line.strip()}"
+    assert n >= 3
