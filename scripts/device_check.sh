@@ -46,7 +46,7 @@ if [[ $stages == *" ops "* ]]; then
   note "ops: $(tail -1 "$OUT/ops.log")"
 fi
 if [[ $stages == *" model "* ]]; then
-  python3 -m pytest -q -p no:cacheprovider core/tests/backends/test_cuda_model.py 2>&1 | tee "$OUT/model.log" | tail -30
+  python3 -m pytest -q -p no:cacheprovider plugins/llama_adapter/tests/test_llama_family_cuda.py 2>&1 | tee "$OUT/model.log" | tail -30
   note "model: $(tail -1 "$OUT/model.log")"
 fi
 if [[ $stages == *" gpu-all "* ]]; then

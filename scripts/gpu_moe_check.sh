@@ -33,7 +33,7 @@ if [[ $stages == *" ops "* ]]; then
   note "core ops -k MXFP4: $(tail -1 "$OUT/ops-core.log") ($(( $(date +%s) - t0 )) s)"
 fi
 if [[ $stages == *" cut "* ]]; then
-  timeout ${CUT_TIMEOUT:-300} python3 -m pytest -q -s -p no:cacheprovider -rfE core/tests/backends/test_cuda_gpt_oss.py \
+  timeout ${CUT_TIMEOUT:-300} python3 -m pytest -q -s -p no:cacheprovider -rfE plugins/gpt_adapter/tests/test_gpt_oss_cuda.py \
     -k "not full" 2>&1 | tee "$OUT/cut.log" | tail -25
   note "gpt-oss 2-layer cut: $(tail -1 "$OUT/cut.log") ($(( $(date +%s) - t0 )) s)"
   grep -h "relative L2" "$OUT/cut.log" | head -3 | while read -r l; do note "  $l"; done
@@ -63,7 +63,7 @@ if [[ $stages == *" full "* ]]; then
       2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
     note "orcd bench gpt-oss full: $(tail -1 "$OUT/bench.jsonl" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("load %.2fs pp512 %s tg128 %s" % (d["load_s"], d["pp512"]["tok_s"], d["tg128"]["tok_s"]))' 2>/dev/null || (echo FAILED; tail -3 "$OUT/bench.err"))"
     ORCD_GPT_OSS_FULL=1 timeout ${FULL_TIMEOUT:-150} python3 -m pytest -q -s -p no:cacheprovider -rfE \
-      core/tests/backends/test_cuda_gpt_oss.py -k full 2>&1 | tee "$OUT/full.log" | tail -15
+      plugins/gpt_adapter/tests/test_gpt_oss_cuda.py -k full 2>&1 | tee "$OUT/full.log" | tail -15
     note "gpt-oss full-size tests: $(tail -1 "$OUT/full.log") ($(( $(date +%s) - t0 )) s)"
     grep -h "vram_bytes_used" "$OUT/full.log" | head -1 | while read -r l; do note "  $l"; done
   fi
