@@ -10,7 +10,9 @@ On a GPU machine, from the project root (the project installed, e.g. `source .de
    or `WORK/llama.cpp/build/bin/llama-bench` exists (the build runs while the models are written);
 2. writes the synthetic full-size models (`orcd-worker synth ARCH --size full --seed 7`) unless present;
 3. runs, per model, `orcd-worker bench --backend cuda -r R` and `llama-bench -ngl 99 -fa 1 -r R` for
-   pp512, pp2048, tg128, and tg128 at depth 4096 (llama-bench `-d 4096`);
+   pp512, pp2048, tg128, and tg128 at depth 4096 (llama-bench `-d 4096`); and B sequences decoding
+   together (`--batch B`, default 8; 0 skips it): `orcd-worker bench -p 0 -n 128 -b B` against
+   `llama-batched-bench -npp 32 -ntg 128 -npl B` (its S_TG: tokens of all sequences over the TG time);
 4. prints one table: tok/s of both and the ratio, with the GPU, driver and both builds' settings.
 """
 
@@ -50,7 +52,8 @@ def start_llama_build(src: str, work: Path) -> tuple[subprocess.Popen | None, Pa
                 tf.extractall(work)
     log = open(work / "llama-build.log", "w")
     jobs = str(max(1, (os.cpu_count() or 4) - 2))
-    cmd = (f"cmake -B build -G Ninja {' '.join(LLAMA_CMAKE)} && cmake --build build --target llama-bench -j {jobs}")
+    cmd = (f"cmake -B build -G Ninja {' '.join(LLAMA_CMAKE)} && "
+           f"cmake --build build --target llama-bench llama-batched-bench -j {jobs}")
     return subprocess.Popen(cmd, shell=True, cwd=tree, stdout=log, stderr=subprocess.STDOUT), exe
 
 
@@ -63,8 +66,12 @@ def synth(arch: str, work: Path) -> Path:
     return path
 
 
-def ours(model: Path, reps: int) -> dict[str, float]:
+def ours(model: Path, reps: int, batch: int = 0) -> dict[str, float]:
     out = {}
+    if batch:
+        cmd = ["orcd-worker", "bench", str(model), "--backend", "cuda", "-p", "0", "-n", "128", "-b", str(batch),
+               "-r", str(reps), "--json"]
+        out[f"tg128x{batch}"] = json.loads(sh(cmd).strip().splitlines()[-1])["tg128"]["tok_s"]
     for name, t in TESTS:
         cmd = ["orcd-worker", "bench", str(model), "--backend", "cuda", "-p", str(t["p"]), "-n", str(t["n"]),
                "-d", str(t["d"]), "-r", str(reps), "--json"]
@@ -75,8 +82,31 @@ def ours(model: Path, reps: int) -> dict[str, float]:
     return out
 
 
-def llama(exe: Path, model: Path, reps: int) -> dict[str, float]:
+def parse_batched_bench(text: str) -> dict[int, float]:
+    """{sequences: S_TG tok/s} from `llama-batched-bench --output-format jsonl` output (one JSON object
+    per line among its log lines)."""
     out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"speed_tg"' in line:
+            row = json.loads(line)
+            out[int(row["pl"])] = float(row["speed_tg"])
+    return out
+
+
+def llama_batched(exe: Path, model: Path, batch: int) -> dict[str, float]:
+    tool = exe.parent / "llama-batched-bench"
+    if not tool.exists():  # a build of llama-bench alone (an older WORK): the column stays empty
+        print(f"{tool} is missing: no llama.cpp figure for {batch} sequences", file=sys.stderr)
+        return {}
+    cmd = [str(tool), "-m", str(model), "-ngl", "99", "-fa", "on", "-c", "4096",
+           "-npp", "32", "-ntg", "128", "-npl", str(batch), "--output-format", "jsonl"]
+    r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return {f"tg128x{batch}": parse_batched_bench(r.stdout + "\n" + r.stderr)[batch]}
+
+
+def llama(exe: Path, model: Path, reps: int, batch: int = 0) -> dict[str, float]:
+    out = llama_batched(exe, model, batch) if batch else {}
     runs = [["-p", "512,2048", "-n", "128", "-d", "0"], ["-p", "0", "-n", "128", "-d", "4096"]]
     for extra in runs:
         cmd = [str(exe), "-m", str(model), "-ngl", "99", "-fa", "1", "-r", str(reps), "-o", "json", *extra]
@@ -95,6 +125,7 @@ def main() -> int:
     ap.add_argument("--models", default="qwen2,phi3,gpt-oss")
     ap.add_argument("--work", default="/tmp/bench", help="where models and the build go")
     ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8, help="sequences decoding together (0: skip that column)")
     ap.add_argument("--json", default=None, help="also write every figure here")
     args = ap.parse_args()
     work = Path(args.work)
@@ -107,16 +138,20 @@ def main() -> int:
     gpu = sh(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]).strip()
     results = {}
     for arch, path in models.items():
-        results[arch] = {"orcd": ours(path, args.repetitions), "llama": llama(exe, path, args.repetitions)}
+        results[arch] = {"orcd": ours(path, args.repetitions, args.batch),
+                         "llama": llama(exe, path, args.repetitions, args.batch)}
         print(f"{arch}: done", file=sys.stderr)
     print(f"\nGPU: {gpu}; orcd-worker bench --backend cuda -r {args.repetitions} (median); "
           f"llama-bench -ngl 99 -fa 1 -r {args.repetitions} (mean), build "
-          f"{next(iter(results.values()))['llama'].get('build', '?')}, {' '.join(LLAMA_CMAKE[:2])}")
-    print(f"{'model':<9}" + "".join(f"{name:>28}" for name, _ in TESTS))
-    print(f"{'':<9}" + "".join(f"{'orcd / llama.cpp (ratio)':>28}" for _ in TESTS))
+          f"{next(iter(results.values()))['llama'].get('build', '?')}, {' '.join(LLAMA_CMAKE[:2])}"
+          + (f"; tg128x{args.batch}: {args.batch} sequences together (orcd bench -b {args.batch}; "
+             f"llama-batched-bench -npp 32 -ntg 128 -npl {args.batch}, S_TG)" if args.batch else ""))
+    names = [name for name, _ in TESTS] + ([f"tg128x{args.batch}"] if args.batch else [])
+    print(f"{'model':<9}" + "".join(f"{name:>28}" for name in names))
+    print(f"{'':<9}" + "".join(f"{'orcd / llama.cpp (ratio)':>28}" for _ in names))
     for arch, r in results.items():
         cells = []
-        for name, _ in TESTS:
+        for name in names:
             a, b = r["orcd"].get(name), r["llama"].get(name)
             cells.append(f"{a:,.0f} / {b:,.0f} ({a / b:.2f}x)" if a and b else "-")
         print(f"{arch:<9}" + "".join(f"{c:>28}" for c in cells))
