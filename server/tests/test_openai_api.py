@@ -37,7 +37,8 @@ def server(model, tmp_path_factory):
     keyfile = tmp_path_factory.mktemp("keys") / "keys.txt"
     keyfile.write_text(f"# a comment\n{OTHER_KEY}\n")
     srv = ProcessServer(["--backend", "reference", "--model", str(model), "--alias", "tiny", "--max-context",
-                         str(N_CTX), "--queue-size", "1", "--log-format", "json", "--api-key", KEY,
+                         str(N_CTX), "--queue-size", "1", "--max-batch", "1",  # one running + one queued: full
+                         "--log-format", "json", "--api-key", KEY,
                          "--api-key-file", str(keyfile), "--cors-origin", ORIGIN], tmp_path_factory.mktemp("srv"))
     srv.start()
     try:
