@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .gguf_file import TensorInfo
+from .sampling import token_logprobs
 
 if TYPE_CHECKING:
     from .shape import ModelShape
@@ -124,7 +125,9 @@ class DecodeRow:
     """One sequence of a batched decode loop, as the host knows it: `id` is the last chosen token
     (not yet in the cache) at `position`; `step_index` the index among generated tokens of the token
     the next step returns; `recent` the ids the repetition penalty sees (oldest first, at most
-    `params.repetition_window`); `budget` how many more steps may include it (None: no bound)."""
+    `params.repetition_window`); `budget` how many more steps may include it (None: no bound);
+    `logprobs` (None, or k alternatives) asks each step to set `last_logprobs` (a
+    `generation.TokenLogprobs` of the token it returns, from that step's raw logits)."""
 
     cache: KVCache
     id: int
@@ -133,6 +136,8 @@ class DecodeRow:
     params: Any
     recent: list[int]
     budget: int | None = None
+    logprobs: int | None = None
+    last_logprobs: Any = None
 
     def advance(self, token: int) -> None:
         """The host's copy of what a step did on the device for this row."""
@@ -340,7 +345,8 @@ class BatchDecoder(abc.ABC):
     @abc.abstractmethod
     def step(self) -> list[tuple[DecodeRow, int]]:
         """Run one decode step of the current rows; returns (row, token) for each row of the step
-        still a member, after `row.advance(token)`."""
+        still a member, after `row.advance(token)` (and `row.last_logprobs` set where `row.logprobs`
+        asks for them)."""
 
     def close(self) -> None:
         """Release what the loop holds (captured graphs); the KV caches stay the caller's."""
@@ -370,6 +376,8 @@ class EagerBatchDecoder(BatchDecoder):
             recent = ([-1] * W + r.recent)[-W:]
             tok = d.sample(logits[b], r.params, d.to_device(recent), d.to_device([r.step_index]))
             tok = int(d.to_host(tok).reshape(-1)[0])
+            if r.logprobs is not None:
+                r.last_logprobs = token_logprobs(d.to_host(logits[b]), tok, r.logprobs)
             if r.budget is not None:
                 r.budget -= 1
             r.advance(tok)

@@ -31,6 +31,7 @@ from .generation import (
     GenerationResult,
     MAX_REPETITION_WINDOW,
     MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
     InvalidRequest,
     PreparedRequest,
 )
@@ -302,6 +303,8 @@ def validate_request(request: GenerationRequest) -> None:
         ("repetition_window", 0 <= s.repetition_window <= MAX_REPETITION_WINDOW,
          f"repetition_window must be in 0..{MAX_REPETITION_WINDOW}, got {s.repetition_window}"),
         ("seed", 0 <= s.seed < 2**64, f"seed must be in 0..2^64-1, got {s.seed}"),
+        ("logprobs", request.logprobs is None or 0 <= request.logprobs <= MAX_TOP_LOGPROBS,
+         f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.logprobs}"),
         ("stop", len(request.stop) <= MAX_STOP_STRINGS,
          f"at most {MAX_STOP_STRINGS} stop sequences, got {len(request.stop)}"),
         ("stop", all(isinstance(x, str) and x for x in request.stop), "stop sequences must be non-empty strings"),

@@ -43,6 +43,9 @@ class ChatMessage:
 #: The repetition penalty's window at most (the GPU keeps a ring of this many ids per decoding request).
 MAX_REPETITION_WINDOW = 1024
 
+#: Alternatives per token that `GenerationRequest.logprobs` may ask for at most (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
 #: Stop sequences per request at most (the engine's and the HTTP API's limit; each is matched on every
 #: token's text).
 MAX_STOP_STRINGS = 4
@@ -57,6 +60,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # stop sequences, matched on the decoded text
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prompt_ids: tuple[int, ...] | None = None  # exact ids (no template, no BOS): bypasses tokenization
+    # None: no log-probabilities; k in 0..MAX_TOP_LOGPROBS: each token's log-probability under the model
+    # (raw logits, before temperature, penalties and filters, as vLLM reports them) and the k likeliest ids'
+    logprobs: int | None = None
 
 
 @dataclass
@@ -67,10 +73,20 @@ class PreparedRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the `k` likeliest ids' (id, log-probability), likeliest
+    first (ties: the lower id first), from the step's raw logits."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GeneratedToken:
     id: int
     index: int  # 0-based index among generated tokens
     text: str  # complete UTF-8 text released by this token (may be "" while a code point is split)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .generation import SamplingParams
+from .generation import SamplingParams, TokenLogprobs
 
 _MASK64 = (1 << 64) - 1
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
@@ -113,3 +113,20 @@ def sample(logits: np.ndarray, params: SamplingParams, recent_ids=(), step_index
     target = uniform(params.seed, step_index) * c[-1]
     i = min(int(np.searchsorted(c, target, side="right")), len(cand) - 1)
     return int(cand[i])
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> TokenLogprobs:
+    """The log-probability of `token` under softmax(`logits`) (one step's raw logits, before temperature,
+    penalties and filters) and the `k` likeliest ids' (likeliest first, ties to the lower id), computed
+    in float64 on the host for every backend."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    m = float(x.max())
+    lse = m + float(np.log(np.exp(x - m).sum()))
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        k = min(k, x.size)
+        kth = np.partition(x, x.size - k)[x.size - k]  # the k-th largest value
+        cand = np.flatnonzero(x >= kth)  # every id tied with it too, then: value descending, id ascending
+        order = cand[np.lexsort((cand, -x[cand]))][:k]
+        top = tuple((int(i), float(x[i] - lse)) for i in order)
+    return TokenLogprobs(logprob=float(x[int(token)] - lse), top=top)

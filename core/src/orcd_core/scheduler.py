@@ -29,6 +29,7 @@ end of the generation rides on the last token event.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 
 from .device import DecodeRow
@@ -40,6 +41,7 @@ from .generation import (
     GenerationResult,
     PreparedRequest,
 )
+from .sampling import token_logprobs
 from .stops import StopMatcher
 
 
@@ -124,7 +126,7 @@ class Scheduler:
                 return events
             for row, token in pairs:
                 seq = by_row[id(row)]
-                self._push(seq, token, events)
+                self._push(seq, token, events, row.last_logprobs)
         return events
 
     def close(self) -> None:
@@ -155,8 +157,11 @@ class Scheduler:
         params = seq.prepared.request.sampling
         W = max(1, params.repetition_window)
         recent = ([-1] * W + prompt)[-W:]
-        first = dev.sample(dev.logits_last(logits), params, dev.to_device(recent), dev.to_device([0]))
+        last = dev.logits_last(logits)
+        first = dev.sample(last, params, dev.to_device(recent), dev.to_device([0]))
         token = int(dev.to_host(first).reshape(-1)[0])
+        k = seq.prepared.request.logprobs
+        lp = token_logprobs(dev.to_host(last), token, k) if k is not None else None
         seq.t_first = time.perf_counter()
         seq.prompt_ms = (seq.t_first - seq.t_start) * 1e3
         seq.detok = IncrementalDetokenizer(eng.tokenizer, skip_special=True)  # control tokens render empty
@@ -166,10 +171,11 @@ class Scheduler:
         if max_tokens <= 0:
             self._finish(seq, "length", events)
             return
-        if not self._push(seq, token, events) and max_tokens > 1:
+        if not self._push(seq, token, events, lp) and max_tokens > 1:
             W = int(params.repetition_window)
             seq.row = DecodeRow(cache=seq.cache, id=token, position=len(prompt), step_index=1, params=params,
-                                recent=(prompt + [token])[-W:] if W > 0 else [], budget=max_tokens - 1)
+                                recent=(prompt + [token])[-W:] if W > 0 else [], budget=max_tokens - 1,
+                                logprobs=k)
             self._decoder_for().join(seq.row)
 
     def _decoder_for(self):
@@ -178,8 +184,9 @@ class Scheduler:
             self._decoder = eng.device.batch_decoder(eng.decode_forward, max_rows=self.max_batch)
         return self._decoder
 
-    def _push(self, seq: Sequence, token: int, events) -> bool:
-        """Account one sampled token of `seq`; True when it ended the sequence."""
+    def _push(self, seq: Sequence, token: int, events, logprobs=None) -> bool:
+        """Account one sampled token of `seq` (with its `TokenLogprobs` when asked for); True when it
+        ended the sequence."""
         if token in seq.eog:
             self._finish(seq, "stop", events)
             return True
@@ -189,7 +196,7 @@ class Scheduler:
         seq.out_ids.append(token)
         text = seq.stops.push(seq.detok.push(token))
         seq.text_parts.append(text)
-        tok = GeneratedToken(id=token, index=len(seq.out_ids) - 1, text=text)
+        tok = GeneratedToken(id=token, index=len(seq.out_ids) - 1, text=text, logprobs=logprobs)
         if seq.stops.stopped:
             seq.pending = tok
             self._finish(seq, "stop_sequence", events)
@@ -211,7 +218,7 @@ class Scheduler:
                 p = seq.pending
                 if p is None:  # (nothing was held back: the tail is empty then; kept for safety)
                     p = GeneratedToken(id=seq.out_ids[-1], index=len(seq.out_ids) - 1, text="")
-                seq.pending = GeneratedToken(id=p.id, index=p.index, text=p.text + tail)
+                seq.pending = dataclasses.replace(p, text=p.text + tail)
         if seq.pending is not None:
             events.append((seq, seq.pending))
             seq.pending = None

@@ -30,6 +30,7 @@ import numpy as np
 
 from ...device import BatchDecoder, KVBatch, Step
 from ...generation import CudaError
+from ...sampling import token_logprobs
 from .kernels import i32, launch
 from .memory import raw_alloc, view
 from .sampler import RowState
@@ -48,6 +49,7 @@ class GraphBatchDecoder(BatchDecoder):
         self._done = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
         self.graphs: dict[tuple[int, int], object] = {}  # (rows, parity) -> graph
         self._eager_done: set[int] = set()  # row counts whose first (eager) step ran
+        self._logits: dict[tuple[int, int], cupy.ndarray] = {}  # (rows, parity) -> the step's logits [B, V]
         self._epoch = dev.graph_epoch
         self._flight: collections.deque = collections.deque()  # (rows of the step, parity)
         self._n_launched = 0
@@ -85,6 +87,7 @@ class GraphBatchDecoder(BatchDecoder):
         dev, st = self.dev, self.st
         step = Step(T=B, ids=st.ids[:B], positions=st.pos[:B], n_past=st.pos[:B])
         logits = dev.contiguous(self.forward(step, self.kv))  # [B, V]
+        self._logits[(B, parity)] = logits  # (the addresses a replay of this graph writes)
         tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st)
         launch(dev.core.fn("advance_rows"), (1,), (32,),
                (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)))
@@ -99,6 +102,7 @@ class GraphBatchDecoder(BatchDecoder):
                 raise RuntimeError("batch decoder: a row ran past its budget")
         if dev.graph_epoch != self._epoch:  # a buffer the graphs point into was replaced
             self.graphs.clear()
+            self._logits.clear()
             self._eager_done.clear()
             self._epoch = dev.graph_epoch
         try:
@@ -137,7 +141,8 @@ class GraphBatchDecoder(BatchDecoder):
                 self._upload()
             self._launch()
         if (not self.changed and len(self._flight) == 1 and self.rows
-                and all(r.budget is None or r.budget >= 1 for r in self.rows)):
+                and all(r.budget is None or r.budget >= 1 for r in self.rows)
+                and all(r.logprobs is None for r in self.rows)):  # (log-probabilities read the step's logits)
             self._launch()  # step k + 1 runs while the host handles step k's tokens
         rows, parity = self._flight.popleft()
         try:
@@ -145,10 +150,22 @@ class GraphBatchDecoder(BatchDecoder):
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"decode step failed on GPU {self.dev.gpu}: {exc}") from exc
         members = {id(r) for r in self.rows}
+        want = [b for b, r in enumerate(rows) if id(r) in members and r.logprobs is not None]
+        if want and self._flight:  # the next step would have overwritten these logits: never launched then
+            raise RuntimeError("batch decoder: log-probabilities asked of a step with another in flight")
+        logits = None
+        if want:
+            try:
+                logits = cupy.asnumpy(self._logits[(len(rows), parity)][want], stream=self.dev.stream)
+                self.dev.stream.synchronize()
+            except cupy.cuda.runtime.CUDARuntimeError as exc:
+                raise CudaError(f"decode step failed on GPU {self.dev.gpu}: {exc}") from exc
         out = []
         for b, r in enumerate(rows):
             if id(r) in members:  # (a row that left since: its token is dropped)
                 tok = int(self._tok[parity, b])
+                if r.logprobs is not None:
+                    r.last_logprobs = token_logprobs(logits[want.index(b)], tok, r.logprobs)
                 r.advance(tok)
                 out.append((r, tok))
         return out
@@ -160,5 +177,6 @@ class GraphBatchDecoder(BatchDecoder):
             pass
         self._flight.clear()
         self.graphs.clear()
+        self._logits.clear()
         self._table_mem = None
         self._pinned = None
