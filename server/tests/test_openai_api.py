@@ -144,7 +144,8 @@ def test_stop_string_cuts_the_text(client):
 
 @pytest.mark.parametrize("kwargs, param", [
     (dict(n=2), "n"),
-    (dict(logprobs=True, top_logprobs=3), "logprobs"),
+    (dict(top_logprobs=3), "top_logprobs"),  # without logprobs: true
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     (dict(response_format={"type": "json_object"}), "response_format"),
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(max_tokens=5000), "max_tokens"),
@@ -174,8 +175,52 @@ def test_completion_refusals(client):
         client.completions.create(model="tiny", prompt=["one", "two"], max_tokens=2)
     assert info.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, logprobs=2)
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, logprobs=21)
     assert info.value.body["param"] == "logprobs"
+
+
+def test_chat_logprobs_streaming_and_not_match_the_native_token_events(client, http):
+    """logprobs: true + top_logprobs k: one entry per generated token, named by the bytes it adds to
+    the text, with the values the native events carry (the engine's are checked against a full
+    prefill in tests/test_logprobs.py); the same streamed and not."""
+    messages = [{"role": "user", "content": "Hello there"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    choice = whole.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 6
+    assert b"".join(bytes(e.bytes) for e in content) == choice.message.content.encode()
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].logprob == e.logprob and e.top_logprobs[0].token == e.token  # greedy
+    native = collect(http, {"job_id": "native-lp", "messages": messages, "max_tokens": 6, "temperature": 0,
+                            "logprobs": 3})
+    events = [d for name, d in native if name == "token"]
+    assert [e.logprob for e in content] == [d["logprob"] for d in events]
+    assert [[t.logprob for t in e.top_logprobs] for e in content] == [
+        [a["logprob"] for a in d["top_logprobs"]] for d in events]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs(client):
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0.8, seed=3, logprobs=2)
+    lp = out.choices[0].logprobs
+    n = out.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(v <= 0 for v in lp.token_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs)
+    assert all(max(t.values()) >= v for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0.8, seed=3,
+                                            logprobs=2, stream=True))
+    assert [v for c in chunks if c.choices and c.choices[0].logprobs
+            for v in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
 
 
 def test_context_overflow(client):

@@ -104,3 +104,36 @@ def test_graphs_are_kept_across_requests(engine):
     first, second = rounds
     assert first and all(second[k] is first[k] for k in first) and len(second) <= 2 * 4
     assert engine.device.memory_report()["kv_cache"] == 0
+
+
+def test_logprobs_of_batched_steps_are_the_step_logits_log_softmax(engine):
+    """Rows asking for log-probabilities (the graph decoder then runs no step ahead, so the step's
+    logits are read before the next one overwrites them): the same alone and batched, and each
+    token's value is log_softmax of `Engine.logits` over the sequence up to it (a separate prefill;
+    fp16 GEMMs there against the decode GEMVs, whose logits agree within relative L2 1e-2 elsewhere:
+    |logits| <= 4 here, so within 0.1 in log-probability)."""
+    import math
+
+    from engine_runs import collect
+
+    reqs = [GenerationRequest(prompt_ids=r.prompt_ids, max_tokens=6, sampling=r.sampling, logprobs=4)
+            for r in requests(engine, 3)]
+    alone = [collect(engine, r)[0] for r in reqs]
+    sched = engine.scheduler
+    seqs = [sched.submit(engine.prepare(r)) for r in reqs]
+    got = {id(s): [] for s in seqs}
+    while sched.busy:
+        for seq, ev in sched.step():
+            if hasattr(ev, "logprobs"):
+                got[id(seq)].append(ev)
+    for seq, want, req in zip(seqs, alone, reqs):
+        toks = got[id(seq)]
+        assert [t.id for t in toks] == [t.id for t in want]
+        assert [t.logprobs for t in toks] == [t.logprobs for t in want]
+        logits = engine.logits(list(req.prompt_ids) + [t.id for t in toks][:-1]).astype(np.float64)
+        for i, t in enumerate(toks):
+            row = logits[len(req.prompt_ids) - 1 + i]
+            lse = row.max() + math.log(np.exp(row - row.max()).sum())
+            assert abs(t.logprobs.logprob - (row[t.id] - lse)) <= 0.1
+            assert len(t.logprobs.top) == 4
+    assert engine.device.memory_report()["kv_cache"] == 0

@@ -216,6 +216,7 @@ def _generation_request(req: schemas.ExecuteRequest, max_tokens: int, seed: int)
             frequency_penalty=float(req.frequency_penalty),
             seed=seed,
         ),
+        logprobs=req.logprobs,
     )
 
 

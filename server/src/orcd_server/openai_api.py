@@ -10,10 +10,12 @@ metrics with POST /execute. Differences from the native API, as OpenAI clients e
 fields are ignored; `stop` may be a string; `max_tokens` left out means as many as the context
 leaves (at most `--max-tokens-out`); errors are `{"error": {"message", "type", "param", "code"}}`.
 
-Refused with a 400 that says why, rather than silently ignored: `n` > 1, `logprobs` /
-`top_logprobs` (the engine samples on the device and returns only the token id; no per-token
-distribution comes back), `response_format` other than text,
-`tools`, `echo`, `suffix`, and a batch of several prompts.
+`logprobs` (completions: k alternatives; chat: `logprobs: true` with `top_logprobs` k) come from the
+native token events (`logprob`, `top_logprobs`: the raw logits' log-softmax, as vLLM reports them)
+and are given in OpenAI's shapes, streaming or not; tokens are named by the bytes they add to the text.
+
+Refused with a 400 that says why, rather than silently ignored: `n` > 1, `response_format` other
+than text, `tools`, `echo`, `suffix`, and a batch of several prompts.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Response, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from orcd_core.errors import OrcdError
+from orcd_core.generation import MAX_TOP_LOGPROBS
 
 from . import app as native
 from . import schemas
@@ -284,8 +287,10 @@ async def _plan_and_submit(request: Request, srv, *, chat: bool):
     prompt_ids: list[int] | None = None
     render_plain = False
     if chat:
-        if req.logprobs or req.top_logprobs is not None:
-            raise _unsupported("logprobs", "the engine samples on the device and returns only the token id")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise invalid("top_logprobs", f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {req.top_logprobs}")
         if req.response_format is not None and req.response_format.type != "text":
             raise _unsupported("response_format", f"type {req.response_format.type!r} needs constrained "
                                "decoding, which this worker does not have (only 'text')")
@@ -294,16 +299,18 @@ async def _plan_and_submit(request: Request, srv, *, chat: bool):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         fields = _native_fields(req, job_id, max_tokens)
         fields["messages"] = [{"role": m.role, "content": _message_text(n, m)} for n, m in enumerate(req.messages)]
+        if req.logprobs:
+            fields["logprobs"] = req.top_logprobs or 0
         render_plain = not req.add_generation_prompt
     else:
-        if req.logprobs is not None:
-            raise _unsupported("logprobs", "the engine samples on the device and returns only the token id")
         if req.echo:
             raise _unsupported("echo", "only generated text is returned")
         if req.suffix:
             raise _unsupported("suffix", "fill-in-the-middle is not supported")
         max_tokens = req.max_tokens
         fields = _native_fields(req, job_id, max_tokens)
+        if req.logprobs is not None:
+            fields["logprobs"] = req.logprobs
         prompt = _completion_prompt(req)
         if isinstance(prompt, str):
             fields["prompt"] = prompt
@@ -325,7 +332,7 @@ async def _plan_and_submit(request: Request, srv, *, chat: bool):
     prepared = await anyio.to_thread.run_sync(_prepare, engine, plan, srv.settings.max_tokens_out, n_ctx)
     job = native.submit_job(srv, job_id, prepared, seed, plan.prompt_text)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return job, bool(req.stream), include_usage
+    return job, bool(req.stream), include_usage, native_req.logprobs is not None
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -341,20 +348,50 @@ def _stream_error(data: dict) -> dict:
 
 
 class _Shape:
-    """What differs between a completion and a chat completion."""
+    """What differs between a completion and a chat completion; with a `tokenizer`, the choices carry
+    the token events' log-probabilities in the endpoint's shape."""
 
-    def __init__(self, chat: bool, job_id: str, model: str) -> None:
+    def __init__(self, chat: bool, job_id: str, model: str, tokenizer=None) -> None:
         self.chat = chat
+        self.tokenizer = tokenizer
         self.head = {"id": job_id, "object": "chat.completion" if chat else "text_completion",
                      "created": int(time.time()), "model": model, "system_fingerprint": None}
 
-    def choice(self, text: str | None, finish: str | None, *, delta: bool) -> dict:
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def logprobs(self, tokens: list[dict], offset: int = 0) -> dict | None:
+        """OpenAI's `logprobs` of these token events (`offset`: where the first one's text starts in
+        the completion); None without a tokenizer (not asked for)."""
+        if self.tokenizer is None:
+            return None
+        if self.chat:
+            content = []
+            for d in tokens:
+                text, raw = self._token(d["id"])
+                top = []
+                for alt in d["top_logprobs"]:
+                    alt_text, alt_raw = self._token(alt["id"])
+                    top.append({"token": alt_text, "logprob": alt["logprob"], "bytes": alt_raw})
+                content.append({"token": text, "logprob": d["logprob"], "bytes": raw, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for d in tokens:
+            out["tokens"].append(self._token(d["id"])[0])
+            out["token_logprobs"].append(d["logprob"])
+            out["top_logprobs"].append({self._token(a["id"])[0]: a["logprob"] for a in d["top_logprobs"]})
+            out["text_offset"].append(offset)
+            offset += len(d["t"])
+        return out
+
+    def choice(self, text: str | None, finish: str | None, *, delta: bool, logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         if delta:
-            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": logprobs,
                     "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish}
 
     def chunk(self, choices: list[dict], **more) -> str:
@@ -364,6 +401,7 @@ class _Shape:
 
 async def _stream(srv, job, shape: _Shape, include_usage: bool):
     usage_none = {"usage": None} if include_usage else {}
+    offset = 0  # characters of completion text sent so far
     async with contextlib.aclosing(native.job_events(srv, job)) as events:
         if shape.chat:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -374,8 +412,10 @@ async def _stream(srv, job, shape: _Shape, include_usage: bool):
                 yield ServerSentEventMessage(comment="ping", data=None)
                 continue
             name, data = item
-            if name == "token" and data["t"]:
-                yield ServerSentEventMessage(data=shape.chunk([shape.choice(data["t"], None, delta=True)],
+            if name == "token" and (data["t"] or shape.tokenizer is not None):
+                lp = shape.logprobs([data], offset)
+                offset += len(data["t"])
+                yield ServerSentEventMessage(data=shape.chunk([shape.choice(data["t"], None, delta=True, logprobs=lp)],
                                                               **usage_none))
             elif name == "end":
                 finish = FINISH_REASONS[data["finish_reason"]]
@@ -389,17 +429,17 @@ async def _stream(srv, job, shape: _Shape, include_usage: bool):
     yield ServerSentEventMessage(data="[DONE]")
 
 
-async def _collect(srv, job) -> tuple[list[str], str, dict]:
-    pieces: list[str] = []
+async def _collect(srv, job) -> tuple[list[dict], str, dict]:
+    tokens: list[dict] = []
     async with contextlib.aclosing(native.job_events(srv, job)) as events:
         async for item in events:
             if item is None:
                 continue
             name, data = item
             if name == "token":
-                pieces.append(data["t"])
+                tokens.append(data)
             elif name in ("end", "error"):
-                return pieces, name, data
+                return tokens, name, data
     raise RuntimeError("the job's events ended without a terminal event")
 
 
@@ -424,12 +464,13 @@ async def _whole(request: Request, srv, job, shape: _Shape) -> Response:
                 await collector
     if collector.cancelled():
         return Response(content=b"", status_code=499)  # nobody reads it
-    pieces, name, data = collector.result()
+    tokens, name, data = collector.result()
     if name == "error":
         status = JOB_ERROR_STATUS.get(data["code"], 500)
         return Response(content=_stream_error(data), status_code=status, media_type="application/json")
-    body = {**shape.head, "choices": [shape.choice("".join(pieces), FINISH_REASONS[data["finish_reason"]],
-                                                   delta=False)],
+    body = {**shape.head, "choices": [shape.choice("".join(d["t"] for d in tokens),
+                                                   FINISH_REASONS[data["finish_reason"]], delta=False,
+                                                   logprobs=shape.logprobs(tokens))],
             "usage": _usage(data), "timings": data["timings"]}
     return Response(content=body, status_code=200, media_type="application/json")
 
@@ -437,11 +478,12 @@ async def _whole(request: Request, srv, job, shape: _Shape) -> Response:
 async def _completion(request: Request, *, chat: bool) -> Response | ServerSentEvent:
     srv = native._state(request)
     try:
-        job, stream, include_usage = await _plan_and_submit(request, srv, chat=chat)
+        job, stream, include_usage, with_logprobs = await _plan_and_submit(request, srv, chat=chat)
     except RequestError as exc:
         native.count_refusal(srv, exc)
         raise
-    shape = _Shape(chat, job.job_id, model_id(srv.settings))
+    tokenizer = srv.worker.engine.tokenizer if with_logprobs else None
+    shape = _Shape(chat, job.job_id, model_id(srv.settings), tokenizer)
     if stream:
         return ServerSentEvent(_stream(srv, job, shape, include_usage))
     return await _whole(request, srv, job, shape)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
-from orcd_core.generation import MAX_STOP_STRINGS, SamplingParams  # one stop limit for the engine and the API
+from orcd_core.generation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams  # one home for each limit
 
 MAX_PROMPT_CHARS = 32_768
 MAX_TOKENS_LIMIT = 2048
@@ -58,6 +58,8 @@ class ExecuteRequest(msgspec.Struct, forbid_unknown_fields=True):
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = _DEFAULTS.frequency_penalty
     stop: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOP_STRINGS)] = []
     seed: Annotated[int, Meta(ge=0)] | None = None
+    # k: each `token` event carries the token's log-probability and the k likeliest ids' (see http_api.md)
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 class CancelRequest(msgspec.Struct, forbid_unknown_fields=True):

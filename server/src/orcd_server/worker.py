@@ -311,7 +311,11 @@ class EngineWorker:
             self.metrics.itl.observe(now - r.last)
         r.last = now
         r.pieces.append(token.text)
-        r.job.emit("token", {"t": token.text, "i": token.index, "id": token.id})
+        event = {"t": token.text, "i": token.index, "id": token.id}
+        if token.logprobs is not None:
+            event["logprob"] = token.logprobs.logprob
+            event["top_logprobs"] = [{"id": i, "logprob": v} for i, v in token.logprobs.top]
+        r.job.emit("token", event)
 
     def _outcome(self, job: Job, event) -> dict[str, Any]:
         """The terminal event of a job from the scheduler's last event for it."""
