@@ -1,8 +1,12 @@
 """The specification's haiku test: the real Qwen2.5 test model behind `orcd-worker serve`,
 "Write a haiku about GPU computing" as a chat prompt, max_tokens 50, temperature 0.7, seed 42, sent
-twice: both streams are `started`, tokens, `end`, and their tokens are identical."""
+twice: both streams are `started`, tokens, `end`, and their tokens are identical; then sent by 8
+clients at once (decoded together, continuous batching): each of the 8 gets the same tokens again."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import httpx
 import pytest
@@ -42,5 +46,26 @@ def test_haiku_twice_gives_identical_streams(backend, tmp_path):
         end = streams[0][-1][1]
         print(f"[{backend}] haiku ({end['tokens_out']} tokens, {end['timings']['predicted_per_second']:.1f} tok/s): {text!r}")
         assert text.strip()
+        # 8 at once: one batched decode step for all of them (--max-batch 8, the default)
+        together: dict = {}
+
+        def one(k):
+            with httpx.Client(base_url=srv.url, timeout=900) as c:
+                together[k] = collect(c, {"job_id": f"haiku-batch-{k}", **HAIKU})
+
+        running = []
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            running.append(client.get("/health").json()["jobs_running"])
+            time.sleep(0.2)
+        for t in threads:
+            t.join(900)
+        assert sorted(together) == list(range(8))
+        assert max(running) > 1, running  # they did run together
+        for k, events in together.items():
+            assert events[-1][0] == "end", (k, events[-1])
+            assert tokens(events) == tokens(streams[0]), f"client {k} of 8 differs from the lone stream"
     finally:
         srv.stop()
