@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from engine_runs import collect
+from engine_runs import collect, run_together
 from gguf_builder import ARCHITECTURES, tiny_model
 
 from orcd_core.engine import Engine, validate_request
@@ -85,16 +85,9 @@ def test_logprobs_are_the_same_alone_and_batched(engine):
     reqs = [GenerationRequest(prompt=p, max_tokens=5, logprobs=2, sampling=SamplingParams(temperature=t, seed=s))
             for p, t, s in (("one two", 0.0, 0), ("x y z", 0.9, 4), ("hello there", 0.0, 0))]
     alone = [collect(engine, r)[0] for r in reqs]
-    sched = engine.scheduler
-    seqs = [sched.submit(engine.prepare(r)) for r in reqs]
-    got = {id(s): [] for s in seqs}
-    while sched.busy:
-        for seq, ev in sched.step():
-            if hasattr(ev, "logprobs"):
-                got[id(seq)].append(ev)
-    for seq, want in zip(seqs, alone):
-        assert [t.id for t in got[id(seq)]] == [t.id for t in want]
-        assert [t.logprobs for t in got[id(seq)]] == [t.logprobs for t in want]
+    for toks, want in zip(run_together(engine, reqs), alone):
+        assert [t.id for t in toks] == [t.id for t in want]
+        assert [t.logprobs for t in toks] == [t.logprobs for t in want]
 
 
 @pytest.mark.parametrize("k", [-1, MAX_TOP_LOGPROBS + 1])

@@ -114,20 +114,12 @@ def test_logprobs_of_batched_steps_are_the_step_logits_log_softmax(engine):
     |logits| <= 4 here, so within 0.1 in log-probability)."""
     import math
 
-    from engine_runs import collect
+    from engine_runs import collect, run_together
 
     reqs = [GenerationRequest(prompt_ids=r.prompt_ids, max_tokens=6, sampling=r.sampling, logprobs=4)
             for r in requests(engine, 3)]
     alone = [collect(engine, r)[0] for r in reqs]
-    sched = engine.scheduler
-    seqs = [sched.submit(engine.prepare(r)) for r in reqs]
-    got = {id(s): [] for s in seqs}
-    while sched.busy:
-        for seq, ev in sched.step():
-            if hasattr(ev, "logprobs"):
-                got[id(seq)].append(ev)
-    for seq, want, req in zip(seqs, alone, reqs):
-        toks = got[id(seq)]
+    for toks, want, req in zip(run_together(engine, reqs), alone, reqs):
         assert [t.id for t in toks] == [t.id for t in want]
         assert [t.logprobs for t in toks] == [t.logprobs for t in want]
         logits = engine.logits(list(req.prompt_ids) + [t.id for t in toks][:-1]).astype(np.float64)
