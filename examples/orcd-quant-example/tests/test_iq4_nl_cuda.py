@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orcd_core.gguf_file import TensorInfo
-from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu  # noqa: F401 (the `dev` fixture)
+from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu, upload_raw  # noqa: F401 (the `dev` fixture)
 from orcd_quant_example import IQ4_NL
 
 pytestmark = pytest.mark.gpu
@@ -25,9 +24,7 @@ FMT = IQ4_NL()
 
 
 def weight(dev, raw: np.ndarray, N: int, K: int):
-    """`raw` (N rows of K weights, IQ4_NL blocks) uploaded as a weight of the device."""
-    t = TensorInfo("w", FMT.ggml_type, FMT.name, (K, N), 0, raw.nbytes, raw.reshape(-1))
-    return dev.upload_weight("w", [t], FMT)
+    return upload_raw(dev, FMT, raw, N, K)
 
 
 def test_row_gather_is_bit_exact(dev):

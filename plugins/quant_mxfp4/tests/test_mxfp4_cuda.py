@@ -11,9 +11,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from orcd_core.gguf_file import TensorInfo
 from orcd_quant_mxfp4 import MXFP4
-from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu  # noqa: F401 (the `dev` fixture)
+from orcd_core.testing.cuda import cuda_dev, require_cuda_gpu, upload_raw  # noqa: F401 (the `dev` fixture)
 
 pytestmark = pytest.mark.gpu
 
@@ -23,8 +22,7 @@ FMT = MXFP4()
 
 
 def weight(dev, raw: np.ndarray, N: int, K: int):
-    t = TensorInfo("w", FMT.ggml_type, FMT.name, (K, N), 0, raw.nbytes, raw.reshape(-1))
-    return dev.upload_weight("w", [t], FMT)
+    return upload_raw(dev, FMT, raw, N, K)
 
 
 def oracle(raw: np.ndarray, N: int, K: int) -> np.ndarray:

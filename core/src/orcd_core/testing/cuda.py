@@ -65,3 +65,12 @@ def run_ids(engine, prompt_ids, max_tokens, sampling) -> list[int]:
             next(gen)
         except StopIteration as done:
             return list(done.value.ids)
+
+
+def upload_raw(dev, fmt, raw, N: int, K: int):
+    """`raw` (N rows of K weights, encoded in `fmt`'s blocks) uploaded as a weight of the device: the
+    start of a format plugin's CUDA kernel tests."""
+    from orcd_core.gguf_file import TensorInfo
+
+    t = TensorInfo("w", fmt.ggml_type, fmt.name, (K, N), 0, raw.nbytes, raw.reshape(-1))
+    return dev.upload_weight("w", [t], fmt)
