@@ -41,6 +41,8 @@ def test_bench_serve_reports_every_figure_on_the_reference_backend(tmp_path):
     assert set(res["ttft"]) == {"8", "32"}
     for t in res["ttft"].values():
         assert t["n"] == 3 and t["n_prompt_tokens"] > 0 and 0 < t["p50_ms"] <= t["p99_ms"]
+        # the split of TTFT: `started` comes first, the engine's prefill is inside the whole
+        assert 0 < t["started_p50_ms"] < t["p50_ms"] and 0 < t["engine_prompt_p50_ms"] < t["p50_ms"]
     s = res["stream"]
     assert s["tokens"] >= 2 and s["sse_tok_s"] > 0 and s["engine_reported_tok_s"] > 0
     # probes count only while a stream decodes: the background client streams until enough are taken
