@@ -69,3 +69,21 @@ def test_what_the_collaborators_read_off_the_device_exists():
     assert len(used) >= 10, used  # the collaborators do use the device (the check is not vacuous)
     missing = {a: where for a, where in used.items() if a not in defined}
     assert not missing, f"attributes read off the device that CudaDevice does not define: {missing}"
+
+
+def test_the_weight_arenas_are_the_stores_alone():
+    """Weights (arenas, the chunked upload, load progress, residency) live in store.py's WeightStore;
+    CudaDevice delegates to it and no other file of the backend allocates arenas or uploads chunks."""
+    owners = {"store.py", "memory.py"}  # memory.py defines Arena and ChunkedUploader
+    found = []
+    for path in sorted(CUDA.glob("*.py")):
+        if path.name in owners:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name) and node.id in ("Arena", "ChunkedUploader", "LoadProgress"):
+                found.append(f"{path.name}:{node.lineno}: {node.id}")
+    assert not found, found
+    store = _class_members(CUDA / "store.py", "WeightStore")
+    assert {"reserve", "upload", "upload_array", "finish", "prove_resident", "release", "arenas"} <= store
+    device = _class_members(CUDA / "device.py", "CudaDevice")
+    assert not {"arenas", "_place", "_uploader"} & device

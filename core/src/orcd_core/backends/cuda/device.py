@@ -1,7 +1,7 @@
 """`CudaDevice`: the device interface on an NVIDIA GPU, through CuPy and our own kernels.
 
-Weights stay in their GGUF type in one 256-byte-aligned VRAM arena (more only if an adapter uploads
-more than the file holds), filled from the memory-mapped file by `ChunkedUploader`. A decode-size
+Weights stay in their GGUF type in VRAM arenas held by a `WeightStore` (store.py: upload from the
+memory-mapped file in bounded chunks, load progress, residency), sized by `planner.plan_load`. A decode-size
 `linear` (T <= 4) is one dequantize-in-registers GEMV; a prefill-size one dequantizes the weight to
 fp16 (in row chunks through one scratch buffer) and runs cuBLAS (fp16 in, fp32 accumulate and out).
 Activations live in a per-step workspace; KV caches are fp16, one cudaMalloc per request.
@@ -20,14 +20,15 @@ from cupy_backends.cuda.libs import cublas
 from ... import kernels as ksrc
 from ...kernels.constants import AD_CHUNK, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
 from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
-from ...device import MAX_BATCH, Device, KVBatch, KVCache, LoadProgress, RopeSpec, Step, Weight
+from ...device import MAX_BATCH, Device, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
 from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
 from .kernels import blocks as _blocks
-from .memory import Arena, ChunkedUploader, DeviceTensor, StepPool, Workspace, align, raw_alloc, view
+from .memory import StepPool, Workspace, align, raw_alloc, view
+from .store import WeightStore
 from .planner import DEQUANT_SCRATCH_BYTES, plan_load
 
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
@@ -67,11 +68,10 @@ class CudaDevice(Device):
         self.cuda_runtime_version = int(cupy.cuda.runtime.runtimeGetVersion())
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
-        self.chunk_bytes = int(float(load_chunk_mb) * (1 << 20))
+        self.weights = WeightStore(self.stream, int(float(load_chunk_mb) * (1 << 20)), f"GPU {self.gpu} ({self.gpu_name})")
         self._modules: dict[str, KernelSet] = {}
         self._by_fmt: dict[int, KernelSet] = {}  # ggml type -> its compiled source (looked up per op)
         self.core = self.core_kernels("core.cu")
-        self.arenas: list[Arena] = []
         self._kv_live: dict[int, int] = {}
         self._kv_mem: dict[int, Any] = {}
         self.workspace = Workspace(8 << 20)  # decode steps (graph-captured): fixed addresses
@@ -82,11 +82,6 @@ class CudaDevice(Device):
         self._attn_counters.fill(0)
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
-        self._weights_bytes = 0
-        self._planned = 0
-        self._load: LoadProgress | None = None
-        self._uploader: ChunkedUploader | None = None
-        self.model_path = ""
         self._healthy = True
         self.residency_failure: str | None = None
         self._cublas = cublas.create()
@@ -172,7 +167,6 @@ class CudaDevice(Device):
     # ---- loading ---------------------------------------------------------------------------------
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
         self.make_current()
-        self.model_path = str(model.path)
         plan = plan_load(model.tensors.values(), shape, n_ctx=n_ctx, n_seq=n_seq)
         free, total = cupy.cuda.runtime.memGetInfo()
         if plan.total > free:
@@ -180,21 +174,17 @@ class CudaDevice(Device):
                 model.path,
                 f"not enough VRAM on GPU {self.gpu} ({self.gpu_name}): {plan.total} bytes required "
                 f"({plan.describe()}), {free} bytes available of {total}")
-        self._planned = plan.tensor_bytes
         try:
-            self.arenas.append(Arena(plan.weights, "weights"))
+            self.weights.reserve(str(model.path), plan.weights, plan.tensor_bytes, progress)
             scratch = plan.scratch
             self._scratch = view(raw_alloc(scratch), 0, (scratch // 2,), np.float16) if scratch else None
             self.workspace = Workspace(plan.workspace)
             self._ws_alloc = self.workspace.alloc
             self.pool.reserve(plan.prefill_pool)
         except cupy.cuda.memory.OutOfMemoryError as exc:
-            self.arenas.clear()
+            self.weights.release()
             self.pool.release()
             raise InsufficientVram(model.path, f"VRAM allocation on GPU {self.gpu} failed: {exc}") from None
-        self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
-        self._load = LoadProgress(progress, self._planned)
-        self._load.start()
 
     @staticmethod
     def kv_bytes_estimate(shape, n_ctx: int) -> int:
@@ -202,82 +192,18 @@ class CudaDevice(Device):
         layers per `shape.kv_windows` hold a bounded ring): `orcd_core.shape.kv_bytes`."""
         return kv_bytes(shape, n_ctx)
 
-    def _place(self, nbytes: int) -> tuple[cupy.cuda.MemoryPointer, int]:
-        for a in self.arenas:
-            off = a.take(nbytes)
-            if off is not None:
-                return a.base, off
-        try:  # no (or a full) arena: a new segment; without prepare_load, 256 MiB at a time
-            a = Arena(max(nbytes, (256 << 20) if not self._planned else (1 << 20)), "weights")
-        except cupy.cuda.memory.OutOfMemoryError:
-            raise InsufficientVram(self.model_path or "(model)",
-                                   f"VRAM on GPU {self.gpu} ran out while uploading {nbytes} more weight bytes") from None
-        self.arenas.append(a)
-        return a.base, a.take(nbytes)
-
     def upload_weight(self, name: str, parts, fmt) -> Weight:
         self.make_current()
-        if not parts:
-            raise ValueError(f"weight {name!r}: no parts")
-        shapes = [tuple(p.np_shape) for p in parts]
-        for p in parts:
-            if int(p.ggml_type) != int(fmt.ggml_type):
-                raise ValueError(f"tensor {p.name!r} is {p.type_name}, not {fmt.name}")
-        if any(len(s) != len(shapes[0]) or s[-1] != shapes[0][-1] for s in shapes):
-            raise ValueError(f"weight {name!r}: parts {shapes} do not share a row length")
-        cols = shapes[0][-1]
-        row_bytes = fmt.row_bytes(cols)
-        nbytes = sum(p.nbytes for p in parts)
-        if self._uploader is None:
-            self._uploader = ChunkedUploader(self.stream, self.chunk_bytes)
-        base, off = self._place(nbytes)
-        dst = int(base.ptr) + off
-        if len(shapes[0]) == 3 and len(parts) > 1:  # stacked experts: concatenate rows per expert
-            n_exp = shapes[0][0]
-            if any(s[0] != n_exp for s in shapes):
-                raise ValueError(f"weight {name!r}: parts {shapes} differ in expert count")
-            o = dst
-            for e in range(n_exp):
-                for p, s in zip(parts, shapes):
-                    per = p.nbytes // n_exp
-                    self._uploader.copy(o, p.data.reshape(-1)[e * per : (e + 1) * per])
-                    o += per
-            shape = (n_exp, sum(s[1] for s in shapes), cols)
-        else:
-            o = dst
-            for p in parts:
-                self._uploader.copy(o, p.data)
-                o += p.nbytes
-            shape = (sum(s[0] for s in shapes),) + shapes[0][1:] if len(shapes[0]) > 1 else (sum(s[0] for s in shapes),)
-        if self._load is not None:
-            self._load.add(nbytes)
-        self._weights_bytes += nbytes
-        rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-        data = view(base, off, (rows, row_bytes), np.uint8)
-        return Weight(name=name, shape=tuple(int(s) for s in shape), fmt=fmt,
-                      data=DeviceTensor(data, rows, cols, row_bytes, dst), nbytes=nbytes)
+        return self.weights.upload(name, parts, fmt)
 
     def upload_array(self, name: str, array) -> cupy.ndarray:
         self.make_current()
-        host = np.ascontiguousarray(np.asarray(array, dtype=np.float32))
-        base, off = self._place(host.nbytes)
-        out = view(base, off, host.shape, np.float32)
-        self.stream.synchronize()
-        out.set(host, stream=self.stream)
-        self.stream.synchronize()
-        self._weights_bytes += host.nbytes
-        return out
+        return self.weights.upload_array(name, array)
 
     def finish_load(self) -> None:
         """Wait for the last chunk, drop the staging buffers, check residency, start the timer."""
         self.make_current()
-        if self._uploader is not None:
-            self._uploader.close()
-            self._uploader = None
-        self.stream.synchronize()
-        if self._load is not None:
-            self._load.finish()
-            self._load = None
+        self.weights.finish()
         self.check_residency()
         if self._check_s > 0 and self._timer is None:
             self._schedule()
@@ -287,13 +213,7 @@ class CudaDevice(Device):
         """Every weight arena is device memory (cudaPointerGetAttributes: type device, no host
         pointer), checked at its first and last byte. A failure marks the device unhealthy."""
         try:
-            with self.dev:
-                for a in self.arenas:
-                    for ptr in (a.ptr, a.ptr + a.size - 1):
-                        attrs = cupy.cuda.runtime.pointerGetAttributes(ptr)
-                        if int(attrs.type) != 2 or int(attrs.hostPointer or 0) != 0:
-                            raise RuntimeError(f"arena {a.label} at {ptr:#x}: memory type {attrs.type}, "
-                                               f"host pointer {attrs.hostPointer}")
+            self.weights.prove_resident(self.dev)
         except Exception as exc:  # any failure to prove residency is a failure
             self._healthy = False
             self.residency_failure = str(exc)
@@ -377,7 +297,7 @@ class CudaDevice(Device):
 
     def memory_report(self) -> dict[str, int]:
         return {
-            "weights": sum(a.size for a in self.arenas),
+            "weights": self.weights.nbytes,
             "kv_cache": sum(self._kv_live.values()),
             "workspace": self.workspace.nbytes + self.pool.nbytes
             + (self._scratch.nbytes if self._scratch is not None else 0)
@@ -396,7 +316,7 @@ class CudaDevice(Device):
             self.stream.synchronize()
         except Exception:
             pass
-        self.arenas = []
+        self.weights.release()
         self._scratch = None
         self._kv_mem.clear()
         self._kv_live.clear()
