@@ -130,7 +130,7 @@ def worker(request, tmp_path_factory):
     need_backend(backend)
     srv = ProcessServer(
         ["--backend", backend, "--model", model_path(), "--max-context", str(N_CTX), "--max-tokens-out", str(MAX_OUT),
-         "--queue-size", "1", "--log-format", "json", "--worker-id", WORKER_ID],
+         "--queue-size", "1", "--max-batch", "1", "--log-format", "json", "--worker-id", WORKER_ID],
         tmp_path_factory.mktemp("serve"),
     ).start()
     w = Worker(srv, backend)
@@ -337,7 +337,9 @@ def test_health_answers_fast_while_a_job_streams(worker):
 
 
 def test_queue_full_is_429(worker):
-    """The server runs with --queue-size 1: one job running, one waiting, the third is refused."""
+    """The server runs with --max-batch 1 --queue-size 1: one job running, one waiting, the third is
+    refused (with the default --max-batch 8 the second would run beside the first: the GPU run of
+    2026-12-03 timed out here waiting for 1 running / 1 queued)."""
     a, b = [], []
 
     def run(body, out):

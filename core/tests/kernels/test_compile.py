@@ -111,3 +111,63 @@ def test_uniform_kernel_names_per_format():
             continue
         text = ksrc.expand(fmt.cuda_source_text())
         assert f"ORCD_QUANT_KERNELS({fmt.name}," in text, f"{fmt.name}: no kernels instantiated in {fmt.cuda_source}"
+
+
+# Machine code per decode GEMV at most (bytes of its .text section for sm_90). The batched GEMVs once
+# were 250-390 KB (every copy of the item dot unrolled per token and per loop form, shuffles in divergent
+# branches) and ran 5-10x the one-token kernel's time; at 74 KB they are a fraction of that.
+GEMV_TEXT_MAX = {"gemv_": 48 << 10, "gemv_t4_": 64 << 10, "gemv_t8_": 96 << 10}
+
+
+def _text_sizes(cubin: bytes) -> dict[str, int]:
+    """{kernel: bytes} of the `.text.KERNEL` sections of an ELF64 cubin."""
+    import struct
+
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+
+    def header(i):
+        return struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize)
+
+    names = header(shstrndx)[4]
+    out = {}
+    for i in range(shnum):
+        h = header(i)
+        name = cubin[names + h[0]: cubin.index(b"\0", names + h[0])].decode()
+        if name.startswith(".text."):
+            out[name[6:]] = h[5]
+    return out
+
+
+def _cubin(label: str, source: str, tmp_path) -> bytes:
+    """The sm_90 cubin of a source, with nvcc when on PATH, else NVRTC; skips when neither exists."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        src, out = tmp_path / label.replace("/", "_"), tmp_path / "out.cubin"
+        src.write_text(source)
+        subprocess.run([nvcc, "-std=c++17", f"-arch={ARCHS[0]}", "--cubin", *define_options(), "-o", str(out), str(src)],
+                       check=True, capture_output=True)
+        return out.read_bytes()
+    lib = _load_nvrtc()
+    if lib is None:
+        pytest.skip("neither nvcc nor NVRTC (nvidia-cuda-nvrtc) is installed")
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), label.encode(), 0, None, None) == 0
+    opts = [b"-std=c++17", f"--gpu-architecture={ARCHS[0]}".encode(), *(d.encode() for d in define_options())]
+    assert lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) == 0
+    size = ctypes.c_size_t()
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    buf = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetCUBIN(prog, buf)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return buf.raw
+
+
+@pytest.mark.parametrize("label", [k for k in sorted(_all_sources()) if k not in ("core.cu", "moe.cu")])
+def test_decode_gemvs_stay_small(label, tmp_path):
+    sizes = _text_sizes(_cubin(label, _all_sources()[label], tmp_path))
+    gemvs = {k: v for k, v in sizes.items() if k.startswith("gemv_")}
+    assert gemvs, f"{label}: no decode GEMV in {sorted(sizes)}"
+    too_big = {k: v for k, v in gemvs.items()
+               if v > GEMV_TEXT_MAX["gemv_t8_" if k.startswith("gemv_t8_") else "gemv_t4_" if k.startswith("gemv_t4_") else "gemv_"]}
+    assert not too_big, f"{label}: decode GEMVs over their machine-code budget (bytes): {too_big}"

@@ -54,7 +54,7 @@ __device__ __forceinline__ void moe_dots(const u8* const rows[MAXR], int nr, con
         for (int f = lane; f < nr * n_items; f += 32) {
             const int g = it0 + it;
             const int b = g / F::IPB, i = g - b * F::IPB;
-            const float s = ItemDot<F>::dot(rows[r] + (i64)b * F::TS, i, xs + (PAIRED ? r : 0) * (kc >> 2), b * F::QK - k0);
+            const float s = item_dot1<F>(rows[r] + (i64)b * F::TS, i, xs + (PAIRED ? r : 0) * (kc >> 2), b * F::QK - k0);
 #pragma unroll
             for (int rr = 0; rr < MAXR; ++rr) acc[rr] += rr == r ? s : 0.0f;
             it += 32;

@@ -100,30 +100,41 @@ __device__ __forceinline__ float item_dot_xs(const float v[32], const float4* __
     return s;
 }
 
-// The dot of one item with staged x (element offset eb of the item's block in the chunk). Default:
-// dequantize the item (F::item, 32 floats live) and multiply; a format may specialize ItemDot to
-// stream its decode into the sum, keeping fewer registers live (more warps, more loads in flight).
+// The dots of one item with the staged x of T <= MAXT tokens: s[t] for token t's chunk at xv + t * xst
+// (float4s; element offset eb of the item's block in the chunk). The item's weights are decoded once
+// and multiplied into every token's sum, each token's by the same expression in the same order as a
+// lone token's (MAXT = 1), so a row's value does not depend on how many tokens share the launch.
+// Default: dequantize the item (F::item, 32 floats live), then item_dot_xs per token. A format may
+// specialize ItemDot to stream its decode into the sums, a few weights at a time (fewer registers
+// live). Keep a specialization compact: the batched GEMV inlines it once with MAXT token bodies, and
+// a kernel of a few hundred KB of machine code runs from the instruction cache's misses (seen: 386 KB
+// for gemv_t8_Q5_0 at 7.6x the time of the one-token kernel, docs/perf-notes.md).
 template <class F>
 struct ItemDot {
-    static constexpr bool generic = true;  // (a specialization is a streamed decode: see gemv_impl)
-    __device__ static __forceinline__ float dot(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
+    template <int MAXT>
+    __device__ static __forceinline__ void dot(const u8* blk, int i, const float4* __restrict__ xv, int xst, int eb,
+                                               int T, float s[MAXT]) {
         float v[32];
         int x0, x1;
         F::item(blk, i, v, x0, x1);
-        return item_dot_xs(v, xv, eb, x0, x1);
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t)
+            if (t < T) s[t] = item_dot_xs(v, xv + t * xst, eb, x0, x1);
     }
 };
+
+// One token's item dot (the MoE's expert GEMVs).
+template <class F>
+__device__ __forceinline__ float item_dot1(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
+    float s[1];
+    ItemDot<F>::template dot<1>(blk, i, xv, 0, eb, 1, s);
+    return s[0];
+}
 
 // One warp per R consecutive rows (R = rows_per_warp, 1..GEMV_MAX_R, chosen by the launcher so a warp
 // has a few items per lane even for short rows): the warp walks the R rows' items of the staged chunk as
 // one flat list, lane l taking items l, l+32, ...; partial sums are kept per (token, row) and reduced
 // per row at the end.
-
-// Whether ItemDot<F> is the generic dequantize-then-dot (no `generic` member: a format's own streamed one).
-template <class D, class = void>
-struct item_dot_is_generic { static constexpr bool value = false; };
-template <class D>
-struct item_dot_is_generic<D, decltype((void)D::generic, void())> { static constexpr bool value = D::generic; };
 
 template <class F, int MAXT>
 __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
@@ -157,66 +168,39 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
             const int b = g / F::IPB, i = g - b * F::IPB;
             const u8* blk = W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS;
             const int eb = b * F::QK - k0;
-            // Each token's dot is the one-token kernel's (the same value for a row alone or batched):
-            // the format's streamed item dot per token, or the generic one's dequantize once, dot each.
-            if constexpr (MAXT == 1 || !item_dot_is_generic<ItemDot<F>>::value) {
+            // each token's dot is the one-token kernel's: the same value for a row alone or batched
+            float s[MAXT];
+            ItemDot<F>::template dot<MAXT>(blk, i, xs, kc >> 2, eb, T, s);
 #pragma unroll
-                for (int t = 0; t < MAXT; ++t) {
-                    if (t < T) {
-                        const float s = ItemDot<F>::dot(blk, i, xs + t * (kc >> 2), eb);
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
 #pragma unroll
-                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = __fadd_rn(acc[t][rr], rr == r ? s : 0.0f);
-                    }
-                }
-            } else {
-                float v[32];
-                int x0, x1;
-                F::item(blk, i, v, x0, x1);
-#pragma unroll
-                for (int t = 0; t < MAXT; ++t) {
-                    if (t < T) {
-                        const float s = item_dot_xs(v, xs + t * (kc >> 2), eb, x0, x1);
-#pragma unroll
-                        for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = __fadd_rn(acc[t][rr], rr == r ? s : 0.0f);
-                    }
+                    for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = __fadd_rn(acc[t][rr], rr == r ? s[t] : 0.0f);
                 }
             }
         };
         // Lane l takes the items whose flat index r * (K / 32) + g over the warp's rows is l mod 32, in
         // ascending order: the same items in the same order whether K is staged whole or in chunks
         // (how many chunks depends on T), so a row's sum does not depend on how many rows share the launch.
-        if (kc == K) {
-            int r = lane / n_items, it = lane - r * n_items;  // (row, item) of flat index f, advanced by 32
-#pragma unroll 2
-            for (int f = lane; f < nr * n_items; f += 32) {
-                visit(r, it);
-                it += 32;
-                while (it >= n_items) {
-                    it -= n_items;
-                    ++r;
-                }
-            }
-        } else {
-            const int NI = K >> 5, it1 = it0 + n_items;
-            for (int r = 0; r < nr; ++r) {
-#pragma unroll 2
-                for (int g = it0 + ((lane - r * NI - it0) & 31); g < it1; g += 32) visit(r, g);
-            }
+        // One loop, unrolled only for one token: every copy of `visit` is machine code the instruction
+        // cache must hold (MAXT token bodies each in the batched kernels).
+        const int NI = K >> 5, it1 = it0 + n_items;
+        for (int r = 0; r < nr; ++r) {
+#pragma unroll(MAXT == 1 ? 2 : 1)
+            for (int g = it0 + ((lane - r * NI - it0) & 31); g < it1; g += 32) visit(r, g);
         }
     }
+    // every warp reduces all its sums (zeros past nr / T): shuffles outside divergent branches, so
+    // the compiler emits no collective fallback code for them; only lane 0 of a real (row, token) writes
 #pragma unroll
     for (int rr = 0; rr < GEMV_MAX_R; ++rr) {
-        if (rr < nr) {
 #pragma unroll
-            for (int t = 0; t < MAXT; ++t) {
-                if (t < T) {
-                    const float s = warp_sum(acc[t][rr]);
-                    if (lane == 0) {
-                        const i64 o = (i64)t * N + row0 + rr;
-                        const float v = s + (bias ? bias[row0 + rr] : 0.0f);
-                        y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32)
-                    }
-                }
+        for (int t = 0; t < MAXT; ++t) {
+            const float s = warp_sum(acc[t][rr]);
+            if (lane == 0 && rr < nr && t < T) {
+                const i64 o = (i64)t * N + row0 + rr;
+                const float v = s + (bias ? bias[row0 + rr] : 0.0f);
+                y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32)
             }
         }
     }

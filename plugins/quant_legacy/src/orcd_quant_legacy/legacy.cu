@@ -97,25 +97,38 @@ struct FmtQ8_0 {
 // straight into the sum with their x, d applied to the sum.
 template <>
 struct ItemDot<FmtQ5_0> {
-    __device__ static __forceinline__ float dot(const u8* blk, int, const float4* __restrict__ xv, int eb) {
+    template <int MAXT>
+    __device__ static __forceinline__ void dot(const u8* blk, int, const float4* __restrict__ xv, int xst, int eb,
+                                               int T, float out[MAXT]) {
         u32 q[4];
         ld16_a2(blk + 6, q);
         const float d = h2f(ld2(blk));
         const u32 qh = (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16);
-        float s = 0.0f;
+        float s[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) s[t] = 0.0f;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const float4 a = xv[xs_f4(eb + 4 * c)], b = xv[xs_f4(eb + 16 + 4 * c)];
-            const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+            float wa[4], wb[4];  // elements 4c..4c+3 and 16+4c..: decoded once for every token
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const int k = 4 * c + u;
                 const u32 by = (q[c] >> (8 * u)) & 0xFFu;
-                s += small_u2f((by & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC + 16.0f) * xa[u] +
-                     small_u2f((by >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC + 16.0f) * xb[u];
+                wa[u] = small_u2f((by & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC + 16.0f);
+                wb[u] = small_u2f((by >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC + 16.0f);
+            }
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
+                    const float4 a = xv[t * xst + xs_f4(eb + 4 * c)], b = xv[t * xst + xs_f4(eb + 16 + 4 * c)];
+                    const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) s[t] += wa[u] * xa[u] + wb[u] * xb[u];
+                }
             }
         }
-        return d * s;
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) out[t] = d * s[t];
     }
 };
 
@@ -123,20 +136,31 @@ struct ItemDot<FmtQ5_0> {
 // (no 32-float array live), d applied to the sum.
 template <>
 struct ItemDot<FmtQ8_0> {
-    __device__ static __forceinline__ float dot(const u8* blk, int, const float4* __restrict__ xv, int eb) {
+    template <int MAXT>
+    __device__ static __forceinline__ void dot(const u8* blk, int, const float4* __restrict__ xv, int xst, int eb,
+                                               int T, float out[MAXT]) {
         u32 w[8];
         ld16_a2(blk + 2, w);
         ld16_a2(blk + 18, w + 4);
         const float d = h2f(ld2(blk));
-        float s = 0.0f;
+        float s[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) s[t] = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const u32 q = w[j] ^ 0x80808080u;  // int8 = (byte ^ 0x80) - 128
-            const float4 a = xv[xs_f4(eb + 4 * j)];
-            s += small_u2f(q & 0xFFu, ORCD_MAGIC + 128.0f) * a.x + small_u2f((q >> 8) & 0xFFu, ORCD_MAGIC + 128.0f) * a.y +
-                 small_u2f((q >> 16) & 0xFFu, ORCD_MAGIC + 128.0f) * a.z + small_u2f(q >> 24, ORCD_MAGIC + 128.0f) * a.w;
+            const float w0 = small_u2f(q & 0xFFu, ORCD_MAGIC + 128.0f), w1 = small_u2f((q >> 8) & 0xFFu, ORCD_MAGIC + 128.0f),
+                        w2 = small_u2f((q >> 16) & 0xFFu, ORCD_MAGIC + 128.0f), w3 = small_u2f(q >> 24, ORCD_MAGIC + 128.0f);
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
+                    const float4 a = xv[t * xst + xs_f4(eb + 4 * j)];
+                    s[t] += w0 * a.x + w1 * a.y + w2 * a.z + w3 * a.w;
+                }
+            }
         }
-        return d * s;
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) out[t] = d * s[t];
     }
 };
 

@@ -87,21 +87,34 @@ struct FmtMXFP4 {
 // is exact, so this equals the sum of the dequantized products except where they under/overflow.
 template <>
 struct ItemDot<FmtMXFP4> {
-    __device__ static __forceinline__ float dot(const u8* blk, int, const float4* __restrict__ xv, int eb) {
+    template <int MAXT>
+    __device__ static __forceinline__ void dot(const u8* blk, int, const float4* __restrict__ xv, int xst, int eb,
+                                               int T, float out[MAXT]) {
         u32 q[4];
         const u32 e = mxfp4_load(blk, q);
-        float s = 0.0f;
+        float s[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) s[t] = 0.0f;
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
             const u32 p01 = __byte_perm(q[w], 0u, 0x4140u), p23 = __byte_perm(q[w], 0u, 0x4342u);
             const u32 lo0 = e2m1x2_to_h2(p01), lo1 = e2m1x2_to_h2(p23);            // weights 4w..4w+3
             const u32 hi0 = e2m1x2_to_h2(p01 >> 4), hi1 = e2m1x2_to_h2(p23 >> 4);  // weights 16+4w..
-            const float4 a = xv[xs_f4(eb + 4 * w)], b = xv[xs_f4(eb + 16 + 4 * w)];
-            s += h2f_lo(lo0) * a.x + h2f_hi(lo0) * a.y + h2f_lo(lo1) * a.z + h2f_hi(lo1) * a.w;
-            s += h2f_lo(hi0) * b.x + h2f_hi(hi0) * b.y + h2f_lo(hi1) * b.z + h2f_hi(hi1) * b.w;
+            const float l0 = h2f_lo(lo0), l1 = h2f_hi(lo0), l2 = h2f_lo(lo1), l3 = h2f_hi(lo1);
+            const float g0 = h2f_lo(hi0), g1 = h2f_hi(hi0), g2 = h2f_lo(hi1), g3 = h2f_hi(hi1);
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
+                    const float4 a = xv[t * xst + xs_f4(eb + 4 * w)], b = xv[t * xst + xs_f4(eb + 16 + 4 * w)];
+                    s[t] += l0 * a.x + l1 * a.y + l2 * a.z + l3 * a.w;
+                    s[t] += g0 * b.x + g1 * b.y + g2 * b.z + g3 * b.w;
+                }
+            }
         }
         // values are code * 2^-14 * 2^(e - 113) (see FmtMXFP4::item)
-        return e < 241u ? s * __uint_as_float((e + 14u) << 23) : s * 32768.0f * e8m0_half(e);
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t)
+            out[t] = e < 241u ? s[t] * __uint_as_float((e + 14u) << 23) : s[t] * 32768.0f * e8m0_half(e);
     }
 };
 

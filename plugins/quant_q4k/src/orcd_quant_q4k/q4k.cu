@@ -112,32 +112,49 @@ struct FmtQ6_K {
 // and of x, then d_sc * sum(q x) - dmin_m * sum(x) (no 32-float array live).
 template <>
 struct ItemDot<FmtQ4_K> {
-    __device__ static __forceinline__ float dot(const u8* blk, int i, const float4* __restrict__ xv, int eb) {
+    template <int MAXT>
+    __device__ static __forceinline__ void dot(const u8* blk, int i, const float4* __restrict__ xv, int xst, int eb,
+                                               int T, float out[MAXT]) {
         const int j = i >> 1, h = i & 1;
         const u32 dm = ld4(blk);
         const u32 sv[3] = {ld4(blk + 4), ld4(blk + 8), ld4(blk + 12)};
         u32 q[4];
         ld16_a16(blk + 16 + 32 * j + 16 * h, q);
         const int x0 = eb + 64 * j + 16 * h;
-        float s1 = 0.0f, s2 = 0.0f, t1 = 0.0f, t2 = 0.0f;  // sum q x and sum x, low / high nibbles
+        float s1[MAXT], s2[MAXT], t1[MAXT], t2[MAXT];  // per token: sum q x and sum x, low / high nibbles
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) s1[t] = s2[t] = t1[t] = t2[t] = 0.0f;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const float4 a = xv[xs_f4(x0 + 4 * c)], b = xv[xs_f4(x0 + 32 + 4 * c)];
-            const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+            float lo[4], hi[4];  // the nibbles of word c: decoded once for every token
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 const u32 by = (q[c] >> (8 * u)) & 0xFFu;
-                s1 += small_u2f(by & 0xF, ORCD_MAGIC) * xa[u];
-                s2 += small_u2f(by >> 4, ORCD_MAGIC) * xb[u];
-                t1 += xa[u];
-                t2 += xb[u];
+                lo[u] = small_u2f(by & 0xF, ORCD_MAGIC);
+                hi[u] = small_u2f(by >> 4, ORCD_MAGIC);
+            }
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                if (t < T) {
+                    const float4 a = xv[t * xst + xs_f4(x0 + 4 * c)], b = xv[t * xst + xs_f4(x0 + 32 + 4 * c)];
+                    const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        s1[t] += lo[u] * xa[u];
+                        s2[t] += hi[u] * xb[u];
+                        t1[t] += xa[u];
+                        t2[t] += xb[u];
+                    }
+                }
             }
         }
         float sc1, m1, sc2, m2;
         scale_min_k4(sv, 2 * j, sc1, m1);
         scale_min_k4(sv, 2 * j + 1, sc2, m2);
         const float d = h2f_lo(dm), dmin = h2f_hi(dm);
-        return (d * sc1) * s1 - (dmin * m1) * t1 + (d * sc2) * s2 - (dmin * m2) * t2;
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t)
+            out[t] = (d * sc1) * s1[t] - (dmin * m1) * t1[t] + (d * sc2) * s2[t] - (dmin * m2) * t2[t];
     }
 };
 
