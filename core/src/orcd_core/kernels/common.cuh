@@ -16,7 +16,7 @@ typedef long long i64;
 // (orcd_core/kernels/constants.py); no source defines them. A compile without them stops here.
 #if !defined(GEMV_MAX_T) || !defined(GEMV_WARPS) || !defined(GEMV_MAX_R) || !defined(XS_MAX_BYTES) ||     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
-    !defined(AD_CHUNK) || !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                \
+    !defined(AD_CHUNK) || !defined(AD_MAX_SPLITS) || !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                \
     !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
 #error "compile with the -D options of orcd_core.kernels.constants.define_options()"
 #endif

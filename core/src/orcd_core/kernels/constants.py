@@ -22,6 +22,8 @@ GEMV_X_SILU = 2  # silu(x) * aux
 # ---- core.cu: attention ----------------------------------------------------------------------------
 AP_MAXD = 128  # head dim at most (the attention kernels' shared-memory rows)
 AD_CHUNK = 256  # keys per split of the decode attention at most
+AD_MAX_SPLITS = 1024  # splits of one head's decode attention at most (the combine's weights in shared
+#                      memory): contexts up to AD_CHUNK * AD_MAX_SPLITS = 262,144 positions
 
 # ---- moe_kernels.cuh, moe.cu: mixture of experts ---------------------------------------------------
 MOE_WARPS = 4  # output rows (one warp each) per block of the expert GEMVs and the router

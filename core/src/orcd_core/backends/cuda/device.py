@@ -18,7 +18,7 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...kernels.constants import AD_CHUNK, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
+from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
 from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
 from ...device import MAX_BATCH, Device, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
@@ -68,7 +68,8 @@ class CudaDevice(Device):
         self.cuda_runtime_version = int(cupy.cuda.runtime.runtimeGetVersion())
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
-        self.weights = WeightStore(self.stream, int(float(load_chunk_mb) * (1 << 20)), f"GPU {self.gpu} ({self.gpu_name})")
+        self.weights = WeightStore(self.stream, int(float(load_chunk_mb) * (1 << 20)),
+                                   f"GPU {self.gpu} ({self.gpu_name})")
         self._modules: dict[str, KernelSet] = {}
         self._by_fmt: dict[int, KernelSet] = {}  # ggml type -> its compiled source (looked up per op)
         self.core = self.core_kernels("core.cu")
@@ -87,6 +88,7 @@ class CudaDevice(Device):
         self._cublas = cublas.create()
         self._one = np.array([1.0], np.float32)
         self._zero = np.array([0.0], np.float32)
+        self._one_ptr, self._zero_ptr = self._one.ctypes.data, self._zero.ctypes.data  # (.ctypes costs ~1-3 us a read)
         self._check_s = float(residency_check_s)
         self._timer: threading.Timer | None = None
         self._closed = False
@@ -426,8 +428,8 @@ class CudaDevice(Device):
                    (w.data.data, i64(w.data.row_bytes), scratch, i32(row0 + r0), i32(n), i32(K)))
             # column-major view: C[n, n_tok] (= y row-major [n_tok, N] at column r0) = W^T[K, n]^T X[K, n_tok]
             cublas.gemmEx(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
-                          self._one.ctypes.data, scratch.data.ptr, 2, K, x16_ptr, 2, K,
-                          self._zero.ctypes.data, y_ptr + 4 * r0, 0, N, 68, -1)
+                          self._one_ptr, scratch.data.ptr, 2, K, x16_ptr, 2, K,
+                          self._zero_ptr, y_ptr + 4 * r0, 0, N, 68, -1)
 
     def rms_norm(self, x, weight, eps: float) -> cupy.ndarray:
         x = self.contiguous(x)
@@ -540,6 +542,9 @@ class CudaDevice(Device):
             span = min(window, cache.n_ctx) if window > 0 else cache.n_ctx
             chunk = min(AD_CHUNK, max(64, -(-span // 128)))
             S = max(1, math.ceil(span / chunk))
+            if S > AD_MAX_SPLITS:
+                raise NotImplementedError(f"attention: a context of {span} positions needs {S} splits of {chunk} keys "
+                                          f"(at most {AD_MAX_SPLITS}: {AD_CHUNK * AD_MAX_SPLITS} positions)")
             if T * Hq > MAX_HEADS:
                 raise NotImplementedError(f"attention: {T} rows of {Hq} query heads (at most {MAX_HEADS} in all)")
             part_o, part_ml = self._attn_partials(T, Hq * S, hd)
