@@ -87,24 +87,11 @@ __device__ __forceinline__ void stage_x1(const float* __restrict__ x, const floa
         xs[xs_f4(4 * i)] = rms_apply4(xs[xs_f4(4 * i)], r, *(const float4*)(aux + 4 * i));
 }
 
-// sum over the item's 32 weights v (item order) times the staged x at element offsets eb + x0 + 0..15
-// and eb + x1 + 0..15 of the chunk
-__device__ __forceinline__ float item_dot_xs(const float v[32], const float4* __restrict__ xv, int eb, int x0, int x1) {
-    float s = 0.0f;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        const float4 a = xv[xs_f4(eb + x0 + 4 * c)], bb = xv[xs_f4(eb + x1 + 4 * c)];
-        s += v[4 * c] * a.x + v[4 * c + 1] * a.y + v[4 * c + 2] * a.z + v[4 * c + 3] * a.w;
-        s += v[16 + 4 * c] * bb.x + v[16 + 4 * c + 1] * bb.y + v[16 + 4 * c + 2] * bb.z + v[16 + 4 * c + 3] * bb.w;
-    }
-    return s;
-}
-
 // The dots of one item with the staged x of T <= MAXT tokens: s[t] for token t's chunk at xv + t * xst
 // (float4s; element offset eb of the item's block in the chunk). The item's weights are decoded once
 // and multiplied into every token's sum, each token's by the same expression in the same order as a
 // lone token's (MAXT = 1), so a row's value does not depend on how many tokens share the launch.
-// Default: dequantize the item (F::item, 32 floats live), then item_dot_xs per token. A format may
+// Default: dequantize the item (F::item, 32 floats live), then its dot with each token's x. A format may
 // specialize ItemDot to stream its decode into the sums, a few weights at a time (fewer registers
 // live). Keep a specialization compact: the batched GEMV inlines it once with MAXT token bodies, and
 // a kernel of a few hundred KB of machine code runs from the instruction cache's misses (seen: 386 KB
@@ -117,9 +104,26 @@ struct ItemDot {
         float v[32];
         int x0, x1;
         F::item(blk, i, v, x0, x1);
+        int ra[4], rb[4];  // the float4 slots of the item's elements: once, for every token
 #pragma unroll
-        for (int t = 0; t < MAXT; ++t)
-            if (t < T) s[t] = item_dot_xs(v, xv + t * xst, eb, x0, x1);
+        for (int c = 0; c < 4; ++c) {
+            ra[c] = xs_f4(eb + x0 + 4 * c);
+            rb[c] = xs_f4(eb + x1 + 4 * c);
+        }
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+            float acc = 0.0f;
+            if (t < T) {
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {  // elements 4c.. then x1 + 4c.., one FFMA a weight
+                    const float4 a = xv[t * xst + ra[c]], bb = xv[t * xst + rb[c]];
+                    acc = fmaf(v[4 * c + 3], a.w, fmaf(v[4 * c + 2], a.z, fmaf(v[4 * c + 1], a.y, fmaf(v[4 * c], a.x, acc))));
+                    acc = fmaf(v[16 + 4 * c + 3], bb.w, fmaf(v[16 + 4 * c + 2], bb.z,
+                               fmaf(v[16 + 4 * c + 1], bb.y, fmaf(v[16 + 4 * c], bb.x, acc))));
+                }
+            }
+            s[t] = acc;
+        }
     }
 };
 
@@ -163,31 +167,36 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
         }
         __syncthreads();
         const int n_items = kc >> 5, it0 = k0 >> 5;
-        // The item g of row r (r < nr) of this chunk, added to that row's sums.
-        auto visit = [&](int r, int g) {
-            const int b = g / F::IPB, i = g - b * F::IPB;
-            const u8* blk = W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS;
-            const int eb = b * F::QK - k0;
-            // each token's dot is the one-token kernel's: the same value for a row alone or batched
-            float s[MAXT];
-            ItemDot<F>::template dot<MAXT>(blk, i, xs, kc >> 2, eb, T, s);
-#pragma unroll
-            for (int t = 0; t < MAXT; ++t) {
-                if (t < T) {
-#pragma unroll
-                    for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = __fadd_rn(acc[t][rr], rr == r ? s[t] : 0.0f);
-                }
-            }
-        };
         // Lane l takes the items whose flat index r * (K / 32) + g over the warp's rows is l mod 32, in
         // ascending order: the same items in the same order whether K is staged whole or in chunks
         // (how many chunks depends on T), so a row's sum does not depend on how many rows share the launch.
-        // One loop, unrolled only for one token: every copy of `visit` is machine code the instruction
-        // cache must hold (MAXT token bodies each in the batched kernels).
+        // One loop, unrolled only for one token: every copy of the item dot is machine code the
+        // instruction cache must hold (MAXT token bodies each in the batched kernels). Row r's sums run
+        // in `a` (one add per item and token), taken from and put back to acc[][r] around its items.
         const int NI = K >> 5, it1 = it0 + n_items;
         for (int r = 0; r < nr; ++r) {
+            float a[MAXT];
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+                a[t] = acc[t][0];
+#pragma unroll
+                for (int rr = 1; rr < GEMV_MAX_R; ++rr) a[t] = rr == r ? acc[t][rr] : a[t];
+            }
 #pragma unroll(MAXT == 1 ? 2 : 1)
-            for (int g = it0 + ((lane - r * NI - it0) & 31); g < it1; g += 32) visit(r, g);
+            for (int g = it0 + ((lane - r * NI - it0) & 31); g < it1; g += 32) {
+                const int b = g / F::IPB, i = g - b * F::IPB;
+                // each token's dot is the one-token kernel's: the same value for a row alone or batched
+                float s[MAXT];
+                ItemDot<F>::template dot<MAXT>(W + (i64)(row0 + r) * row_bytes + (i64)b * F::TS, i, xs, kc >> 2,
+                                               b * F::QK - k0, T, s);
+#pragma unroll
+                for (int t = 0; t < MAXT; ++t) a[t] = __fadd_rn(a[t], s[t]);
+            }
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) {
+#pragma unroll
+                for (int rr = 0; rr < GEMV_MAX_R; ++rr) acc[t][rr] = rr == r ? a[t] : acc[t][rr];
+            }
         }
     }
     // every warp reduces all its sums (zeros past nr / T): shuffles outside divergent branches, so

@@ -117,13 +117,15 @@ struct ItemDot<FmtQ5_0> {
                 wa[u] = small_u2f((by & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC + 16.0f);
                 wb[u] = small_u2f((by >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC + 16.0f);
             }
+            const float4* __restrict__ pa = xv + xs_f4(eb + 4 * c);  // token 0's slots; token t's xst further
+            const float4* __restrict__ pb = xv + xs_f4(eb + 16 + 4 * c);
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) {
                 if (t < T) {
-                    const float4 a = xv[t * xst + xs_f4(eb + 4 * c)], b = xv[t * xst + xs_f4(eb + 16 + 4 * c)];
+                    const float4 a = pa[t * xst], b = pb[t * xst];
                     const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
-                    for (int u = 0; u < 4; ++u) s[t] += wa[u] * xa[u] + wb[u] * xb[u];
+                    for (int u = 0; u < 4; ++u) s[t] = fmaf(wb[u], xb[u], fmaf(wa[u], xa[u], s[t]));  // (one FFMA a weight)
                 }
             }
         }
@@ -151,11 +153,12 @@ struct ItemDot<FmtQ8_0> {
             const u32 q = w[j] ^ 0x80808080u;  // int8 = (byte ^ 0x80) - 128
             const float w0 = small_u2f(q & 0xFFu, ORCD_MAGIC + 128.0f), w1 = small_u2f((q >> 8) & 0xFFu, ORCD_MAGIC + 128.0f),
                         w2 = small_u2f((q >> 16) & 0xFFu, ORCD_MAGIC + 128.0f), w3 = small_u2f(q >> 24, ORCD_MAGIC + 128.0f);
+            const float4* __restrict__ pa = xv + xs_f4(eb + 4 * j);  // token 0's slot; token t's xst further
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) {
                 if (t < T) {
-                    const float4 a = xv[t * xst + xs_f4(eb + 4 * j)];
-                    s[t] += w0 * a.x + w1 * a.y + w2 * a.z + w3 * a.w;
+                    const float4 a = pa[t * xst];
+                    s[t] = fmaf(w3, a.w, fmaf(w2, a.z, fmaf(w1, a.y, fmaf(w0, a.x, s[t]))));
                 }
             }
         }

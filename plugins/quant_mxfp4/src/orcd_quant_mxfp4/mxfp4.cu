@@ -102,12 +102,14 @@ struct ItemDot<FmtMXFP4> {
             const u32 hi0 = e2m1x2_to_h2(p01 >> 4), hi1 = e2m1x2_to_h2(p23 >> 4);  // weights 16+4w..
             const float l0 = h2f_lo(lo0), l1 = h2f_hi(lo0), l2 = h2f_lo(lo1), l3 = h2f_hi(lo1);
             const float g0 = h2f_lo(hi0), g1 = h2f_hi(hi0), g2 = h2f_lo(hi1), g3 = h2f_hi(hi1);
+            const float4* __restrict__ pa = xv + xs_f4(eb + 4 * w);  // token 0's slots; token t's xst further
+            const float4* __restrict__ pb = xv + xs_f4(eb + 16 + 4 * w);
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) {
                 if (t < T) {
-                    const float4 a = xv[t * xst + xs_f4(eb + 4 * w)], b = xv[t * xst + xs_f4(eb + 16 + 4 * w)];
-                    s[t] += l0 * a.x + l1 * a.y + l2 * a.z + l3 * a.w;
-                    s[t] += g0 * b.x + g1 * b.y + g2 * b.z + g3 * b.w;
+                    const float4 a = pa[t * xst], b = pb[t * xst];
+                    s[t] = fmaf(l3, a.w, fmaf(l2, a.z, fmaf(l1, a.y, fmaf(l0, a.x, s[t]))));
+                    s[t] = fmaf(g3, b.w, fmaf(g2, b.z, fmaf(g1, b.y, fmaf(g0, b.x, s[t]))));
                 }
             }
         }

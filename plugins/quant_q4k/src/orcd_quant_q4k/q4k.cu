@@ -133,10 +133,12 @@ struct ItemDot<FmtQ4_K> {
                 lo[u] = small_u2f(by & 0xF, ORCD_MAGIC);
                 hi[u] = small_u2f(by >> 4, ORCD_MAGIC);
             }
+            const float4* __restrict__ pa = xv + xs_f4(x0 + 4 * c);  // token 0's slots; token t's xst further
+            const float4* __restrict__ pb = xv + xs_f4(x0 + 32 + 4 * c);
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) {
                 if (t < T) {
-                    const float4 a = xv[t * xst + xs_f4(x0 + 4 * c)], b = xv[t * xst + xs_f4(x0 + 32 + 4 * c)];
+                    const float4 a = pa[t * xst], b = pb[t * xst];
                     const float xa[4] = {a.x, a.y, a.z, a.w}, xb[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
                     for (int u = 0; u < 4; ++u) {
