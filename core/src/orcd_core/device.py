@@ -26,6 +26,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
+
 from .gguf_file import TensorInfo
 from .sampling import token_logprobs
 
@@ -190,6 +192,24 @@ class Device(abc.ABC):
     def begin_step(self, *, prefill: bool = False) -> None:
         """Start a forward call: the CUDA backend resets its per-step workspace here. `prefill`: the
         step will not be captured into a graph (its activations may come from a reusing pool)."""
+
+    def prefill_chunk(self, forward: "Callable[..., Any]", ids: Sequence[int], start_pos: int, cache: KVCache, *,
+                      all_logits: bool = False) -> Any:
+        """One prefill forward call: `ids` (at most MAX_STEP_TOKENS) at positions `start_pos`, ... into
+        `cache`, which holds the positions before them -> `forward(step, cache, all_logits=...)`'s logits:
+        [1, V] for the last token, or [T, V]. `forward` is the model's; it must only call device ops.
+        This default runs the ops one by one; the CUDA backend replays a CUDA graph per chunk length
+        (backends/cuda/prefill.py)."""
+        n = len(ids)
+        step = Step(n, self.to_device(list(ids)), self.to_device(np.arange(start_pos, start_pos + n)),
+                    self.to_device([start_pos]))
+        self.begin_step(prefill=True)
+        return forward(step, cache, all_logits=all_logits)
+
+    def warm_up(self, forward: "Callable[..., Any]", cache: KVCache) -> None:
+        """Called once at load with the model's forward and a KV cache of the engine's layout (freed
+        after; anything may be written into it): what the backend prepares before the first request.
+        The CUDA backend captures its prefill graphs here. This default does nothing."""
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held by category: weights, kv_cache, workspace."""

@@ -93,6 +93,7 @@ class Engine:
         device.finish_load()
         if not device.plans_memory:
             _check_kv_fits(path, model, device, int(n_ctx))
+        _warm_up(model, device, int(n_ctx))
         return cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
                    n_ctx=int(n_ctx), backend=backend, registry=registry, max_batch=int(max_batch))
 
@@ -207,11 +208,8 @@ class Engine:
             start = start_pos + i0
             if cancel is not None and cancel.cancelled:
                 raise Cancelled("the request was cancelled during prefill", tokens_out=0)
-            chunk = ids[i0 : i0 + PREFILL_CHUNK]
-            step = Step(len(chunk), dev.to_device(chunk), dev.to_device(np.arange(start, start + len(chunk))),
-                        dev.to_device([start]))
-            dev.begin_step(prefill=True)
-            logits = self.model.forward(step, cache, all_logits=all_logits)
+            logits = dev.prefill_chunk(self.model.forward, ids[i0 : i0 + PREFILL_CHUNK], start, cache,
+                                       all_logits=all_logits)
             if all_logits:
                 outs.append(np.asarray(dev.to_host(logits), dtype=np.float32))
         return np.concatenate(outs) if all_logits else logits
@@ -252,6 +250,21 @@ def _check_kv_fits(path: Path, model, device: Device, n_ctx: int) -> None:
         raise InsufficientVram(path, f"the KV cache for a context of {n_ctx} tokens cannot be allocated ({exc}); "
                                      "serve a shorter context (--max-context)") from None
     device.free_kv_cache(cache)
+
+
+def _warm_up(model, device: Device, n_ctx: int) -> None:
+    """`Device.warm_up` with a scratch KV cache of the engine's layout. A cache that does not fit now
+    skips it (the backend then prepares itself at the first requests)."""
+    from .generation import VramOOM
+
+    try:
+        cache = model.new_kv_cache(n_ctx)
+    except (VramOOM, MemoryError):
+        return
+    try:
+        device.warm_up(model.forward, cache)
+    finally:
+        device.free_kv_cache(cache)
 
 
 def quant_kind(gguf) -> str:

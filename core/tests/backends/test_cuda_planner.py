@@ -32,9 +32,9 @@ def test_the_plan_is_the_sum_of_its_aligned_parts(model):
     m, shape = model
     tensors = list(m.tensors.values())
     plan = planner.plan_load(tensors, shape, n_ctx=256, n_seq=3)
-    parts = (plan.weights, plan.kv, plan.workspace, plan.prefill_pool, plan.scratch)
+    parts = (plan.weights, plan.kv, plan.workspace, plan.prefill_pool, plan.prefill_graphs, plan.scratch)
     assert plan.total == sum(parts) and all(p > 0 for p in parts)
-    assert all(p % ALLOCATION_ALIGNMENT == 0 for p in (plan.workspace, plan.prefill_pool, plan.scratch))
+    assert all(p % ALLOCATION_ALIGNMENT == 0 for p in (plan.workspace, plan.prefill_pool, plan.prefill_graphs, plan.scratch))
     # the weight arena holds every tensor at an aligned offset, plus float32 copies of the 1-D ones
     assert plan.tensor_bytes == sum(t.nbytes for t in tensors)
     assert plan.weights >= sum(-(-t.nbytes // ALLOCATION_ALIGNMENT) * ALLOCATION_ALIGNMENT for t in tensors)

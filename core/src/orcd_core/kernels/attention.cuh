@@ -8,16 +8,20 @@
 // grid (ceil(T / 16), Hq), 128 threads: each warp owns 4 queries; key tiles of 32 keys staged in
 // shared memory; online softmax per query. A query at position p sees keys kp <= p with
 // kp > p - window (window > 0). `sinks` [Hq] (or null) adds exp(sink) to each denominator.
-// Keys are read from the cache (the step's own k/v were written by kv_write first).
+// Keys are read from the cache (the step's own k/v were written by kv_write first): kc / vc, or the one
+// cache of a one-column table (kvp, kvs = 1: a captured prefill chunk, backends/cuda/prefill.py).
+// Queries may come in any order of positions (each block reads keys up to its highest position).
 // ================================================================================================
 #define AP_QT 16
 #define AP_KT 32
 // AP_MAXD (head dim at most): a -D option (kernels/constants.py)
 
 extern "C" __global__ void __launch_bounds__(128)
-    attn_prefill(const float* __restrict__ q, const half_bits* __restrict__ kc, const half_bits* __restrict__ vc,
-                 const int* __restrict__ positions, const float* __restrict__ sinks, float* __restrict__ out, int T,
-                 int Hq, int Hkv, int hd, int n_rows, float scale, int window) {
+    attn_prefill(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
+                 int kvs, const int* __restrict__ positions, const float* __restrict__ sinks, float* __restrict__ out,
+                 int T, int Hq, int Hkv, int hd, int n_rows, float scale, int window) {
+    const half_bits* __restrict__ kc = kv_of(kc0, kvp, kvs, 0, 0);  // one sequence: its cache, or the table's
+    const half_bits* __restrict__ vc = kv_of(vc0, kvp, kvs, 0, 1);
     __shared__ float qs[AP_QT][AP_MAXD];
     __shared__ float ks[AP_KT][AP_MAXD + 1];
     __shared__ float vs[AP_KT][AP_MAXD];

@@ -2,10 +2,12 @@
 #pragma once
 #include "common.cuh"
 
-// The cache of token t: kc / vc, or in a batched decode step (kvp non-null) the row's own, whose K and V
-// addresses are kvp[t] and kvp[kvs + t] (the layer's slice of the decoder's table).
+// The cache of token t: kc / vc, or through a table (kvp non-null: the layer's slice [2, kvs] of K and V
+// addresses). A table of kvs > 1 columns has one per row of a batched decode step: token t's are kvp[t]
+// and kvp[kvs + t]. A table of one column holds one cache for every token of the step (a captured
+// prefill chunk of one sequence, or a batched step of one row): kvp[0] and kvp[1].
 __device__ __forceinline__ half_bits* kv_of(half_bits* c, const unsigned long long* kvp, int kvs, int t, int which) {
-    return kvp ? (half_bits*)kvp[which * kvs + t] : c;
+    return kvp ? (half_bits*)kvp[which * kvs + (kvs == 1 ? 0 : t)] : c;
 }
 
 // ================================================================================================

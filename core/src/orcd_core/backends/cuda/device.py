@@ -9,6 +9,7 @@ Activations live in a per-step workspace; KV caches are fp16, one cudaMalloc per
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any, Sequence
@@ -28,6 +29,7 @@ from .fusion import DeferredOps
 from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
 from .kernels import blocks as _blocks
 from .memory import StepPool, Workspace, align, raw_alloc, view
+from .prefill import PrefillGraphs
 from .store import WeightStore
 from .planner import DEQUANT_SCRATCH_BYTES, plan_load
 
@@ -77,6 +79,8 @@ class CudaDevice(Device):
         self._kv_mem: dict[int, Any] = {}
         self.workspace = Workspace(8 << 20)  # decode steps (graph-captured): fixed addresses
         self.pool = StepPool()  # prefill steps: arrays reused once dropped
+        self._scratch_epoch = 0  # counts replacements of the dequantize scratch (captured prefills hold it)
+        self.prefill_graphs = PrefillGraphs(self)  # prefill chunks replayed as CUDA graphs (prefill.py)
         self._ws_alloc = self.workspace.alloc
         # decode attention: per-head counters of finished splits (each step's last split resets its own)
         self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
@@ -86,6 +90,8 @@ class CudaDevice(Device):
         self._healthy = True
         self.residency_failure: str | None = None
         self._cublas = cublas.create()
+        self._cublas_capture = None  # ctypes bindings for captured GEMMs (made before the first capture)
+        self._graph_gemms = False  # GEMMs as a captured prefill runs them (see graph_gemms)
         self._one = np.array([1.0], np.float32)
         self._zero = np.array([0.0], np.float32)
         self._one_ptr, self._zero_ptr = self._one.ctypes.data, self._zero.ctypes.data  # (.ctypes costs ~1-3 us a read)
@@ -183,6 +189,7 @@ class CudaDevice(Device):
             self.workspace = Workspace(plan.workspace)
             self._ws_alloc = self.workspace.alloc
             self.pool.reserve(plan.prefill_pool)
+            self.prefill_graphs.reserve_bytes = plan.prefill_graphs  # taken at the first capture
         except cupy.cuda.memory.OutOfMemoryError as exc:
             self.weights.release()
             self.pool.release()
@@ -297,14 +304,53 @@ class CudaDevice(Device):
         self.deferred.reset()
         self._ws_alloc = self.pool.alloc if prefill else self.workspace.alloc
 
+    def prepare_capture(self) -> None:
+        """What a capture of GEMMs needs, made outside it: cuBLAS bindings that run during a capture."""
+        if self._cublas_capture is None:
+            from .cublas_capture import CapturableCublas
+
+            self._cublas_capture = CapturableCublas()
+
+    @contextlib.contextmanager
+    def graph_gemms(self):
+        """GEMMs through the capture's cuBLAS bindings and workspace, also outside a capture: a prefill
+        chunk run op by op then computes exactly what its captured graph computes."""
+        self._graph_gemms = True
+        try:
+            yield
+        finally:
+            self._graph_gemms = False
+
+    def warm_up(self, forward, cache) -> None:
+        """Capture the prefill graphs of every chunk length for caches of `cache`'s layout (prefill.py)."""
+        self.make_current()
+        self.prefill_graphs.warm_up(forward, cache)
+
+    def use_allocator(self, alloc) -> None:
+        """The step's arrays from `alloc(shape, dtype)` until the next `begin_step` (a captured prefill
+        chunk's from the graphs' own pool)."""
+        self._ws_alloc = alloc
+
+    def prefill_chunk(self, forward, ids, start_pos: int, cache, *, all_logits: bool = False):
+        """`Device.prefill_chunk`, replayed as the CUDA graph of the chunk's length bucket where it can
+        be (prefill.py), else op by op."""
+        self.make_current()
+        return self.prefill_graphs.run(self._prefill_eager, forward, ids, int(start_pos), cache, all_logits)
+
+    def _prefill_eager(self, forward, ids, start_pos, cache, *, all_logits=False):
+        """`Device.prefill_chunk` op by op, its logits computed before it returns (a deferred output GEMV
+        would otherwise run only when read, and not at all once the next step begins)."""
+        return self.contiguous(super().prefill_chunk(forward, ids, start_pos, cache, all_logits=all_logits))
+
     def memory_report(self) -> dict[str, int]:
         return {
             "weights": self.weights.nbytes,
             "kv_cache": sum(self._kv_live.values()),
-            "workspace": self.workspace.nbytes + self.pool.nbytes
+            "workspace": self.workspace.nbytes + self.pool.nbytes + self.prefill_graphs.nbytes
             + (self._scratch.nbytes if self._scratch is not None else 0)
             + (self.sampler.nbytes if self.sampler is not None else 0)
-            + (self._attn_part[0] if self._attn_part is not None else 0),
+            + (self._attn_part[0] if self._attn_part is not None else 0)
+            + (self._cublas_capture.nbytes if self._cublas_capture is not None else 0),
         }
 
     def vram_bytes_used(self) -> int:
@@ -319,6 +365,8 @@ class CudaDevice(Device):
         except Exception:
             pass
         self.weights.release()
+        self.prefill_graphs.close()
+        self._cublas_capture = None
         self._scratch = None
         self._kv_mem.clear()
         self._kv_live.clear()
@@ -415,21 +463,32 @@ class CudaDevice(Device):
         prefill path of `linear` (row0 0, all rows) and of the MoE (one expert's rows of a stack)."""
         scratch = self._scratch
         if scratch is None or scratch.size < K:  # prepare_load sizes it; else the first prefill does
+            if self.stream.is_capturing():
+                raise RuntimeError("the dequantize scratch cannot grow during a CUDA graph capture")
             nbytes = max(DEQUANT_SCRATCH_BYTES, align(K * 2))
             self._scratch = None
             self._scratch = scratch = view(raw_alloc(nbytes), 0, (nbytes // 2,), np.float16)
+            self._scratch_epoch += 1
         chunk = max(1, min(N, scratch.size // K))
         dq = self.format_kernels(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
-        cublas.setStream(self._cublas, self.stream.ptr)
-        cublas.setPointerMode(self._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
+        if self._graph_gemms or self.stream.is_capturing():  # CuPy's refuse to run in a capture (cublas_capture.py)
+            if self._cublas_capture is None:
+                raise RuntimeError("cuBLAS capture bindings not prepared before the capture")
+            gemm = self._cublas_capture.gemm_ex
+            self._cublas_capture.bind(self._cublas, self.stream.ptr)
+        else:
+            gemm = cublas.gemmEx
+            cublas.setStream(self._cublas, self.stream.ptr)
+            cublas.setPointerMode(self._cublas, cublas.CUBLAS_POINTER_MODE_HOST)
         for r0 in range(0, N, chunk):
             n = min(chunk, N - r0)
             launch(dq, (_blocks(n * (K // 32), 128),), (128,),
                    (w.data.data, i64(w.data.row_bytes), scratch, i32(row0 + r0), i32(n), i32(K)))
             # column-major view: C[n, n_tok] (= y row-major [n_tok, N] at column r0) = W^T[K, n]^T X[K, n_tok]
-            cublas.gemmEx(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
-                          self._one_ptr, scratch.data.ptr, 2, K, x16_ptr, 2, K,
-                          self._zero_ptr, y_ptr + 4 * r0, 0, N, 68, -1)
+            # (fp16 A and B: CUDA_R_16F = 2; fp32 C: CUDA_R_32F = 0; CUBLAS_COMPUTE_32F = 68; default algorithm)
+            gemm(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
+                 self._one_ptr, scratch.data.ptr, 2, K, x16_ptr, 2, K,
+                 self._zero_ptr, y_ptr + 4 * r0, 0, N, 68, -1)
 
     def rms_norm(self, x, weight, eps: float) -> cupy.ndarray:
         x = self.contiguous(x)
@@ -506,16 +565,19 @@ class CudaDevice(Device):
             raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}")
         if hd > AP_MAXD or hd % 8:
             raise NotImplementedError(f"attention: head dim {hd} (supported: multiples of 8 up to {AP_MAXD})")
-        batched = isinstance(cache, KVBatch)  # row t: one token of the sequence whose cache is caches[t]
-        if batched:
-            if len(cache.caches) != T:
-                raise ValueError(f"attention: {T} rows for {len(cache.caches)} caches")
+        tabled = isinstance(cache, KVBatch)  # caches through the table: captured steps serve any sequence
+        # a batched decode step (row t: one token of the sequence whose cache is caches[t]), or a captured
+        # prefill chunk of one sequence (one cache, one table column, T tokens: backends/cuda/prefill.py)
+        one_seq = tabled and len(cache.caches) == 1 and T > 1
+        if tabled:
+            kvs = int(cache.table.shape[2])
+            if (len(cache.caches) != T and not one_seq) or (one_seq and kvs != 1):
+                raise ValueError(f"attention: {T} rows for {len(cache.caches)} caches in a table of {kvs} columns")
             proto = cache.caches[0]
             kc = vc = NULL
             n_rows = int(proto.k[layer].shape[0])
-            kvs = int(cache.table.shape[2])
-            kvp = np.uint64(cache.table.data.ptr + layer * 2 * kvs * 8)  # the layer's [2, rows] addresses
-            per_seq = 1
+            kvp = np.uint64(cache.table.data.ptr + layer * 2 * kvs * 8)  # the layer's [2, columns] addresses
+            per_seq = T if one_seq else 1
         else:
             kc, vc = cache.k[layer], cache.v[layer]
             n_rows, kvp, kvs, per_seq = int(kc.shape[0]), NULL, 0, T
@@ -535,7 +597,7 @@ class CudaDevice(Device):
                    (k, i64(ks), v, i64(vs), kc, vc, kvp, i32(kvs), step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
         out = self.step_array((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
-        if T == 1 or batched:
+        if T == 1 or (tabled and not one_seq):
             # splits cover the keys the query can see, from the window's start: at most `span` keys;
             # small splits (many blocks) for short spans, at most 128 splits; the kernel runs only the
             # splits the position reaches (the others exit at once)
@@ -553,7 +615,7 @@ class CudaDevice(Device):
                     f32(scale), i32(window), i32(chunk), self._attn_counters, sk, out))
         else:
             launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
-                   (q, kc, vc, step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
+                   (q, kc, vc, kvp, i32(kvs), step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     f32(scale), i32(window)))
         return out
 
@@ -576,6 +638,11 @@ class CudaDevice(Device):
             self._attn_epoch += 1
         mem = self._attn_part[1]
         return view(mem, 0, (n, hd), np.float32), view(mem, align(n * hd * 4), (n, 2), np.float32)
+
+    @property
+    def prefill_epoch(self) -> int:
+        """Changes whenever a buffer that captured prefill chunks point into is replaced."""
+        return self._scratch_epoch
 
     @property
     def graph_epoch(self) -> int:

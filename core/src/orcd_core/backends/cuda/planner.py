@@ -1,12 +1,16 @@
 """The CUDA backend's VRAM plan for a model, made before anything is allocated (no CuPy here, so the
 plan is computed and tested anywhere): the weight arena (every tensor aligned; 1-D tensors also as
 float32 copies), the KV caches (`orcd_core.shape.kv_bytes` per sequence slot), the decode workspace (a
-captured step keeps every op's output), the prefill pool and the dequantize scratch of prefill GEMMs.
-`CudaDevice.prepare_load` reserves exactly these parts, or refuses the model naming them."""
+captured step keeps every op's output), the prefill pool, the captured prefill chunks' own pool (the
+same estimate: prefill.py) and the dequantize scratch of prefill GEMMs.
+`CudaDevice.prepare_load` reserves exactly these parts, or refuses the model naming them. Also the
+shapes of the captured prefill chunks (prefill.py): the lengths they are padded to and their layout."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from ...device import MAX_STEP_TOKENS
 from ...kernels.constants import GEMV_MAX_T
@@ -26,6 +30,7 @@ class LoadPlan:
     kv: int
     workspace: int
     prefill_pool: int
+    prefill_graphs: int
     scratch: int
     tensor_bytes: int
     n_ctx: int
@@ -33,11 +38,11 @@ class LoadPlan:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.workspace + self.prefill_pool + self.scratch
+        return self.weights + self.kv + self.workspace + self.prefill_pool + self.prefill_graphs + self.scratch
 
     def describe(self) -> str:
         return (f"weights {self.weights}, KV cache {self.kv} for {self.n_seq} x {self.n_ctx} positions, "
-                f"workspace {self.workspace + self.prefill_pool + self.scratch}")
+                f"workspace {self.workspace + self.prefill_pool + self.prefill_graphs + self.scratch}")
 
 
 def _activation_floats_per_token(shape) -> int:
@@ -81,5 +86,37 @@ def plan_load(tensors, shape, *, n_ctx: int, n_seq: int = 1) -> LoadPlan:
     n_seq = max(1, int(n_seq))
     return LoadPlan(weights=weight_arena_bytes(tensors), kv=kv_bytes(shape, n_ctx) * n_seq,
                     workspace=workspace_bytes(shape), prefill_pool=prefill_pool_bytes(shape),
+                    prefill_graphs=prefill_pool_bytes(shape),
                     scratch=scratch_bytes(tensors), tensor_bytes=sum(t.nbytes for t in tensors),
                     n_ctx=int(n_ctx), n_seq=n_seq)
+
+
+# The lengths captured prefill chunks are padded to: GEMV_MAX_T (chunks that short run the decode
+# GEMVs), then doubling, with a step of 1.5x from 64 on (a chunk pads to less than 1.5x its length there)
+PREFILL_BUCKETS = (GEMV_MAX_T, 16, 32, 64, 96, 128, 192, 256, 384, MAX_STEP_TOKENS)
+assert list(PREFILL_BUCKETS) == sorted(set(PREFILL_BUCKETS)) and PREFILL_BUCKETS[-1] == MAX_STEP_TOKENS
+
+
+def bucket(n: int) -> int:
+    """The captured length a chunk of n tokens runs as (n <= MAX_STEP_TOKENS)."""
+    for b in PREFILL_BUCKETS:
+        if n <= b:
+            return b
+    raise ValueError(f"a prefill chunk holds at most {MAX_STEP_TOKENS} tokens, got {n}")
+
+
+def layout(ids, start: int, Tb: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, positions) of a chunk of R = len(ids) real tokens from position `start`, padded to Tb:
+    real tokens 0..R-2 at indices 0..R-2, pads (copies of the last id) at the positions after the last
+    real token, the last real token at index Tb - 1."""
+    R = len(ids)
+    if not 0 < R <= Tb:
+        raise ValueError(f"a chunk of {R} tokens does not fit a captured length of {Tb}")
+    tok = np.empty(Tb, np.int32)
+    pos = np.empty(Tb, np.int32)
+    tok[: R - 1] = ids[: R - 1]
+    pos[: R - 1] = np.arange(start, start + R - 1)
+    tok[R - 1 :] = ids[R - 1]
+    pos[R - 1 : Tb - 1] = np.arange(start + R, start + Tb)
+    pos[Tb - 1] = start + R - 1
+    return tok, pos
