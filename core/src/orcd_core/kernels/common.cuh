@@ -54,6 +54,8 @@ __device__ __forceinline__ float small_u2f(u32 q, float magic_plus_off) {
 // 16 bytes from a 16-byte aligned address, read-only path.
 __device__ __forceinline__ uint4 ld16(const void* p) { return __ldg((const uint4*)p); }
 __device__ __forceinline__ u32 ld4(const void* p) { return __ldg((const u32*)p); }
+// A request of the 128-byte line holding p into L2 (no register written, nothing waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ half_bits ld2(const void* p) { return __ldg((const unsigned short*)p); }
 
 // 16 bytes from an address that is only 2-byte aligned (blocks of 18, 22, 34 or 210 bytes):
