@@ -140,7 +140,7 @@ def main() -> int:
     for arch, path in models.items():
         results[arch] = {"orcd": ours(path, args.repetitions, args.batch),
                          "llama": llama(exe, path, args.repetitions, args.batch)}
-        print(f"{arch}: done", file=sys.stderr)
+        print(f"{arch}: done {json.dumps(results[arch])}", file=sys.stderr)  # (kept if a later model fails)
     print(f"\nGPU: {gpu}; orcd-worker bench --backend cuda -r {args.repetitions} (median); "
           f"llama-bench -ngl 99 -fa 1 -r {args.repetitions} (mean), build "
           f"{next(iter(results.values()))['llama'].get('build', '?')}, {' '.join(LLAMA_CMAKE[:2])}"

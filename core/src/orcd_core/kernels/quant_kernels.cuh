@@ -151,8 +151,10 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
     const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
     const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
     const int KC = xs_chunk(T, K);
-    {  // the warp's weight bytes (its rows are consecutive) requested into L2 before x is staged: their
-       // DRAM latency overlaps the staging (and a fused norm's reduction over K) instead of following it
+    if (MAXT == 1) {  // the warp's weight bytes (its rows are consecutive) requested into L2 before x is
+        // staged: their DRAM latency overlaps the staging (and a fused norm's reduction over K) instead of
+        // following it. One token only: measured, the one-token step -3.5%, the 8-row step +6% (its x is
+        // staged in chunks, docs/perf-notes.md)
         const u8* wb = W + (i64)row0 * row_bytes;
         const i64 nbytes = (i64)nr * row_bytes;
         for (i64 o = (i64)lane * 128; o < nbytes; o += 32 * 128) prefetch_l2(wb + o);
