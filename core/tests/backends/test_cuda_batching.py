@@ -16,7 +16,7 @@ import pytest
 
 from orcd_core.generation import GenerationRequest, GenerationResult, SamplingParams
 from orcd_core.scheduler import Scheduler
-from orcd_core.testing.cuda import load_engine, require_cuda_gpu, run_ids, synth_dir  # noqa: F401 (a fixture)
+from orcd_core.testing.cuda import load_engine, require_cuda_gpu, run_ids, synth_cut, synth_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
 cupy = require_cuda_gpu()
@@ -30,12 +30,7 @@ PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k
 
 @pytest.fixture(scope="module", params=["qwen2", "phi3", "gpt-oss"])
 def engine(request, synth_dir):
-    from orcd_core.testing import synth
-
-    path = synth_dir / f"{request.param}-full-2-batch.gguf"
-    if not path.exists():
-        synth.synthesize(request.param, path, size="full", layers=2, seed=5)
-    eng = load_engine(path, "cuda", max_context=512, max_batch=8)
+    eng = load_engine(synth_cut(synth_dir, request.param), "cuda", max_context=512, max_batch=8)
     yield eng
     eng.close()
 

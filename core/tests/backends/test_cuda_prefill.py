@@ -20,7 +20,7 @@ import pytest
 
 from orcd_core.backends.cuda.planner import PREFILL_BUCKETS, bucket
 from orcd_core.kernels.constants import GEMV_MAX_T
-from orcd_core.testing.cuda import load_engine, require_cuda_gpu, synth_dir  # noqa: F401 (a fixture)
+from orcd_core.testing.cuda import load_engine, require_cuda_gpu, synth_cut, synth_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
 cupy = require_cuda_gpu()
@@ -34,12 +34,7 @@ CASES = [(0, 512), (0, 300), (40, 57), (0, 1), (5, 8), (3, 20), (100, 128)]
 
 @pytest.fixture(scope="module", params=["qwen2", "phi3", "gpt-oss"])
 def engine(request, synth_dir):
-    from orcd_core.testing import synth
-
-    path = synth_dir / f"{request.param}-full-2-batch.gguf"
-    if not path.exists():
-        synth.synthesize(request.param, path, size="full", layers=2, seed=5)
-    eng = load_engine(path, "cuda", max_context=1024, max_batch=2)
+    eng = load_engine(synth_cut(synth_dir, request.param), "cuda", max_context=1024, max_batch=2)
     yield eng
     eng.close()
 

@@ -8,8 +8,9 @@ and, for a module-wide `CudaDevice(0)` as fixture `dev`:
 
     from orcd_core.testing.cuda import cuda_dev  # noqa: F401 (provides the fixture `dev`)
 
-`synth_dir`, `load_engine` and `run_ids` serve the whole-model tests: a session directory of synthetic
-GGUFs ($ORCD_SYNTH_DIR, reused when present), an `Engine` on a backend, greedy ids of one request.
+`synth_dir`, `synth_cut`, `load_engine` and `run_ids` serve the whole-model tests: a session directory of
+synthetic GGUFs ($ORCD_SYNTH_DIR, reused when present), a 2-layer full-width cut of an architecture in it,
+an `Engine` on a backend, greedy ids of one request.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def cuda_dev():
 def synth_dir(tmp_path_factory) -> Path:
     d = os.environ.get("ORCD_SYNTH_DIR")
     return Path(d) if d else tmp_path_factory.mktemp("synth")
+
+
+def synth_cut(synth_dir: Path, arch: str) -> Path:
+    """The synthetic full-width 2-layer cut of `arch` (seed 5) in `synth_dir`, written on first use: the
+    whole-model GPU tests' file (qwen2 / phi3 Q4_K_M, gpt-oss MXFP4 experts and sliding-window rings)."""
+    from orcd_core.testing import synth
+
+    path = synth_dir / f"{arch}-full-2-batch.gguf"
+    if not path.exists():
+        synth.synthesize(arch, path, size="full", layers=2, seed=5)
+    return path
 
 
 def load_engine(path, backend, **kw):
