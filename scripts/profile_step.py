@@ -5,7 +5,9 @@
 Every launch (and cuBLAS GEMM) of one step is recorded, then each is captured 20 times into a CUDA
 graph whose replay is timed between two CUDA events: its device time without launch gaps (weights that fit in L2 stay there, so
 small GEMVs read as faster than cold); the table lists kernels by total time per step. Also prints the wall time of issuing a decode step from Python and of a
-replayed graph step. Numbers go to docs/perf-notes.md by hand.
+replayed graph step, and first the wall time of the prefill chunk as the engine runs it (a replayed
+prefill graph, backends/cuda/prefill.py); the prefill's launches are then recorded with the graphs off.
+Numbers go to docs/perf-notes.md by hand.
 """
 
 from __future__ import annotations
@@ -118,6 +120,16 @@ def main() -> None:
 
     cache = model.new_kv_cache(args.ctx)
     ids = rng.integers(0, V, args.p).tolist()
+    graphs = dev.prefill_graphs
+    for _ in range(3):  # the chunk as a replayed graph (backends/cuda/prefill.py): what a request gets
+        eng.prefill(ids, cache)
+    dev.stream.synchronize()
+    t0 = time.perf_counter()
+    eng.prefill(ids, cache)
+    dev.stream.synchronize()
+    print(f"prefill T={args.p} as a graph replay, wall: {(time.perf_counter() - t0) * 1e3:.2f} ms "
+          f"({graphs.replays} replays, failed buckets: {sorted(graphs.failed)})")
+    graphs.off = True  # op by op from here: every launch recorded and timed alone
     eng.prefill(ids, cache)  # warm-up
     dev.stream.synchronize()
     timing["on"] = True
@@ -129,7 +141,7 @@ def main() -> None:
     t0 = time.perf_counter()
     eng.prefill(ids, cache)
     dev.stream.synchronize()
-    print(f"prefill wall (not isolated): {(time.perf_counter() - t0) * 1e3:.2f} ms")
+    print(f"prefill wall op by op (not isolated): {(time.perf_counter() - t0) * 1e3:.2f} ms")
     import cProfile
     import pstats
 
