@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf_builder import ARCHITECTURES, tiny_model
 
-from orcd_core.backends.cuda.planner import PREFILL_BUCKETS, bucket, layout
+from orcd_core.backends.cuda.planner import PREFILL_BUCKETS, bucket, graph_key, layout
 from orcd_core.device import MAX_STEP_TOKENS, Step
 from orcd_core.engine import Engine
 from orcd_core.plugins import default_registry
@@ -43,6 +43,18 @@ def test_the_layout_puts_the_last_token_last_and_the_pads_after_it():
     assert tok.tolist() == [9] * 16 and pos[-1] == 3 and sorted(pos.tolist()) == list(range(3, 19))
     with pytest.raises(ValueError):
         layout([1, 2, 3], 0, 2)
+
+
+def test_a_chunk_is_captured_only_where_its_pads_fit_the_cache():
+    full = kv_rows(0, 1024)
+    ring = kv_rows(128, 1024)  # the window plus MAX_STEP_TOKENS - 1: room for any step's pads
+    key = graph_key(64, 0, 1024, [full, ring], [0, 128])
+    assert key == (64, 1024, 2, (full, ring), (0, 128))
+    assert graph_key(64, 960, 1024, [full, ring], [0, 128]) is not None  # ends at the context's last row
+    assert graph_key(64, 961, 1024, [full, ring], [0, 128]) is None  # a pad would wrap past the context
+    assert graph_key(64, 0, 1024, [full, 128], [0, 128]) is None  # a ring of the window alone
+    assert graph_key(64, 0, 1024, [full, 64 + 128 - 1], [0, 128]) is not None
+    assert graph_key(64, 0, 100, [100, 100], [0, 128]) is not None  # a window past the context: no ring
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

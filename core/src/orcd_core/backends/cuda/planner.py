@@ -120,3 +120,16 @@ def layout(ids, start: int, Tb: int) -> tuple[np.ndarray, np.ndarray]:
     pos[R - 1 : Tb - 1] = np.arange(start + R, start + Tb)
     pos[Tb - 1] = start + R - 1
     return tok, pos
+
+
+def graph_key(Tb: int, start: int, n_ctx: int, rows, windows) -> tuple | None:
+    """What the captured graph of a Tb-token chunk depends on (a cache layout: context, rows and window
+    of each layer), or None when such a chunk cannot be padded into that cache from `start`: past its
+    context, or through a sliding-window ring shorter than the window plus the step (the pads would
+    overwrite keys the next tokens read; `shape.kv_rows` sizes rings for any step)."""
+    rows, windows = tuple(int(r) for r in rows), tuple(int(w) for w in windows)
+    if start + Tb > n_ctx:
+        return None
+    if any(w > 0 and r < min(Tb + w - 1, n_ctx) for r, w in zip(rows, windows)):
+        return None
+    return (Tb, int(n_ctx), len(rows), rows, windows)

@@ -40,7 +40,7 @@ import numpy as np
 from ...device import MAX_STEP_TOKENS, KVBatch, KVCache, Step
 from ...generation import CudaError
 from .memory import StepPool, raw_alloc, view
-from .planner import PREFILL_BUCKETS, bucket, layout
+from .planner import PREFILL_BUCKETS, bucket, graph_key, layout
 
 
 def _where(exc: BaseException) -> str:
@@ -132,15 +132,9 @@ class PrefillGraphs:
                     break
 
     def _key(self, Tb: int, start: int, cache) -> tuple | None:
-        """What a graph of a Tb-token chunk depends on, or None when such a chunk cannot be padded into
-        the cache from `start`: past its context, or a sliding-window ring shorter than the window and
-        the step (the pads would overwrite keys the next tokens read)."""
-        if not isinstance(cache, KVCache) or start + Tb > cache.n_ctx:
+        if not isinstance(cache, KVCache):
             return None
-        rows = tuple(int(k.shape[0]) for k in cache.k)
-        if any(w > 0 and r < min(Tb + w - 1, cache.n_ctx) for r, w in zip(rows, cache.window)):
-            return None
-        return (Tb, cache.n_ctx, cache.n_layers, rows, tuple(cache.window))
+        return graph_key(Tb, start, cache.n_ctx, [int(k.shape[0]) for k in cache.k], list(cache.window))
 
     def _inputs(self, Tb: int, cache: KVCache, io_host, table_host):
         """(step, kv, io, table, table memory) of a Tb-token chunk through the table, its buffers written."""
