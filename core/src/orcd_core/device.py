@@ -13,8 +13,9 @@ Rules that keep the CUDA decode step capturable as one CUDA graph:
   (`Step.positions`, `Step.n_past`), never as Python ints, in every op that runs during decode.
 - Ops return new arrays; for a decode step the CUDA backend takes them from a per-step workspace
   (bump allocation reset by `begin_step`), so a replayed graph sees the same addresses. A prefill
-  step (`begin_step(prefill=True)`) is never captured: its arrays come from a pool and are reused as
-  soon as the adapter drops them, so its VRAM is about one layer's activations, not the whole step's.
+  step's (`begin_step(prefill=True)`) come from a pool and are reused as soon as the adapter drops
+  them, so its VRAM is about one layer's activations, not the whole step's (a captured prefill chunk,
+  `Device.prefill_chunk` on CUDA, takes them from a pool of the graphs' own).
 - Shapes (T, the number of tokens in the step) are host ints and fixed for a captured graph.
 - One forward call carries at most MAX_STEP_TOKENS tokens (the engine prefills in chunks of that
   size); the KV ring of a sliding-window layer is sized for it.
@@ -190,8 +191,8 @@ class Device(abc.ABC):
         """A device array as a NumPy array (synchronizes). Never called inside a decode step."""
 
     def begin_step(self, *, prefill: bool = False) -> None:
-        """Start a forward call: the CUDA backend resets its per-step workspace here. `prefill`: the
-        step will not be captured into a graph (its activations may come from a reusing pool)."""
+        """Start a forward call: the CUDA backend resets its per-step workspace here. `prefill`: a
+        prefill chunk (its activations may come from a reusing pool)."""
 
     def prefill_chunk(self, forward: "Callable[..., Any]", ids: Sequence[int], start_pos: int, cache: KVCache, *,
                       all_logits: bool = False) -> Any:

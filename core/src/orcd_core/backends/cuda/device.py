@@ -2,8 +2,9 @@
 
 Weights stay in their GGUF type in VRAM arenas held by a `WeightStore` (store.py: upload from the
 memory-mapped file in bounded chunks, load progress, residency), sized by `planner.plan_load`. A decode-size
-`linear` (T <= 4) is one dequantize-in-registers GEMV; a prefill-size one dequantizes the weight to
-fp16 (in row chunks through one scratch buffer) and runs cuBLAS (fp16 in, fp32 accumulate and out).
+`linear` (T <= GEMV_MAX_T) is one dequantize-in-registers GEMV; a prefill-size one dequantizes the weight
+to fp16 (in row chunks through one scratch buffer) and runs cuBLAS (fp16 in, fp32 accumulate and out).
+Prefill chunks replay CUDA graphs per length bucket (prefill.py), decode steps per row count (graph.py).
 Activations live in a per-step workspace; KV caches are fp16, one cudaMalloc per request.
 """
 
