@@ -4,7 +4,9 @@ chunk computes. Checked here on the reference backend (the NumPy oracle; its att
 kernels, is causal by position, not by index), with the tiny models of the five architectures (gpt-oss
 with its sliding-window ring): the last token's logits of a padded chunk equal the plain chunk's, and
 the tokens after it see the same cache (the pads' keys are overwritten before anything reads them).
-The CUDA graphs themselves are checked against op-by-op prefill in core/tests/backends/test_cuda_prefill.py."""
+The CUDA graphs themselves are checked against op-by-op prefill in core/tests/backends/test_cuda_prefill.py.
+Also: when a chunk can be padded into a cache (`graph_key`), and `Engine.load`'s warm-up (`Device.warm_up`,
+where the CUDA backend captures the graphs) with a scratch cache, which running out of VRAM never fails."""
 
 from __future__ import annotations
 
@@ -139,3 +141,30 @@ def test_the_threshold_tells_a_wrong_layout(engine):
     finally:
         engine.device.free_kv_cache(plain)
         engine.device.free_kv_cache(wrong)
+
+
+def test_the_load_warms_the_device_up_with_a_cache_of_the_engines_layout(tmp_path, monkeypatch):
+    """`Engine.load` hands `Device.warm_up` the model's forward and a scratch cache of the engine's
+    context, frees the cache after, and goes on loading when the warm-up runs out of VRAM (the backend
+    then prepares itself at the first requests)."""
+    from orcd_core.backends.reference import ReferenceDevice
+    from orcd_core.generation import VramOOM
+
+    path = tmp_path / "qwen2.gguf"
+    path.write_bytes(tiny_model("qwen2", seed=4).to_bytes())
+    seen = []
+
+    def warm_up(self, forward, cache):
+        seen.append((cache.n_ctx, self.memory_report()["kv_cache"] > 0))
+        logits = forward(Step(1, self.to_device([1]), self.to_device([0]), self.to_device([0])), cache)
+        assert np.asarray(logits).shape[-1] > 0
+        raise VramOOM("the warm-up's pool does not fit", required=1, available=0)
+
+    monkeypatch.setattr(ReferenceDevice, "warm_up", warm_up)
+    eng = Engine.load(path, backend="reference", registry=default_registry(), max_context=64)
+    try:
+        assert seen == [(64, True)]
+        assert eng.device.memory_report()["kv_cache"] == 0  # the scratch cache is freed
+        assert eng.n_ctx == 64
+    finally:
+        eng.close()

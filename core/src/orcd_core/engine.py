@@ -253,8 +253,9 @@ def _check_kv_fits(path: Path, model, device: Device, n_ctx: int) -> None:
 
 
 def _warm_up(model, device: Device, n_ctx: int) -> None:
-    """`Device.warm_up` with a scratch KV cache of the engine's layout. A cache that does not fit now
-    skips it (the backend then prepares itself at the first requests)."""
+    """`Device.warm_up` with a scratch KV cache of the engine's layout. Memory that does not fit now
+    (the cache, or what the warm-up takes) ends it: the load goes on, and the backend prepares what is
+    left at the first requests, where running out of VRAM fails the request that needs it."""
     from .generation import VramOOM
 
     try:
@@ -263,6 +264,8 @@ def _warm_up(model, device: Device, n_ctx: int) -> None:
         return
     try:
         device.warm_up(model.forward, cache)
+    except VramOOM:
+        pass
     finally:
         device.free_kv_cache(cache)
 

@@ -191,7 +191,7 @@ class CudaDevice(Device):
             self._ws_alloc = self.workspace.alloc
             self.pool.reserve(plan.prefill_pool)
             self.prefill_graphs.reserve_bytes = plan.prefill_graphs  # taken at the first capture
-        except cupy.cuda.memory.OutOfMemoryError as exc:
+        except (cupy.cuda.memory.OutOfMemoryError, VramOOM) as exc:
             self.weights.release()
             self.pool.release()
             raise InsufficientVram(model.path, f"VRAM allocation on GPU {self.gpu} failed: {exc}") from None

@@ -124,7 +124,12 @@ class StepPool:
         """Take `nbytes` from the driver now and keep them cached: later steps carve their arrays out
         of it (the pool splits free blocks), so a prefill within the estimate allocates nothing."""
         if nbytes > 0:
-            mem = self._pool.malloc(int(nbytes))
+            try:
+                mem = self._pool.malloc(int(nbytes))
+            except cupy.cuda.memory.OutOfMemoryError:
+                free, _ = cupy.cuda.runtime.memGetInfo()
+                raise VramOOM(f"a prefill pool of {nbytes} bytes does not fit ({free} bytes free)",
+                              required=int(nbytes), available=int(free)) from None
             del mem  # back to the pool's free list, still held
 
     def release(self) -> None:
