@@ -56,7 +56,13 @@ def proc_stats(pid: int) -> dict[str, float]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
-    names = sorted(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip() for t in os.listdir(f"/proc/{pid}/task"))
+    names = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names.append(Path(f"/proc/{pid}/task/{t}/comm").read_text().strip())
+        except FileNotFoundError:  # the thread exited between the listing and the read
+            pass
+    names.sort()
     return {
         "rss_anon_mib": int(fields["RssAnon"].split()[0]) / 1024,
         "threads": int(fields["Threads"]),
