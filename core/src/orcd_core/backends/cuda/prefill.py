@@ -70,7 +70,6 @@ class PrefillGraphs:
         self.failed: dict[int, str] = {}  # buckets whose forward could not be captured (any layout), and why
         self.off = os.environ.get("ORCD_PREFILL_GRAPHS", "1") == "0"
         self._epoch = dev.prefill_epoch
-        self.captures = 0
         self.replays = 0
 
     @property
@@ -189,7 +188,6 @@ class PrefillGraphs:
         graph.upload(dev.stream) if hasattr(graph, "upload") else None
         g = _Graph(graph=graph, io=io, table=table, logits=logits, table_mem=table_mem)
         self.graphs[key] = g
-        self.captures += 1
         return g
 
     def close(self) -> None:
