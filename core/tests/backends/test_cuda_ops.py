@@ -274,23 +274,31 @@ def test_a_step_longer_than_the_ring_holds_is_refused(dev, rng):
         dev.free_kv_cache(gc)
 
 
-def test_decode_attention_splits_over_a_long_context(dev, ref, rng):
-    Hq, Hkv, hd, n_ctx = 4, 1, 64, 2048
+@pytest.mark.parametrize("Hq, Hkv, hd, sinks", [(4, 1, 64, False), (8, 8, 96, True), (8, 2, 128, True), (6, 3, 8, False)],
+                         ids=["gqa-64", "mha-96-sinks", "gqa-128-sinks", "hd-8"])
+@pytest.mark.parametrize("P", [40, 100, 1500])  # one split (normalized by the split itself), two, 24 (combined)
+def test_decode_attention_splits_over_a_long_context(dev, ref, rng, Hq, Hkv, hd, sinks, P):
+    n_ctx = 2048  # 64-key splits (device.attention's chunk for this context)
+    sk = randn(rng, Hq) if sinks else None
     gc, rc = dev.new_kv_cache(1, n_ctx, Hkv, hd), ref.new_kv_cache(1, n_ctx, Hkv, hd)
+    scale = 1.0 / math.sqrt(hd)
     try:
-        P = 1500  # six 256-key splits
         k, v = randn(rng, P, Hkv, hd), randn(rng, P, Hkv, hd)
         q = randn(rng, P, Hq, hd)
-        ref.attention(q, k, v, rc, 0, _step(ref, range(P), 0), scale=0.125)
+        ref.attention(q, k, v, rc, 0, _step(ref, range(P), 0), scale=scale)
         dev.begin_step()
         dev.attention(dev.to_device(q, "float32"), dev.to_device(k, "float32"), dev.to_device(v, "float32"), gc, 0,
-                      _step(dev, range(P), 0), scale=0.125)
-        q1, k1, v1 = randn(rng, 1, Hq, hd) * 3, randn(rng, 1, Hkv, hd), randn(rng, 1, Hkv, hd)
-        want = ref.attention(q1, k1, v1, rc, 0, _step(ref, [P], P), scale=0.125)
-        poison(dev)
-        got = host(dev, dev.attention(dev.to_device(q1, "float32"), dev.to_device(k1, "float32"),
-                                      dev.to_device(v1, "float32"), gc, 0, _step(dev, [P], P), scale=0.125))
-        assert rel_l2(got, want) <= 1e-3
+                      _step(dev, range(P), 0), scale=scale)
+        dsk = dev.upload_array("sinks", sk) if sinks else None
+        for i in range(2):  # two decode tokens: the counters the first step's combine reset serve the second
+            q1, k1, v1 = randn(rng, 1, Hq, hd) * 3, randn(rng, 1, Hkv, hd), randn(rng, 1, Hkv, hd)
+            want = ref.attention(q1, k1, v1, rc, 0, _step(ref, [P + i], P + i), scale=scale, sinks=sk)
+            poison(dev)
+            got = host(dev, dev.attention(dev.to_device(q1, "float32"), dev.to_device(k1, "float32"),
+                                          dev.to_device(v1, "float32"), gc, 0, _step(dev, [P + i], P + i), scale=scale,
+                                          sinks=dsk))
+            assert np.isfinite(got).all()
+            assert rel_l2(got, want) <= 1e-3, i
     finally:
         dev.free_kv_cache(gc)
 

@@ -166,15 +166,30 @@ extern "C" __global__ void __launch_bounds__(128)
 // a sliding window, else 0); split s covers keys [lo + s*chunk, lo + (s+1)*chunk) of them, and only the
 // first S_eff = ceil((p + 1 - lo) / chunk) splits run (the others exit at once: S is sized for the
 // longest span, the context or the window). A split writes its unnormalized output, max and
-// denominator; the head's last split to finish combines the S_eff partials (and the sink) into out.
-// chunk <= AD_CHUNK; hd a multiple of 8, <= 128.
-// Scores: one thread per key (16-byte K loads). Values: a thread owns a pair of dims (4-byte loads)
-// and one of G = 128 / (hd/2) key groups; its loop is unrolled so several V loads are in flight.
+// denominator; the head's last split to finish combines the S_eff partials (and the sink) into out. A
+// head with one split (S_eff = 1: short contexts) writes out itself, by the combine's arithmetic.
+// chunk <= AD_CHUNK; hd a multiple of 8, <= AP_MAXD.
+// The kernel is a chain of memory round trips (a few KB per head), so each phase issues all its loads
+// before it computes: scores, one thread per key with the key's whole row in flight (16-byte loads);
+// values, a thread per 8 dims (one 16-byte load per key) and one of G = 128 / (hd/8) key groups, its
+// keys taken AD_VU at a time.
 // ================================================================================================
 // AD_CHUNK: a -D option (kernels/constants.py)
+#define AD_VU 8
 
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
                                          int hh, int sh, int S, int n, int hd);
+
+// out = o * e / L with e = exp(m - M), L = sum * e + exp(sink - M), M = max(m, sink) over the head's
+// splits: the combine's expression for one of them (attn_decode_combine_head)
+__device__ __forceinline__ float attn_decode_one_split(float o, float m, float sum, const float* sinks, int sh) {
+    const float sink = sinks ? sinks[sh] : -INFINITY;
+    const float M = fmaxf(sink, m);
+    const float e = m > -INFINITY ? expf(m - M) : 0.0f;
+    const float L = (e > 0.0f ? sum * e : 0.0f) + (sinks ? expf(sink - M) : 0.0f);
+    const float oo = e > 0.0f ? o * e : 0.0f;
+    return L > 0.0f ? oo / L : 0.0f;
+}
 
 extern "C" __global__ void __launch_bounds__(128)
     attn_decode_part(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
@@ -184,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float qsh[AP_MAXD];
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
-    __shared__ float2 accs[128];
+    __shared__ float4 accs[2 * 128];  // each thread's 8 dims of values
     const int b = blockIdx.z;
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
@@ -195,61 +210,83 @@ extern "C" __global__ void __launch_bounds__(128)
     const int S_eff = min(S, (p + 1 - lo + chunk - 1) / chunk);
     if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
     const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
+    __shared__ bool last;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
+    __syncthreads();
+    const int n = ke - kb;
+    const int nv = hd >> 3;         // 16-byte vectors per key row
+    const i64 row = (i64)Hkv * hd;  // elements per cache position
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
+        uint4 w[AP_MAXD / 8];
+#pragma unroll
+        for (int u = 0; u < AP_MAXD / 8; ++u)
+            if (u < nv) w[u] = ld16(kr + 8 * u);
+        float dot = 0.0f;
+#pragma unroll
+        for (int u = 0; u < AP_MAXD / 8; ++u) {
+            if (u < nv) {
+                const float* qd = qsh + 8 * u;
+                dot += qd[0] * h2f_lo(w[u].x) + qd[1] * h2f_hi(w[u].x) + qd[2] * h2f_lo(w[u].y) + qd[3] * h2f_hi(w[u].y) +
+                       qd[4] * h2f_lo(w[u].z) + qd[5] * h2f_hi(w[u].z) + qd[6] * h2f_lo(w[u].w) + qd[7] * h2f_hi(w[u].w);
+            }
+        }
+        sc[j] = dot;
+        mx = fmaxf(mx, dot);
+    }
+    mx = block_max(mx, red);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, red);  // (its barriers also publish sc[])
+    const int G = blockDim.x / nv;  // key groups
+    const int g = threadIdx.x / nv, t = threadIdx.x - g * nv;
+    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    if (g < G) {
+        const half_bits* vb = vc + (i64)kvh * hd + 8 * t;
+        for (int j0 = g; j0 < n; j0 += AD_VU * G) {
+            uint4 w[AD_VU];
+#pragma unroll
+            for (int u = 0; u < AD_VU; ++u)
+                if (j0 + u * G < n) w[u] = ld16(vb + (i64)((kb + j0 + u * G) % n_rows) * row);
+#pragma unroll
+            for (int u = 0; u < AD_VU; ++u) {
+                if (j0 + u * G < n) {
+                    const float pj = sc[j0 + u * G];
+                    const u32 wv[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        a[2 * e] += pj * h2f_lo(wv[e]);
+                        a[2 * e + 1] += pj * h2f_hi(wv[e]);
+                    }
+                }
+            }
+        }
+    }
+    accs[2 * threadIdx.x] = make_float4(a[0], a[1], a[2], a[3]);
+    accs[2 * threadIdx.x + 1] = make_float4(a[4], a[5], a[6], a[7]);
+    __syncthreads();
+    const float* acc = (const float*)accs;  // thread (g, t)'s dim e at acc[(g * nv + t) * 8 + e]
+    if (S_eff == 1) {  // (block-uniform) the head's only split: normalized here, nothing to combine
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float o = 0.0f;
+            for (int gg = 0; gg < G; ++gg) o += acc[gg * nv * 8 + d];
+            out[(i64)hh * hd + d] = attn_decode_one_split(o, mx, sum, sinks, h);
+        }
+        return;
+    }
     float* po = part_o + ((i64)hh * S + s) * hd;
     float* pml = part_ml + ((i64)hh * S + s) * 2;
-    __shared__ bool last;
-    {
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
-        __syncthreads();
-        const int n = ke - kb;
-        const i64 row = (i64)Hkv * hd;  // elements per cache position
-        float mx = -INFINITY;
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
-            const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
-            float dot = 0.0f;
-            for (int d = 0; d < hd; d += 8) {
-                const uint4 w = ld16(kr + d);
-                dot += qsh[d] * h2f_lo(w.x) + qsh[d + 1] * h2f_hi(w.x) + qsh[d + 2] * h2f_lo(w.y) + qsh[d + 3] * h2f_hi(w.y) +
-                       qsh[d + 4] * h2f_lo(w.z) + qsh[d + 5] * h2f_hi(w.z) + qsh[d + 6] * h2f_lo(w.w) + qsh[d + 7] * h2f_hi(w.w);
-            }
-            sc[j] = dot;
-            mx = fmaxf(mx, dot);
-        }
-        mx = block_max(mx, red);
-        float sum = 0.0f;
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
-            const float e = expf(sc[j] - mx);
-            sc[j] = e;
-            sum += e;
-        }
-        sum = block_sum(sum, red);  // (its barriers also publish sc[])
-        const int P = hd >> 1;          // threads per key group: one pair of dims each
-        const int G = blockDim.x / P;   // key groups
-        const int g = threadIdx.x / P, t = threadIdx.x - g * P;
-        float2 a = make_float2(0.0f, 0.0f);
-        if (g < G) {
-            const half_bits* vb = vc + (i64)kvh * hd + 2 * t;
-    #pragma unroll 4
-            for (int j = g; j < n; j += G) {
-                const u32 w = ld4(vb + (i64)((kb + j) % n_rows) * row);
-                const float pj = sc[j];
-                a.x += pj * h2f_lo(w);
-                a.y += pj * h2f_hi(w);
-            }
-        }
-        accs[threadIdx.x] = a;
-        __syncthreads();
-        if (threadIdx.x < P) {
-            float2 o = make_float2(0.0f, 0.0f);
-            for (int gg = 0; gg < G; ++gg) {
-                o.x += accs[gg * P + threadIdx.x].x;
-                o.y += accs[gg * P + threadIdx.x].y;
-            }
-            po[2 * threadIdx.x] = o.x;
-            po[2 * threadIdx.x + 1] = o.y;
-        }
-        if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int gg = 0; gg < G; ++gg) o += acc[gg * nv * 8 + d];
+        po[d] = o;
     }
+    if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
     // The last split of this head to finish combines all S (no second launch); it resets the
     // head's counter to 0, so a replayed graph finds it zeroed.
     __threadfence();
