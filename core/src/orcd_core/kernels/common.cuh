@@ -56,6 +56,22 @@ __device__ __forceinline__ uint4 ld16(const void* p) { return __ldg((const uint4
 __device__ __forceinline__ u32 ld4(const void* p) { return __ldg((const u32*)p); }
 // A request of the 128-byte line holding p into L2 (no register written, nothing waits for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// 16 bytes global -> shared (both 16-byte aligned) with no register holding them: cp.async on sm_80
+// and later (complete for the calling thread after cp_async_wait_all), a load and a store before.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    unsigned s;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *(float4*)smem = *(const float4*)gmem;
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
 __device__ __forceinline__ half_bits ld2(const void* p) { return __ldg((const unsigned short*)p); }
 
 // 16 bytes from an address that is only 2-byte aligned (blocks of 18, 22, 34 or 210 bytes):

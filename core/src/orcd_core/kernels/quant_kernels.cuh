@@ -45,14 +45,38 @@ __device__ __forceinline__ int xs_f4(int e) {  // element e (a multiple of 4) of
     const int r = e >> 5;
     return (r << 3) | (((e >> 2) & 7) ^ (r & 7));
 }
+// Staging without a memory round trip per element: a plain strided loop whose load feeds the
+// shared-memory store of the same iteration waits for each load in turn (staging K = 4864 floats took
+// ~10 such trips per GEMV block). Copies global -> shared go through cp_async16 (no register holds
+// them, so the GEMVs keep their register count and occupancy); the loads a thread must compute on are
+// batched by block_loop_batched.
+
+// The block's threads walk i = 0 .. n - 1 (thread t takes t, t + blockDim, ... in ascending order),
+// STAGE_UNROLL indices at a time: their loads `load(i)` all issued before the first `use(i, v)`.
+#define STAGE_UNROLL 2
+template <class Load, class Use>
+__device__ __forceinline__ void block_loop_batched(int n, Load load, Use use) {
+    for (int i0 = threadIdx.x; i0 < n; i0 += STAGE_UNROLL * blockDim.x) {
+        decltype(load(0)) v[STAGE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < STAGE_UNROLL; ++u)
+            if (i0 + u * (int)blockDim.x < n) v[u] = load(i0 + u * (int)blockDim.x);
+#pragma unroll
+        for (int u = 0; u < STAGE_UNROLL; ++u)
+            if (i0 + u * (int)blockDim.x < n) use(i0 + u * (int)blockDim.x, v[u]);
+    }
+}
+
 // Stage elements [k0, k0 + kc) of nv vectors (vector v at x + v * stride) into xs[v * kc / 4 + ...].
-// Every thread of the block takes part; the caller synchronizes around it.
+// Every thread of the block takes part; the caller synchronizes after it (each thread's copies are
+// complete when it returns; the barrier makes them visible to the block).
 __device__ __forceinline__ void stage_x(const float* __restrict__ x, i64 stride, int nv, int k0, int kc, float4* xs) {
     const int n4 = kc >> 2;
     for (int i = threadIdx.x; i < nv * n4; i += blockDim.x) {
         const int v = i / n4, e4 = i - v * n4;
-        xs[v * n4 + xs_f4(4 * e4)] = *(const float4*)(x + v * stride + k0 + 4 * e4);
+        cp_async16(xs + v * n4 + xs_f4(4 * e4), x + v * stride + k0 + 4 * e4);
     }
+    cp_async_wait_all();
 }
 // The one-token GEMV's input modes: the element-wise or row-wise op that produced x, done while x is
 // staged, so that it needs no launch of its own (backends/cuda/fusion.py decides).
@@ -68,23 +92,28 @@ static_assert(GEMV_X_PLAIN != GEMV_X_RMS && GEMV_X_PLAIN != GEMV_X_SILU && GEMV_
 __device__ __forceinline__ void stage_x1(const float* __restrict__ x, const float* __restrict__ aux, float eps,
                                          int mode, int k0, int kc, int K, float4* xs, float* red) {
     const int n4 = kc >> 2;
-    if (mode == GEMV_X_SILU) {
-        for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-            const float4 g = *(const float4*)(x + k0 + 4 * i), u = *(const float4*)(aux + k0 + 4 * i);
-            xs[xs_f4(4 * i)] = make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
-                                           g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w);
-        }
+    if (mode == GEMV_X_SILU) {  // the gate copied, then each thread combines its slots with the up half
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) cp_async16(xs + xs_f4(4 * i), x + k0 + 4 * i);
+        cp_async_wait_all();
+        block_loop_batched(
+            n4, [&](int i) { return *(const float4*)(aux + k0 + 4 * i); },
+            [&](int i, float4 u) {
+                const float4 g = xs[xs_f4(4 * i)];
+                xs[xs_f4(4 * i)] = make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
+                                               g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w);
+            });
         return;
     }
-    float ss = 0.0f;  // GEMV_X_RMS: kc == K (the launcher checks), raw x first, then scaled in place
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = *(const float4*)(x + 4 * i);
-        ss += sumsq4(v);
-        xs[xs_f4(4 * i)] = v;
-    }
+    // GEMV_X_RMS: kc == K (the launcher checks), raw x copied first, then scaled in place. Each thread
+    // adds the squares of the slots it copied in ascending order, as rms_norm_rows does.
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) cp_async16(xs + xs_f4(4 * i), x + 4 * i);
+    cp_async_wait_all();
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) ss += sumsq4(xs[xs_f4(4 * i)]);
     const float r = rms_scale(block_sum(ss, red), K, eps);
-    for (int i = threadIdx.x; i < n4; i += blockDim.x)  // each thread rescales the slots it wrote
-        xs[xs_f4(4 * i)] = rms_apply4(xs[xs_f4(4 * i)], r, *(const float4*)(aux + 4 * i));
+    block_loop_batched(  // each thread rescales the slots it copied
+        n4, [&](int i) { return *(const float4*)(aux + 4 * i); },
+        [&](int i, float4 w) { xs[xs_f4(4 * i)] = rms_apply4(xs[xs_f4(4 * i)], r, w); });
 }
 
 // The dots of one item with the staged x of T <= MAXT tokens: s[t] for token t's chunk at xv + t * xst
