@@ -50,6 +50,19 @@ __device__ __forceinline__ float small_u2f(u32 q, float magic_plus_off) {
     return __int_as_float(0x4B000000u | q) - magic_plus_off;
 }
 
+// Byte U of w as a float in one PRMT, for decoding four weights of a word at a time: below,
+// q_f7 gives 2 + q / 64 for a byte q < 128 (q in the top 7 mantissa bits of 2.0) and q_f8 gives
+// 2 + q / 2^14 for any byte (q in mantissa bits 8-15). An FFMA then maps the float to s * (q - o)
+// for a scale s with few significant bits: FFMA(q_f7, 64 s, -(128 + o) s) is that product exactly
+// (64 s and (128 + o) s are exact, and the FFMA rounds once), so where s * (q - o) is exact in fp32 the
+// value is bit for bit the one a multiply of s by the integer q - o gives (up to the sign of a zero).
+template <int U>
+__device__ __forceinline__ float q_f7(u32 w) { return __uint_as_float(__byte_perm(w, 0x40000000u, 0x7054 | (U << 8))); }
+template <int U>
+__device__ __forceinline__ float q_f8(u32 w) { return __uint_as_float(__byte_perm(w, 0x40000000u, 0x7504 | (U << 4))); }
+// Bits 0..3 of b, each moved to bit 8i + 4 (bit 4 of byte i): the fifth bits of four 4-bit values.
+__device__ __forceinline__ u32 bits4_to_bytes_bit4(u32 b) { return ((b & 0xFu) * 0x00204081u & 0x01010101u) << 4; }
+
 // ---- loads ---------------------------------------------------------------------------------------
 // 16 bytes from a 16-byte aligned address, read-only path.
 __device__ __forceinline__ uint4 ld16(const void* p) { return __ldg((const uint4*)p); }

@@ -41,6 +41,8 @@ struct FmtQ4_1 {
 };
 
 // ---- Q5_0: d | qh (u32, bit j = fifth bit of weight j) | qs[16]; 22 bytes; w = d * (q - 16) -----------
+// Four weights of a word at a time: their nibbles and fifth bits merged into four bytes, then each byte
+// to d * (q - 16) by q_f7 and one FFMA (exact: common.cuh).
 struct FmtQ5_0 {
     static constexpr int QK = 32, TS = 22, IPB = 1;
     __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
@@ -48,11 +50,15 @@ struct FmtQ5_0 {
         ld16_a2(blk + 6, q);
         const float d = h2f(ld2(blk));
         const u32 qh = (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16);
+        const float s = 64.0f * d, o = -144.0f * d;  // (128 + 16) d
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 b = byte_of(q, k);
-            v[k] = d * small_u2f((b & 0xF) | (((qh >> k) & 1) << 4), ORCD_MAGIC + 16.0f);
-            v[16 + k] = d * small_u2f((b >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC + 16.0f);
+        for (int c = 0; c < 4; ++c) {
+            const u32 lo = (q[c] & 0x0F0F0F0Fu) | bits4_to_bytes_bit4(qh >> (4 * c));         // weights 4c ..
+            const u32 hi = ((q[c] >> 4) & 0x0F0F0F0Fu) | bits4_to_bytes_bit4(qh >> (16 + 4 * c));  // 16 + 4c ..
+            v[4 * c + 0] = fmaf(q_f7<0>(lo), s, o); v[4 * c + 1] = fmaf(q_f7<1>(lo), s, o);
+            v[4 * c + 2] = fmaf(q_f7<2>(lo), s, o); v[4 * c + 3] = fmaf(q_f7<3>(lo), s, o);
+            v[16 + 4 * c + 0] = fmaf(q_f7<0>(hi), s, o); v[16 + 4 * c + 1] = fmaf(q_f7<1>(hi), s, o);
+            v[16 + 4 * c + 2] = fmaf(q_f7<2>(hi), s, o); v[16 + 4 * c + 3] = fmaf(q_f7<3>(hi), s, o);
         }
         x0 = 0; x1 = 16;
     }
@@ -77,6 +83,7 @@ struct FmtQ5_1 {
 };
 
 // ---- Q8_0: d | qs[32] (int8); 34 bytes; w = d * q ---------------------------------------------------------
+// Four weights of a word at a time: q + 128 = byte ^ 0x80, then d * q by q_f8 and one FFMA (exact).
 struct FmtQ8_0 {
     static constexpr int QK = 32, TS = 34, IPB = 1;
     __device__ static __forceinline__ void item(const u8* blk, int, float v[32], int& x0, int& x1) {
@@ -84,10 +91,14 @@ struct FmtQ8_0 {
         ld16_a2(blk + 2, a);
         ld16_a2(blk + 18, b);
         const float d = h2f(ld2(blk));
+        const float s = 16384.0f * d, o = -32896.0f * d;  // 2^14 d, (2^15 + 128) d
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            v[k] = d * small_u2f(byte_of(a, k) ^ 0x80u, ORCD_MAGIC + 128.0f);  // int8 = (byte ^ 0x80) - 128
-            v[16 + k] = d * small_u2f(byte_of(b, k) ^ 0x80u, ORCD_MAGIC + 128.0f);
+        for (int c = 0; c < 4; ++c) {
+            const u32 wa = a[c] ^ 0x80808080u, wb = b[c] ^ 0x80808080u;
+            v[4 * c + 0] = fmaf(q_f8<0>(wa), s, o); v[4 * c + 1] = fmaf(q_f8<1>(wa), s, o);
+            v[4 * c + 2] = fmaf(q_f8<2>(wa), s, o); v[4 * c + 3] = fmaf(q_f8<3>(wa), s, o);
+            v[16 + 4 * c + 0] = fmaf(q_f8<0>(wb), s, o); v[16 + 4 * c + 1] = fmaf(q_f8<1>(wb), s, o);
+            v[16 + 4 * c + 2] = fmaf(q_f8<2>(wb), s, o); v[16 + 4 * c + 3] = fmaf(q_f8<3>(wb), s, o);
         }
         x0 = 0; x1 = 16;
     }

@@ -11,7 +11,8 @@
 // of byte j-4 (scale) or byte j (min) above it.
 __device__ __forceinline__ void scale_min_k4(const u32 s[3], int j, float& sc, float& mn) {
     const int b = j < 4 ? j : j + 4;  // byte holding the low bits
-    const u32 lo = (s[b >> 2] >> (8 * (b & 3))) & 0xFF;
+    const u32 sw = b < 4 ? s[0] : b < 8 ? s[1] : s[2];  // (selected, not indexed: no local-memory copy of s)
+    const u32 lo = (sw >> (8 * (b & 3))) & 0xFF;
     if (j < 4) {
         const u32 mb = (s[1] >> (8 * j)) & 0xFF;  // byte j + 4
         sc = (float)(lo & 63);
@@ -40,11 +41,15 @@ struct FmtQ4_K {
         scale_min_k4(s, 2 * j, sc1, m1);
         scale_min_k4(s, 2 * j + 1, sc2, m2);
         const float d1 = d * sc1, mm1 = dmin * m1, d2 = d * sc2, mm2 = dmin * m2;
+        // d1 * q exactly by q_f7 and one FFMA (common.cuh), four weights of a word at a time; then - mm1
+        const float s1 = 64.0f * d1, o1 = -128.0f * d1, s2 = 64.0f * d2, o2 = -128.0f * d2;
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 b = byte_of(q, k);
-            v[k] = d1 * small_u2f(b & 0xF, ORCD_MAGIC) - mm1;
-            v[16 + k] = d2 * small_u2f(b >> 4, ORCD_MAGIC) - mm2;
+        for (int c = 0; c < 4; ++c) {
+            const u32 lo = q[c] & 0x0F0F0F0Fu, hi = (q[c] >> 4) & 0x0F0F0F0Fu;
+            v[4 * c + 0] = fmaf(q_f7<0>(lo), s1, o1) - mm1; v[4 * c + 1] = fmaf(q_f7<1>(lo), s1, o1) - mm1;
+            v[4 * c + 2] = fmaf(q_f7<2>(lo), s1, o1) - mm1; v[4 * c + 3] = fmaf(q_f7<3>(lo), s1, o1) - mm1;
+            v[16 + 4 * c + 0] = fmaf(q_f7<0>(hi), s2, o2) - mm2; v[16 + 4 * c + 1] = fmaf(q_f7<1>(hi), s2, o2) - mm2;
+            v[16 + 4 * c + 2] = fmaf(q_f7<2>(hi), s2, o2) - mm2; v[16 + 4 * c + 3] = fmaf(q_f7<3>(hi), s2, o2) - mm2;
         }
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
@@ -68,11 +73,15 @@ struct FmtQ5_K {
         scale_min_k4(s, 2 * j, sc1, m1);
         scale_min_k4(s, 2 * j + 1, sc2, m2);
         const float d1 = d * sc1, mm1 = dmin * m1, d2 = d * sc2, mm2 = dmin * m2;
+        const float s1 = 64.0f * d1, o1 = -128.0f * d1, s2 = 64.0f * d2, o2 = -128.0f * d2;  // as Q4_K
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 b = byte_of(q, k), e = byte_of(hb, k);
-            v[k] = d1 * small_u2f((b & 0xF) | (((e >> (2 * j)) & 1) << 4), ORCD_MAGIC) - mm1;
-            v[16 + k] = d2 * small_u2f((b >> 4) | (((e >> (2 * j + 1)) & 1) << 4), ORCD_MAGIC) - mm2;
+        for (int c = 0; c < 4; ++c) {
+            const u32 lo = (q[c] & 0x0F0F0F0Fu) | (((hb[c] >> (2 * j)) & 0x01010101u) << 4);
+            const u32 hi = ((q[c] >> 4) & 0x0F0F0F0Fu) | (((hb[c] >> (2 * j + 1)) & 0x01010101u) << 4);
+            v[4 * c + 0] = fmaf(q_f7<0>(lo), s1, o1) - mm1; v[4 * c + 1] = fmaf(q_f7<1>(lo), s1, o1) - mm1;
+            v[4 * c + 2] = fmaf(q_f7<2>(lo), s1, o1) - mm1; v[4 * c + 3] = fmaf(q_f7<3>(lo), s1, o1) - mm1;
+            v[16 + 4 * c + 0] = fmaf(q_f7<0>(hi), s2, o2) - mm2; v[16 + 4 * c + 1] = fmaf(q_f7<1>(hi), s2, o2) - mm2;
+            v[16 + 4 * c + 2] = fmaf(q_f7<2>(hi), s2, o2) - mm2; v[16 + 4 * c + 3] = fmaf(q_f7<3>(hi), s2, o2) - mm2;
         }
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
@@ -97,11 +106,16 @@ struct FmtQ6_K {
         const float d0 = d * (float)sc[8 * n + lh + 2 * part];
         const float d1 = d * (float)sc[8 * n + lh + 4 + 2 * part];
         const int sh0 = 2 * part, sh1 = 4 + 2 * part;
+        // d0 * (q - 32) by q_f7 and one FFMA (one rounding, as the product of d0 and the integer q - 32)
+        const float s0 = 64.0f * d0, o0 = -160.0f * d0, s1 = 64.0f * d1, o1 = -160.0f * d1;  // (128 + 32) d
 #pragma unroll
-        for (int k = 0; k < 16; ++k) {
-            const u32 b = byte_of(ql, k), e = byte_of(qh, k);
-            v[k] = d0 * small_u2f((b & 0xF) | (((e >> sh0) & 3) << 4), ORCD_MAGIC + 32.0f);
-            v[16 + k] = d1 * small_u2f((b >> 4) | (((e >> sh1) & 3) << 4), ORCD_MAGIC + 32.0f);
+        for (int c = 0; c < 4; ++c) {
+            const u32 lo = (ql[c] & 0x0F0F0F0Fu) | (((qh[c] >> sh0) & 0x03030303u) << 4);
+            const u32 hi = ((ql[c] >> 4) & 0x0F0F0F0Fu) | (((qh[c] >> sh1) & 0x03030303u) << 4);
+            v[4 * c + 0] = fmaf(q_f7<0>(lo), s0, o0); v[4 * c + 1] = fmaf(q_f7<1>(lo), s0, o0);
+            v[4 * c + 2] = fmaf(q_f7<2>(lo), s0, o0); v[4 * c + 3] = fmaf(q_f7<3>(lo), s0, o0);
+            v[16 + 4 * c + 0] = fmaf(q_f7<0>(hi), s1, o1); v[16 + 4 * c + 1] = fmaf(q_f7<1>(hi), s1, o1);
+            v[16 + 4 * c + 2] = fmaf(q_f7<2>(hi), s1, o1); v[16 + 4 * c + 3] = fmaf(q_f7<3>(hi), s1, o1);
         }
         x0 = 128 * n + 32 * part + 16 * lh;
         x1 = x0 + 64;
