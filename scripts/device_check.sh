@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: checks and timings of the CUDA backend, logs under $OUT, a table last.
-#   source .device/setup.sh && scripts/device_check.sh [ops] [model] [gpu-all] [bench] [llama]
+#   source .device/setup.sh && scripts/device_check.sh [ops] [gemv] [model] [gpu-all] [bench] [ab] [sweep] [llama]
+# ops: test_cuda_ops; gemv: the decode GEMVs' and batching's GPU tests (ops -k gemv/linear/fused, batching,
+# prefill, the plugins'); ab: `bench` of each full-size model with ORCD_DECODE_GEMV=tc and =ffma (one row
+# pp512/tg128, and 8 rows tg128; AB_KINDS="tc" runs one); sweep: profile_step.py --sweep on qwen2 (each
+# decode GEMV cold); llama-build: scripts/bench_vs_llama.py's llama.cpp build into /tmp/bench in the
+# background, waited for at the end (a next call on the still-warm machine runs bench_vs_llama.py
+# --work /tmp/bench without building).
 # Needs (carried, git-ignored): .device/ (wheelhouse), .models/cache/ (vocab GGUFs for the synthetic
 # models), and for `llama` .vendor/llama.cpp.tgz (a trimmed llama.cpp source tree).
 set -u -o pipefail
@@ -24,6 +30,13 @@ if [[ $stages == *" llama "* ]]; then  # build llama-bench in the background whi
   lbuild=$!
 fi
 
+if [[ $stages == *" llama-build "* ]]; then
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench_vs_llama as b; from pathlib import Path
+p, exe = b.start_llama_build('.vendor/llama.cpp.tgz', Path('/tmp/bench')); sys.exit(p.wait() if p else 0)" \
+    > "$OUT/llama-build.log" 2>&1 &
+  lbuild2=$!
+fi
+
 synth() {  # arch size layers -> path
   python3 - "$@" <<'PY'
 import os, sys, time
@@ -45,6 +58,13 @@ if [[ $stages == *" ops "* ]]; then
   ORCD_CUDA_CHECK=1 python3 -m pytest -q -p no:cacheprovider core/tests/backends/test_cuda_ops.py 2>&1 | tee "$OUT/ops.log" | tail -30
   note "ops: $(tail -1 "$OUT/ops.log")"
 fi
+if [[ $stages == *" gemv "* ]]; then
+  timeout ${GEMV_TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 120 \
+    core/tests/backends/test_cuda_ops.py -k "gemv or linear or fused" core/tests/backends/test_cuda_batching.py \
+    core/tests/backends/test_cuda_prefill.py plugins/quant_mxfp4/tests plugins/quant_q4k/tests plugins/quant_legacy/tests \
+    2>&1 | tee "$OUT/gemv.log" | tail -40
+  note "gemv tests: $(tail -1 "$OUT/gemv.log")"
+fi
 if [[ $stages == *" model "* ]]; then
   python3 -m pytest -q -p no:cacheprovider plugins/llama_adapter/tests/test_llama_family_cuda.py 2>&1 | tee "$OUT/model.log" | tail -30
   note "model: $(tail -1 "$OUT/model.log")"
@@ -56,8 +76,24 @@ if [[ $stages == *" gpu-all "* ]]; then
   timeout ${GPU_TESTS_TIMEOUT:-300} python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-all.log" | tail -30
   note "pytest -m gpu: $(tail -1 "$OUT/gpu-all.log")"
 fi
-if [[ $stages == *" bench "* || $stages == *" llama "* ]]; then
+if [[ $stages == *" bench "* || $stages == *" llama "* || $stages == *" ab "* || $stages == *" sweep "* ]]; then
   qwen=$(synth qwen2 full all); phi=$(synth phi3 full all)
+fi
+if [[ $stages == *" sweep "* ]]; then
+  timeout 240 python3 scripts/profile_step.py "$qwen" --sweep 2>&1 | tee "$OUT/sweep.log" | tail -45
+fi
+if [[ $stages == *" ab "* ]]; then
+  oss=$(synth gpt-oss full all)
+  for m in "$qwen" "$phi" "$oss"; do
+    for kind in ${AB_KINDS:-tc ffma}; do
+      for b in 1 8; do
+        args=(-p 512 -n 128); [[ $b == 8 ]] && args=(-p 0 -n 128 -b 8)
+        r=$(ORCD_DECODE_GEMV=$kind timeout 180 orcd-worker bench "$m" --backend cuda "${args[@]}" -r 3 --json 2>>"$OUT/ab.err" | tail -1)
+        echo "{\"model\": \"$(basename "$m")\", \"kind\": \"$kind\", \"b\": $b, \"res\": ${r:-null}}" >> "$OUT/ab.jsonl"
+        note "ab $(basename "$m") $kind x$b: $(echo "$r" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(" ".join(k + " " + str(v["tok_s"]) for k, v in d.items() if isinstance(v, dict) and "tok_s" in v))' 2>/dev/null || echo FAILED)"
+      done
+    done
+  done
 fi
 if [[ $stages == *" bench "* ]]; then
   for m in "$qwen" "$phi"; do
@@ -75,5 +111,8 @@ if [[ $stages == *" llama "* ]]; then
   else
     note "llama-bench build failed: $(tail -3 "$OUT/llama-build.log")"
   fi
+fi
+if [[ $stages == *" llama-build "* ]]; then
+  wait $lbuild2 && note "llama.cpp built: $(ls /tmp/bench/llama.cpp/build/bin/)" || note "llama.cpp build failed: $(tail -3 /tmp/bench/llama-build.log)"
 fi
 echo; echo "GPU: $gpu"; printf '%s\n' "${summary[@]}"

@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one prefill step and one decode step on the CUDA backend.
 
-    python3 scripts/profile_step.py MODEL [-p 512] [--ctx 640] [--batch 8]
+    python3 scripts/profile_step.py MODEL [-p 512] [--ctx 640] [--batch 8] [--max-batch M]
 
 Every launch (and cuBLAS GEMM) of one step is recorded, then each is captured 20 times into a CUDA
 graph whose replay is timed between two CUDA events: its device time without launch gaps (weights that fit in L2 stay there, so
@@ -26,8 +26,10 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=640)
     ap.add_argument("--pyprof", action="store_true", help="cProfile of 10 eager decode steps")
-    ap.add_argument("--sweep", action="store_true", help="time every decode GEMV at 1, 2 and 4 rows per warp")
+    ap.add_argument("--sweep", action="store_true", help="time every decode GEMV (one row and the batched step's) cold at each split it can take")
     ap.add_argument("--batch", type=int, default=8, help="also profile a batched decode step of this many rows (8)")
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="the engine's capacity, as `serve --max-batch` (default: --batch); it picks the decode GEMV")
     args = ap.parse_args()
 
     from orcd_core.backends.cuda import kernels as K
@@ -37,15 +39,16 @@ def main() -> None:
     from orcd_core.device import DecodeRow
     from orcd_core.generation import SamplingParams
 
-    eng = Engine.load(args.model, backend="cuda", max_context=args.ctx)
+    eng = Engine.load(args.model, backend="cuda", max_context=args.ctx, max_batch=args.max_batch or max(1, args.batch))
+    print(f"decode GEMV: {eng.device.decode_gemv} (engine max batch {eng.max_batch})")
     dev, model = eng.device, eng.model
     names: dict[int, str] = {}
     orig_fn = K.KernelSet.fn
 
     owners: dict[int, object] = {}
 
-    def fn(self, name):
-        f = orig_fn(self, name)
+    def fn(self, name, *a, **k):
+        f = orig_fn(self, name, *a, **k)
         names[id(f)] = name
         owners[id(f)] = self
         return f
@@ -65,7 +68,7 @@ def main() -> None:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
             recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem)))
             if names.get(id(f), "").startswith("gemv_"):
-                gemvs.setdefault((names[id(f)], int(args[6]), int(args[7])), (f, block, args, shared_mem))
+                gemvs.setdefault((names[id(f)], int(args[6]), int(args[7]), int(args[8])), (f, block, args, shared_mem))
 
     for mod in (K, D):
         mod.launch = timed_launch
@@ -212,27 +215,39 @@ def main() -> None:
             dev.free_kv_cache(c)
     if not args.sweep:
         return
-    # rows-per-warp sweep of every distinct decode GEMV (graph of 20 launches, timed)
-    variants = []
-    for (name, N, Kd), (f, block, args, smem) in sorted(gemvs.items()):
-        variants.append((name, N, Kd, f, block, args, smem))
-    for name, N, Kd, f, block, args, smem in variants:
-        row = []
-        for R in (1, 2, 4):
+    # every distinct decode GEMV of the step at each split it can take, timed cold: a graph of 20 x (write
+    # 256 MB, launch) minus one of 20 x (write 256 MB), so the weights come from DRAM as in a whole step
+    # (replayed alone, a weight that fits in L2 stays there). FMA kernels: R rows per warp 1, 2, 4;
+    # tensor-core kernels: K split KS 1, 2, 4, 8 (the launcher's pick marked *).
+    flush = cupy.empty((256 << 20) // 4, dtype=np.float32)
+
+    def graph_us(body) -> float:
+        dev.stream.begin_capture()
+        for _ in range(20):
+            body()
+        graph = dev.stream.end_capture()
+        graph.launch(dev.stream)
+        e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
+        e0.record(dev.stream)
+        graph.launch(dev.stream)
+        e1.record(dev.stream)
+        e1.synchronize()
+        return cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / 20
+
+    flush_us = graph_us(lambda: flush.fill(0))
+    print(f"\ndecode GEMVs cold (L2 flushed before each launch, {flush_us:.1f} us of flush subtracted): us (GB/s of weights)")
+    for (name, N, Kd, _), (f, block, args, smem) in sorted(gemvs.items()):
+        nbytes = N * int(args[1])
+        tc = name.startswith("gemv_tc_")
+        cells = []
+        for R in ((1, 2, 4, 8) if tc else (1, 2, 4)):
             a2 = args[:9] + (np.int32(R),) + args[10:]  # (W, rb, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode)
-            grid = ((N + 4 * R - 1) // (4 * R),)
-            dev.stream.begin_capture()
-            for _ in range(20):
-                orig_launch(f, grid, block, a2, smem)
-            graph = dev.stream.end_capture()
-            graph.launch(dev.stream)
-            e0, e1 = cupy.cuda.Event(), cupy.cuda.Event()
-            e0.record(dev.stream)
-            graph.launch(dev.stream)
-            e1.record(dev.stream)
-            e1.synchronize()
-            row.append(f"R={R}: {cupy.cuda.get_elapsed_time(e0, e1) * 1e3 / 20:6.1f} us")
-        print(f"  sweep {name} N={N} K={Kd}: " + "  ".join(row))
+            per = 16 * (block[0] // 32 // R) if tc else block[0] // 32 * R
+            grid = ((N + per - 1) // per,)
+            us = graph_us(lambda: (flush.fill(0), orig_launch(f, grid, block, a2, smem))) - flush_us
+            mark = "*" if R == int(args[9]) else " "
+            cells.append(f"{'KS' if tc else 'R'}={R}{mark} {us:6.1f} ({nbytes / us / 1e3:5.0f})")
+        print(f"  {name} N={N} K={Kd} T={int(args[8])} mode={int(args[14])}: " + "  ".join(cells))
     dev.free_kv_cache(cache)
     eng.close()
 

@@ -3,9 +3,12 @@ the installed plugins register, on odd and aligned shapes. The per-step workspac
 output lives) is filled with NaN bytes before each op, so an element a kernel fails to write fails
 the comparison.
 
-Thresholds: GEMV (fp32 accumulation over dequantized weights) relative L2 <= 1e-3 and elementwise
-within 1e-3 of the largest output; anything through fp16 (the prefill GEMM operands, the KV cache)
-<= 1e-2; norms, RoPE, element-wise ops 1e-5..1e-4; the row gather and argmax/sampling exactly.
+Thresholds: decode GEMV relative L2 <= 1e-3 and elementwise within 1e-3 of the largest output, for both
+kernels: FMA per weight (fp32 throughout) and tensor cores (tf32 operands: weights and x rounded to 11
+significant bits, relative error <= 2^-11 each, ~4e-4 RMS per product on random data; fp32 sums);
+anything through fp16 (the prefill GEMM operands, the KV cache) <= 1e-2; norms, RoPE, element-wise ops
+1e-5..1e-4; the row gather and argmax/sampling exactly. Each decode GEMV gives a row the same bits
+whether it is launched alone or with up to GEMV_MAX_T rows (what batched decoding relies on).
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ cupy = require_cuda_gpu()
 
 REG = default_registry()
 FORMATS = sorted((f for f in REG.quant_formats.values() if f.cuda_source is not None), key=lambda f: f.name)
+
+
+@pytest.fixture(params=["tc", "ffma"])
+def gemv_kind(request, dev):
+    """The decode GEMV kernel a test runs (CudaDevice.decode_gemv): tensor cores (sm_80 on) or FMA."""
+    if request.param == "tc" and int(dev.sm) < 80:
+        pytest.skip("tensor-core GEMV needs compute capability 8.0")
+    before = dev.decode_gemv
+    dev.decode_gemv = request.param
+    yield request.param
+    dev.decode_gemv = before
 
 
 @pytest.fixture
@@ -76,8 +90,8 @@ def shapes_for(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 @pytest.mark.parametrize("shape_i", [0, 1, 2], ids=["odd", "aligned", "long-rows"])
-@pytest.mark.parametrize("T", [1, 3])
-def test_gemv_matches_dequantized_matmul(dev, rng, fmt, shape_i, T):
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_gemv_matches_dequantized_matmul(dev, rng, fmt, shape_i, T, gemv_kind):
     N, K = shapes_for(fmt)[shape_i]
     t = tensor("w", fmt, (N, K), rng)
     w = dev.upload_weight("w", [t], fmt)
@@ -89,6 +103,37 @@ def test_gemv_matches_dequantized_matmul(dev, rng, fmt, shape_i, T):
     assert y.shape == (T, N) and np.isfinite(y).all()
     assert rel_l2(y, ref) <= 1e-3
     assert np.max(np.abs(y - ref)) <= 1e-3 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("mode", ["plain", "rms", "silu"])
+def test_gemv_rows_do_not_depend_on_the_batch(dev, ref, rng, fmt, mode, gemv_kind):
+    """8 rows in one launch give each row the bits it gets launched alone (plain x, a norm, a silu_mul),
+    with the residual epilogue, on a shape with a partial last tile of rows (37) and, for 32-element
+    blocks, a short last slab of K (161 items). K is long enough that both kernels stage 8 rows in
+    chunks and do not fuse their norm (rms_norm_rows, then the GEMV) while one row's is fused: the
+    same values."""
+    qk = max(fmt.block_size, 32)
+    N, K = 37, 161 * 32 if qk == 32 else 21 * qk
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    x, nw, res = randn(rng, 8, 2 * K) * 2, randn(rng, K), randn(rng, 8, N)
+    NW = dev.to_device(nw, "float32")
+
+    def run(rows):
+        X, RES = dev.to_device(x[rows], "float32"), dev.to_device(res[rows], "float32")
+        poison(dev)
+        h = (X[:, :K] if mode == "plain" else dev.rms_norm(X[:, :K], NW, 1e-6) if mode == "rms"
+             else dev.silu_mul(X[:, :K], X[:, K:]))
+        return np.asarray(dev.to_host(dev.add(RES, dev.linear(h, w))))
+
+    together = run(slice(0, 8))
+    assert np.isfinite(together).all()
+    for i in range(8):
+        np.testing.assert_array_equal(run(slice(i, i + 1))[0], together[i], err_msg=f"row {i}")
+    want = res + (x[:, :K] if mode == "plain" else ref.rms_norm(x[:, :K], nw, 1e-6) if mode == "rms"
+                  else ref.silu_mul(x[:, :K], x[:, K:])).astype(np.float64) @ dequant(t).T
+    assert rel_l2(together, want) <= 1e-3
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -387,7 +432,7 @@ def _count_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FUSE_FORMATS, ids=lambda f: f.name)
-def test_fused_norm_gemv_residual(dev, ref, rng, fmt, monkeypatch):
+def test_fused_norm_gemv_residual(dev, ref, rng, fmt, monkeypatch, gemv_kind):
     N, K = shapes_for(fmt)[1]
     t = tensor("w", fmt, (N, K), rng)
     w = dev.upload_weight("w", [t], fmt)
@@ -403,7 +448,7 @@ def test_fused_norm_gemv_residual(dev, ref, rng, fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", FUSE_FORMATS, ids=lambda f: f.name)
-def test_fused_silu_mul_gemv(dev, ref, rng, fmt, monkeypatch):
+def test_fused_silu_mul_gemv(dev, ref, rng, fmt, monkeypatch, gemv_kind):
     N, K = shapes_for(fmt)[1]
     t = tensor("w", fmt, (N, K), rng)
     w = dev.upload_weight("w", [t], fmt)

@@ -86,3 +86,18 @@ def test_the_checks_see_a_drift():
     text = _COMMENT.sub(" ", "#define GEMV_MAX_T 8 // GEMV_WARPS\n")
     assert re.search(r"^\s*#\s*define\s+GEMV_MAX_T\b", text, re.M) and "GEMV_WARPS" not in text
     assert _guard_names("#if !defined(A) || \\\n    !defined(B)\n#error \"x\"\n#endif") == ["A", "B"]
+
+
+def test_the_tensor_core_staging_sizes_mirror_the_source():
+    """backends/cuda/kernels.py's stage_vectors and xs_bytes mirror quant_kernels.cuh's stage_vectors and
+    xs_chunk (the launcher passes the shared memory the kernel then uses): the same expressions."""
+    src = _sources()["quant_kernels.cuh"]
+    assert re.search(r"return mode == GEMV_X_SILU \? 2 \* T : mode == GEMV_X_RMS \? T \+ 1 : T;", src)
+    assert re.search(r"return 4 \* T \* K <= budget \? K : \(budget / \(4 \* T\)\) & ~\(XS_CHUNK_ALIGN - 1\);", src)
+    from orcd_core.kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU, XS_CHUNK_ALIGN, XS_TC_MAX_BYTES
+
+    kernels_py = (CUDA_BACKEND / "kernels.py").read_text()
+    assert "return 2 * T if mode == GEMV_X_SILU else T + 1 if mode == GEMV_X_RMS else T" in kernels_py
+    assert "(budget // (4 * n_vectors)) & ~(XS_CHUNK_ALIGN - 1)" in kernels_py
+    assert XS_TC_MAX_BYTES // (4 * 2 * 8) >= XS_CHUNK_ALIGN  # 8 rows of silu operands: a chunk fits
+    assert len({GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU}) == 3

@@ -14,7 +14,8 @@ typedef long long i64;
 
 // The sizes and codes shared with the Python launchers are -D options of every compile, from one table
 // (orcd_core/kernels/constants.py); no source defines them. A compile without them stops here.
-#if !defined(GEMV_MAX_T) || !defined(GEMV_WARPS) || !defined(GEMV_MAX_R) || !defined(XS_MAX_BYTES) ||     \
+#if !defined(GEMV_MAX_T) || !defined(GEMV_WARPS) || !defined(GEMV_MAX_R) || !defined(GEMV_TC_WARPS) ||    \
+    !defined(XS_MAX_BYTES) || !defined(XS_TC_MAX_BYTES) || !defined(XS_CHUNK_ALIGN) ||                     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
     !defined(AD_CHUNK) || !defined(AD_MAX_SPLITS) || !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                \
     !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
@@ -40,6 +41,30 @@ __device__ __forceinline__ float bf2f(half_bits b) { return __uint_as_float(((u3
 __device__ __forceinline__ float h2f_lo(u32 w) { return h2f((half_bits)(w & 0xFFFFu)); }
 __device__ __forceinline__ float h2f_hi(u32 w) { return h2f((half_bits)(w >> 16)); }
 __device__ __forceinline__ u32 pack_h2(float a, float b) { return (u32)f2h(a) | ((u32)f2h(b) << 16); }
+
+// ---- tensor cores (sm_80 and later) --------------------------------------------------------------
+// An fp32 value as an mma operand of type tf32 (fp32's sign and exponent, 10 mantissa bits): the tensor
+// cores read the register's upper 19 bits, so adding half a tf32 unit (bit 12) first rounds the value
+// to the nearest tf32 (ties away from zero) for one integer add (cvt.rna.tf32.f32 costs several
+// instructions on sm_90). Finite values only: the largest ones round to inf.
+__device__ __forceinline__ u32 tf32_bits(float f) { return __float_as_uint(f) + 0x1000u; }
+// The tf32 value tf32_bits(f) stands for, as an fp32 (its low 13 bits zero: an exact tf32 operand).
+__device__ __forceinline__ float tf32_round(float f) { return __uint_as_float(tf32_bits(f) & 0xFFFFE000u); }
+// d += A B for one warp: A 16 x 8 (row major), B 8 x 8 (column major), d 16 x 8 fp32. With g = lane / 4
+// and c = lane % 4 a lane holds a0 = A[g][c], a1 = A[g + 8][c], a2 = A[g][c + 4], a3 = A[g + 8][c + 4];
+// b0 = B[c][g], b1 = B[c + 4][g]; d0 = D[g][2c], d1 = D[g][2c + 1], d2 = D[g + 8][2c], d3 = D[g + 8][2c + 1]
+// (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32). Each element of D is the dot of its row of A
+// with its column of B: a column's value does not depend on what the other columns hold.
+__device__ __forceinline__ void mma_tf32_16x8x8(float d[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // the launcher picks the tensor-core kernels on sm_80 and later only
+#endif
+}
 
 // ---- small integers to float without a conversion instruction ------------------------------------
 // 0x4B000000 | q is the float 2^23 + q for q < 2^23, so (2^23 + q) - (2^23 + off) is q - off exactly:

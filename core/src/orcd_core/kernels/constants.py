@@ -14,7 +14,13 @@ GEMV_MAX_T = 8  # rows of the decode GEMVs (gemv_t4_* up to 4, gemv_t8_* up to 8
 #                rows) at most; more go through dequantize + GEMM
 GEMV_WARPS = 4  # warps per GEMV block
 GEMV_MAX_R = 4  # rows per warp at most (the launcher's rows_per_warp)
+GEMV_TC_WARPS = 8  # warps per block of the tensor-core decode GEMV (gemv_tc_*): 16 rows each, K split over
+#                   1, 2, 4 or 8 of them (the launcher's k_split)
 XS_MAX_BYTES = 32768  # dynamic shared memory for the staged activations of one GEMV block at most
+XS_TC_MAX_BYTES = 163840  # the same for the tensor-core GEMV (its launcher raises the kernel's limit): 8 rows of
+#                          K = 5120 staged whole (a chunk of K costs the block one more round trip)
+XS_CHUNK_ALIGN = 1024  # a chunk of K staged when all of it does not fit is a multiple of this many elements:
+#                       whole k-quant blocks (256), and 128-element slabs for each of GEMV_TC_WARPS warps
 GEMV_X_PLAIN = 0  # the one-token GEMV's input modes: x as given,
 GEMV_X_RMS = 1  # rms_norm(x) * aux,
 GEMV_X_SILU = 2  # silu(x) * aux

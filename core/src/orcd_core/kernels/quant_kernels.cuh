@@ -7,7 +7,8 @@
 //     static constexpr int TS;   // bytes per block
 //     static constexpr int IPB;  // items per block (QK / 32)
 //     // dequantize item i (0 <= i < IPB) of the block at `blk` into v[0..32): v[0..16) belong to
-//     // row elements x0 + 0..15 and v[16..32) to x1 + 0..15 (element offsets inside the block).
+//     // row elements x0 + 0..15 and v[16..32) to x1 + 0..15 (element offsets inside the block, each
+//     // a multiple of 16).
 //     __device__ static void item(const u8* blk, int i, float v[32], int& x0, int& x1);
 //   };
 //
@@ -22,24 +23,33 @@
 //                    (or null); x rows x_stride floats apart, aux rows aux_stride (0: one aux for all)
 //   gemv_t4_NAME     the same for T <= 4 tokens, gemv_t8_NAME for T <= GEMV_MAX_T (a batched decode
 //                    step's rows): each row's y computed exactly as gemv_NAME computes a lone token's
+//   gemv_tc_NAME     the same for T <= GEMV_MAX_T tokens on the tensor cores (sm_80 and later; tf32
+//                    operands, fp32 sums): each row's y the same for any T. The decode GEMV the CUDA
+//                    device launches where the GPU has them (backends/cuda/device.py, _gemv)
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
 #include "common.cuh"
 
-// GEMV_MAX_T, GEMV_WARPS (warps per block), GEMV_MAX_R, XS_MAX_BYTES and the GEMV_X_* modes below are
-// -D options of every compile (orcd_core/kernels/constants.py), shared with the launchers.
+// GEMV_MAX_T, GEMV_WARPS (warps per block), GEMV_MAX_R, GEMV_TC_WARPS, XS_MAX_BYTES, XS_TC_MAX_BYTES,
+// XS_CHUNK_ALIGN and the GEMV_X_* modes below are -D options of every compile
+// (orcd_core/kernels/constants.py), shared with the launchers.
 
-// Activations are staged in shared memory first (XS_MAX_BYTES of dynamic shared memory at most; the
-// launcher passes xs_bytes(T, K)): a lane reads the x of *its* item, so lanes of a warp read 32
+// Activations are staged in shared memory first (XS_MAX_BYTES of dynamic shared memory at most,
+// XS_TC_MAX_BYTES for the tensor-core GEMV; the launcher passes xs_bytes(T, K, that budget)): a lane reads the x of *its* item, so lanes of a warp read 32
 // different 128-byte spans of x, which from global memory costs one L1 wavefront per lane and was
 // what bounded these GEMVs (docs/perf-notes.md). In shared memory the float4s are swizzled: float4 c
 // (0..7) of 32-element row r sits at r * 8 + (c ^ (r & 7)), so the 8 lanes of a quarter-warp that read
 // float4 c of 8 consecutive rows hit 8 different bank groups. When T vectors of K floats do not fit,
-// the K axis is walked in chunks of XS_MAX_BYTES / (4 T) floats (a multiple of 256: whole blocks).
+// the K axis is walked in chunks of budget / (4 T) floats, rounded down to a multiple of XS_CHUNK_ALIGN
+// (whole blocks, and whole slabs for every warp of the tensor-core GEMV).
+static_assert(XS_CHUNK_ALIGN % 256 == 0 && XS_CHUNK_ALIGN % (128 * GEMV_TC_WARPS) == 0,
+              "a staged chunk holds whole 256-element blocks and whole 128-element slabs of each K-split warp");
+static_assert(XS_MAX_BYTES / (4 * GEMV_MAX_T) >= XS_CHUNK_ALIGN && XS_TC_MAX_BYTES >= XS_MAX_BYTES,
+              "a chunk of GEMV_MAX_T vectors fits");
 
-__host__ __device__ __forceinline__ int xs_chunk(int T, int K) {
-    return 4 * T * K <= XS_MAX_BYTES ? K : (XS_MAX_BYTES / (4 * T)) & ~255;
+__host__ __device__ __forceinline__ int xs_chunk(int T, int K, int budget = XS_MAX_BYTES) {
+    return 4 * T * K <= budget ? K : (budget / (4 * T)) & ~(XS_CHUNK_ALIGN - 1);
 }
 __device__ __forceinline__ int xs_f4(int e) {  // element e (a multiple of 4) of a staged chunk -> float4 slot
     const int r = e >> 5;
@@ -104,16 +114,92 @@ __device__ __forceinline__ void stage_x1(const float* __restrict__ x, const floa
             });
         return;
     }
-    // GEMV_X_RMS: kc == K (the launcher checks), raw x copied first, then scaled in place. Each thread
-    // adds the squares of the slots it copied in ascending order, as rms_norm_rows does.
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) cp_async16(xs + xs_f4(4 * i), x + 4 * i);
-    cp_async_wait_all();
+    // GEMV_X_RMS: kc == K (the launcher checks), raw x copied first, then scaled in place. The first NT
+    // threads copy, and each adds the squares of the slots it copied in ascending order, as
+    // rms_norm_rows does at its block size NT; the other threads add nothing (the block sum then gets
+    // the same partials, and zeros, in the same lanes: the same value in a block of any size >= NT).
+    constexpr int NT = 32 * GEMV_WARPS;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < n4; i += blockDim.x) ss += sumsq4(xs[xs_f4(4 * i)]);
-    const float r = rms_scale(block_sum(ss, red), K, eps);
+    if (threadIdx.x < NT) {
+        for (int i = threadIdx.x; i < n4; i += NT) cp_async16(xs + xs_f4(4 * i), x + 4 * i);
+        cp_async_wait_all();
+        for (int i = threadIdx.x; i < n4; i += NT) ss += sumsq4(xs[xs_f4(4 * i)]);
+    }
+    const float r = rms_scale(block_sum(ss, red), K, eps);  // (its barriers publish the copies to the block)
     block_loop_batched(  // each thread rescales the slots it copied
         n4, [&](int i) { return *(const float4*)(aux + 4 * i); },
         [&](int i, float4 w) { xs[xs_f4(4 * i)] = rms_apply4(xs[xs_f4(4 * i)], r, w); });
+}
+
+// Stage elements [k0, k0 + kc) of T <= GEMV_MAX_T vectors through `mode` for the tensor-core GEMV: the
+// operands of every vector copied in one batch of cp.async (one memory round trip for all, where
+// stage_x1 takes one per vector and its batched loads one per two elements a thread), each value
+// rounded to tf32 (tf32_round) as it is written. Shared memory: x at xs[0, T kc), then the silu mode's
+// up halves (T kc more) or the RMS mode's norm weight (K more): stage_vectors() floats x kc in all. A
+// thread transforms the slots it copied itself (complete for it after cp_async_wait_all), so the
+// caller's barrier after the call is the only one the plain and silu modes need. The RMS mode (kc ==
+// K) computes each vector's norm as rms_norm_rows does in a block of NT = 32 GEMV_WARPS threads, T of
+// them at once: thread t < NT copies and sums the slots t, t + NT, ... of every vector in ascending
+// order, each warp's butterfly sums go to red, and one more butterfly over lanes that hold the NT / 32
+// warp sums (zeros in the others) makes a vector's block sum: bit for bit block_sum's at NT threads.
+__host__ __device__ __forceinline__ int stage_vectors(int mode, int T) {
+    return mode == GEMV_X_SILU ? 2 * T : mode == GEMV_X_RMS ? T + 1 : T;
+}
+__device__ __forceinline__ void stage_rows(const float* __restrict__ x, i64 x_stride, const float* __restrict__ aux,
+                                           i64 aux_stride, float eps, int mode, int T, int k0, int kc, int K,
+                                           float4* xs, float* red) {
+    const int n4 = kc >> 2, n = T * n4;  // slot i: vector i / n4, float4 i % n4
+    float4* const second = xs + n;       // the up halves, or the norm weight
+    auto at = [&](int i) -> int { const int v = i / n4; return v * n4 + xs_f4(4 * (i - v * n4)); };
+    auto round4 = [](float4 a) { return make_float4(tf32_round(a.x), tf32_round(a.y), tf32_round(a.z), tf32_round(a.w)); };
+    if (mode != GEMV_X_RMS) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const int v = i / n4, e = 4 * (i - v * n4);
+            cp_async16(xs + at(i), x + v * x_stride + k0 + e);
+            if (mode == GEMV_X_SILU) cp_async16(second + at(i), aux + v * aux_stride + k0 + e);
+        }
+        cp_async_wait_all();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float4 g = xs[at(i)];
+            if (mode == GEMV_X_PLAIN) {
+                xs[at(i)] = round4(g);
+            } else {  // GEMV_X_SILU: silu(gate) * up, as silu_mul_f32
+                const float4 u = second[at(i)];
+                xs[at(i)] = round4(make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
+                                               g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w));
+            }
+        }
+        return;
+    }
+    constexpr int NT = 32 * GEMV_WARPS;
+    static_assert(GEMV_MAX_T * (NT / 32) <= 32, "the warp sums of GEMV_MAX_T vectors fit red[32]");
+    __shared__ float rscale[GEMV_MAX_T];
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) cp_async16(second + xs_f4(4 * i), aux + 4 * i);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (warp < NT / 32) {
+        for (int v = 0; v < T; ++v)
+            for (int i = threadIdx.x; i < n4; i += NT) cp_async16(xs + v * n4 + xs_f4(4 * i), x + v * x_stride + 4 * i);
+        cp_async_wait_all();
+        for (int v = 0; v < T; ++v) {
+            float ss = 0.0f;
+            for (int i = threadIdx.x; i < n4; i += NT) ss += sumsq4(xs[v * n4 + xs_f4(4 * i)]);
+            ss = warp_sum(ss);
+            if (lane == 0) red[v * (NT / 32) + warp] = ss;
+        }
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    if (warp == 0) {
+        for (int v = 0; v < T; ++v) {
+            const float w = warp_sum(lane < NT / 32 ? red[v * (NT / 32) + lane] : 0.0f);
+            if (lane == 0) rscale[v] = rms_scale(w, K, eps);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int v = i / n4, e = i - v * n4;
+        xs[at(i)] = round4(rms_apply4(xs[at(i)], rscale[v], second[xs_f4(4 * e)]));
+    }
 }
 
 // The dots of one item with the staged x of T <= MAXT tokens: s[t] for token t's chunk at xv + t * xst
@@ -252,6 +338,121 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
     }
 }
 
+// The tensor-core decode GEMV (sm_80 and later): y[t, n] for T <= GEMV_MAX_T tokens as gemv_impl
+// defines it (the same staging and input modes, bias and residual), its products on the tensor cores:
+// mma.m16n8k8 over tf32 operands (every weight and every x rounded to 10 mantissa bits, as fp16 would
+// round them, in fp32's range: tf32_bits, tf32_round), fp32 sums.
+//
+// A warp computes a tile of 16 rows for all T tokens: the 8 columns of the mma's B are the tokens (zero
+// past T), so 8 tokens cost the weights' decode once, as one token does. K is walked in slabs of 128
+// elements, 4 items: in slab s lane (g = lane / 4, c = lane % 4) decodes item 4s + c of rows g and g + 8
+// (F::item) and reads token g's x at the same 32 elements. Those are 16 k-steps of the mma: in step j
+// the mma's k index c takes element 2j of lane c's item and k index c + 4 element 2j + 1 (any pairing
+// of k indices with elements works if A and B share it). A block is GEMV_TC_WARPS warps: GEMV_TC_WARPS /
+// KS tiles, each with its K split over KS warps (the tile's warp w takes slabs w, w + KS, ..., in
+// ascending order; the KS partial tiles are added in warp order at the end).
+//
+// A row's value for token t does not depend on T: each warp runs the same sequence of mma over the same
+// A (KS comes from N and K only; a staged chunk is a multiple of 8 slabs, so a warp's slabs and their
+// order do not depend on the chunking), and a column of an mma's result depends only on its column of B.
+template <class F>
+__device__ __forceinline__ void gemv_tc_impl(const u8* __restrict__ W, i64 row_bytes, const float* __restrict__ x,
+                                             i64 x_stride, float* __restrict__ y, const float* __restrict__ bias,
+                                             int N, int K, int T, int KS, const float* __restrict__ aux,
+                                             i64 aux_stride, const float* __restrict__ res, float eps, int mode) {
+    extern __shared__ float4 xs[];
+    __shared__ float red[32];
+    __shared__ float4 part[GEMV_TC_WARPS * 32];  // the K-split warps' partial tiles
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kw = warp % KS, row0 = (blockIdx.x * (GEMV_TC_WARPS / KS) + warp / KS) * 16;
+    const int g = lane >> 2, c = lane & 3;
+    const bool live = row0 < N;  // (else the warp only helps to stage x)
+    // rows past N (in the last tile) read row N - 1 and are never written
+    const u8* __restrict__ wa = W + (i64)min(row0 + g, N - 1) * row_bytes;
+    const u8* __restrict__ wb = W + (i64)min(row0 + g + 8, N - 1) * row_bytes;
+    const int NI = K >> 5, NS = (NI + 3) >> 2;  // items and slabs of a row
+    const int KC = xs_chunk(stage_vectors(mode, T), K, XS_TC_MAX_BYTES);  // (RMS mode: the launcher fits all of K)
+    auto prefetch = [&](int s) {  // a slab's weight lines requested into L2
+        const int it = min(4 * s + c, NI - 1);
+        prefetch_l2(wa + (i64)(it / F::IPB) * F::TS);
+        prefetch_l2(wb + (i64)(it / F::IPB) * F::TS);
+    };
+    // Slab s: decode (this lane's item of rows g and g + 8; past the row's end, when K is not a multiple
+    // of 128, the last item again, whose products get zeros for x), then 16 k-steps on the tensor cores
+    // over two chains of accumulators (d: even float4s of the item, e: odd ones; added at the end).
+    int x0 = 0, x1 = 16, blk = 0;
+    float va[32], vb[32];
+    auto decode = [&](int s) {
+        if (s + 2 * KS < NS) prefetch(s + 2 * KS);  // so the slab two ahead finds its lines in L2
+        const int it = min(4 * s + c, NI - 1);
+        blk = it / F::IPB;
+        const int i = it - blk * F::IPB;
+        F::item(wa + (i64)blk * F::TS, i, va, x0, x1);
+        F::item(wb + (i64)blk * F::TS, i, vb, x0, x1);
+    };
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows g, g + 8 x tokens 2c, 2c + 1
+    auto multiply_slab = [&](int k0, const float4* __restrict__ xt, bool zero) {
+        // the float4 slots of x at elements x0 + 4q and x1 + 4q: xs_f4(e + 4q) = xs_f4(e) ^ q for e a
+        // multiple of 16 (F::item's runs start at multiples of 16)
+        const int sa = xs_f4(blk * F::QK - k0 + x0), sb = xs_f4(blk * F::QK - k0 + x1);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {  // elements 4q .. 4q + 3 of the item (x0 + .. for q < 4, then x1 + ..)
+            float4 xv = xt[q < 4 ? sa ^ q : sb ^ (q - 4)];
+            if (zero) xv = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float* acc = q & 1 ? e : d;
+            mma_tf32_16x8x8(acc, tf32_bits(va[4 * q]), tf32_bits(vb[4 * q]), tf32_bits(va[4 * q + 1]),
+                            tf32_bits(vb[4 * q + 1]), __float_as_uint(xv.x), __float_as_uint(xv.y));
+            mma_tf32_16x8x8(acc, tf32_bits(va[4 * q + 2]), tf32_bits(vb[4 * q + 2]), tf32_bits(va[4 * q + 3]),
+                            tf32_bits(vb[4 * q + 3]), __float_as_uint(xv.z), __float_as_uint(xv.w));
+        }
+    };
+    auto multiply = [&](int s, int k0, const float4* __restrict__ xt) {  // (the zeros only in a row's last slab)
+        if (4 * s + 4 > NI) multiply_slab(k0, xt, 4 * s + c >= NI);
+        else multiply_slab(k0, xt, false);
+    };
+    // A slab is decoded before the x it multiplies is needed: the warp's first (kw) before x is staged,
+    // so that their memory latencies overlap; each next one right after the last one's products (its
+    // weights do not depend on x, so also across a chunk's end, before the next chunk is staged).
+    int s = kw;
+    if (live) {
+        if (kw + KS < NS) prefetch(kw + KS);
+        if (kw < NS) decode(kw);
+    }
+    for (int k0 = 0; k0 < K; k0 += KC) {
+        const int kc = min(KC, K - k0);
+        if (k0) __syncthreads();  // the previous chunk is consumed
+        stage_rows(x, x_stride, aux, aux_stride, eps, mode, T, k0, kc, K, xs, red);
+        __syncthreads();
+        if (!live) continue;
+        const float4* __restrict__ xt = xs + min(g, T - 1) * (kc >> 2);  // lanes of tokens past T: columns no one writes
+        for (const int s_end = (k0 + kc + 127) >> 7; s < s_end; s += KS) {  // this chunk's slabs
+            multiply(s, k0, xt);
+            if (s + KS < NS) decode(s + KS);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d[j] += e[j];
+    if (KS > 1) {  // the tile's first warp adds the others' partial tiles, in warp order
+        part[warp * 32 + lane] = make_float4(d[0], d[1], d[2], d[3]);
+        __syncthreads();
+        if (kw != 0) return;
+        for (int j = 1; j < KS; ++j) {
+            const float4 p = part[(warp + j) * 32 + lane];
+            d[0] += p.x; d[1] += p.y; d[2] += p.z; d[3] += p.w;
+        }
+    }
+    if (!live) return;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int r = row0 + g + 8 * (j >> 1), t = 2 * c + (j & 1);
+        if (r < N && t < T) {
+            const i64 o = (i64)t * N + r;
+            const float v = d[j] + (bias ? bias[r] : 0.0f);
+            y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
+        }
+    }
+}
+
 // One thread per item of rows [row0, row0 + n_rows); out is [n_rows, K] fp16.
 template <class F>
 __device__ __forceinline__ void dequant_f16_impl(const u8* __restrict__ W, i64 row_bytes, half_bits* __restrict__ out,
@@ -321,6 +522,12 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
                        int N, int K, int T, int R, const float* aux, i64 ast, const float* res, float eps,   \
                        int mode) {                                                                           \
         gemv_impl<F, GEMV_MAX_T>(W, row_bytes, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode);       \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_TC_WARPS * 32)                                        \
+        gemv_tc_##NAME(const u8* W, i64 row_bytes, const float* x, i64 xst, float* y, const float* bias,     \
+                       int N, int K, int T, int KS, const float* aux, i64 ast, const float* res, float eps,  \
+                       int mode) {                                                                           \
+        gemv_tc_impl<F>(W, row_bytes, x, xst, y, bias, N, K, T, KS, aux, ast, res, eps, mode);               \
     }                                                                                                        \
     extern "C" __global__ void dequant_f16_##NAME(const u8* W, i64 row_bytes, half_bits* out, int row0,      \
                                                   int n_rows, int K) {                                       \

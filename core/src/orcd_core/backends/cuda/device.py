@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from typing import Any, Sequence
 
@@ -20,19 +21,20 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_WARPS, XS_MAX_BYTES
+from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_TC_WARPS, GEMV_WARPS
+from ...kernels.constants import XS_MAX_BYTES, XS_TC_MAX_BYTES
 from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
 from ...device import MAX_BATCH, Device, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
-from .kernels import NULL, KernelSet, f32, i32, i64, launch, xs_bytes
+from .kernels import NULL, KernelSet, f32, i32, i64, launch, stage_vectors, xs_bytes
 from .kernels import blocks as _blocks
 from .memory import StepPool, Workspace, align, raw_alloc, view
 from .prefill import PrefillGraphs
 from .store import WeightStore
-from .planner import DEQUANT_SCRATCH_BYTES, plan_load
+from .planner import DEQUANT_SCRATCH_BYTES, decode_gemv, gemv_tc_k_split, plan_load
 
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
 GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
@@ -69,6 +71,7 @@ class CudaDevice(Device):
         self.sm = f"{props['major']}{props['minor']}"
         self.n_sm = int(props["multiProcessorCount"])
         self.cuda_runtime_version = int(cupy.cuda.runtime.runtimeGetVersion())
+        self.decode_gemv = self._decode_gemv(1)  # (prepare_load chooses for the engine's sequences)
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
         self.weights = WeightStore(self.stream, int(float(load_chunk_mb) * (1 << 20)),
@@ -106,6 +109,13 @@ class CudaDevice(Device):
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
+    def _decode_gemv(self, n_seq: int) -> str:
+        """planner.decode_gemv for this GPU (ORCD_DECODE_GEMV overrides the choice)."""
+        try:
+            return decode_gemv(int(self.sm), n_seq, os.environ.get("ORCD_DECODE_GEMV") or None)
+        except ValueError as exc:
+            raise GpuDeviceError(f"GPU {self.gpu} ({self.gpu_name}): {exc}") from None
+
     def make_current(self) -> None:
         """Make this GPU and our stream current for the calling thread (CuPy keeps both per thread)."""
         self.dev.use()
@@ -176,6 +186,7 @@ class CudaDevice(Device):
     # ---- loading ---------------------------------------------------------------------------------
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
         self.make_current()
+        self.decode_gemv = self._decode_gemv(n_seq)
         plan = plan_load(model.tensors.values(), shape, n_ctx=n_ctx, n_seq=n_seq)
         free, total = cupy.cuda.runtime.memGetInfo()
         if plan.total > free:
@@ -393,12 +404,13 @@ class CudaDevice(Device):
                (t.data, i64(t.row_bytes), ids, out, i32(t.rows), i32(t.cols)))
         return out
 
-    def _gemv_input(self, x, T: int, K: int):
+    def _gemv_input(self, x, T: int, K: int, tc: bool):
         """(mode, x, x row stride, aux, aux row stride, eps) of a decode GEMV over the T rows of x: a
-        deferred rms_norm (all of T x K staged at once) or silu_mul producing x is fused into the
-        GEMV's staging instead of being launched."""
+        deferred rms_norm (all of T x K staged at once, within the kernel's budget; the tensor-core
+        kernel stages the norm weight too) or silu_mul producing x is fused into the GEMV's staging
+        instead of being launched."""
         d = self.deferred.exact(x, "rms_norm")
-        if d is not None and 4 * T * K <= XS_MAX_BYTES:
+        if d is not None and (4 * stage_vectors(GEMV_X_RMS, T) * K <= XS_TC_MAX_BYTES if tc else 4 * T * K <= XS_MAX_BYTES):
             return GEMV_X_RMS, d.args["x"], K, d.args["weight"], 0, d.args["eps"]
         d = self.deferred.exact(x, "silu_mul")
         if d is not None:
@@ -429,29 +441,37 @@ class CudaDevice(Device):
     def _gemv(self, x, w: Weight, bias) -> cupy.ndarray:
         """The decode linear of T <= GEMV_MAX_T rows (one token, or one per sequence of a batched
         step), deferred: an `add` of a residual absorbs it into the GEMV's epilogue (`add`); any other
-        read launches it plain. Its input may be a deferred norm or silu_mul. Each row's result is the
-        one-token kernel's (quant_kernels.cuh), so a sequence decodes the same alone or batched."""
+        read launches it plain. Its input may be a deferred norm or silu_mul. Each row's result does not
+        depend on how many rows share the launch (quant_kernels.cuh), so a sequence decodes the same alone
+        or batched. The kernel: gemv_tc_* (tensor cores, all T rows in one launch; its K split from K
+        alone), or gemv_/gemv_t4_/gemv_t8_* (R rows per warp): `decode_gemv`, planner.decode_gemv's choice."""
         t = w.data
         T, K, N = int(x.shape[0]), int(x.shape[1]), t.rows
         _check_linear(w, K, bias)
         G = min(T, GEMV_GROUP_ROWS)  # rows per launch (each row's result is the same for any grouping)
-        mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, G, K)
+        tc = self.decode_gemv == "tc"
+        mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, G, K, tc)
         fmod = self.format_kernels(w.fmt)
-        R = _rows_per_warp(N, K)
-        grid = (_blocks(N, GEMV_WARPS * R),)
+        if tc:
+            R = gemv_tc_k_split(N, K)  # (the kernels' R argument: rows per warp, or the tensor-core kernel's K split)
+            grid, threads = (_blocks(N, 16 * (GEMV_TC_WARPS // R)),), 32 * GEMV_TC_WARPS
+        else:
+            R = _rows_per_warp(N, K)
+            grid, threads = (_blocks(N, GEMV_WARPS * R),), 32 * GEMV_WARPS
         b = bias if bias is not None else NULL
         parts = []
         for g0 in range(0, T, G):
             g = min(G, T - g0)
-            kind = "gemv" if g == 1 else "gemv_t4" if g <= 4 else "gemv_t8"
-            parts.append((g0, g, fmod.fn(f"{kind}_{w.fmt.name}"), xs_bytes(g, K)))
+            kind = "gemv_tc" if tc else "gemv" if g == 1 else "gemv_t4" if g <= 4 else "gemv_t8"
+            smem = xs_bytes(stage_vectors(mode, g), K, XS_TC_MAX_BYTES) if tc else xs_bytes(g, K)
+            parts.append((g0, g, fmod.fn(f"{kind}_{w.fmt.name}", max_dynamic_smem=smem), smem))
 
         def run(y, res=NULL):
             for g0, g, fn, smem in parts:
                 xg = src[g0:] if g0 else src
                 ag = aux[g0:] if g0 and s_aux else aux
                 rg = res[g0:] if g0 and res is not NULL else res
-                launch(fn, grid, (32 * GEMV_WARPS,),
+                launch(fn, grid, (threads,),
                        (t.data, i64(t.row_bytes), xg, i64(s_src), y[g0:] if g0 else y, b, i32(N), i32(K), i32(g), i32(R),
                         ag, i64(s_aux), rg, f32(eps), i32(mode)),
                        shared_mem=smem)

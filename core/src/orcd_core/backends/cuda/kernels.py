@@ -20,7 +20,7 @@ import cupy
 import numpy as np
 
 from ...generation import CudaError
-from ...kernels.constants import XS_MAX_BYTES, define_options
+from ...kernels.constants import GEMV_X_RMS, GEMV_X_SILU, XS_CHUNK_ALIGN, XS_MAX_BYTES, define_options
 
 COMPILE_OPTIONS = ("-std=c++17", *define_options())
 _CHECK = os.environ.get("ORCD_CUDA_CHECK", "") not in ("", "0")
@@ -50,8 +50,11 @@ class KernelSet:
         except cupy.cuda.compiler.CompileException as exc:
             raise CudaError(f"compiling {label} failed: {str(exc).strip().splitlines()[0]}") from exc
         self._fns: dict[str, object] = {}
+        self._smem: dict[str, int] = {}  # kernel -> the dynamic shared-memory limit set on it
 
-    def fn(self, name: str):
+    def fn(self, name: str, max_dynamic_smem: int = 0):
+        """The kernel `name`; `max_dynamic_smem` raises its dynamic shared-memory limit (the default
+        limit is 48 KB) once, at the first lookup that asks for it."""
         f = self._fns.get(name)
         if f is None:
             try:
@@ -59,6 +62,9 @@ class KernelSet:
             except Exception as exc:  # a missing symbol: the format's source lacks the uniform name
                 raise CudaError(f"{self.label} has no kernel {name!r}: {exc}") from exc
             self._fns[name] = f
+        if max_dynamic_smem > 48 << 10 and max_dynamic_smem > self._smem.get(name, 0):
+            f.max_dynamic_shared_size_bytes = int(max_dynamic_smem)
+            self._smem[name] = int(max_dynamic_smem)
         return f
 
 
@@ -82,11 +88,18 @@ def blocks(n: int, per: int) -> int:
     return max(1, (int(n) + per - 1) // per)
 
 
-def xs_bytes(n_vectors: int, K: int) -> int:
+def xs_bytes(n_vectors: int, K: int, budget: int = XS_MAX_BYTES) -> int:
     """Dynamic shared memory of a GEMV kernel that stages `n_vectors` activation vectors of K floats
-    (quant_kernels.cuh xs_chunk: all of K, or chunks of a multiple of 256 elements)."""
-    per = K if 4 * n_vectors * K <= XS_MAX_BYTES else (XS_MAX_BYTES // (4 * n_vectors)) & ~255
+    within `budget` bytes (quant_kernels.cuh xs_chunk: all of K, or chunks of a multiple of
+    XS_CHUNK_ALIGN elements)."""
+    per = K if 4 * n_vectors * K <= budget else (budget // (4 * n_vectors)) & ~(XS_CHUNK_ALIGN - 1)
     return 4 * n_vectors * per
+
+
+def stage_vectors(mode: int, T: int) -> int:
+    """Vectors of K floats the tensor-core GEMV stages for T rows (quant_kernels.cuh stage_vectors): x,
+    plus the silu mode's up halves or the RMS mode's norm weight."""
+    return 2 * T if mode == GEMV_X_SILU else T + 1 if mode == GEMV_X_RMS else T
 
 
 # kernel scalar arguments must carry their C type (CuPy passes a Python int as a 64-bit value)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...device import MAX_STEP_TOKENS
-from ...kernels.constants import GEMV_MAX_T
+from ...kernels.constants import GEMV_MAX_T, GEMV_TC_WARPS
 from ...shape import align, kv_bytes
 
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
@@ -133,3 +133,42 @@ def graph_key(Tb: int, start: int, n_ctx: int, rows, windows) -> tuple | None:
     if any(w > 0 and r < min(Tb + w - 1, n_ctx) for r, w in zip(rows, windows)):
         return None
     return (Tb, int(n_ctx), len(rows), rows, windows)
+
+
+# ---- the decode GEMV (CudaDevice._gemv) ---------------------------------------------------------------
+DECODE_GEMVS = ("tc", "ffma")  # gemv_tc_* (tensor cores, sm_80 on) | gemv_/gemv_t4_/gemv_t8_* (FMA per weight)
+
+
+def decode_gemv(sm: int, n_seq: int, override: str | None = None) -> str:
+    """The decode GEMV kernel of a device whose engine decodes up to `n_seq` sequences together.
+
+    Either gives a row the same bits whatever rows share its step, so a sequence decodes the same
+    alone or batched within one engine. "tc" decodes the weights once for all rows (8 rows of qwen2
+    give 2.1x the tokens/s of the FMA kernels' 8-row step) but one row alone is slower (qwen2 -18%,
+    phi3 -2%, gpt-oss -5% on an H100: docs/perf-notes.md), so an engine that never batches (n_seq 1)
+    keeps "ffma", and one that can batches on the tensor cores where the GPU has them (sm_80 and
+    later). `override`: ORCD_DECODE_GEMV, to compare the two on one GPU; ValueError if it names no
+    kernel, or "tc" on a GPU without tf32 tensor cores."""
+    if override:
+        if override not in DECODE_GEMVS:
+            raise ValueError(f"ORCD_DECODE_GEMV={override!r}: one of {', '.join(DECODE_GEMVS)}")
+        if override == "tc" and sm < 80:
+            raise ValueError(f"ORCD_DECODE_GEMV=tc needs compute capability 8.0 or later (this GPU: {sm // 10}.{sm % 10})")
+        return override
+    return "tc" if n_seq > 1 and sm >= 80 else "ffma"
+
+
+def gemv_tc_k_split(N: int, K: int) -> int:
+    """The tensor-core GEMV's KS: warps that share a 16-row tile's K (1, 2, 4 or GEMV_TC_WARPS): as many
+    as the tile has 128-element slabs (a warp's first slab is decoded while x is staged), halved while
+    the launch holds more than 2,048 warps (measured, docs/perf-notes.md: short matrices are fastest
+    with 8, qwen2's gate|up with 1-2, its output head with 1). From N and K only: a row's sums are then
+    the same for every row count."""
+    slabs, tiles = -(-K // 128), -(-N // 16)
+    ks = 1
+    while ks < GEMV_TC_WARPS and ks < slabs:
+        ks *= 2
+    while ks > 1 and tiles * ks > 2048:
+        ks //= 2
+    return ks
+

@@ -1,0 +1,49 @@
+"""Which decode GEMV the CUDA device launches, and with which K split (backends/cuda/planner.py: no
+CuPy, so checked here, without a GPU; the kernels themselves are checked against the NumPy reference
+and for batch invariance in core/tests/backends/test_cuda_ops.py, marker `gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orcd_core.backends.cuda.planner import DECODE_GEMVS, decode_gemv, gemv_tc_k_split
+from orcd_core.kernels.constants import GEMV_TC_WARPS
+
+
+def test_an_engine_that_batches_uses_the_tensor_cores_one_that_does_not_keeps_the_fma_kernels():
+    assert decode_gemv(90, 8) == "tc" and decode_gemv(80, 2) == "tc"
+    assert decode_gemv(90, 1) == "ffma"  # one row alone: the FMA kernels are faster (docs/perf-notes.md)
+    assert decode_gemv(75, 8) == "ffma"  # no tf32 tensor cores before sm_80
+
+
+def test_the_override_names_a_kernel_the_gpu_has():
+    assert decode_gemv(90, 8, "ffma") == "ffma" and decode_gemv(90, 1, "tc") == "tc"
+    with pytest.raises(ValueError, match="one of tc, ffma"):
+        decode_gemv(90, 8, "fast")
+    with pytest.raises(ValueError, match="compute capability 8.0"):
+        decode_gemv(75, 8, "tc")
+    assert set(DECODE_GEMVS) == {"tc", "ffma"}
+
+
+@pytest.mark.parametrize("N, K, want", [
+    (128, 896, 8), (896, 896, 8), (1152, 896, 8),  # qwen2 k/v, o, q|k|v: a slab a warp
+    (896, 4864, 8),  # qwen2 down: 38 slabs over 8 warps
+    (9728, 896, 2),  # qwen2 gate|up: 608 tiles, halved to at most 2,048 warps
+    (151936, 896, 1),  # qwen2 output head: 9,496 tiles
+    (37, 96, 1), (37, 256, 2), (37, 384, 4),  # as many warps as slabs, at most GEMV_TC_WARPS
+])
+def test_the_k_split(N, K, want):
+    ks = gemv_tc_k_split(N, K)
+    assert ks == want
+    assert ks in (1, 2, 4, 8) and ks <= GEMV_TC_WARPS
+
+
+def test_the_k_split_depends_on_the_weight_only():
+    """A row's sums must not depend on how many rows share a launch: the split is a function of N and K
+    (the launcher passes no row count), and every split divides the 8 slabs a staged chunk holds."""
+    import inspect
+
+    assert list(inspect.signature(gemv_tc_k_split).parameters) == ["N", "K"]
+    for N in (1, 16, 100, 5000, 200000):
+        for K in (32, 288, 896, 3072, 5152, 8192):
+            assert 8 % gemv_tc_k_split(N, K) == 0
