@@ -185,10 +185,12 @@ def cancel_latency(url, n_words, reps=5):
     return {"p50_ms": pct(ms, 50), "max_ms": max(ms) if ms else float("nan"), "runs": out}
 
 
-def in_process_tg(model, backend, n):
+def in_process_tg(model, backend, n, max_batch):
+    """`orcd-worker bench` tg of one sequence in an engine of the served worker's --max-batch (which
+    picks the decode kernels on the GPU, so the two figures run the same ones)."""
     try:
         r = subprocess.run([*WORKER, "bench", model, "--backend", backend, "-p", "0", "-n", str(n), "-r", "3",
-                            "--json"], capture_output=True, text=True, check=True)
+                            "--max-batch", str(max_batch), "--json"], capture_output=True, text=True, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])[f"tg{n}"]["tok_s"]
     except Exception as exc:  # reported, not fatal: the HTTP figures stand on their own
         print(f"in-process bench failed: {exc}", file=sys.stderr)
@@ -243,7 +245,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(60)
     if args.model:
-        res["bench_tg"] = in_process_tg(args.model, args.backend, args.tokens)
+        res["bench_tg"] = in_process_tg(args.model, args.backend, args.tokens, args.max_batch)
     print(f"\n{'figure':<34}{'value':>40}")
     for w, t in res["ttft"].items():
         print(f"{'ttft, ' + str(t['n_prompt_tokens']) + '-token prompt':<34}{t['p50_ms']:>20.1f} ms p50 {t['p99_ms']:>8.1f} p99"

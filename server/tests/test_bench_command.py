@@ -51,3 +51,18 @@ def test_bench_missing_file_is_one_line_error(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nope.gguf"), "--backend", "reference"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.gguf" in err[0]
+
+
+def test_bench_max_batch_is_the_engines_capacity(tiny_model, capsys):
+    """--max-batch sizes the engine as `serve --max-batch` does (on the GPU it picks the decode kernels),
+    B by default; one below B is refused with one line."""
+    assert main(["bench", str(tiny_model), "--backend", "reference", "-p", "0", "-n", "2", "-r", "1", "-b", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch"] == 2 and out["max_batch"] == 2 and out["decode_gemv"] is None  # (no GPU kernels here)
+    assert main(["bench", str(tiny_model), "--backend", "reference", "-p", "0", "-n", "2", "-r", "1",
+                 "--max-batch", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch"] == 1 and out["max_batch"] == 4 and out["tg2"]["tok_s"] > 0
+    with pytest.raises(SystemExit, match="--max-batch must be in 2"):
+        main(["bench", str(tiny_model), "--backend", "reference", "-b", "2", "--max-batch", "1"])
+

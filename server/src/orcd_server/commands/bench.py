@@ -39,6 +39,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-r", "--repetitions", type=int, default=3, metavar="R", help="timed runs per test (3)")
     parser.add_argument("-b", "--batch", type=int, default=1, metavar="B",
                         help=f"sequences decoded together in tg (1..{MAX_BATCH}; tok/s counts all of them)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="M",
+                        help="sequences the engine can decode together, as `serve --max-batch` (default: B). "
+                             "On the GPU it picks the decode kernels (docs/cuda-backend.md): 1 keeps the "
+                             "one-row kernels, more the batch-invariant tensor-core ones, also for one row")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the random prompt ids (1234)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
@@ -119,12 +123,17 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not 1 <= args.batch <= MAX_BATCH:
         raise SystemExit(f"orcd-worker bench: --batch must be in 1..{MAX_BATCH}, got {args.batch}")
-    engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device, max_batch=args.batch,
+    max_batch = args.batch if args.max_batch is None else args.max_batch
+    if not args.batch <= max_batch <= MAX_BATCH:
+        raise SystemExit(f"orcd-worker bench: --max-batch must be in {args.batch}..{MAX_BATCH} (--batch {args.batch}), "
+                         f"got {max_batch}")
+    engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device, max_batch=max_batch,
                          max_context=args.depth + max(args.n_prompt, args.n_gen + 1, 1))
     load_s = time.perf_counter() - t0
     results = {"model": str(args.model), "architecture": engine.architecture, "backend": be,
                "gpu": getattr(engine.device, "gpu_name", None), "load_s": round(load_s, 3),
-               "file_bytes": engine.gguf.file_size, "repetitions": reps, "depth": args.depth, "batch": args.batch}
+               "file_bytes": engine.gguf.file_size, "repetitions": reps, "depth": args.depth, "batch": args.batch,
+               "max_batch": max_batch, "decode_gemv": getattr(engine.device, "decode_gemv", None)}
     try:
         for test, n, fn in (("pp", args.n_prompt, bench_pp), ("tg", args.n_gen, bench_tg)):
             if n <= 0:
@@ -140,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(results))
         return 0
     print(f"model: {results['model']} ({results['architecture']}, {results['file_bytes'] / 2**20:.0f} MiB)  "
-          f"backend: {be}{' on ' + results['gpu'] if results['gpu'] else ''}")
+          f"backend: {be}{' on ' + results['gpu'] if results['gpu'] else ''}"
+          + (f"  decode GEMV: {results['decode_gemv']} (max batch {max_batch})" if results["decode_gemv"] else ""))
     print(f"{'test':>8} {'tok/s (median)':>16} {'min..max':>20}")
     print(f"{'load':>8} {results['load_s']:>14.3f} s")
     for key, val in results.items():

@@ -63,7 +63,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-cache-size-mb", help="cap the context so that its fp16 KV cache fits in this many MiB")
     p.add_argument("--max-batch", default="8",
                    help=f"jobs decoded together (continuous batching; 1..{MAX_BATCH}, default 8); VRAM is planned "
-                        "for that many KV caches of the context")
+                        "for that many KV caches of the context. Above 1 the GPU decodes on its tensor cores "
+                        "(fast batches, a lone stream slower); 1 gives the fastest single stream")
     p.add_argument("--queue-size", default="16", help="jobs that may wait while --max-batch run (then 429)")
     p.add_argument("--callback-url", help="POST each job's terminal event (JSON) to this URL")
     p.add_argument("--log-format", default=None, help="json or console (default: console on a terminal, else json)")
