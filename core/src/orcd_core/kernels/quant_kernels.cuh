@@ -24,8 +24,8 @@
 //   gemv_t4_NAME     the same for T <= 4 tokens, gemv_t8_NAME for T <= GEMV_MAX_T (a batched decode
 //                    step's rows): each row's y computed exactly as gemv_NAME computes a lone token's
 //   gemv_tc_NAME     the same for T <= GEMV_MAX_T tokens on the tensor cores (sm_80 and later; tf32
-//                    operands, fp32 sums): each row's y the same for any T. The decode GEMV the CUDA
-//                    device launches where the GPU has them (backends/cuda/device.py, _gemv)
+//                    operands, fp32 sums): each row's y the same for any T. Which of the two the CUDA
+//                    device launches: backends/cuda/planner.py, decode_gemv
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
