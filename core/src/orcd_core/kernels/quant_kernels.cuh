@@ -114,18 +114,13 @@ __device__ __forceinline__ void stage_x1(const float* __restrict__ x, const floa
             });
         return;
     }
-    // GEMV_X_RMS: kc == K (the launcher checks), raw x copied first, then scaled in place. The first NT
-    // threads copy, and each adds the squares of the slots it copied in ascending order, as
-    // rms_norm_rows does at its block size NT; the other threads add nothing (the block sum then gets
-    // the same partials, and zeros, in the same lanes: the same value in a block of any size >= NT).
-    constexpr int NT = 32 * GEMV_WARPS;
+    // GEMV_X_RMS: kc == K (the launcher checks), raw x copied first, then scaled in place. Each thread
+    // adds the squares of the slots it copied in ascending order, as rms_norm_rows does.
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) cp_async16(xs + xs_f4(4 * i), x + 4 * i);
+    cp_async_wait_all();
     float ss = 0.0f;
-    if (threadIdx.x < NT) {
-        for (int i = threadIdx.x; i < n4; i += NT) cp_async16(xs + xs_f4(4 * i), x + 4 * i);
-        cp_async_wait_all();
-        for (int i = threadIdx.x; i < n4; i += NT) ss += sumsq4(xs[xs_f4(4 * i)]);
-    }
-    const float r = rms_scale(block_sum(ss, red), K, eps);  // (its barriers publish the copies to the block)
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) ss += sumsq4(xs[xs_f4(4 * i)]);
+    const float r = rms_scale(block_sum(ss, red), K, eps);
     block_loop_batched(  // each thread rescales the slots it copied
         n4, [&](int i) { return *(const float4*)(aux + 4 * i); },
         [&](int i, float4 w) { xs[xs_f4(4 * i)] = rms_apply4(xs[xs_f4(4 * i)], r, w); });
@@ -343,8 +338,9 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
 // mma.m16n8k8 over tf32 operands (every weight and every x rounded to 10 mantissa bits, as fp16 would
 // round them, in fp32's range: tf32_bits, tf32_round), fp32 sums.
 //
-// A warp computes a tile of 16 rows for all T tokens: the 8 columns of the mma's B are the tokens (zero
-// past T), so 8 tokens cost the weights' decode once, as one token does. K is walked in slabs of 128
+// A warp computes a tile of 16 rows for all T tokens: the 8 columns of the mma's B are the tokens (past
+// T a copy of token T - 1, whose columns no one writes), so 8 tokens cost the weights' decode once, as
+// one token does. K is walked in slabs of 128
 // elements, 4 items: in slab s lane (g = lane / 4, c = lane % 4) decodes item 4s + c of rows g and g + 8
 // (F::item) and reads token g's x at the same 32 elements. Those are 16 k-steps of the mma: in step j
 // the mma's k index c takes element 2j of lane c's item and k index c + 4 element 2j + 1 (any pairing
