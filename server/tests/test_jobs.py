@@ -4,7 +4,9 @@ a step's events, every job's, cross in one `call_soon_threadsafe`, in order, ter
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 
 import pytest
 from fake_engine import FakeEngine
@@ -149,3 +151,117 @@ def test_job_emit_without_an_outbox_still_crosses_at_once():
         assert calls == [1]
 
     asyncio.run(main())
+
+
+# -- the SSE side (orcd_server.app): events queued together go out in one write, the same bytes --------
+
+
+def _srv(ping_s: float = 15.0):
+    from types import SimpleNamespace
+
+    cancels = []
+    worker = SimpleNamespace(cancel=lambda job_id, reason: cancels.append((job_id, reason)))
+    return SimpleNamespace(settings=SimpleNamespace(ping_interval_s=ping_s), worker=worker), cancels
+
+
+@pytest.mark.parametrize("data", [
+    {"t": "alpha ", "i": 0, "id": 7},
+    {"t": "line\nbreak\r\nand\rcr", "i": 1, "id": 8, "logprob": -0.25, "top_logprobs": [{"id": 1, "logprob": -1.5}]},
+    {"t": "日本 🙂 \u2028 \x00 \"quoted\"", "i": 2, "id": 9},
+    {"code": "CANCELLED", "message": "job cancelled (client)", "retriable": False},
+])
+def test_sse_message_is_litestars_encoding_byte_for_byte(data):
+    import msgspec
+    from litestar.response.sse import ServerSentEventMessage
+    from orcd_server.app import sse_message
+
+    for name in ("token", "end", "error", "started"):
+        assert sse_message(name, data) == ServerSentEventMessage(event=name,
+                                                                 data=msgspec.json.encode(data).decode()).encode()
+
+
+def test_events_queued_together_are_one_write_and_the_terminal_event_ends_it():
+    from orcd_server.app import _events, sse_message
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv, cancels = _srv()
+        job = Job(job_id="j", prepared=None, seed=0, n_prompt_tokens=1, loop=loop)
+        writes = []
+        gen = _events(srv, job)
+        job.events.put_nowait(("started", {"job_id": "j"}))
+        writes.append(await anext(gen))  # one event queued: one message
+        for i in range(3):
+            job.events.put_nowait(("token", {"i": i}))
+        writes.append(await anext(gen))  # three queued: one write of the three
+        job.events.put_nowait(("token", {"i": 3}))
+        job.claim_terminal()
+        job.events.put_nowait(("end", {"n": 4}))
+        writes.append(await anext(gen))
+        with pytest.raises(StopAsyncIteration):  # nothing after the terminal event
+            await anext(gen)
+        return [w.encode() for w in writes], cancels
+
+    writes, cancels = asyncio.run(main())
+    assert writes == [sse_message("started", {"job_id": "j"}),
+                      b"".join(sse_message("token", {"i": i}) for i in range(3)),
+                      sse_message("token", {"i": 3}) + sse_message("end", {"n": 4})]
+    assert cancels == []  # the job ended: leaving cancels nothing
+
+
+def test_job_events_still_gives_one_event_at_a_time_and_a_disconnect_cancels():
+    from orcd_server.app import job_events
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv, cancels = _srv(ping_s=0.01)
+        job = Job(job_id="j", prepared=None, seed=0, n_prompt_tokens=1, loop=loop)
+        for i in range(3):
+            job.events.put_nowait(("token", {"i": i}))
+        got = []
+        gen = job_events(srv, job)
+        for _ in range(4):
+            got.append(await anext(gen))
+        await gen.aclose()  # the consumer went away before the terminal event
+        return got, cancels
+
+    got, cancels = asyncio.run(main())
+    assert got == [("token", {"i": 0}), ("token", {"i": 1}), ("token", {"i": 2}), None]  # then a ping
+    assert cancels == [("j", "disconnect")]
+
+
+def test_a_served_stream_is_the_same_bytes_as_one_message_per_event():
+    """Over HTTP (uvicorn, fake engine, 3 jobs at once): the body parses (httpx-sse) to the events,
+    and is byte for byte what Litestar writes for them one message at a time."""
+    import httpx
+    import httpx_sse
+    import msgspec
+    from litestar.response.sse import ServerSentEventMessage
+    from orcd_server.app import ServerSettings, create_app
+    from serve_helpers import ThreadServer
+
+    app = create_app(ServerSettings(worker_id="w", model_ref="fake", backend="reference"),
+                     FakeEngine.loader(step_s=0.002, max_batch=4))
+    with ThreadServer(app) as srv:
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{srv.url}/health").status_code != 200:
+            assert time.monotonic() < deadline
+
+        def one(k, out):
+            body = {"job_id": f"j{k}", "prompt": "hi", "max_tokens": 40, "seed": k}
+            with httpx.Client(base_url=srv.url, timeout=30) as c, c.stream("POST", "/execute", json=body) as r:
+                out[k] = r.read()
+
+        raws: dict[int, bytes] = {}
+        threads = [threading.Thread(target=one, args=(k, raws)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for raw in raws.values():
+        response = httpx.Response(200, content=raw, headers={"content-type": "text/event-stream"})
+        events = list(httpx_sse.EventSource(response).iter_sse())
+        assert [e.event for e in events] == ["started"] + ["token"] * 40 + ["end"]
+        again = b"".join(ServerSentEventMessage(event=e.event, data=msgspec.json.encode(json.loads(e.data)).decode())
+                         .encode() for e in events)
+        assert raw == again
