@@ -51,6 +51,10 @@ def test_bench_serve_reports_every_figure_on_the_reference_backend(tmp_path):
         assert side["n"] > 0 and math.isfinite(side["p50_ms"]) and side["p50_ms"] <= side["p99_ms"], side
     agg = {a["streams"]: a for a in res["aggregate"]}
     assert set(agg) == {1, 3} and all(a["tokens"] > 0 and a["tok_s"] > 0 for a in agg.values())
+    # each stream read by a process of its own; beside the client's figure, the engine's own rates
+    for n, a in agg.items():
+        assert a["clients"] == "processes" and 0 < a["tokens"] <= n * 24 and a["engine_reported_streams"] == n
+        assert a["engine_tok_s_sum"] > 0 and a["stream_sse_tok_s_mean"] > 0
     cancel = res["cancel_in_prefill"]
     assert len(cancel["runs"]) == 5 and all(run["terminal"] in ("end", "error") for run in cancel["runs"])
     assert res["bench_tg"] > 0

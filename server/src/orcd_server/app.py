@@ -319,35 +319,72 @@ def submit_job(srv: ServerState, job_id: str, prepared, seed: int, prompt_text: 
     return job
 
 
-async def job_events(srv: ServerState, job: Job) -> AsyncIterator[tuple[str, dict] | None]:
-    """The job's (event, data) pairs up to its terminal event; None every ping interval while nothing
-    happens. Leaving early (a client disconnect cancels the consumer) cancels the job."""
+async def job_event_batches(srv: ServerState, job: Job) -> AsyncIterator[list[tuple[str, dict]] | None]:
+    """The job's (event, data) pairs up to its terminal event, those already queued together in one
+    list (the engine hands a step's events over at once; a stream that fell behind catches up in one
+    write); None every ping interval while nothing happens. Leaving early (a client disconnect
+    cancels the consumer) cancels the job."""
     ping = srv.settings.ping_interval_s
+    queue = job.events
     try:
         while True:
-            try:
-                async with asyncio.timeout(ping):
-                    name, data = await job.events.get()
-            except TimeoutError:
-                yield None
-                continue
-            yield name, data
-            if name in TERMINAL_EVENTS:
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(ping):
+                        batch = [await queue.get()]
+                except TimeoutError:
+                    yield None
+                    continue
+            else:
+                batch = [queue.get_nowait()]
+            while batch[-1][0] not in TERMINAL_EVENTS and not queue.empty():
+                batch.append(queue.get_nowait())
+            yield batch
+            if batch[-1][0] in TERMINAL_EVENTS:
                 return
     finally:
         if not job.done:
             srv.worker.cancel(job.job_id, "disconnect")
 
 
+async def job_events(srv: ServerState, job: Job) -> AsyncIterator[tuple[str, dict] | None]:
+    """`job_event_batches` one (event, data) pair at a time."""
+    async with contextlib.aclosing(job_event_batches(srv, job)) as batches:
+        async for batch in batches:
+            if batch is None:
+                yield None
+                continue
+            for item in batch:
+                yield item
+
+
+class _Encoded(ServerSentEventMessage):
+    """SSE messages encoded already, one or several: Litestar writes `encode()`'s bytes as they are."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(data=None)
+        self.raw = raw
+
+    def encode(self) -> bytes:
+        return self.raw
+
+
+def sse_message(name: str, data: dict) -> bytes:
+    """`ServerSentEventMessage(event=name, data=<data as JSON>).encode()`, byte for byte (JSON has no
+    line breaks: msgspec escapes them inside strings), without its per-field regex and buffer."""
+    return b"event: " + name.encode() + b"\r\ndata: " + msgspec.json.encode(data) + b"\r\n\r\n"
+
+
 async def _events(srv: ServerState, job: Job) -> AsyncIterator[ServerSentEventMessage]:
-    """The job's events as SSE messages, a comment line for each ping (Litestar cancels this
-    generator when the client disconnects; `aclosing` passes that on to `job_events`)."""
-    async with contextlib.aclosing(job_events(srv, job)) as events:
-        async for item in events:
-            if item is None:
+    """The job's events as SSE messages, those queued together in one write, a comment line for each
+    ping (Litestar cancels this generator when the client disconnects; `aclosing` passes that on to
+    `job_event_batches`)."""
+    async with contextlib.aclosing(job_event_batches(srv, job)) as batches:
+        async for batch in batches:
+            if batch is None:
                 yield ServerSentEventMessage(comment="ping", data=None)
             else:
-                yield ServerSentEventMessage(event=item[0], data=msgspec.json.encode(item[1]).decode())
+                yield _Encoded(b"".join([sse_message(name, data) for name, data in batch]))
 
 
 def _on_terminal(srv: ServerState, job: Job, name: str, data: dict) -> None:

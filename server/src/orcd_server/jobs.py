@@ -2,8 +2,12 @@
 
 A `Job` is created by POST /execute after validation and tokenization. Its events are produced on
 the engine thread and handed to the event loop with `call_soon_threadsafe`, where the SSE generator
-reads them from an asyncio queue. Exactly one terminal event (`end` or `error`) per job: `finish`
-enforces it, whichever thread gets there first (the engine, a cancel of a queued job, shutdown).
+reads them from an asyncio queue. The engine thread gathers the events of one scheduler step (every
+running job's) in an `Outbox` and hands them over in one call: one wake-up of the event loop per
+step, not one per token (each is a write to the loop's self-pipe, and the GIL goes back and forth
+with the loop). Order is kept, per job and across jobs. Exactly one terminal event (`end` or
+`error`) per job: `claim_terminal` enforces it, whichever thread gets there first (the engine, a
+cancel of a queued job, shutdown).
 """
 
 from __future__ import annotations
@@ -79,13 +83,17 @@ class Job:
             self.state = JobState.DONE
             return True
 
-    def emit(self, name: str, data: dict) -> bool:
-        """Send an event from any thread (returns False when dropped). A terminal event must have
-        been claimed first (`claim_terminal`), so that what follows it (metrics, logs) can be done
-        before the client sees it; nothing is sent after the terminal event."""
+    def emit(self, name: str, data: dict, outbox: Outbox | None = None) -> bool:
+        """Send an event from any thread (returns False when dropped), now or, with `outbox`, when
+        the outbox is flushed. A terminal event must have been claimed first (`claim_terminal`), so
+        that what follows it (metrics, logs) can be done before the client sees it; nothing is sent
+        after the terminal event."""
         with self._lock:
             if self._terminal_sent and name not in TERMINAL_EVENTS:
                 return False
+        if outbox is not None:
+            outbox.items.append((self, name, data))
+            return True
         try:
             self.loop.call_soon_threadsafe(self._deliver, name, data)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -96,6 +104,36 @@ class Job:
         self.events.put_nowait((name, data))
         if name in TERMINAL_EVENTS and self.on_terminal is not None:
             self.on_terminal(self, name, data)
+
+
+class Outbox:
+    """Events of several jobs gathered on one thread (`Job.emit(..., outbox)`), handed to their
+    event loop by `flush` in one `call_soon_threadsafe`, in the order they were emitted."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Job, str, dict]] = []
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        items, self.items = self.items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, str, dict]]] = {}
+        for item in items:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver_all(batch: list[tuple[Job, str, dict]]) -> None:
+    for job, name, data in batch:
+        try:
+            job._deliver(name, data)
+        except Exception as exc:  # as when each was a callback of its own: reported, the others go on
+            job.loop.call_exception_handler({"message": f"delivering {name!r} of job {job.job_id}",
+                                             "exception": exc})
 
 
 class JobQueue:

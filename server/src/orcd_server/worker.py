@@ -21,7 +21,7 @@ from typing import Any
 from orcd_core.errors import ModelLoadError, OrcdError
 from orcd_core.generation import Cancelled, GeneratedToken, GenerationError, GenerationResult
 
-from .jobs import Job, JobQueue
+from .jobs import Job, JobQueue, Outbox
 from .logging import text_fields
 from .metrics import Metrics
 
@@ -246,9 +246,12 @@ class EngineWorker:
 
     def _serve_jobs(self) -> None:
         """Continuous batching: jobs join the engine's scheduler while it has a place, and every
-        `step()` advances all of them (orcd_core.scheduler); each job's events go out as they come."""
+        `step()` advances all of them (orcd_core.scheduler). A step's events, every job's, go to the
+        event loop together once the step is handled (one `Outbox` flush); a job's `started` goes at
+        once (a long prefill follows it)."""
         sched = self.engine.scheduler
         running: dict[Any, _Running] = {}  # scheduler sequence -> its job's state
+        outbox = Outbox()
         while True:
             while sched.n_free > 0:
                 job = self.queue.take(block=not sched.busy)
@@ -267,17 +270,22 @@ class EngineWorker:
                 sched.close()
                 for seq, r in list(running.items()):
                     del running[seq]
-                    self._end_job(r, {"outcome": "error", "error": ("INTERNAL", f"internal error: {exc!r}", False)})
+                    self._end_job(r, {"outcome": "error", "error": ("INTERNAL", f"internal error: {exc!r}", False)},
+                                  outbox)
+                outbox.flush()
                 continue
-            for seq, event in events:
-                r = running.get(seq)
-                if r is None:
-                    continue
-                if isinstance(event, GeneratedToken):
-                    self._on_token(r, event)
-                    continue
-                del running[seq]
-                self._end_job(r, self._outcome(r.job, event))
+            try:
+                for seq, event in events:
+                    r = running.get(seq)
+                    if r is None:
+                        continue
+                    if isinstance(event, GeneratedToken):
+                        self._on_token(r, event, outbox)
+                        continue
+                    del running[seq]
+                    self._end_job(r, self._outcome(r.job, event), outbox)
+            finally:
+                outbox.flush()
 
     def _start_job(self, job: Job, sched, running: dict) -> None:
         if job.cancel_token.cancelled:  # cancelled between take() and here
@@ -303,7 +311,7 @@ class EngineWorker:
         seq = sched.submit(job.prepared, job.cancel_token)
         running[seq] = _Running(job=job, started=started, timer=timer)
 
-    def _on_token(self, r: "_Running", token: GeneratedToken) -> None:
+    def _on_token(self, r: "_Running", token: GeneratedToken, outbox: Outbox) -> None:
         now = time.monotonic()
         if r.last is None:
             self.metrics.ttft.observe(now - r.started)
@@ -315,7 +323,7 @@ class EngineWorker:
         if token.logprobs is not None:
             event["logprob"] = token.logprobs.logprob
             event["top_logprobs"] = [{"id": i, "logprob": v} for i, v in token.logprobs.top]
-        r.job.emit("token", event)
+        r.job.emit("token", event, outbox)
 
     def _outcome(self, job: Job, event) -> dict[str, Any]:
         """The terminal event of a job from the scheduler's last event for it."""
@@ -350,18 +358,19 @@ class EngineWorker:
         job.log.error("error", code="INTERNAL", message=repr(event))
         return {"outcome": "error", "error": ("INTERNAL", f"internal error: {event!r}", False)}
 
-    def _end_job(self, r: "_Running", terminal: dict[str, Any]) -> None:
+    def _end_job(self, r: "_Running", terminal: dict[str, Any], outbox: Outbox) -> None:
         r.timer.cancel()
         self._refresh_info()
         # the job's resources are released: it stops counting as running before its terminal event
         self._terminal(r.job, terminal.pop("outcome"), output="".join(r.pieces), run_s=time.monotonic() - r.started,
-                       **terminal)
+                       outbox=outbox, **terminal)
 
     def _terminal(self, job: Job, outcome: str, *, end: dict | None = None,
-                  error: tuple[str, str, bool] | None = None, output: str = "", run_s: float | None = None) -> None:
+                  error: tuple[str, str, bool] | None = None, output: str = "", run_s: float | None = None,
+                  outbox: Outbox | None = None) -> None:
         """Count and log the job's one terminal event, then send it (so that a client that reads
-        /metrics right after its stream ended sees the job counted). `run_s`: the job's run time
-        on the engine thread (no queue wait), for the Retry-After estimate."""
+        /metrics right after its stream ended sees the job counted), now or with `outbox`'s flush.
+        `run_s`: the job's run time on the engine thread (no queue wait), for the Retry-After estimate."""
         if not job.claim_terminal():
             return
         self.queue.finish(job)
@@ -382,7 +391,7 @@ class EngineWorker:
         fields.update(text_fields("output", output, self.log_prompts))
         job.log.info("execute_end", **fields)
         if end is not None:
-            job.emit("end", end)
+            job.emit("end", end, outbox)
         else:
             code, message, retriable = error
-            job.emit("error", {"code": code, "message": message, "retriable": retriable})
+            job.emit("error", {"code": code, "message": message, "retriable": retriable}, outbox)
