@@ -23,7 +23,9 @@ def test_kv_cache_that_does_not_fit_is_vram_oom_and_frees_everything(dev):
         dev.new_kv_cache(1, n_ctx, 8, 128)
     assert exc.value.code == "VRAM_OOM" and exc.value.details["required"] > total
     free1, _ = cupy.cuda.runtime.memGetInfo()
-    assert abs(free1 - free0) <= 1 << 20
+    # nothing of the failed cache stays allocated (free memory may rise: on an out-of-memory error CuPy's
+    # pools give their cached blocks back before retrying; measured +2 MiB on an H100)
+    assert free1 >= free0 - (1 << 20)
     assert dev.memory_report()["kv_cache"] == 0 and dev.healthy
     cache = dev.new_kv_cache(2, 64, 2, 64)  # and the device still allocates normally
     dev.free_kv_cache(cache)
@@ -46,7 +48,7 @@ def test_model_that_does_not_fit_fails_before_allocating(dev, tmp_path):
     assert "required" in msg and "available" in msg and "GPU 0" in msg and str(path) in msg
     assert len(msg.splitlines()) == 1
     free1, _ = cupy.cuda.runtime.memGetInfo()
-    assert abs(free1 - free0) <= 1 << 20
+    assert free1 >= free0 - (1 << 20)  # nothing of the refused model stays allocated (as above)
 
 
 def test_gpu_device_is_validated():
