@@ -105,6 +105,46 @@ def test_moe_prefill_groups_tokens_by_expert(dev, ref, experts, T):
     assert per_tok.max() <= 3e-2
 
 
+def test_moe_prefill_padded_batched_and_per_expert_gemms_agree(dev, ref, experts, monkeypatch):
+    """The grouped prefill's two layouts (moe.py): the padded one (expert e's pairs at rows e M .., one
+    strided-batched GEMM for each run of experts the scratch holds) and the sorted order with one GEMM
+    per expert (MOE_PAD_LIMIT 0 forces it); each against the reference (<= 1e-2, fp16 operands) and
+    against each other (<= 1e-3: the same fp16 operands, cuBLAS's kernels may differ)."""
+    from orcd_core.backends.cuda import moe as cuda_moe
+
+    T = 300
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((T, experts.D)).astype(np.float32)
+    want = ref.moe(x, *experts.args("ref"), top_k=4, act="swiglu_oai")
+    calls = {"batched": [], "single": 0}
+    batched, single = dev.dequant_gemm_experts, dev.dequant_gemm
+
+    def count_batched(w, e0, G, *a):
+        calls["batched"].append(G)
+        return batched(w, e0, G, *a)
+
+    def count_single(*a):
+        calls["single"] += 1
+        return single(*a)
+
+    monkeypatch.setattr(dev, "dequant_gemm_experts", count_batched)
+    monkeypatch.setattr(dev, "dequant_gemm", count_single)
+    with monkeypatch.context() as m:
+        m.setattr(cuda_moe, "MOE_PAD_LIMIT", 0)
+        poison(dev)
+        per_expert = dev.to_host(dev.moe(dev.to_device(x, "float32"), *experts.args("gpu"), top_k=4, act="swiglu_oai"))
+    assert calls["single"] >= 2 * 30 and not calls["batched"]  # (the scratch is sized by now: dequant_gemm grew it)
+    assert dev.experts_per_gemm(2 * experts.F, experts.D) >= experts.E
+    calls["single"] = 0
+    poison(dev)
+    padded = dev.to_host(dev.moe(dev.to_device(x, "float32"), *experts.args("gpu"), top_k=4, act="swiglu_oai"))
+    assert calls["single"] == 0 and len(calls["batched"]) == 2  # one batched GEMM per projection
+    for got in (per_expert, padded):
+        assert got.shape == (T, experts.D) and np.isfinite(got).all()
+        assert rel_l2(got, want) <= 1e-2
+    assert rel_l2(padded, per_expert) <= 1e-3
+
+
 def test_moe_clamps_large_activations(dev, ref):
     """Inputs large enough that gate/up exceed swiglu_oai's limit of 7 (the clamp branch)."""
     e = Experts(dev, ref, np.random.default_rng(3), E=8, D=256, F=128)

@@ -20,7 +20,7 @@ from .memory import raw_alloc
 
 WORKSPACE_BYTES = 32 << 20  # cuBLAS's recommended workspace on Hopper
 POINTER_MODE_HOST = 0
-_P, _I = ctypes.c_void_p, ctypes.c_int
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
 
 
 def _loaded_library(stem: str) -> str:
@@ -47,6 +47,9 @@ class CapturableCublas:
         self._set_pointer_mode.argtypes = [_P, _I]
         self._gemm_ex = lib.cublasGemmEx
         self._gemm_ex.argtypes = [_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I]
+        self._gemm_sb = lib.cublasGemmStridedBatchedEx
+        self._gemm_sb.argtypes = [_P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _L, _P, _I, _I, _L, _P, _P, _I, _I, _L, _I,
+                                  _I, _I]
         self._workspace = raw_alloc(WORKSPACE_BYTES)
 
     @property
@@ -56,7 +59,7 @@ class CapturableCublas:
     @staticmethod
     def _check(status: int, what: str) -> None:
         if status != 0:
-            raise CudaError(f"{what} failed during a CUDA graph capture (cublasStatus_t {status})")
+            raise CudaError(f"{what} failed (cublasStatus_t {status})")
 
     def bind(self, handle: int, stream_ptr: int) -> None:
         """The handle on the capturing stream, with our workspace, scalars read from host memory."""
@@ -71,3 +74,15 @@ class CapturableCublas:
         """cublasGemmEx, arguments as CuPy's `cublas.gemmEx` takes them (pointers as ints)."""
         self._check(self._gemm_ex(_P(handle), transa, transb, m, n, k, _P(alpha), _P(a), a_type, lda, _P(b), b_type,
                                   ldb, _P(beta), _P(c), c_type, ldc, compute_type, algo), "cublasGemmEx")
+
+    def gemm_strided_batched_ex(self, handle: int, transa: int, transb: int, m: int, n: int, k: int, alpha: int,
+                                a: int, a_type: int, lda: int, stride_a: int, b: int, b_type: int, ldb: int,
+                                stride_b: int, beta: int, c: int, c_type: int, ldc: int, stride_c: int, batch: int,
+                                compute_type: int, algo: int) -> None:
+        """cublasGemmStridedBatchedEx (pointers as ints, strides in elements): `batch` GEMMs of one
+        shape, operand i at a + i stride_a and so on (the grouped MoE prefill's experts), through these
+        bindings in and out of a capture (after `bind`)."""
+        self._check(self._gemm_sb(_P(handle), transa, transb, m, n, k, _P(alpha), _P(a), a_type, lda, stride_a, _P(b),
+                                  b_type, ldb, stride_b, _P(beta), _P(c), c_type, ldc, stride_c, batch, compute_type,
+                                  algo), "cublasGemmStridedBatchedEx")
+
