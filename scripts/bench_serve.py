@@ -154,6 +154,40 @@ def _aggregate_client(url, body, ready, out):
     out.put((body["seed"], events))
 
 
+ENGINE_METRICS = ("orcd_engine_step_seconds", "orcd_engine_gpu_wait_seconds", "orcd_engine_events_seconds",
+                  "orcd_decode_batch_rows")
+
+
+def engine_totals(url) -> dict[str, tuple[float, float]]:
+    """{histogram: (sum, count)} of the worker's engine-thread metrics (GET /metrics); {} when it has none."""
+    try:
+        text = client().get(f"{url}/metrics").text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        for name in ENGINE_METRICS:
+            for suffix, i in (("_sum ", 0), ("_count ", 1)):
+                if line.startswith(name + suffix):
+                    out.setdefault(name, [0.0, 0.0])[i] = float(line.split()[-1])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def engine_breakdown(before, after) -> dict[str, float]:
+    """The engine thread's means over a run, from two engine_totals: a scheduler iteration's wall time,
+    its wait for the GPU (decode iterations), the hand-off of its events (ms), and rows per decode step.
+    An iteration's time minus its GPU wait is host work: when the wait is near zero, the host bounds it."""
+    def mean(name, scale=1.0):
+        if name not in before or name not in after:
+            return float("nan")
+        (s0, n0), (s1, n1) = before[name], after[name]
+        return (s1 - s0) / (n1 - n0) * scale if n1 > n0 else float("nan")
+    n_steps = after.get("orcd_engine_step_seconds", (0, 0))[1] - before.get("orcd_engine_step_seconds", (0, 0))[1]
+    return {"iterations": n_steps, "step_ms": mean("orcd_engine_step_seconds", 1e3),
+            "gpu_wait_ms": mean("orcd_engine_gpu_wait_seconds", 1e3),
+            "events_ms": mean("orcd_engine_events_seconds", 1e3), "rows": mean("orcd_decode_batch_rows")}
+
+
 def aggregate(url, n_streams, n_tokens):
     """n_streams concurrent streams, each read by a process of its own (a client that parses ~4,000
     events a second in threads of one process measures its own GIL). `tok_s`: all tokens over the
@@ -171,11 +205,13 @@ def aggregate(url, n_streams, n_tokens):
                                ready, out)) for i in range(n_streams)]
     for p in procs:
         p.start()
+    before = engine_totals(url)
     ready.wait(timeout=120)
     t0 = time.perf_counter()
     results = [out.get(timeout=600)[1] for _ in procs]
     for p in procs:
         p.join(30)
+    engine = engine_breakdown(before, engine_totals(url))
     t_end = max(ev[-1][2] for ev in results)  # perf_counter is the system's monotonic clock: one for all
     dt = t_end - t0
     n = sum(sum(1 for e in ev if e[0] == "token") for ev in results)
@@ -188,7 +224,7 @@ def aggregate(url, n_streams, n_tokens):
     return {"streams": n_streams, "tokens": n, "seconds": dt, "tok_s": n / dt, "clients": "processes",
             "engine_tok_s_sum": sum(float(e["timings"]["predicted_per_second"]) for e in ends),
             "engine_reported_streams": len(ends),
-            "stream_sse_tok_s_mean": sum(rates) / len(rates) if rates else float("nan")}
+            "stream_sse_tok_s_mean": sum(rates) / len(rates) if rates else float("nan"), "engine": engine}
 
 
 def cancel_latency(url, n_words, reps=5):
@@ -294,6 +330,10 @@ def main() -> int:
         engine = (f"; engine says {a['engine_tok_s_sum']:.1f} (the streams' own rates summed)"
                   if a["streams"] <= args.max_batch else "")  # (beyond the batch, streams queue: rates don't add)
         print(f"{str(a['streams']) + ' concurrent streams':<34}{a['tok_s']:>20.1f} tok/s aggregate{ratio}{engine}")
+        e = a.get("engine") or {}
+        if e.get("iterations"):  # the worker's engine-thread metrics over the run (engine_breakdown)
+            print(f"{'  engine thread':<34}{e['step_ms']:>20.2f} ms an iteration: GPU wait {e['gpu_wait_ms']:.2f}, "
+                  f"events {e['events_ms']:.2f}; {e['rows']:.1f} rows a decode step ({e['iterations']:.0f} iterations)")
     c = res["cancel_in_prefill"]
     print(f"{'cancel during a ' + str(args.cancel_prompt) + '-word prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")
     if args.json:

@@ -110,6 +110,7 @@ class FakeScheduler:
         self.engine, self.max_batch = engine, max_batch
         self.waiting: list[_FakeSeq] = []
         self.active: list[_FakeSeq] = []
+        self.last_rows, self.last_wait_s, self.last_prefill_tokens = 0, 0.0, 0  # (the last step's, as Scheduler's)
 
     def submit(self, prepared, cancel=None) -> _FakeSeq:
         seq = _FakeSeq(prepared, cancel)
@@ -135,9 +136,12 @@ class FakeScheduler:
             eng.kv_live += 1
             seq.t0 = time.perf_counter()
             self.active.append(seq)
+        self.last_rows, self.last_wait_s = 0, 0.0
         if not self.active:
             return events
-        time.sleep(eng.step_s)
+        t0 = time.perf_counter()
+        time.sleep(eng.step_s)  # (the fake's "device": its step is all waiting)
+        self.last_rows, self.last_wait_s = len(self.active), time.perf_counter() - t0
         for seq in list(self.active):
             request = seq.prepared.request
             if seq.cancel is not None and seq.cancel.cancelled:

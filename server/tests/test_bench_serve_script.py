@@ -55,7 +55,12 @@ def test_bench_serve_reports_every_figure_on_the_reference_backend(tmp_path):
     for n, a in agg.items():
         assert a["clients"] == "processes" and 0 < a["tokens"] <= n * 24 and a["engine_reported_streams"] == n
         assert a["engine_tok_s_sum"] > 0 and a["stream_sse_tok_s_mean"] > 0
+        # the engine thread over the run (the worker's orcd_engine_* metrics): iterations that decoded
+        # up to --max-batch rows; the reference's decoder reports no device wait
+        e = a["engine"]
+        assert e["iterations"] > 0 and 0 < e["step_ms"] and 0 <= e["events_ms"] and e["gpu_wait_ms"] == 0
+        assert 1 <= e["rows"] <= min(n, 2)
     cancel = res["cancel_in_prefill"]
     assert len(cancel["runs"]) == 5 and all(run["terminal"] in ("end", "error") for run in cancel["runs"])
     assert res["bench_tg"] > 0
-    assert "concurrent streams" in r.stdout and "during a stream" in r.stdout
+    assert "concurrent streams" in r.stdout and "during a stream" in r.stdout and "engine thread" in r.stdout

@@ -508,3 +508,30 @@ def test_jobs_run_together_up_to_max_batch_and_the_rest_wait():
         assert h.engine.kv_live == 0
     finally:
         h.srv.stop()
+
+
+def test_metrics_say_where_the_engine_threads_time_goes():
+    """orcd_engine_step_seconds / _gpu_wait_seconds / _events_seconds and orcd_decode_batch_rows: one
+    observation per scheduler iteration (rows and the device wait only for iterations that decoded); two
+    streams of 6 and 3 tokens decoding together give 9 rows in 6 decode steps, and the fake's steps are
+    all waiting (step_s each)."""
+    step_s = 0.01
+    h = start(engine={"max_batch": 2}, step_s=step_s)
+    try:
+        outs = [[], []]
+        threads = [stream_async(h.srv.url, {"job_id": f"s{i}", "prompt": "x", "max_tokens": n}, outs[i])
+                   for i, n in enumerate((6, 3))]
+        for t in threads:
+            t.join()
+        assert [out[-1][0] for out in outs] == ["end", "end"]
+        text = h.metrics()
+        rows_sum = metric_value(text, "orcd_decode_batch_rows_sum")
+        rows_n = metric_value(text, "orcd_decode_batch_rows_count")
+        assert rows_sum == 9 and 6 <= rows_n <= 9  # (the second stream may start a step late)
+        assert metric_value(text, "orcd_engine_gpu_wait_seconds_count") == rows_n
+        assert metric_value(text, "orcd_engine_gpu_wait_seconds_sum") >= 0.9 * step_s * rows_n
+        n_steps = metric_value(text, "orcd_engine_step_seconds_count")
+        assert n_steps >= rows_n and metric_value(text, "orcd_engine_events_seconds_count") == n_steps
+        assert metric_value(text, "orcd_engine_step_seconds_sum") >= metric_value(text, "orcd_engine_gpu_wait_seconds_sum")
+    finally:
+        h.srv.stop()

@@ -348,6 +348,9 @@ class BatchDecoder(abc.ABC):
         self.device, self.forward, self.max_rows = device, forward, int(max_rows)
         self.rows: list[DecodeRow] = []
         self.changed = True  # the rows differ from those of the last step issued
+        # seconds the last `step` waited for the device to finish a step it had issued (0 where the
+        # loop cannot tell waiting from working, as the eager one): the rest of a step is host work
+        self.wait_s = 0.0
 
     def join(self, row: DecodeRow) -> None:
         if len(self.rows) >= self.max_rows:

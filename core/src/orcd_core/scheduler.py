@@ -79,6 +79,11 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.active: list[Sequence] = []  # prefill or decode, in arrival order
         self._decoder = None
+        # what the last `step()` did, for the worker's metrics: sequences in its decode step (0: none),
+        # seconds that step waited for the device (BatchDecoder.wait_s), tokens it prefilled
+        self.last_rows = 0
+        self.last_wait_s = 0.0
+        self.last_prefill_tokens = 0
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -99,6 +104,7 @@ class Scheduler:
     def step(self) -> list[tuple[Sequence, object]]:
         """One iteration (see the module docstring); returns the events it produced, in order."""
         events: list[tuple[Sequence, object]] = []
+        self.last_rows, self.last_wait_s, self.last_prefill_tokens = 0, 0.0, 0
         for seq in [s for s in self.active if s.cancel is not None and s.cancel.cancelled]:
             where = " during prefill" if seq.state == "prefill" else ""
             self._fail(seq, Cancelled(f"the request was cancelled{where}", tokens_out=len(seq.out_ids)), events)
@@ -124,6 +130,7 @@ class Scheduler:
                 for seq in list(by_row.values()):
                     self._fail(seq, exc, events)
                 return events
+            self.last_rows, self.last_wait_s = len(pairs), decoder.wait_s
             for row, token in pairs:
                 seq = by_row[id(row)]
                 self._push(seq, token, events, row.last_logprobs)
@@ -150,7 +157,9 @@ class Scheduler:
             seq.t_start = time.perf_counter()
             seq.cache = eng.model.new_kv_cache(seq.prepared.n_ctx)
         i0 = seq.n_prefilled
-        logits = eng.prefill(prompt[i0 : i0 + PREFILL_CHUNK], seq.cache, start_pos=i0)
+        chunk = prompt[i0 : i0 + PREFILL_CHUNK]
+        self.last_prefill_tokens = len(chunk)
+        logits = eng.prefill(chunk, seq.cache, start_pos=i0)
         seq.n_prefilled = min(len(prompt), i0 + PREFILL_CHUNK)
         if seq.n_prefilled < len(prompt):
             return

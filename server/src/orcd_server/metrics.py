@@ -29,6 +29,9 @@ OUTCOMES = (
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# the engine thread's iterations: a decode step of a small model is a millisecond or two
+_STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1,
+                 0.25, 1.0)
 
 
 class Metrics:
@@ -50,25 +53,32 @@ class Metrics:
             self.requests.labels(outcome)  # every series exists from the start, at 0
         self.prompt_tokens = Counter("orcd_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("orcd_generation_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram(
-            "orcd_time_to_first_token_seconds",
-            "From the start of a job to its first generated token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "orcd_inter_token_latency_seconds",
-            "Between consecutive generated tokens of a job",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "orcd_request_duration_seconds",
-            "From accepting a job to its terminal event (queue wait included)",
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
-        Gauge("orcd_requests_running", "Jobs running (0 or 1)", registry=r).set_function(running)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        self.ttft = histogram("orcd_time_to_first_token_seconds", "From the start of a job to its first generated token",
+                              _LATENCY_BUCKETS)
+        self.itl = histogram("orcd_inter_token_latency_seconds", "Between consecutive generated tokens of a job",
+                             _LATENCY_BUCKETS)
+        self.duration = histogram("orcd_request_duration_seconds",
+                                  "From accepting a job to its terminal event (queue wait included)", _DURATION_BUCKETS)
+        # The engine thread, one scheduler iteration at a time (a prefill chunk and/or one batched decode
+        # step): where a served token's time goes. A step's wall time minus its GPU wait is host work; with
+        # the decode pipelined (backends/cuda/graph.py) the GPU wait is what the host work did not cover.
+        self.engine_step = histogram("orcd_engine_step_seconds",
+                                     "One iteration of the engine's scheduler (a prefill chunk and/or a batched "
+                                     "decode step)", _STEP_BUCKETS)
+        self.engine_gpu_wait = histogram("orcd_engine_gpu_wait_seconds",
+                                         "Of each iteration with a decode step, the time the engine thread waited "
+                                         "for the device", _STEP_BUCKETS)
+        self.engine_events = histogram("orcd_engine_events_seconds",
+                                       "Of each iteration, handling its events (metrics, logs, the hand-off to the "
+                                       "streams)", _STEP_BUCKETS)
+        self.decode_rows = histogram("orcd_decode_batch_rows", "Sequences in each batched decode step",
+                                     (1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+        Gauge("orcd_requests_running", "Jobs running (decoding together, up to --max-batch)",
+              registry=r).set_function(running)
         Gauge("orcd_requests_queued", "Jobs waiting in the queue", registry=r).set_function(queued)
         Gauge("orcd_vram_bytes_used", "Device memory in use (cached)", registry=r).set_function(vram_bytes)
         Gauge("orcd_uptime_seconds", "Seconds since the worker started", registry=r).set_function(

@@ -262,6 +262,7 @@ class EngineWorker:
                 if self.queue.closed and self.queue.n_waiting == 0:
                     return
                 continue
+            t0 = time.perf_counter()
             try:
                 events = sched.step()
             except Exception as exc:  # a fault outside the requests' own errors: fail them all, go on
@@ -274,6 +275,7 @@ class EngineWorker:
                                   outbox)
                 outbox.flush()
                 continue
+            t1 = time.perf_counter()
             try:
                 for seq, event in events:
                     r = running.get(seq)
@@ -286,6 +288,16 @@ class EngineWorker:
                     self._end_job(r, self._outcome(r.job, event), outbox)
             finally:
                 outbox.flush()
+            self._observe_step(sched, t1 - t0, time.perf_counter() - t1)
+
+    def _observe_step(self, sched, step_s: float, events_s: float) -> None:
+        """The iteration's timings (orcd_engine_*; the scheduler's `last_rows` / `last_wait_s`)."""
+        m = self.metrics
+        m.engine_step.observe(step_s)
+        m.engine_events.observe(events_s)
+        if sched.last_rows:
+            m.decode_rows.observe(sched.last_rows)
+            m.engine_gpu_wait.observe(sched.last_wait_s)
 
     def _start_job(self, job: Job, sched, running: dict) -> None:
         if job.cancel_token.cancelled:  # cancelled between take() and here

@@ -24,6 +24,7 @@ scratch's addresses: when either is replaced (it grew), every graph is dropped a
 from __future__ import annotations
 
 import collections
+import time
 
 import cupy
 import numpy as np
@@ -145,8 +146,10 @@ class GraphBatchDecoder(BatchDecoder):
                 and all(r.logprobs is None for r in self.rows)):  # (log-probabilities read the step's logits)
             self._launch()  # step k + 1 runs while the host handles step k's tokens
         rows, parity = self._flight.popleft()
+        t0 = time.perf_counter()
         try:
             self._done[parity].synchronize()
+            self.wait_s = time.perf_counter() - t0  # (the GPU time the host's work did not cover)
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"decode step failed on GPU {self.dev.gpu}: {exc}") from exc
         members = {id(r) for r in self.rows}
