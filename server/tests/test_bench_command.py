@@ -66,3 +66,30 @@ def test_bench_max_batch_is_the_engines_capacity(tiny_model, capsys):
     with pytest.raises(SystemExit, match="--max-batch must be in 2"):
         main(["bench", str(tiny_model), "--backend", "reference", "-b", "2", "--max-batch", "1"])
 
+
+
+def test_bench_max_context_sizes_the_kv_caches_as_a_served_workers(tiny_model, capsys, monkeypatch):
+    """--max-context N: the engine's context and every cache the tests make hold N positions (a served
+    worker's caches span its whole context); below what the tests need it is refused with one line."""
+    from orcd_core.engine import Engine
+
+    sizes = []
+    load = Engine.load
+
+    def spy_load(*a, **k):
+        eng = load(*a, **k)
+        make = eng.model.new_kv_cache
+        eng.model.new_kv_cache = lambda n_ctx, *x, **y: (sizes.append(n_ctx), make(n_ctx, *x, **y))[1]
+        return eng
+
+    monkeypatch.setattr(Engine, "load", staticmethod(spy_load))
+    assert main(["bench", str(tiny_model), "--backend", "reference", "-p", "4", "-n", "2", "-r", "1", "-b", "2",
+                 "--max-context", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_context"] == 64 and out["pp4"]["tok_s"] > 0 and out["tg2"]["tok_s"] > 0
+    assert sizes and set(sizes) == {64}  # pp's caches and each of tg's two sequences' (warm-up and timed runs)
+    sizes.clear()
+    assert main(["bench", str(tiny_model), "--backend", "reference", "-p", "4", "-n", "2", "-r", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_context"] is None and set(sizes) == {4, 3}
+    with pytest.raises(SystemExit, match="--max-context 3 is below the 4 positions"):
+        main(["bench", str(tiny_model), "--backend", "reference", "-p", "4", "-n", "2", "--max-context", "3"])

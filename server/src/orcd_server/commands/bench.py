@@ -1,4 +1,5 @@
 """`orcd-worker bench MODEL [--backend cuda] [-p 512] [-n 128] [-r 3] [--json]`: llama-bench's two tests.
+(`--max-context N` sizes every KV cache as a served worker's is: see its help.)
 
 - load: wall time of `Engine.load` (open + validate, tokenizer, weights uploaded to the device).
 - pp N: prompt processing. N random token ids (seeded) prefilled from position 0 into a fresh KV
@@ -43,6 +44,10 @@ def add_parser(subparsers) -> None:
                         help="sequences the engine can decode together, as `serve --max-batch` (default: B). "
                              "On the GPU it picks the decode kernels (docs/cuda-backend.md): 1 keeps the "
                              "one-row kernels, more the batch-invariant tensor-core ones, also for one row")
+    parser.add_argument("--max-context", type=int, default=None, metavar="N",
+                        help="KV caches of N positions, as a served worker's (`serve --max-context`, else the "
+                             "model's context); default: the positions the test needs. The decode attention's "
+                             "splits cover a cache's whole context, so this measures a served step in process")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the random prompt ids (1234)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
@@ -52,13 +57,13 @@ def _sync(dev, x) -> None:
     dev.to_host(x.reshape(-1)[:1])  # a 4-byte copy: waits for everything queued before it
 
 
-def bench_pp(engine, n: int, reps: int, rng, depth: int = 0) -> list[float]:
+def bench_pp(engine, n: int, reps: int, rng, depth: int = 0, ctx: int | None = None) -> list[float]:
     dev, model = engine.device, engine.model
     vocab = int(engine.config.n_vocab)
     times = []
     for r in range(reps + 1):
         ids = rng.integers(0, vocab, n).tolist()
-        cache = model.new_kv_cache(depth + n)
+        cache = model.new_kv_cache(ctx or depth + n)
         try:
             if depth:
                 engine.prefill(rng.integers(0, vocab, depth).tolist(), cache)
@@ -74,7 +79,7 @@ def bench_pp(engine, n: int, reps: int, rng, depth: int = 0) -> list[float]:
     return times
 
 
-def bench_tg(engine, n: int, reps: int, rng, depth: int = 0, batch: int = 1) -> list[float]:
+def bench_tg(engine, n: int, reps: int, rng, depth: int = 0, batch: int = 1, ctx: int | None = None) -> list[float]:
     """`batch` sequences decoding together (continuous batching's step): each step yields one token
     per sequence, so the rate is batch * n / time."""
     from orcd_core.device import DecodeRow
@@ -89,7 +94,7 @@ def bench_tg(engine, n: int, reps: int, rng, depth: int = 0, batch: int = 1) -> 
             caches, rows = [], []
             try:
                 for _ in range(batch):
-                    caches.append(model.new_kv_cache(depth + n + 1))
+                    caches.append(model.new_kv_cache(ctx or depth + n + 1))
                     engine.prefill(rng.integers(0, vocab, depth + 1).tolist(), caches[-1])
                     rows.append(DecodeRow(cache=caches[-1], id=int(rng.integers(0, vocab)), position=depth + 1,
                                           step_index=1, params=greedy, recent=[], budget=n))
@@ -127,19 +132,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.batch <= max_batch <= MAX_BATCH:
         raise SystemExit(f"orcd-worker bench: --max-batch must be in {args.batch}..{MAX_BATCH} (--batch {args.batch}), "
                          f"got {max_batch}")
+    need = args.depth + max(args.n_prompt, args.n_gen + 1, 1)
+    if args.max_context is not None and args.max_context < need:
+        raise SystemExit(f"orcd-worker bench: --max-context {args.max_context} is below the {need} positions "
+                         f"the tests need (-d + max(-p, -n + 1))")
+    ctx = args.max_context
     engine = Engine.load(args.model, backend=be, gpu_device=args.gpu_device, max_batch=max_batch,
-                         max_context=args.depth + max(args.n_prompt, args.n_gen + 1, 1))
+                         max_context=ctx or need)
     load_s = time.perf_counter() - t0
     results = {"model": str(args.model), "architecture": engine.architecture, "backend": be,
                "gpu": getattr(engine.device, "gpu_name", None), "load_s": round(load_s, 3),
                "file_bytes": engine.gguf.file_size, "repetitions": reps, "depth": args.depth, "batch": args.batch,
-               "max_batch": max_batch, "decode_gemv": getattr(engine.device, "decode_gemv", None)}
+               "max_batch": max_batch, "decode_gemv": getattr(engine.device, "decode_gemv", None),
+               "max_context": ctx}
     try:
         for test, n, fn in (("pp", args.n_prompt, bench_pp), ("tg", args.n_gen, bench_tg)):
             if n <= 0:
                 continue
             k = args.batch if test == "tg" else 1
-            times = fn(engine, n, reps, rng, args.depth, **({"batch": k} if test == "tg" else {}))
+            times = fn(engine, n, reps, rng, args.depth, ctx=ctx, **({"batch": k} if test == "tg" else {}))
             rates = sorted(k * n / t for t in times)
             results[f"{test}{n}"] = {"tok_s": round(statistics.median(rates), 2), "min": round(rates[0], 2),
                                      "max": round(rates[-1], 2), "runs_s": times}  # runs_s unrounded: the rates follow exactly
