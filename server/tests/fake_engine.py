@@ -110,7 +110,7 @@ class FakeScheduler:
         self.engine, self.max_batch = engine, max_batch
         self.waiting: list[_FakeSeq] = []
         self.active: list[_FakeSeq] = []
-        self.last_rows, self.last_wait_s, self.last_prefill_tokens = 0, 0.0, 0  # (the last step's, as Scheduler's)
+        self.last_rows, self.last_wait_s = 0, 0.0  # (the last step's, as Scheduler's)
 
     def submit(self, prepared, cancel=None) -> _FakeSeq:
         seq = _FakeSeq(prepared, cancel)

@@ -80,10 +80,9 @@ class Scheduler:
         self.active: list[Sequence] = []  # prefill or decode, in arrival order
         self._decoder = None
         # what the last `step()` did, for the worker's metrics: sequences in its decode step (0: none),
-        # seconds that step waited for the device (BatchDecoder.wait_s), tokens it prefilled
+        # seconds that step waited for the device (BatchDecoder.wait_s)
         self.last_rows = 0
         self.last_wait_s = 0.0
-        self.last_prefill_tokens = 0
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -104,7 +103,7 @@ class Scheduler:
     def step(self) -> list[tuple[Sequence, object]]:
         """One iteration (see the module docstring); returns the events it produced, in order."""
         events: list[tuple[Sequence, object]] = []
-        self.last_rows, self.last_wait_s, self.last_prefill_tokens = 0, 0.0, 0
+        self.last_rows, self.last_wait_s = 0, 0.0
         for seq in [s for s in self.active if s.cancel is not None and s.cancel.cancelled]:
             where = " during prefill" if seq.state == "prefill" else ""
             self._fail(seq, Cancelled(f"the request was cancelled{where}", tokens_out=len(seq.out_ids)), events)
@@ -157,9 +156,7 @@ class Scheduler:
             seq.t_start = time.perf_counter()
             seq.cache = eng.model.new_kv_cache(seq.prepared.n_ctx)
         i0 = seq.n_prefilled
-        chunk = prompt[i0 : i0 + PREFILL_CHUNK]
-        self.last_prefill_tokens = len(chunk)
-        logits = eng.prefill(chunk, seq.cache, start_pos=i0)
+        logits = eng.prefill(prompt[i0 : i0 + PREFILL_CHUNK], seq.cache, start_pos=i0)
         seq.n_prefilled = min(len(prompt), i0 + PREFILL_CHUNK)
         if seq.n_prefilled < len(prompt):
             return
