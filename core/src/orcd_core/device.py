@@ -106,6 +106,9 @@ class KVBatch:
     n_ctx: int
     window: list[int] = field(default_factory=list)
     table: Any = None
+    # an upper bound of every row's position + 1 in this step and in any replay of it (0: the context);
+    # a backend may size the step's attention for it (the CUDA decode graphs are captured per bound)
+    span: int = 0
 
 
 @dataclass

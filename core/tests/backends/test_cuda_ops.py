@@ -321,9 +321,9 @@ def test_a_step_longer_than_the_ring_holds_is_refused(dev, rng):
 
 @pytest.mark.parametrize("Hq, Hkv, hd, sinks", [(4, 1, 64, False), (8, 8, 96, True), (8, 2, 128, True), (6, 3, 8, False)],
                          ids=["gqa-64", "mha-96-sinks", "gqa-128-sinks", "hd-8"])
-@pytest.mark.parametrize("P", [40, 100, 1500])  # one split (normalized by the split itself), two, 24 (combined)
+@pytest.mark.parametrize("P", [40, 200, 1500])  # one split (normalized by the split itself), two, 12 (combined)
 def test_decode_attention_splits_over_a_long_context(dev, ref, rng, Hq, Hkv, hd, sinks, P):
-    n_ctx = 2048  # 64-key splits (device.attention's chunk for this context)
+    n_ctx = 2048  # 128-key splits (planner.decode_splits: a function of the query's span)
     sk = randn(rng, Hq) if sinks else None
     gc, rc = dev.new_kv_cache(1, n_ctx, Hkv, hd), ref.new_kv_cache(1, n_ctx, Hkv, hd)
     scale = 1.0 / math.sqrt(hd)
@@ -346,6 +346,51 @@ def test_decode_attention_splits_over_a_long_context(dev, ref, rng, Hq, Hkv, hd,
             assert rel_l2(got, want) <= 1e-3, i
     finally:
         dev.free_kv_cache(gc)
+
+
+@pytest.mark.parametrize("positions", [[8191, 300, 5], [8192, 40], [20000, 8500, 16383]],
+                         ids=["64-splits-of-128", "33-splits-of-256", "79-splits-of-256"])
+def test_decode_attention_of_a_bounded_batched_step(dev, ref, rng, positions):
+    """A batched decode step (one token per row, each row's cache through the table) whose KVBatch
+    bounds the rows' positions (`span`, as the decode graphs set it) launches the splits that bound
+    needs only: every row's output is the reference's, and bit for bit the one of the same step with
+    no bound (the context's splits). The rows' spans straddle a doubling of the split (8,192 keys: 64
+    splits of 128; 8,193: 33 of 256)."""
+    import cupy
+
+    from orcd_core.backends.cuda.planner import decode_span_bound
+    from orcd_core.device import KVBatch
+
+    Hq, Hkv, hd, n_ctx = 14, 2, 64, 32768
+    scale = 1.0 / math.sqrt(hd)
+    B = len(positions)
+    gcs = [dev.new_kv_cache(1, n_ctx, Hkv, hd) for _ in positions]
+    try:
+        q, k, v = randn(rng, B, Hq, hd) * 3, randn(rng, B, Hkv, hd), randn(rng, B, Hkv, hd)
+        want = []
+        for b, P in enumerate(positions):  # each row's past keys written straight into both caches
+            pk, pv = randn(rng, P, Hkv, hd).astype(np.float16), randn(rng, P, Hkv, hd).astype(np.float16)
+            rc = ref.new_kv_cache(1, n_ctx, Hkv, hd)
+            rc.k[0][:P], rc.v[0][:P] = pk, pv
+            gcs[b].k[0][:P], gcs[b].v[0][:P] = cupy.asarray(pk), cupy.asarray(pv)
+            want.append(ref.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], rc, 0, _step(ref, [P], P), scale=scale)[0])
+        table = cupy.asarray(np.array([[[c.k[0].data.ptr for c in gcs], [c.v[0].data.ptr for c in gcs]]], np.uint64))
+        bound = decode_span_bound(max(positions) + 1, n_ctx)
+        got = {}
+        for span in (bound, 0):
+            pos = dev.to_device(positions)
+            step = Step(B, pos, pos, pos)
+            kv = KVBatch(list(gcs), n_ctx, [0], table, span=span)
+            dev.begin_step()
+            poison(dev)
+            got[span] = host(dev, dev.attention(dev.to_device(q, "float32"), dev.to_device(k, "float32"),
+                                                dev.to_device(v, "float32"), kv, 0, step, scale=scale))
+        for b in range(B):
+            assert rel_l2(got[bound][b], want[b]) <= 1e-3, positions[b]
+        np.testing.assert_array_equal(got[bound], got[0])
+    finally:
+        for c in gcs:
+            dev.free_kv_cache(c)
 
 
 # ---- argmax and sampling -------------------------------------------------------------------------------

@@ -76,3 +76,32 @@ def test_the_planner_imports_without_cupy():
             "assert 'cupy' not in sys.modules, 'the planner imported CuPy'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_decode_attention_splits_cover_every_span_under_a_bound():
+    """planner.decode_splits (the split of a decode query that sees `span` keys, attention.cuh's
+    ad_chunk): its splits hold the span and no empty split, the split is AD_CHUNK_MIN * 2^k up to
+    AD_CHUNK, AD_SPLITS splits at most unless the split is AD_CHUNK; decode_grid_splits(bound) is the
+    most splits any span <= bound takes (a launch bounded so runs every split each of its rows needs),
+    for every span of the largest context; decode_span_bound is a power of two >= what is needed, or
+    the context."""
+    from orcd_core.backends.cuda.planner import (SPAN_MIN, decode_grid_splits, decode_span_bound,
+                                                 decode_splits)
+    from orcd_core.kernels.constants import AD_CHUNK, AD_CHUNK_MIN, AD_MAX_SPLITS, AD_SPLITS
+
+    most, seen = 0, set()
+    for span in range(1, AD_CHUNK * AD_MAX_SPLITS + 1):
+        chunk, S = decode_splits(span)
+        assert chunk * (S - 1) < span <= chunk * S, span
+        assert AD_CHUNK_MIN <= chunk <= AD_CHUNK and chunk & (chunk - 1) == 0, span
+        assert S <= AD_SPLITS or chunk == AD_CHUNK, span
+        most = max(most, S)
+        if span & (span - 1) == 0 or span % 977 == 0:
+            assert decode_grid_splits(span) == most, span
+        seen.add(chunk)
+    assert most == AD_MAX_SPLITS and len(seen) >= 2
+    assert decode_splits(8192) == (AD_CHUNK_MIN, 64) and decode_splits(8193) == (256, 33)
+    for need, n_ctx in [(1, 4096), (513, 4096), (5000, 4096), (8193, 32768), (32768, 32768), (700, 600)]:
+        b = decode_span_bound(need, n_ctx)
+        assert b == n_ctx or (b >= need and b >= SPAN_MIN and b & (b - 1) == 0), (need, n_ctx)
+        assert b <= n_ctx and (b >= need or b == n_ctx)

@@ -162,20 +162,29 @@ extern "C" __global__ void __launch_bounds__(128)
 // ================================================================================================
 // Attention for decode tokens, one per sequence (a batched step: row b's cache is kv_of(.., b)), split
 // over the sequence (flash-decoding). Grid (Hq, S, B), 128 threads; row b = blockIdx.z computes exactly
-// what a lone token computes. The query at p = positions[b] sees keys [lo, p] (lo = p - window + 1 for
-// a sliding window, else 0); split s covers keys [lo + s*chunk, lo + (s+1)*chunk) of them, and only the
-// first S_eff = ceil((p + 1 - lo) / chunk) splits run (the others exit at once: S is sized for the
-// longest span, the context or the window). A split writes its unnormalized output, max and
+// what a lone token computes. The query at p = positions[b] sees the span of keys [lo, p] (lo = p -
+// window + 1 for a sliding window, else 0). Its splits take `ad_chunk(span)` keys each, a function of
+// the span alone (so a row's result does not depend on the launch's other rows, on S or on the cache's
+// size): split s covers keys [lo + s*chunk, lo + (s+1)*chunk), and only the first S_eff =
+// ceil(span / chunk) splits run (the others exit at once: the launcher sizes S for the longest span a
+// launch can see, device.py's decode_grid_splits). A split writes its unnormalized output, max and
 // denominator; the head's last split to finish combines the S_eff partials (and the sink) into out. A
-// head with one split (S_eff = 1: short contexts) writes out itself, by the combine's arithmetic.
-// chunk <= AD_CHUNK; hd a multiple of 8, <= AP_MAXD.
-// The kernel is a chain of memory round trips (a few KB per head), so each phase issues all its loads
-// before it computes: scores, one thread per key with the key's whole row in flight (16-byte loads);
-// values, a thread per 8 dims (one 16-byte load per key) and one of G = 128 / (hd/8) key groups, its
-// keys taken AD_VU at a time.
+// head with one split writes out itself, by the combine's arithmetic.
+// The kernel is a chain of memory round trips (a few KB per head), so every load that does not depend
+// on an earlier result is issued first: the block's first keys (a thread per key, the key's whole row in
+// 16-byte loads) and its first values (a thread per 8 dims and one of G = 128 / (hd/8) key groups, AD_VU
+// keys a group) before the query; a second round only where a split holds more keys than that.
+// hd a multiple of 8, <= AP_MAXD; AD_CHUNK_MIN, AD_CHUNK, AD_SPLITS: kernels/constants.py.
 // ================================================================================================
-// AD_CHUNK: a -D option (kernels/constants.py)
 #define AD_VU 8
+
+// keys per split of a query that sees `span` keys: the smallest AD_CHUNK_MIN * 2^k (at most AD_CHUNK)
+// that needs at most AD_SPLITS splits (device.py's decode_splits says the same)
+__device__ __forceinline__ int ad_chunk(int span) {
+    int c = AD_CHUNK_MIN;
+    while (c < AD_CHUNK && (span + c - 1) / c > AD_SPLITS) c <<= 1;
+    return c;
+}
 
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
                                          int hh, int sh, int S, int n, int hd);
@@ -194,7 +203,7 @@ __device__ __forceinline__ float attn_decode_one_split(float o, float m, float s
 extern "C" __global__ void __launch_bounds__(128)
     attn_decode_part(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
                      int kvs, const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml,
-                     int Hq, int Hkv, int hd, int n_rows, float scale, int window, int chunk,
+                     int Hq, int Hkv, int hd, int n_rows, float scale, int window,
                      unsigned int* __restrict__ counters, const float* __restrict__ sinks, float* __restrict__ out) {
     __shared__ float qsh[AP_MAXD];
     __shared__ float sc[AD_CHUNK];
@@ -207,29 +216,48 @@ extern "C" __global__ void __launch_bounds__(128)
     const half_bits* __restrict__ vc = kv_of(vc0, kvp, kvs, b, 1);
     const int p = positions[b];
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
-    const int S_eff = min(S, (p + 1 - lo + chunk - 1) / chunk);
+    const int span = p + 1 - lo, chunk = ad_chunk(span);
+    const int S_eff = min(S, (span + chunk - 1) / chunk);
     if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
     const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
     __shared__ bool last;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
-    __syncthreads();
     const int n = ke - kb;
     const int nv = hd >> 3;         // 16-byte vectors per key row
     const i64 row = (i64)Hkv * hd;  // elements per cache position
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
-        uint4 w[AP_MAXD / 8];
+    const int G = blockDim.x / nv;  // key groups of the values
+    const int g = threadIdx.x / nv, t = threadIdx.x - g * nv;
+    const half_bits* vb = vc + (i64)kvh * hd + 8 * t;
+    // the first round of keys and values in flight before anything else
+    uint4 kw[AP_MAXD / 8];
+    if (threadIdx.x < n) {
+        const half_bits* kr = kc + (i64)((kb + threadIdx.x) % n_rows) * row + (i64)kvh * hd;
 #pragma unroll
         for (int u = 0; u < AP_MAXD / 8; ++u)
-            if (u < nv) w[u] = ld16(kr + 8 * u);
+            if (u < nv) kw[u] = ld16(kr + 8 * u);
+    }
+    uint4 vw[AD_VU];
+    if (g < G) {
+#pragma unroll
+        for (int u = 0; u < AD_VU; ++u)
+            if (g + u * G < n) vw[u] = ld16(vb + (i64)((kb + g + u * G) % n_rows) * row);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        if (j != threadIdx.x) {  // a second round (a split of more keys than threads)
+            const half_bits* kr = kc + (i64)((kb + j) % n_rows) * row + (i64)kvh * hd;
+#pragma unroll
+            for (int u = 0; u < AP_MAXD / 8; ++u)
+                if (u < nv) kw[u] = ld16(kr + 8 * u);
+        }
         float dot = 0.0f;
 #pragma unroll
         for (int u = 0; u < AP_MAXD / 8; ++u) {
             if (u < nv) {
                 const float* qd = qsh + 8 * u;
-                dot += qd[0] * h2f_lo(w[u].x) + qd[1] * h2f_hi(w[u].x) + qd[2] * h2f_lo(w[u].y) + qd[3] * h2f_hi(w[u].y) +
-                       qd[4] * h2f_lo(w[u].z) + qd[5] * h2f_hi(w[u].z) + qd[6] * h2f_lo(w[u].w) + qd[7] * h2f_hi(w[u].w);
+                dot += qd[0] * h2f_lo(kw[u].x) + qd[1] * h2f_hi(kw[u].x) + qd[2] * h2f_lo(kw[u].y) + qd[3] * h2f_hi(kw[u].y) +
+                       qd[4] * h2f_lo(kw[u].z) + qd[5] * h2f_hi(kw[u].z) + qd[6] * h2f_lo(kw[u].w) + qd[7] * h2f_hi(kw[u].w);
             }
         }
         sc[j] = dot;
@@ -243,21 +271,19 @@ extern "C" __global__ void __launch_bounds__(128)
         sum += e;
     }
     sum = block_sum(sum, red);  // (its barriers also publish sc[])
-    const int G = blockDim.x / nv;  // key groups
-    const int g = threadIdx.x / nv, t = threadIdx.x - g * nv;
     float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     if (g < G) {
-        const half_bits* vb = vc + (i64)kvh * hd + 8 * t;
         for (int j0 = g; j0 < n; j0 += AD_VU * G) {
-            uint4 w[AD_VU];
+            if (j0 != g) {  // a later round
 #pragma unroll
-            for (int u = 0; u < AD_VU; ++u)
-                if (j0 + u * G < n) w[u] = ld16(vb + (i64)((kb + j0 + u * G) % n_rows) * row);
+                for (int u = 0; u < AD_VU; ++u)
+                    if (j0 + u * G < n) vw[u] = ld16(vb + (i64)((kb + j0 + u * G) % n_rows) * row);
+            }
 #pragma unroll
             for (int u = 0; u < AD_VU; ++u) {
                 if (j0 + u * G < n) {
                     const float pj = sc[j0 + u * G];
-                    const u32 wv[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+                    const u32 wv[4] = {vw[u].x, vw[u].y, vw[u].z, vw[u].w};
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         a[2 * e] += pj * h2f_lo(wv[e]);
@@ -287,7 +313,7 @@ extern "C" __global__ void __launch_bounds__(128)
         po[d] = o;
     }
     if (threadIdx.x == 0) { pml[0] = mx; pml[1] = sum; }
-    // The last split of this head to finish combines all S (no second launch); it resets the
+    // The last split of this head to finish combines all S_eff (no second launch); it resets the
     // head's counter to 0, so a replayed graph finds it zeroed.
     __threadfence();
     __syncthreads();
@@ -302,37 +328,59 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // Reads go through L2 (__ldcg): the partials were written by other blocks of the same launch. The
 // partials of (row, head) hh are the first n of its S slots; sh is the head's sink.
-// The block's threads share the splits: each takes splits tid, tid + blockDim, ... for the max and the
-// sum (block reductions) and leaves split s's weight exp(m_s - M) in shared memory; then a thread per
-// output dim adds the n partials with independent loads (the loop unrolled), so the combine costs a
-// few L2 round trips, not three per split (at depth 4096, 65 splits: 24 of them were most of a layer's
-// decode attention). Every thread of the block calls it (block-uniform branch).
+// Two round trips: every split's (max, sum) pair read once into shared memory (a thread per split:
+// the max, then each split's weight exp(m_s - M) and the denominator, block reductions); then the
+// output as float4 columns: a thread per 4 dims and one of GS = 128 / (hd/4) split groups, each
+// group's splits' loads in flight together, the groups added in shared memory. The order of the
+// additions depends on n and hd only (a row's result does not depend on its launch).
+// Every thread of the block calls it (block-uniform branch).
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
                                          int hh, int sh, int S, int n, int hd) {
     __shared__ float w[AD_MAX_SPLITS];
+    __shared__ float ls[AD_MAX_SPLITS];
     __shared__ float red[32];
-    const float* ml = part_ml + (i64)hh * S * 2;
+    __shared__ float4 oc[128];
+    const float2* ml = (const float2*)(part_ml + (i64)hh * S * 2);
     const float sink = sinks ? sinks[sh] : -INFINITY;
     float M = sink;
-    for (int s = threadIdx.x; s < n; s += blockDim.x) M = fmaxf(M, __ldcg(ml + 2 * s));
+    for (int s = threadIdx.x; s < n; s += blockDim.x) {
+        const float2 v = __ldcg(ml + s);
+        w[s] = v.x;
+        ls[s] = v.y;
+        M = fmaxf(M, v.x);
+    }
     M = block_max(M, red);
     float L = 0.0f;
-    for (int s = threadIdx.x; s < n; s += blockDim.x) {
-        const float m = __ldcg(ml + 2 * s);
+    for (int s = threadIdx.x; s < n; s += blockDim.x) {  // (the thread's own entries: no barrier needed)
+        const float m = w[s];
         const float e = m > -INFINITY ? expf(m - M) : 0.0f;
         w[s] = e;
-        if (e > 0.0f) L += __ldcg(ml + 2 * s + 1) * e;
+        if (e > 0.0f) L += ls[s] * e;
     }
     L = block_sum(L, red) + (sinks ? expf(sink - M) : 0.0f);  // (its barriers also publish w[])
-    const float* po = part_o + (i64)hh * S * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float o = 0.0f;
+    const int nq = hd >> 2, GS = blockDim.x / nq;  // float4 columns; split groups
+    const int gs = threadIdx.x / nq, tq = threadIdx.x - gs * nq;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (gs < GS) {
+        const float4* po = (const float4*)(part_o + (i64)hh * S * hd) + tq;
 #pragma unroll 8
-        for (int s = 0; s < n; ++s) {
+        for (int s = gs; s < n; s += GS) {
             const float ws = w[s];
-            const float v = __ldcg(po + (i64)s * hd + d);
-            o += ws > 0.0f ? v * ws : 0.0f;  // (a split with no weight adds nothing, whatever its partial)
+            const float4 v = __ldcg(po + (i64)s * nq);
+            if (ws > 0.0f) {  // (a split with no weight adds nothing, whatever its partial)
+                o.x += v.x * ws;
+                o.y += v.y * ws;
+                o.z += v.z * ws;
+                o.w += v.w * ws;
+            }
         }
-        out[(i64)hh * hd + d] = L > 0.0f ? o / L : 0.0f;
+    }
+    oc[threadIdx.x] = o;
+    __syncthreads();
+    const float* ocf = (const float*)oc;  // group gg's dim d at ocf[gg * hd + d]
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float r = 0.0f;
+        for (int gg = 0; gg < GS; ++gg) r += ocf[gg * hd + d];
+        out[(i64)hh * hd + d] = L > 0.0f ? r / L : 0.0f;
     }
 }

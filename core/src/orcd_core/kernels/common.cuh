@@ -17,7 +17,8 @@ typedef long long i64;
 #if !defined(GEMV_MAX_T) || !defined(GEMV_WARPS) || !defined(GEMV_MAX_R) || !defined(GEMV_TC_WARPS) ||    \
     !defined(XS_MAX_BYTES) || !defined(XS_TC_MAX_BYTES) || !defined(XS_CHUNK_ALIGN) ||                     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
-    !defined(AD_CHUNK) || !defined(AD_MAX_SPLITS) || !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                \
+    !defined(AD_CHUNK) || !defined(AD_CHUNK_MIN) || !defined(AD_SPLITS) || !defined(AD_MAX_SPLITS) ||      \
+    !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                                          \
     !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
 #error "compile with the -D options of orcd_core.kernels.constants.define_options()"
 #endif

@@ -27,7 +27,10 @@ GEMV_X_SILU = 2  # silu(x) * aux
 
 # ---- core.cu: attention ----------------------------------------------------------------------------
 AP_MAXD = 128  # head dim at most (the attention kernels' shared-memory rows)
+AD_CHUNK_MIN = 128  # keys per split of the decode attention at least (a thread per key of its 128)
 AD_CHUNK = 256  # keys per split of the decode attention at most
+AD_SPLITS = 64  # splits a decode query's keys take at most while its split can double (AD_CHUNK_MIN up to
+#                AD_CHUNK keys: the split of a query that sees `span` keys is a function of the span alone)
 AD_MAX_SPLITS = 1024  # splits of one head's decode attention at most (the combine's weights in shared
 #                      memory): contexts up to AD_CHUNK * AD_MAX_SPLITS = 262,144 positions
 

@@ -34,7 +34,7 @@ from .kernels import blocks as _blocks
 from .memory import StepPool, Workspace, align, raw_alloc, view
 from .prefill import PrefillGraphs
 from .store import WeightStore
-from .planner import DEQUANT_SCRATCH_BYTES, decode_gemv, gemv_tc_k_split, plan_load
+from .planner import DEQUANT_SCRATCH_BYTES, decode_gemv, decode_grid_splits, gemv_tc_k_split, plan_load
 
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
 GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
@@ -648,33 +648,34 @@ class CudaDevice(Device):
         out = self.step_array((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
         if T == 1 or (tabled and not one_seq):
-            # splits cover the keys the query can see, from the window's start: at most `span` keys;
-            # small splits (many blocks) for short spans, at most 128 splits; the kernel runs only the
-            # splits the position reaches (the others exit at once)
+            # a query sees at most `span` keys (the window's, or the context's); a launch whose rows'
+            # positions are bounded (a KVBatch's `span`: the batched decode graphs, captured per bound)
+            # sizes its splits for that bound; splits past a row's own keys exit at once
             span = min(window, cache.n_ctx) if window > 0 else cache.n_ctx
-            chunk = min(AD_CHUNK, max(64, -(-span // 128)))
-            S = max(1, math.ceil(span / chunk))
-            if S > AD_MAX_SPLITS:
-                raise NotImplementedError(f"attention: a context of {span} positions needs {S} splits of {chunk} keys "
+            S_room = decode_grid_splits(span)
+            if S_room > AD_MAX_SPLITS:
+                raise NotImplementedError(f"attention: a context of {span} positions needs {S_room} splits "
                                           f"(at most {AD_MAX_SPLITS}: {AD_CHUNK * AD_MAX_SPLITS} positions)")
+            S = decode_grid_splits(min(span, cache.span)) if tabled and cache.span > 0 else S_room
             if T * Hq > MAX_HEADS:
                 raise NotImplementedError(f"attention: {T} rows of {Hq} query heads (at most {MAX_HEADS} in all)")
-            part_o, part_ml = self._attn_partials(T, Hq * S, hd)
+            part_o, part_ml = self._attn_partials(T, Hq * S, hd, room=Hq * S_room)
             launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    f32(scale), i32(window), i32(chunk), self._attn_counters, sk, out))
+                    f32(scale), i32(window), self._attn_counters, sk, out))
         else:
             launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     f32(scale), i32(window)))
         return out
 
-    def _attn_partials(self, T: int, per_row: int, hd: int) -> tuple[cupy.ndarray, cupy.ndarray]:
+    def _attn_partials(self, T: int, per_row: int, hd: int, room: int = 0) -> tuple[cupy.ndarray, cupy.ndarray]:
         """The decode attention's split partials of T rows of `per_row` (head, split) pairs: output
         [n, hd], max and sum [n, 2]. One buffer for every layer (their attentions run one after the
-        other on the stream) at a fixed address for the captured graphs: sized for GEMV_MAX_T rows at
-        the first need; grown (outside a capture; the graphs are then recaptured) only if a later
-        step needs more."""
+        other on the stream) at a fixed address for the captured graphs: sized for GEMV_MAX_T rows of
+        max(per_row, room) pairs at the first need (`room`: what the context's longest span takes, so
+        that launches bounded to shorter spans fit in it too); grown (outside a capture; the graphs are
+        then recaptured) only if a later step needs more."""
         def nbytes(n):
             return align(n * hd * 4) + n * 2 * 4
 
@@ -682,7 +683,7 @@ class CudaDevice(Device):
         if self._attn_part is None or self._attn_part[0] < nbytes(n):
             if self.stream.is_capturing():
                 raise RuntimeError("the attention partials cannot grow during a CUDA graph capture")
-            size = nbytes(max(n, GEMV_MAX_T * per_row))
+            size = nbytes(max(n, GEMV_MAX_T * max(per_row, room)))
             self._attn_part = None  # (free first)
             self._attn_part = (size, raw_alloc(size))
             self._attn_epoch += 1

@@ -8,7 +8,11 @@ graph of B rows serves any B sequences: when the rows change (a request joins or
 rewrites those buffers from its own copy of each row (`DecodeRow`) with two copies, and the same graph
 replays. The first step of each B runs op by op (kernels load, the workspace finds its size); the next
 two are captured (relaxed mode), one graph per parity of the step count, and every later step of B
-rows replays the graph of its parity. The captured `advance_rows` kernel moves each sampled token into
+rows replays the graph of its parity. A graph also holds a bound of its rows' positions (`span`, a
+power of two from planner.SPAN_MIN up to the context): its attention launches only the splits that a position
+under the bound can need (a served row's cache spans the whole context: 128 splits a head at 32,768
+positions, where a row at position 300 needs 3); a step whose rows reach the bound takes the next
+bound's graphs. The captured `advance_rows` kernel moves each sampled token into
 its row's next input, advances its position and step index and writes the token into its window.
 Each graph ends with a copy of the B tokens into its own slot of pinned host memory and an event: no
 host->device copy per step, one small device->host copy.
@@ -34,6 +38,7 @@ from ...generation import CudaError
 from ...sampling import token_logprobs
 from .kernels import i32, launch
 from .memory import raw_alloc, view
+from .planner import decode_span_bound
 from .sampler import RowState
 
 
@@ -48,11 +53,11 @@ class GraphBatchDecoder(BatchDecoder):
         self._pinned = cupy.cuda.alloc_pinned_memory(8 * self.max_rows)
         self._tok = np.frombuffer(self._pinned, np.int32, 2 * self.max_rows).reshape(2, self.max_rows)
         self._done = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
-        self.graphs: dict[tuple[int, int], object] = {}  # (rows, parity) -> graph
+        self.graphs: dict[tuple[int, int, int], object] = {}  # (rows, span, parity) -> graph
         self._eager_done: set[int] = set()  # row counts whose first (eager) step ran
-        self._logits: dict[tuple[int, int], cupy.ndarray] = {}  # (rows, parity) -> the step's logits [B, V]
+        self._logits: dict[tuple[int, int, int], cupy.ndarray] = {}  # graph key -> the step's logits [B, V]
         self._epoch = dev.graph_epoch
-        self._flight: collections.deque = collections.deque()  # (rows of the step, parity)
+        self._flight: collections.deque = collections.deque()  # (rows of the step, parity, graph key)
         self._n_launched = 0
 
     # -- the rows' device state ---------------------------------------------------------------------
@@ -83,12 +88,19 @@ class GraphBatchDecoder(BatchDecoder):
         self.changed = False
 
     # -- one step -----------------------------------------------------------------------------------
-    def _issue(self, B: int, parity: int) -> None:
+    def _span(self, rows) -> int:
+        """The bound of the rows' positions for a step launched now: the host's rows lag the device's
+        by the steps in flight (at most one), so a step launched now has positions up to the rows'
+        highest + 1; any step replayed later under the same bound checks it again here."""
+        return decode_span_bound(max(r.position for r in rows) + 2 + len(self._flight), self.kv.n_ctx)
+
+    def _issue(self, B: int, parity: int, key) -> None:
         """The step's ops on the device's stream (eagerly, or into the capture)."""
         dev, st = self.dev, self.st
         step = Step(T=B, ids=st.ids[:B], positions=st.pos[:B], n_past=st.pos[:B])
+        self.kv.span = key[1]
         logits = dev.contiguous(self.forward(step, self.kv))  # [B, V]
-        self._logits[(B, parity)] = logits  # (the addresses a replay of this graph writes)
+        self._logits[key] = logits  # (the addresses a replay of this graph writes)
         tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st)
         launch(dev.core.fn("advance_rows"), (1,), (32,),
                (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)))
@@ -106,31 +118,32 @@ class GraphBatchDecoder(BatchDecoder):
             self._logits.clear()
             self._eager_done.clear()
             self._epoch = dev.graph_epoch
+        key = (B, self._span(rows), parity)
         try:
             if B not in self._eager_done:
                 dev.begin_step()
-                self._issue(B, parity)
+                self._issue(B, parity, key)
                 self._eager_done.add(B)
-            elif (B, parity) not in self.graphs:
+            elif key not in self.graphs:
                 dev.begin_step()
                 mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", None)
                 dev.stream.begin_capture(mode) if mode is not None else dev.stream.begin_capture()
                 try:
-                    self._issue(B, parity)
+                    self._issue(B, parity, key)
                 finally:
                     graph = dev.stream.end_capture()
                 graph.upload(dev.stream) if hasattr(graph, "upload") else None
                 graph.launch(dev.stream)
-                self.graphs[(B, parity)] = graph
+                self.graphs[key] = graph
             else:
-                self.graphs[(B, parity)].launch(dev.stream)
+                self.graphs[key].launch(dev.stream)
             self._done[parity].record(dev.stream)
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"decode step failed on GPU {dev.gpu}: {exc}") from exc
         for r in rows:
             if r.budget is not None:
                 r.budget -= 1
-        self._flight.append((rows, parity))
+        self._flight.append((rows, parity, key))
         self._n_launched += 1
 
     def step(self) -> list:
@@ -145,7 +158,7 @@ class GraphBatchDecoder(BatchDecoder):
                 and all(r.budget is None or r.budget >= 1 for r in self.rows)
                 and all(r.logprobs is None for r in self.rows)):  # (log-probabilities read the step's logits)
             self._launch()  # step k + 1 runs while the host handles step k's tokens
-        rows, parity = self._flight.popleft()
+        rows, parity, key = self._flight.popleft()
         t0 = time.perf_counter()
         try:
             self._done[parity].synchronize()
@@ -159,7 +172,7 @@ class GraphBatchDecoder(BatchDecoder):
         logits = None
         if want:
             try:
-                logits = cupy.asnumpy(self._logits[(len(rows), parity)][want], stream=self.dev.stream)
+                logits = cupy.asnumpy(self._logits[key][want], stream=self.dev.stream)
                 self.dev.stream.synchronize()
             except cupy.cuda.runtime.CUDARuntimeError as exc:
                 raise CudaError(f"decode step failed on GPU {self.dev.gpu}: {exc}") from exc

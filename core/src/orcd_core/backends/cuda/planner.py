@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...device import MAX_STEP_TOKENS
-from ...kernels.constants import GEMV_MAX_T, GEMV_TC_WARPS
+from ...kernels.constants import AD_CHUNK, AD_CHUNK_MIN, AD_SPLITS, GEMV_MAX_T, GEMV_TC_WARPS
 from ...shape import align, kv_bytes
 
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
@@ -144,6 +144,35 @@ def graph_key(Tb: int, start: int, n_ctx: int, rows, windows) -> tuple | None:
 
 # ---- the decode GEMV (CudaDevice._gemv) ---------------------------------------------------------------
 DECODE_GEMVS = ("tc", "ffma")  # gemv_tc_* (tensor cores, sm_80 on) | gemv_/gemv_t4_/gemv_t8_* (FMA per weight)
+
+
+def decode_splits(span: int) -> tuple[int, int]:
+    """(keys per split, splits) of the decode attention of a query that sees `span` keys: the smallest
+    AD_CHUNK_MIN * 2^k keys (at most AD_CHUNK) that take at most AD_SPLITS splits. attention.cuh's
+    ad_chunk computes the same on the device, per row."""
+    chunk = AD_CHUNK_MIN
+    while chunk < AD_CHUNK and -(-span // chunk) > AD_SPLITS:
+        chunk *= 2
+    return chunk, -(-span // chunk)
+
+
+def decode_grid_splits(bound: int) -> int:
+    """The splits a decode-attention launch needs for rows that see at most `bound` keys each: the most
+    that any span <= bound takes (a span just past a doubling of the split takes up to AD_SPLITS)."""
+    chunk, S = decode_splits(max(1, bound))
+    return S if chunk == AD_CHUNK_MIN else max(S, AD_SPLITS)
+
+
+SPAN_MIN = 512  # the smallest bound of the rows' positions a batched decode graph is captured for
+
+
+def decode_span_bound(need: int, n_ctx: int) -> int:
+    """The bound of a decode graph whose rows' positions + 1 reach `need`: a power of two from SPAN_MIN,
+    at most the context (few bounds, so few graphs; backends/cuda/graph.py)."""
+    span = SPAN_MIN
+    while span < need:
+        span *= 2
+    return min(span, n_ctx)
 
 
 def decode_gemv(sm: int, n_seq: int, override: str | None = None) -> str:
