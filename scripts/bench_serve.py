@@ -154,8 +154,8 @@ def _aggregate_client(url, body, ready, out):
     out.put((body["seed"], events))
 
 
-ENGINE_METRICS = ("orcd_engine_step_seconds", "orcd_engine_gpu_wait_seconds", "orcd_engine_events_seconds",
-                  "orcd_decode_batch_rows")
+ENGINE_METRICS = ("orcd_engine_step_seconds", "orcd_engine_gpu_wait_seconds", "orcd_engine_gpu_step_seconds",
+                  "orcd_engine_events_seconds", "orcd_decode_batch_rows")
 
 
 def engine_totals(url) -> dict[str, tuple[float, float]]:
@@ -175,8 +175,9 @@ def engine_totals(url) -> dict[str, tuple[float, float]]:
 
 def engine_breakdown(before, after) -> dict[str, float]:
     """The engine thread's means over a run, from two engine_totals: a scheduler iteration's wall time,
-    its wait for the GPU (decode iterations), the hand-off of its events (ms), and rows per decode step.
-    An iteration's time minus its GPU wait is host work: when the wait is near zero, the host bounds it."""
+    its wait for the GPU and the GPU's time for its decode step (decode iterations), the hand-off of its
+    events (ms), and rows per decode step. An iteration's time minus its GPU wait is host work: when the
+    wait is near zero, the host bounds it; an iteration longer than its GPU step leaves the GPU idle."""
     def mean(name, scale=1.0):
         if name not in before or name not in after:
             return float("nan")
@@ -185,6 +186,7 @@ def engine_breakdown(before, after) -> dict[str, float]:
     n_steps = after.get("orcd_engine_step_seconds", (0, 0))[1] - before.get("orcd_engine_step_seconds", (0, 0))[1]
     return {"iterations": n_steps, "step_ms": mean("orcd_engine_step_seconds", 1e3),
             "gpu_wait_ms": mean("orcd_engine_gpu_wait_seconds", 1e3),
+            "gpu_step_ms": mean("orcd_engine_gpu_step_seconds", 1e3),
             "events_ms": mean("orcd_engine_events_seconds", 1e3), "rows": mean("orcd_decode_batch_rows")}
 
 
@@ -332,7 +334,7 @@ def main() -> int:
         print(f"{str(a['streams']) + ' concurrent streams':<34}{a['tok_s']:>20.1f} tok/s aggregate{ratio}{engine}")
         e = a.get("engine") or {}
         if e.get("iterations"):  # the worker's engine-thread metrics over the run (engine_breakdown)
-            print(f"{'  engine thread':<34}{e['step_ms']:>20.2f} ms an iteration: GPU wait {e['gpu_wait_ms']:.2f}, "
+            print(f"{'  engine thread':<34}{e['step_ms']:>20.2f} ms an iteration: GPU step {e['gpu_step_ms']:.2f}, wait {e['gpu_wait_ms']:.2f}, "
                   f"events {e['events_ms']:.2f}; {e['rows']:.1f} rows a decode step ({e['iterations']:.0f} iterations)")
     c = res["cancel_in_prefill"]
     print(f"{'cancel during a ' + str(args.cancel_prompt) + '-word prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")

@@ -110,7 +110,7 @@ class FakeScheduler:
         self.engine, self.max_batch = engine, max_batch
         self.waiting: list[_FakeSeq] = []
         self.active: list[_FakeSeq] = []
-        self.last_rows, self.last_wait_s = 0, 0.0  # (the last step's, as Scheduler's)
+        self.last_rows, self.last_wait_s, self.last_gpu_s = 0, 0.0, 0.0  # (the last step's, as Scheduler's)
 
     def submit(self, prepared, cancel=None) -> _FakeSeq:
         seq = _FakeSeq(prepared, cancel)
@@ -136,12 +136,13 @@ class FakeScheduler:
             eng.kv_live += 1
             seq.t0 = time.perf_counter()
             self.active.append(seq)
-        self.last_rows, self.last_wait_s = 0, 0.0
+        self.last_rows, self.last_wait_s, self.last_gpu_s = 0, 0.0, 0.0
         if not self.active:
             return events
         t0 = time.perf_counter()
         time.sleep(eng.step_s)  # (the fake's "device": its step is all waiting)
         self.last_rows, self.last_wait_s = len(self.active), time.perf_counter() - t0
+        self.last_gpu_s = eng.step_s  # (its "device" time: the step it slept)
         for seq in list(self.active):
             request = seq.prepared.request
             if seq.cancel is not None and seq.cancel.cancelled:

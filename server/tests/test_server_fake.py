@@ -511,7 +511,8 @@ def test_jobs_run_together_up_to_max_batch_and_the_rest_wait():
 
 
 def test_metrics_say_where_the_engine_threads_time_goes():
-    """orcd_engine_step_seconds / _gpu_wait_seconds / _events_seconds and orcd_decode_batch_rows: one
+    """orcd_engine_step_seconds / _gpu_wait_seconds / _gpu_step_seconds / _events_seconds and
+    orcd_decode_batch_rows: one
     observation per scheduler iteration (rows and the device wait only for iterations that decoded); two
     streams of 6 and 3 tokens decoding together give 9 rows in 6 decode steps, and the fake's steps are
     all waiting (step_s each)."""
@@ -530,6 +531,8 @@ def test_metrics_say_where_the_engine_threads_time_goes():
         assert rows_sum == 9 and 6 <= rows_n <= 9  # (the second stream may start a step late)
         assert metric_value(text, "orcd_engine_gpu_wait_seconds_count") == rows_n
         assert metric_value(text, "orcd_engine_gpu_wait_seconds_sum") >= 0.9 * step_s * rows_n
+        assert metric_value(text, "orcd_engine_gpu_step_seconds_count") == rows_n
+        assert metric_value(text, "orcd_engine_gpu_step_seconds_sum") == pytest.approx(step_s * rows_n)
         n_steps = metric_value(text, "orcd_engine_step_seconds_count")
         assert n_steps >= rows_n and metric_value(text, "orcd_engine_events_seconds_count") == n_steps
         assert metric_value(text, "orcd_engine_step_seconds_sum") >= metric_value(text, "orcd_engine_gpu_wait_seconds_sum")

@@ -354,6 +354,9 @@ class BatchDecoder(abc.ABC):
         # seconds the last `step` waited for the device to finish a step it had issued (0 where the
         # loop cannot tell waiting from working, as the eager one): the rest of a step is host work
         self.wait_s = 0.0
+        # seconds the device spent running the last step (0 where the loop cannot time it): beside
+        # the step's wall time, whether the device or the host paces the loop
+        self.gpu_s = 0.0
 
     def join(self, row: DecodeRow) -> None:
         if len(self.rows) >= self.max_rows:

@@ -80,9 +80,11 @@ class Scheduler:
         self.active: list[Sequence] = []  # prefill or decode, in arrival order
         self._decoder = None
         # what the last `step()` did, for the worker's metrics: sequences in its decode step (0: none),
-        # seconds that step waited for the device (BatchDecoder.wait_s)
+        # seconds that step waited for the device (BatchDecoder.wait_s) and the device's time for it
+        # (BatchDecoder.gpu_s)
         self.last_rows = 0
         self.last_wait_s = 0.0
+        self.last_gpu_s = 0.0
 
     # -- the caller's side -------------------------------------------------------------------------
 
@@ -103,7 +105,7 @@ class Scheduler:
     def step(self) -> list[tuple[Sequence, object]]:
         """One iteration (see the module docstring); returns the events it produced, in order."""
         events: list[tuple[Sequence, object]] = []
-        self.last_rows, self.last_wait_s = 0, 0.0
+        self.last_rows, self.last_wait_s, self.last_gpu_s = 0, 0.0, 0.0
         for seq in [s for s in self.active if s.cancel is not None and s.cancel.cancelled]:
             where = " during prefill" if seq.state == "prefill" else ""
             self._fail(seq, Cancelled(f"the request was cancelled{where}", tokens_out=len(seq.out_ids)), events)
@@ -129,7 +131,7 @@ class Scheduler:
                 for seq in list(by_row.values()):
                     self._fail(seq, exc, events)
                 return events
-            self.last_rows, self.last_wait_s = len(pairs), decoder.wait_s
+            self.last_rows, self.last_wait_s, self.last_gpu_s = len(pairs), decoder.wait_s, decoder.gpu_s
             for row, token in pairs:
                 seq = by_row[id(row)]
                 self._push(seq, token, events, row.last_logprobs)

@@ -72,6 +72,9 @@ class Metrics:
         self.engine_gpu_wait = histogram("orcd_engine_gpu_wait_seconds",
                                          "Of each iteration with a decode step, the time the engine thread waited "
                                          "for the device", _STEP_BUCKETS)
+        self.engine_gpu_step = histogram("orcd_engine_gpu_step_seconds",
+                                         "Of each iteration with a decode step, the device's time for the step "
+                                         "(0 where the decoder cannot time it)", _STEP_BUCKETS)
         self.engine_events = histogram("orcd_engine_events_seconds",
                                        "Of each iteration, handling its events (metrics, logs, the hand-off to the "
                                        "streams)", _STEP_BUCKETS)

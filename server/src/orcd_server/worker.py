@@ -291,13 +291,14 @@ class EngineWorker:
             self._observe_step(sched, t1 - t0, time.perf_counter() - t1)
 
     def _observe_step(self, sched, step_s: float, events_s: float) -> None:
-        """The iteration's timings (orcd_engine_*; the scheduler's `last_rows` / `last_wait_s`)."""
+        """The iteration's timings (orcd_engine_*; the scheduler's `last_rows` / `last_wait_s` / `last_gpu_s`)."""
         m = self.metrics
         m.engine_step.observe(step_s)
         m.engine_events.observe(events_s)
         if sched.last_rows:
             m.decode_rows.observe(sched.last_rows)
             m.engine_gpu_wait.observe(sched.last_wait_s)
+            m.engine_gpu_step.observe(sched.last_gpu_s)
 
     def _start_job(self, job: Job, sched, running: dict) -> None:
         if job.cancel_token.cancelled:  # cancelled between take() and here

@@ -52,7 +52,9 @@ class GraphBatchDecoder(BatchDecoder):
         self._table_mem = None
         self._pinned = cupy.cuda.alloc_pinned_memory(8 * self.max_rows)
         self._tok = np.frombuffer(self._pinned, np.int32, 2 * self.max_rows).reshape(2, self.max_rows)
-        self._done = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
+        # per parity: the step's start and end on the stream (timed: gpu_s, the device's time for the step)
+        self._start = [cupy.cuda.Event(block=False) for _ in range(2)]
+        self._done = [cupy.cuda.Event(block=False) for _ in range(2)]
         self.graphs: dict[tuple[int, int, int], object] = {}  # (rows, span, parity) -> graph
         self._eager_done: set[int] = set()  # row counts whose first (eager) step ran
         self._logits: dict[tuple[int, int, int], cupy.ndarray] = {}  # graph key -> the step's logits [B, V]
@@ -119,6 +121,7 @@ class GraphBatchDecoder(BatchDecoder):
             self._eager_done.clear()
             self._epoch = dev.graph_epoch
         key = (B, self._span(rows), parity)
+        self._start[parity].record(dev.stream)  # (reached when the step before it ends, if it was queued)
         try:
             if B not in self._eager_done:
                 dev.begin_step()
@@ -163,6 +166,7 @@ class GraphBatchDecoder(BatchDecoder):
         try:
             self._done[parity].synchronize()
             self.wait_s = time.perf_counter() - t0  # (the GPU time the host's work did not cover)
+            self.gpu_s = cupy.cuda.get_elapsed_time(self._start[parity], self._done[parity]) / 1e3
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"decode step failed on GPU {self.dev.gpu}: {exc}") from exc
         members = {id(r) for r in self.rows}
