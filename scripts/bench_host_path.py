@@ -85,8 +85,11 @@ class FakeDecoder:
         self.flight: deque = deque()  # (rows, finish time) of issued steps
         self.gpu_free = 0.0
         self.device_s = 0.0  # the last step()'s whole time (the device's share of Scheduler.step)
+        self.release_gil = os.environ.get("BENCH_LAUNCH_RELEASES_GIL") == "1"
 
     def _launch(self):
+        if self.release_gil:
+            time.sleep(0)  # (a GIL-releasing call, as CuPy's graph launch and its CUDA calls are)
         now = time.perf_counter()
         self.gpu_free = max(now, self.gpu_free) + self.gpu_s
         self.flight.append((list(self.rows), self.gpu_free))

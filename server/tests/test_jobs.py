@@ -200,7 +200,7 @@ def test_events_queued_together_are_one_write_and_the_terminal_event_ends_it():
         writes.append(await anext(gen))
         with pytest.raises(StopAsyncIteration):  # nothing after the terminal event
             await anext(gen)
-        return [w.encode() for w in writes], cancels
+        return writes, cancels
 
     writes, cancels = asyncio.run(main())
     assert writes == [sse_message("started", {"job_id": "j"}),
@@ -265,3 +265,34 @@ def test_a_served_stream_is_the_same_bytes_as_one_message_per_event():
         again = b"".join(ServerSentEventMessage(event=e.event, data=msgspec.json.encode(json.loads(e.data)).decode())
                          .encode() for e in events)
         assert raw == again
+
+
+def test_the_ping_timer_is_moved_by_each_wait_and_a_cancel_still_ends_the_stream():
+    """job_event_batches times the ping interval with one timer that re-arms itself for the current
+    wait's deadline: events closer together than the interval give no ping, silence gives one after
+    the interval, and a cancel of the reading task (a client disconnect) is not taken for a ping."""
+    from orcd_server.app import job_event_batches
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        srv, cancels = _srv(ping_s=0.05)
+        job = Job(job_id="j", prepared=None, seed=0, n_prompt_tokens=1, loop=loop)
+        gen = job_event_batches(srv, job)
+        got = []
+        for i in range(8):  # 8 events 20 ms apart: each wait shorter than the interval
+            loop.call_later(0.02, job.events.put_nowait, ("token", {"i": i}))
+            got.append(await anext(gen))
+        t0 = loop.time()
+        got.append(await anext(gen))  # silence: a ping after the interval
+        waited = loop.time() - t0
+        reader = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        return got, waited, cancels
+
+    got, waited, cancels = asyncio.run(main())
+    assert got == [[("token", {"i": i})] for i in range(8)] + [None]
+    assert 0.045 <= waited < 0.5
+    assert cancels == [("j", "disconnect")]

@@ -284,7 +284,7 @@ async def _execute(request: Request, srv: ServerState) -> ServerSentEvent:
     gen_request = _generation_request(req, max_tokens, seed)
     prepared = await anyio.to_thread.run_sync(_prepare, engine, gen_request, n_ctx)
     job = submit_job(srv, req.job_id, prepared, seed, _prompt_text(req))
-    return ServerSentEvent(_events(srv, job))
+    return _SSEBytes(_events(srv, job))
 
 
 def submit_job(srv: ServerState, job_id: str, prepared, seed: int, prompt_text: str) -> Job:
@@ -323,18 +323,52 @@ async def job_event_batches(srv: ServerState, job: Job) -> AsyncIterator[list[tu
     """The job's (event, data) pairs up to its terminal event, those already queued together in one
     list (the engine hands a step's events over at once; a stream that fell behind catches up in one
     write); None every ping interval while nothing happens. Leaving early (a client disconnect
-    cancels the consumer) cancels the job."""
+    cancels the consumer) cancels the job.
+
+    The ping interval is timed as `asyncio.timeout(ping)` around each wait would time it, with one
+    timer for all the waits: a wait moves the deadline, and the timer, when it fires before it, arms
+    itself again for it (a wait per engine step, each arming and cancelling a timer of its own, was
+    a tenth of the event loop's work per streamed event)."""
     ping = srv.settings.ping_interval_s
     queue = job.events
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
+    deadline: float | None = None  # the current wait's end (loop time); None while not waiting
+    waiter: asyncio.Task | None = None  # the task waiting
+    expired = False
+    resolution = getattr(loop, "_clock_resolution", 0.0)  # (a timer runs once due within it)
+
+    def expire() -> None:
+        nonlocal timer, expired
+        timer = None
+        if deadline is None:  # not waiting now: the next wait arms a timer again
+            return
+        if loop.time() + resolution >= deadline:
+            expired = True
+            waiter.cancel()
+        else:
+            timer = loop.call_at(deadline, expire)
+
     try:
         while True:
             if queue.empty():
+                waiter = asyncio.current_task()
+                cancelling = waiter.cancelling()
+                deadline = loop.time() + ping
+                if timer is None:
+                    timer = loop.call_at(deadline, expire)
                 try:
-                    async with asyncio.timeout(ping):
-                        batch = [await queue.get()]
-                except TimeoutError:
+                    batch = [await queue.get()]
+                except asyncio.CancelledError:
+                    if not expired:
+                        raise
+                    expired = False
+                    if waiter.uncancel() > cancelling:  # cancelled for another reason too
+                        raise
                     yield None
                     continue
+                finally:
+                    deadline = None
             else:
                 batch = [queue.get_nowait()]
             while batch[-1][0] not in TERMINAL_EVENTS and not queue.empty():
@@ -343,6 +377,8 @@ async def job_event_batches(srv: ServerState, job: Job) -> AsyncIterator[list[tu
             if batch[-1][0] in TERMINAL_EVENTS:
                 return
     finally:
+        if timer is not None:
+            timer.cancel()
         if not job.done:
             srv.worker.cancel(job.job_id, "disconnect")
 
@@ -358,15 +394,15 @@ async def job_events(srv: ServerState, job: Job) -> AsyncIterator[tuple[str, dic
                 yield item
 
 
-class _Encoded(ServerSentEventMessage):
-    """SSE messages encoded already, one or several: Litestar writes `encode()`'s bytes as they are."""
+class _SSEBytes(ServerSentEvent):
+    """Litestar's `ServerSentEvent` response (the same status and headers) whose body is `chunks`, an
+    async iterator of SSE bytes, written as they come: without Litestar's per-item layers (its
+    iterator wrapper, its SSE generator taking each stream's first item through the executor and
+    encoding every item) between the stream and `send`."""
 
-    def __init__(self, raw: bytes) -> None:
-        super().__init__(data=None)
-        self.raw = raw
-
-    def encode(self) -> bytes:
-        return self.raw
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        super().__init__(chunks)
+        self.iterator = chunks
 
 
 def sse_message(name: str, data: dict) -> bytes:
@@ -375,16 +411,20 @@ def sse_message(name: str, data: dict) -> bytes:
     return b"event: " + name.encode() + b"\r\ndata: " + msgspec.json.encode(data) + b"\r\n\r\n"
 
 
-async def _events(srv: ServerState, job: Job) -> AsyncIterator[ServerSentEventMessage]:
-    """The job's events as SSE messages, those queued together in one write, a comment line for each
-    ping (Litestar cancels this generator when the client disconnects; `aclosing` passes that on to
-    `job_event_batches`)."""
+#: a ping: `ServerSentEventMessage(comment="ping", data=None).encode()`
+SSE_PING = ServerSentEventMessage(comment="ping", data=None).encode()
+
+
+async def _events(srv: ServerState, job: Job) -> AsyncIterator[bytes]:
+    """The job's events as SSE bytes, those queued together in one write, a comment line for each
+    ping (Litestar cancels this generator's task when the client disconnects; `aclosing` passes that
+    on to `job_event_batches`)."""
     async with contextlib.aclosing(job_event_batches(srv, job)) as batches:
         async for batch in batches:
             if batch is None:
-                yield ServerSentEventMessage(comment="ping", data=None)
+                yield SSE_PING
             else:
-                yield _Encoded(b"".join([sse_message(name, data) for name, data in batch]))
+                yield b"".join([sse_message(name, data) for name, data in batch])
 
 
 def _on_terminal(srv: ServerState, job: Job, name: str, data: dict) -> None:
