@@ -325,8 +325,8 @@ def run_inproc(args, profiler=None) -> list[dict]:
 
         async def read(job):
             n = 0
-            async for msg in app_mod._events(srv, job):
-                n += len(msg.encode())
+            async for chunk in app_mod._events(srv, job):  # (the bytes /execute writes)
+                n += len(chunk if isinstance(chunk, bytes) else chunk.encode())
             return n
 
         readers = [asyncio.ensure_future(read(j)) for j in jobs]
