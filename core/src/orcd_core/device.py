@@ -372,6 +372,11 @@ class BatchDecoder(abc.ABC):
         self.rows.remove(row)
         self.changed = True
 
+    def warm_up(self, cache: KVCache) -> None:
+        """Called once at load with a scratch KV cache of the engine's layout (freed after; anything may
+        be written into it), before any row joins: what the loop prepares for every row count before
+        the first request. This default does nothing."""
+
     @abc.abstractmethod
     def step(self) -> list[tuple[DecodeRow, int]]:
         """Run one decode step of the current rows; returns (row, token) for each row of the step

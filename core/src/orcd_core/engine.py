@@ -93,9 +93,10 @@ class Engine:
         device.finish_load()
         if not device.plans_memory:
             _check_kv_fits(path, model, device, int(n_ctx))
-        _warm_up(model, device, int(n_ctx))
-        return cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
-                   n_ctx=int(n_ctx), backend=backend, registry=registry, max_batch=int(max_batch))
+        engine = cls(model_path=path, gguf=gguf, arch=arch, model=model, device=device, tokenizer=tokenizer,
+                     n_ctx=int(n_ctx), backend=backend, registry=registry, max_batch=int(max_batch))
+        _warm_up(engine)
+        return engine
 
     def info(self) -> dict:
         """Facts about the loaded model, from host-side state only (no GPU call): the fixed part is
@@ -252,18 +253,21 @@ def _check_kv_fits(path: Path, model, device: Device, n_ctx: int) -> None:
     device.free_kv_cache(cache)
 
 
-def _warm_up(model, device: Device, n_ctx: int) -> None:
-    """`Device.warm_up` with a scratch KV cache of the engine's layout. Memory that does not fit now
-    (the cache, or what the warm-up takes) ends it: the load goes on, and the backend prepares what is
-    left at the first requests, where running out of VRAM fails the request that needs it."""
+def _warm_up(engine: "Engine") -> None:
+    """`Device.warm_up` (the prefill) and the scheduler's decode loop's `BatchDecoder.warm_up` (every
+    row count's first steps) with a scratch KV cache of the engine's layout. Memory that does not fit
+    now (the cache, or what the warm-up takes) ends it: the load goes on, and the backend prepares what
+    is left at the first requests, where running out of VRAM fails the request that needs it."""
     from .generation import VramOOM
 
+    model, device = engine.model, engine.device
     try:
-        cache = model.new_kv_cache(n_ctx)
+        cache = model.new_kv_cache(engine.n_ctx)
     except (VramOOM, MemoryError):
         return
     try:
         device.warm_up(model.forward, cache)
+        engine.scheduler.warm_up(cache)
     except VramOOM:
         pass
     finally:

@@ -137,6 +137,13 @@ class Scheduler:
                 self._push(seq, token, events, row.last_logprobs)
         return events
 
+    def warm_up(self, cache) -> None:
+        """Before the first request: the decode loop's `BatchDecoder.warm_up` on a scratch KV cache of
+        the engine's layout (`cache`, the caller's)."""
+        if self.busy:
+            raise RuntimeError("Scheduler.warm_up: sequences are running")
+        self._decoder_for().warm_up(cache)
+
     def close(self) -> None:
         """End everything (without events) and release the decoder's graphs."""
         for seq in list(self.active):

@@ -86,9 +86,20 @@ def test_batched_greedy_tokens_match_the_reference(engine, synth_dir):
 
 
 def test_graphs_are_kept_across_requests(engine):
-    """The engine's scheduler keeps its decoder: a second round replays the graphs the first captured
-    (the same objects); at most one graph per (row count, parity) ever exists."""
+    """The engine's scheduler keeps its decoder, whose warm-up (GraphBatchDecoder.warm_up, at load; run
+    again here: a workspace that grew in an earlier test dropped every graph) captures the graphs of
+    every row count (both parities, the smallest bound of positions): two rounds of short requests
+    replay them (the same objects) and capture nothing more."""
+    from orcd_core.backends.cuda.planner import SPAN_MIN
+
     sched = engine.scheduler
+    cache = engine.model.new_kv_cache(engine.n_ctx)
+    try:
+        sched.warm_up(cache)
+    finally:
+        engine.device.free_kv_cache(cache)
+    warm = dict(sched._decoder.graphs)
+    assert {(B, SPAN_MIN, p) for B in range(1, engine.max_batch + 1) for p in (0, 1)} <= set(warm)
     rounds = []
     for _ in range(2):
         seqs = [sched.submit(engine.prepare(r)) for r in requests(engine, 4)]
@@ -97,7 +108,8 @@ def test_graphs_are_kept_across_requests(engine):
         assert all(s.done for s in seqs)
         rounds.append(dict(sched._decoder.graphs))
     first, second = rounds
-    assert first and all(second[k] is first[k] for k in first) and len(second) <= 2 * 4
+    assert first.keys() == second.keys() == warm.keys()
+    assert all(second[k] is first[k] is warm[k] for k in first)
     assert engine.device.memory_report()["kv_cache"] == 0
 
 

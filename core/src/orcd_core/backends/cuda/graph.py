@@ -33,7 +33,7 @@ import time
 import cupy
 import numpy as np
 
-from ...device import BatchDecoder, KVBatch, Step
+from ...device import BatchDecoder, DecodeRow, KVBatch, Step
 from ...generation import CudaError
 from ...sampling import token_logprobs
 from .kernels import i32, launch
@@ -88,6 +88,27 @@ class GraphBatchDecoder(BatchDecoder):
         self.kv.caches = [r.cache for r in rows]
         self.st.fill([(r.id, r.position, r.step_index, r.params, r.recent) for r in rows], self.dev.stream)
         self.changed = False
+
+    def warm_up(self, cache) -> None:
+        """Every row count's eager step and two graphs (the smallest bound of positions) before the first
+        request, as vLLM captures its decode graphs at start-up: max_rows .. 1 rows of `cache` (the rows
+        share it; what they write there is never read) take three steps each. Otherwise the first batch
+        to reach a row count pays them under load (an eager step and two captures, ~tens of ms)."""
+        from ...generation import SamplingParams
+
+        if self.rows:
+            raise RuntimeError("batch decoder: warm_up with rows joined")
+        params = SamplingParams(temperature=0.0, repetition_window=0)
+        for B in range(self.max_rows, 0, -1):  # (the most rows first: the workspace takes its size once)
+            rows = [DecodeRow(cache=cache, id=0, position=0, step_index=0, params=params, recent=[], budget=3)
+                    for _ in range(B)]
+            for r in rows:
+                self.join(r)
+            for _ in range(3):  # the eager step, then one capture of each parity
+                self.step()
+            for r in rows:
+                self.leave(r)
+        self.dev.stream.synchronize()
 
     # -- one step -----------------------------------------------------------------------------------
     def _span(self, rows) -> int:
