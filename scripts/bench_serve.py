@@ -15,6 +15,11 @@ Figures (each a bounded number of requests):
   process of its own, and beside it the sum of the streams' own decode rates as the engine reports
   them (a gap between the two is lost on the served path, not in the engine);
 - cancel latency (ms): POST /cancel during the prefill of a ~2048-token prompt -> the terminal event.
+
+With `--llama-server EXE` (built from the vendored llama.cpp: `scripts/bench_vs_llama.py` builds it
+beside llama-bench), the same aggregate runs against llama-server on the same file afterwards, alone
+on the GPU (`-ngl 99 -fa on --parallel <--max-batch>`, each slot the worker's context; its streaming
+/completion with `ignore_eos`, so every stream generates --tokens), and the table gives the ratio.
 """
 
 from __future__ import annotations
@@ -73,6 +78,37 @@ def stream(url, body, on_event=None):
                 if name in ("end", "error"):
                     break
     return events
+
+
+def llama_stream(url, body, on_event=None):
+    """POST llama-server's /completion (streamed) and read its SSE: [(kind, data, t_received)] with the
+    send time first; each message before the last is a "token" (it may carry several tokens: the
+    last message's timings.predicted_n counts them), the last (stop: true) the "end"."""
+    c = client()
+    events = [("sent", None, time.perf_counter())]
+    with c.stream("POST", f"{url}/completion", json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return events + [("http", {"status": r.status_code, "body": r.text[:200]}, time.perf_counter())]
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = json.loads(line[5:])
+            ev = ("end" if data.get("stop") else "token", data, time.perf_counter())
+            events.append(ev)
+            if on_event:
+                on_event(ev)
+            if ev[0] == "end":
+                break
+    return events
+
+
+def stream_tokens(events) -> int:
+    """Tokens a stream of either server delivered: the worker sends an event per token; llama-server's
+    last message counts them (timings.predicted_n)."""
+    end = [e[1] for e in events if e[0] == "end"]
+    n = end[0].get("timings", {}).get("predicted_n") if end and "predicted_n" in end[0].get("timings", {}) else None
+    return int(n) if n is not None else sum(1 for e in events if e[0] == "token")
 
 
 def ttft(url, n_words, reps):
@@ -142,12 +178,12 @@ def side_latency(url, n_tokens, n_probes=200, max_s=60.0):
     return {k: {"p50_ms": pct(v, 50), "p99_ms": pct(v, 99), "n": len(v)} for k, v in lat.items()}
 
 
-def _aggregate_client(url, body, ready, out):
+def _aggregate_client(url, body, ready, out, llama=False):
     """One stream of `aggregate`, in a process of its own: its client is made before the barrier."""
     try:
         client().get(f"{url}/health")
         ready.wait()
-        events = stream(url, body)
+        events = (llama_stream if llama else stream)(url, body)
     except Exception as exc:  # reported in the figures (no tokens), never a parent left waiting
         ready.abort()
         events = [("sent", None, time.perf_counter()), ("client_error", repr(exc), time.perf_counter())]
@@ -190,39 +226,45 @@ def engine_breakdown(before, after) -> dict[str, float]:
             "events_ms": mean("orcd_engine_events_seconds", 1e3), "rows": mean("orcd_decode_batch_rows")}
 
 
-def aggregate(url, n_streams, n_tokens):
+def aggregate(url, n_streams, n_tokens, llama=False):
     """n_streams concurrent streams, each read by a process of its own (a client that parses ~4,000
     events a second in threads of one process measures its own GIL). `tok_s`: all tokens over the
     time from the start to the last terminal event; `engine_tok_s_sum`: the sum of the streams'
     `end` timings.predicted_per_second (the engine's own decode rates), so a loss between the two
     shows on the served path, not in the engine (up to the worker's --max-batch streams; beyond it
-    streams queue and their rates do not add)."""
+    streams queue and their rates do not add). `llama`: the same against llama-server (its /completion,
+    every stream --tokens long: ignore_eos; its end message's timings give the engine's rates)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Barrier(n_streams + 1)  # every client made before the clock starts
     out = ctx.Queue()
-    procs = [ctx.Process(target=_aggregate_client, daemon=True,
-                         args=(url, {"prompt": WORD * 16, "max_tokens": n_tokens, "temperature": 0.0, "seed": i},
-                               ready, out)) for i in range(n_streams)]
+    def body(i):
+        if llama:
+            return {"prompt": WORD * 16, "n_predict": n_tokens, "temperature": 0.0, "seed": i, "stream": True,
+                    "ignore_eos": True, "cache_prompt": False}
+        return {"prompt": WORD * 16, "max_tokens": n_tokens, "temperature": 0.0, "seed": i}
+
+    procs = [ctx.Process(target=_aggregate_client, daemon=True, args=(url, body(i), ready, out, llama))
+             for i in range(n_streams)]
     for p in procs:
         p.start()
-    before = engine_totals(url)
+    before = {} if llama else engine_totals(url)
     ready.wait(timeout=120)
     t0 = time.perf_counter()
     results = [out.get(timeout=600)[1] for _ in procs]
     for p in procs:
         p.join(30)
-    engine = engine_breakdown(before, engine_totals(url))
+    engine = {} if llama else engine_breakdown(before, engine_totals(url))
     t_end = max(ev[-1][2] for ev in results)  # perf_counter is the system's monotonic clock: one for all
     dt = t_end - t0
-    n = sum(sum(1 for e in ev if e[0] == "token") for ev in results)
+    n = sum(stream_tokens(ev) for ev in results)
     ends = [e[1] for ev in results for e in ev if e[0] == "end"]
     rates = []
     for ev in results:
         toks = [e[2] for e in ev if e[0] == "token"]
         if len(toks) > 2:
-            rates.append((len(toks) - 1) / (toks[-1] - toks[0]))
+            rates.append((stream_tokens(ev) - 1) / (toks[-1] - toks[0]))
     return {"streams": n_streams, "tokens": n, "seconds": dt, "tok_s": n / dt, "clients": "processes",
             "engine_tok_s_sum": sum(float(e["timings"]["predicted_per_second"]) for e in ends),
             "engine_reported_streams": len(ends),
@@ -265,6 +307,42 @@ def in_process_tg(model, backend, n, max_batch):
         return None
 
 
+def start_server(cmd, url, what) -> subprocess.Popen | None:
+    """Start a server (its output dropped) and wait for its /health (up to 300 s: a load); None, with the
+    server stopped, when it did not get ready."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    print(f"{what} did not become ready", file=sys.stderr)
+    return None
+
+
+CONTEXT = 4096  # each sequence's context in both servers (the worker's --max-context, a llama-server slot's)
+
+
+def llama_server_runs(exe, model, port, parallel, concurrency, n_tokens) -> list[dict] | None:
+    """The aggregate runs against llama-server on `model` (alone on the GPU: started after the worker
+    stopped): `parallel` slots of CONTEXT positions each, flash attention, every layer on the GPU."""
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server([exe, "-m", model, "-ngl", "99", "-fa", "on", "--parallel", str(parallel),
+                         "-c", str(CONTEXT * parallel), "--host", "127.0.0.1", "--port", str(port)], url, "llama-server")
+    if proc is None:
+        return None
+    try:
+        llama_stream(url, {"prompt": WORD * 16, "n_predict": 8, "temperature": 0.0, "stream": True})  # warm-up
+        return [aggregate(url, n, n_tokens, llama=True) for n in concurrency]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="GGUF file to serve (omit with --url)")
@@ -277,6 +355,8 @@ def main() -> int:
     ap.add_argument("--prompts", default="32,512,2040", help="prompt lengths (words) of the TTFT figures")
     ap.add_argument("--cancel-prompt", type=int, default=2040, help="prompt length (words) of the cancel figure")
     ap.add_argument("--max-batch", type=int, default=8, help="the worker's --max-batch (8)")
+    ap.add_argument("--llama-server", default=None, metavar="EXE",
+                    help="also run the aggregate against this llama-server on MODEL (--parallel = --max-batch)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     proc = None
@@ -285,21 +365,10 @@ def main() -> int:
         if not args.model:
             ap.error("give MODEL or --url")
         url = f"http://127.0.0.1:{args.port}"
-        proc = subprocess.Popen([*WORKER, "serve", "--model", args.model, "--backend", args.backend,
-                                 "--port", str(args.port), "--queue-size", "64", "--max-context", "4096",
-                                 "--max-batch", str(args.max_batch),
-                                 "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"))
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            proc.kill()
-            print("the worker did not become ready", file=sys.stderr)
+        proc = start_server([*WORKER, "serve", "--model", args.model, "--backend", args.backend,
+                             "--port", str(args.port), "--queue-size", "64", "--max-context", str(CONTEXT),
+                             "--max-batch", str(args.max_batch), "--log-format", "json"], url, "the worker")
+        if proc is None:
             return 1
     try:
         stream(url, {"prompt": WORD * 16, "max_tokens": 8, "temperature": 0.0})  # warm-up (graphs, kernels)
@@ -314,6 +383,9 @@ def main() -> int:
             proc.wait(60)
     if args.model:
         res["bench_tg"] = in_process_tg(args.model, args.backend, args.tokens, args.max_batch)
+    if args.llama_server and args.model and proc is not None:
+        res["llama_server"] = llama_server_runs(args.llama_server, args.model, args.port + 1, args.max_batch,
+                                                [int(n) for n in args.concurrency.split(",")], args.tokens)
     print(f"\n{'figure':<34}{'value':>40}")
     for w, t in res["ttft"].items():
         print(f"{'ttft, ' + str(t['n_prompt_tokens']) + '-token prompt':<34}{t['p50_ms']:>20.1f} ms p50 {t['p99_ms']:>8.1f} p99"
@@ -336,6 +408,11 @@ def main() -> int:
         if e.get("iterations"):  # the worker's engine-thread metrics over the run (engine_breakdown)
             print(f"{'  engine thread':<34}{e['step_ms']:>20.2f} ms an iteration: GPU step {e['gpu_step_ms']:.2f}, wait {e['gpu_wait_ms']:.2f}, "
                   f"events {e['events_ms']:.2f}; {e['rows']:.1f} rows a decode step ({e['iterations']:.0f} iterations)")
+    for a in res.get("llama_server") or []:
+        ours = next((o["tok_s"] for o in res["aggregate"] if o["streams"] == a["streams"]), None)
+        ratio = f" (worker / llama-server {ours / a['tok_s']:.2f}x)" if ours else ""
+        print(f"{'llama-server, ' + str(a['streams']) + ' streams':<34}{a['tok_s']:>20.1f} tok/s aggregate{ratio}; "
+              f"its streams' own rates summed {a['engine_tok_s_sum']:.1f}")
     c = res["cancel_in_prefill"]
     print(f"{'cancel during a ' + str(args.cancel_prompt) + '-word prefill':<34}{c['p50_ms']:>20.1f} ms p50 {c['max_ms']:>8.1f} max")
     if args.json:

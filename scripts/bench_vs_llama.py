@@ -8,6 +8,8 @@ On a GPU machine, from the project root (the project installed, e.g. `source .de
 
 1. builds llama-bench from the vendored llama.cpp (CUDA, sm_90) unless `--llama-bench PATH` names one
    or `WORK/llama.cpp/build/bin/llama-bench` exists (the build runs while the models are written);
+   llama-server too where the tree has it (`scripts/vendor_llama.py` writes the vendored tarball;
+   `scripts/bench_serve.py --llama-server` compares the served paths);
 2. writes the synthetic full-size models (`orcd-worker synth ARCH --size full --seed 7`) unless present;
 3. runs, per model, `orcd-worker bench --backend cuda -r R` and `llama-bench -ngl 99 -fa 1 -r R` for
    pp512, pp2048, tg128, and tg128 at depth 4096 (llama-bench `-d 4096`); and B sequences decoding
@@ -30,8 +32,10 @@ from pathlib import Path
 TESTS = [("pp512", dict(p=512, n=0, d=0)), ("pp2048", dict(p=2048, n=0, d=0)),
          ("tg128", dict(p=0, n=128, d=0)), ("tg128@d4096", dict(p=0, n=128, d=4096))]
 LLAMA_CMAKE = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_APP=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+# llama-server without its web UI (no assets offline, none needed by a benchmark)
+LLAMA_SERVER_CMAKE = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"]
 
 
 def sh(cmd, **kw) -> str:
@@ -52,8 +56,10 @@ def start_llama_build(src: str, work: Path) -> tuple[subprocess.Popen | None, Pa
                 tf.extractall(work)
     log = open(work / "llama-build.log", "w")
     jobs = str(max(1, (os.cpu_count() or 4) - 2))
-    cmd = (f"cmake -B build -G Ninja {' '.join(LLAMA_CMAKE)} && "
-           f"cmake --build build --target llama-bench llama-batched-bench -j {jobs}")
+    server = (tree / "tools" / "server" / "CMakeLists.txt").exists()
+    flags = LLAMA_CMAKE + (LLAMA_SERVER_CMAKE if server else ["-DLLAMA_BUILD_SERVER=OFF"])
+    cmd = (f"cmake -B build -G Ninja {' '.join(flags)} && "
+           f"cmake --build build --target llama-bench llama-batched-bench{' llama-server' if server else ''} -j {jobs}")
     return subprocess.Popen(cmd, shell=True, cwd=tree, stdout=log, stderr=subprocess.STDOUT), exe
 
 

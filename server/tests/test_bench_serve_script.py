@@ -64,3 +64,59 @@ def test_bench_serve_reports_every_figure_on_the_reference_backend(tmp_path):
     assert len(cancel["runs"]) == 5 and all(run["terminal"] in ("end", "error") for run in cancel["runs"])
     assert res["bench_tg"] > 0
     assert "concurrent streams" in r.stdout and "during a stream" in r.stdout and "engine thread" in r.stdout
+
+
+def _bench_serve_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_llama_server_streams_are_read_and_counted_as_it_sends_them():
+    """bench_serve's llama-server client (`--llama-server`) against a stand-in that answers /completion
+    as llama-server does when streaming (tools/server: one `data: {json}` message per piece of text,
+    `stop: true` with `timings` on the last): the messages are read in order, and the tokens counted
+    from the last message's timings.predicted_n (a message may carry several tokens: a character split
+    over two tokens is sent once whole), not from the number of messages."""
+    import http.server
+    import threading
+
+    bodies = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            pieces = ["a", "b", "\u00e9", "c"]  # 5 tokens: the accented letter took two
+            for p in pieces:
+                self.wfile.write(b"data: " + json.dumps({"content": p, "stop": False}).encode() + b"\n\n")
+                self.wfile.flush()
+            last = {"content": "", "stop": True, "timings": {"predicted_n": 5, "predicted_per_second": 123.0}}
+            self.wfile.write(b"data: " + json.dumps(last).encode() + b"\n\n")
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        bs = _bench_serve_module()
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        body = {"prompt": "x", "n_predict": 5, "stream": True, "ignore_eos": True}
+        events = bs.llama_stream(url, body)
+        assert [e[0] for e in events] == ["sent", "token", "token", "token", "token", "end"]
+        assert "".join(e[1]["content"] for e in events if e[0] == "token") == "ab\u00e9c"
+        assert [e[2] for e in events] == sorted(e[2] for e in events)
+        assert bs.stream_tokens(events) == 5 and bodies == [body]
+        # the worker's own events: one per token (its end's predicted_n says the same)
+        ours = [("sent", None, 0.0)] + [("token", {"id": i}, 0.1 * i) for i in range(3)] + \
+            [("end", {"timings": {"predicted_n": 3}}, 1.0)]
+        assert bs.stream_tokens(ours) == 3 and bs.stream_tokens(ours[:-1]) == 3
+    finally:
+        srv.shutdown()
