@@ -8,7 +8,7 @@
 # background, waited for at the end (a next call on the still-warm machine runs bench_vs_llama.py
 # --work /tmp/bench without building).
 # Needs (carried, git-ignored): .device/ (wheelhouse), .models/cache/ (vocab GGUFs for the synthetic
-# models), and for `llama` .vendor/llama.cpp.tgz (a trimmed llama.cpp source tree).
+# models), and for `llama` .vendor/llama.cpp.tgz (a trimmed llama.cpp source tree: scripts/vendor_llama.py).
 set -u -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 root=$(pwd)
