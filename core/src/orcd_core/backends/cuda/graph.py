@@ -9,10 +9,11 @@ rewrites those buffers from its own copy of each row (`DecodeRow`) with two copi
 replays. The first step of each B runs op by op (kernels load, the workspace finds its size); the next
 two are captured (relaxed mode), one graph per parity of the step count, and every later step of B
 rows replays the graph of its parity. A graph also holds a bound of its rows' positions (`span`, a
-power of two from planner.SPAN_MIN up to the context): its attention launches only the splits that a position
-under the bound can need (a served row's cache spans the whole context: 128 splits a head at 32,768
-positions, where a row at position 300 needs 3); a step whose rows reach the bound takes the next
-bound's graphs. The captured `advance_rows` kernel moves each sampled token into
+power of two from planner.SPAN_MIN up to the context): its attention launches only the splits that a
+position under the bound can need (a served row's cache spans the whole context: 128 splits a head at
+32,768 positions, where a row at position 300 needs 3); a step whose rows reach the bound takes the
+next bound's graphs. `warm_up` runs every row count's first steps at load. The captured `advance_rows`
+kernel moves each sampled token into
 its row's next input, advances its position and step index and writes the token into its window.
 Each graph ends with a copy of the B tokens into its own slot of pinned host memory and an event: no
 host->device copy per step, one small device->host copy.
@@ -104,11 +105,17 @@ class GraphBatchDecoder(BatchDecoder):
                     for _ in range(B)]
             for r in rows:
                 self.join(r)
-            for _ in range(3):  # the eager step, then one capture of each parity
-                self.step()
-            for r in rows:
-                self.leave(r)
-        self.dev.stream.synchronize()
+            try:
+                for _ in range(3):  # the eager step, then one capture of each parity
+                    self.step()
+            finally:  # (a failure, such as running out of VRAM, leaves no scratch row behind)
+                for r in rows:
+                    if r in self.rows:
+                        self.leave(r)
+                try:
+                    self.dev.stream.synchronize()
+                finally:
+                    self._flight.clear()
 
     # -- one step -----------------------------------------------------------------------------------
     def _span(self, rows) -> int:
