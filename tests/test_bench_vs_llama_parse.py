@@ -3,17 +3,11 @@ tools/batched-bench/batched-bench.cpp) among its log lines: S_TG per number of s
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_llama.py"
+from repo_scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_vs_llama", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_vs_llama")
 
 
 def test_parse_batched_bench_takes_speed_tg_per_sequence_count():

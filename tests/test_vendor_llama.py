@@ -4,19 +4,14 @@ out as the sdist is."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import tarfile
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "vendor_llama.py"
+from repo_scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("vendor_llama", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("vendor_llama")
 
 
 KEPT = ["CMakeLists.txt", "ggml/src/ggml.c", "src/llama.cpp", "common/arg.cpp", "vendor/cpp-httplib/httplib.h",

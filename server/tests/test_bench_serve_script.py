@@ -67,12 +67,9 @@ def test_bench_serve_reports_every_figure_on_the_reference_backend(tmp_path):
 
 
 def _bench_serve_module():
-    import importlib.util
+    from repo_scripts import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_serve")
 
 
 def test_llama_server_streams_are_read_and_counted_as_it_sends_them():
