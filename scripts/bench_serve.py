@@ -106,8 +106,7 @@ def llama_stream(url, body, on_event=None):
 def stream_tokens(events) -> int:
     """Tokens a stream of either server delivered: the worker sends an event per token; llama-server's
     last message counts them (timings.predicted_n)."""
-    end = [e[1] for e in events if e[0] == "end"]
-    n = end[0].get("timings", {}).get("predicted_n") if end and "predicted_n" in end[0].get("timings", {}) else None
+    n = next((e[1].get("timings", {}).get("predicted_n") for e in events if e[0] == "end"), None)
     return int(n) if n is not None else sum(1 for e in events if e[0] == "token")
 
 

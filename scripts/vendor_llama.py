@@ -18,7 +18,7 @@ import argparse
 import io
 import sys
 import tarfile
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 ROOT = "vendor/llama.cpp"
 # top-level parts of the tree, and parts of tools/, that no benchmark binary builds from
@@ -56,8 +56,6 @@ def trim(sdist: str, out: str) -> tuple[int, int]:
             data = src.extractfile(m) if m.isfile() else None
             dst.addfile(m2, io.BytesIO(data.read()) if data is not None else None)
             n += m.isfile()
-    from pathlib import Path
-
     return n, Path(out).stat().st_size
 
 
@@ -72,8 +70,6 @@ def main() -> int:
         from orcd_core import testmodels
 
         sdist = str(testmodels.fetch_archive(testmodels.LLAMA_CPP_PACKAGE, testmodels.LLAMA_CPP_VERSION, "sdist"))
-    from pathlib import Path
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     files, size = trim(sdist, args.out)
     print(f"{args.out}: {files} files, {size / 2**20:.1f} MiB (from {sdist})")
