@@ -4,9 +4,8 @@ sliding-window rings):
 - a chunk of every kind (the bucket's exact length, padded, after a prefix, one token, the decode-GEMV
   bucket) gives the op-by-op chunk's logits within REL, and so do the tokens after it (they read the
   cache the chunk wrote: the pads never show);
-- the load captures every bucket of the engine's cache layout (qwen2, phi3); gpt-oss's grouped MoE
-  prefill cannot be captured (it reads the experts' token counts on the host): its chunks over
-  GEMV_MAX_T tokens run op by op, with the reason kept, and its short chunks are captured;
+- the load captures every bucket of the engine's cache layout, gpt-oss's too (its grouped MoE prefill
+  reads nothing back to the host);
 - a bucket's first chunk (run op by op before its capture) gives bitwise the logits of its replays;
 - a replayed chunk serves any sequence (another cache, another start) and its returned logits stay
   valid while the next chunk replays;
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 
 from orcd_core.backends.cuda.planner import PREFILL_BUCKETS, bucket
-from orcd_core.kernels.constants import GEMV_MAX_T
 from orcd_core.testing.cuda import load_engine, require_cuda_gpu, synth_cut, synth_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.gpu
@@ -80,12 +78,7 @@ def test_a_replayed_chunk_gives_the_op_by_op_logits(engine, prefix, n):
     got = chunk_then_tokens(engine, ids, prefix, n, graphs=True)
     for i, (g, w) in enumerate(zip(got, want)):
         assert rel_err(g, w) <= REL, f"logits {i} (0: the chunk's last token) differ by {rel_err(g, w):.2e}"
-    moe_grouped = engine.architecture == "gpt-oss" and bucket(n) > GEMV_MAX_T
-    if moe_grouped:
-        assert pg.replays == replays
-        assert any("moe" in why for why in pg.failed.values())
-    else:  # captured at the second run at the latest, replayed at the third
-        assert pg.replays >= replays + 2
+    assert pg.replays >= replays + 2  # captured at the second run at the latest, replayed at the third
 
 
 def test_a_graph_serves_other_sequences_and_its_logits_outlive_the_next_replay(engine):
@@ -95,7 +88,7 @@ def test_a_graph_serves_other_sequences_and_its_logits_outlive_the_next_replay(e
     rng = np.random.default_rng(11)
     V = int(engine.config.n_vocab)
     a_ids, b_ids = rng.integers(0, V, 64).tolist(), rng.integers(0, V, 64).tolist()
-    n = 6 if engine.architecture == "gpt-oss" else 30  # (gpt-oss: a bucket it captures)
+    n = 30
 
     def run(graphs):
         caches = [engine.model.new_kv_cache(engine.n_ctx) for _ in range(2)]
@@ -123,15 +116,10 @@ def test_a_graph_serves_other_sequences_and_its_logits_outlive_the_next_replay(e
 
 def test_the_load_captured_every_bucket_of_the_engines_layout(engine):
     """`Engine.load` warms the graphs up (Device.warm_up): every bucket of the engine's cache layout is
-    captured at load, or (gpt-oss's grouped MoE) known not to be, before the first request."""
+    captured at load before the first request (gpt-oss's grouped MoE prefill too)."""
     pg = engine.device.prefill_graphs
     captured = {k[0] for k in pg.graphs if k[1] == engine.n_ctx}
-    failed = set(pg.failed)
-    if engine.architecture == "gpt-oss":
-        assert captured == {b for b in PREFILL_BUCKETS if b <= GEMV_MAX_T}
-        assert failed == {b for b in PREFILL_BUCKETS if b > GEMV_MAX_T}
-    else:
-        assert captured == set(PREFILL_BUCKETS) and not failed
+    assert captured == set(PREFILL_BUCKETS) and not pg.failed, pg.failed
 
 
 def test_the_first_chunk_of_a_bucket_computes_what_its_replays_compute(engine):
@@ -149,8 +137,7 @@ def test_the_first_chunk_of_a_bucket_computes_what_its_replays_compute(engine):
         finally:
             engine.device.free_kv_cache(cache)
     assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])
-    if engine.architecture != "gpt-oss":
-        assert any(k[1] == n_ctx and k[0] == bucket(40) for k in pg.graphs)
+    assert any(k[1] == n_ctx and k[0] == bucket(40) for k in pg.graphs)
 
 
 def test_the_graphs_pool_stays_within_its_plan(engine):

@@ -18,7 +18,7 @@ typedef long long i64;
     !defined(XS_MAX_BYTES) || !defined(XS_TC_MAX_BYTES) || !defined(XS_CHUNK_ALIGN) ||                     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
     !defined(AD_CHUNK) || !defined(AD_CHUNK_MIN) || !defined(AD_SPLITS) || !defined(AD_MAX_SPLITS) ||      \
-    !defined(MOE_WARPS) || !defined(MOE_MAX_K) ||                                                          \
+    !defined(MOE_WARPS) || !defined(MOE_MAX_K) || !defined(MOE_GEMM_BN) || !defined(MOE_GEMM_BM) ||        \
     !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
 #error "compile with the -D options of orcd_core.kernels.constants.define_options()"
 #endif
@@ -67,6 +67,49 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float d[4], u32 a0, u32 a1, u32 
 #endif
 }
 
+// d += A B for one warp over fp16 operands: A 16 x 16 (row major), B 16 x 8 (column major), d 16 x 8 fp32.
+// With g = lane / 4 and c = lane % 4 each register holds two fp16 (the lower index in the low half):
+// a0 = A[g][2c..2c+1], a1 = A[g + 8][2c..], a2 = A[g][2c + 8..], a3 = A[g + 8][2c + 8..]; b0 = B[2c..2c+1][g],
+// b1 = B[2c + 8..][g]; d as in mma_tf32_16x8x8 (PTX ISA, "Matrix fragments for mma.m16n8k16", .f16).
+__device__ __forceinline__ void mma_f16_16x8x16(float d[4], const u32 a[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the launchers take the tensor-core kernels on sm_80 and later only
+#endif
+}
+// A shared-memory address as the 32-bit operand of the shared-space instructions (ldmatrix, cp.async).
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned s;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(p));
+    return s;
+}
+// Four 8 x 8 fp16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8 (16
+// bytes, 16-byte aligned); r[j] of lane l then holds matrix j's row l / 4, elements 2 (l % 4) and
+// 2 (l % 4) + 1 (PTX ISA, ldmatrix): the fragment layout of mma_f16_16x8x16's operands.
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(row)));
+#else
+    __trap();
+#endif
+}
+// Two floats as two fp16 (round to nearest even) in one word, lo in the low half: one cvt instruction.
+__device__ __forceinline__ u32 pack_h2_rn(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return pack_h2(lo, hi);
+#endif
+}
+
 // ---- small integers to float without a conversion instruction ------------------------------------
 // 0x4B000000 | q is the float 2^23 + q for q < 2^23, so (2^23 + q) - (2^23 + off) is q - off exactly:
 // one LOP and one FADD at full rate instead of an I2F, which runs at a fraction of the FMA rate and
@@ -99,9 +142,7 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // and later (complete for the calling thread after cp_async_wait_all), a load and a store before.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if __CUDA_ARCH__ >= 800
-    unsigned s;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(s) : "l"(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
 #else
     *(float4*)smem = *(const float4*)gmem;
 #endif

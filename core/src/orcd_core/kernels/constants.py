@@ -38,6 +38,9 @@ AD_MAX_SPLITS = 1024  # splits of one head's decode attention at most (the combi
 MOE_WARPS = 4  # output rows (one warp each) per block of the expert GEMVs and the router
 MOE_MAX_K = 8  # experts per token at most (the decode down-projection keeps one partial per slot)
 MOE_MAX_E_PER_LANE = 8  # experts per lane of moe_topk_softmax: at most 32 times this many experts
+MOE_GEMM_BN = 128  # expert rows per block of the grouped prefill GEMM (moe_gemm_*; its block has 2 x this
+#                   many threads: one half dequantizes a row each, the other copies the pairs' activations)
+MOE_GEMM_BM = 64  # (token, expert) pairs per block of moe_gemm_*: an expert's pairs take ceil(count / this) tiles
 MOE_ACT_SILU = 0  # the expert GLU: silu(g) * u
 MOE_ACT_SWIGLU_OAI = 1  # ggml_swiglu_oai (clamped, with alpha)
 

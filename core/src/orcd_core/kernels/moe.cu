@@ -1,7 +1,7 @@
 // orcd-worker core kernels of the mixture of experts that do not depend on the weights' format:
 // routing (top-k + softmax over the chosen logits) and, for prefill, grouping the (token, slot) pairs by
-// expert so each expert's weights are dequantized once per batch (Device.moe in backends/cuda/device.py).
-// The expert-indexed GEMVs of the decode path are per format: moe_kernels.cuh.
+// expert around the grouped GEMM (Device.moe: backends/cuda/moe.py). The expert-indexed GEMVs of the
+// decode path and the prefill's grouped GEMM are per format: moe_kernels.cuh.
 #include "moe_kernels.cuh"
 
 // grid (ceil(E / MOE_WARPS), T), block 32 * MOE_WARPS: logits[t, e] = W[e, :] . x[t, :] (+ bias[e]) for an F32
@@ -124,59 +124,40 @@ extern "C" __global__ void moe_sort(const int* __restrict__ ids, int P, int E, i
     }
 }
 
-// The grouped prefill's padded layout (backends/cuda/moe.py): expert e's pairs at rows e * M .. e * M +
-// count_e - 1, M the largest count, so that every expert's GEMM has the same shape (one strided-batched
-// call for a group of experts). rows[i] = the row of sorted position i: e * M + i - offsets[e] for e =
-// ids[order[i]], -1 past offsets[E] (pairs whose id was out of range are not in the order).
-extern "C" __global__ void moe_pad_rows(const int* __restrict__ ids, const int* __restrict__ order,
-                                        const int* __restrict__ offsets, int E, int M, int P, int* __restrict__ rows) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= P) return;
-    if (i >= offsets[E]) {
-        rows[i] = -1;
-        return;
-    }
-    const int e = ids[order[i]];
-    rows[i] = e * M + i - offsets[e];
-}
-
-// out[r, :] = fp16(x[order[i] / k, :]) for the P sorted pairs, r = rows[i] (the padded layout; rows
-// null: r = i, the sorted order; r < 0: none): each expert's tokens as one GEMM operand
+// out[i, :] = fp16(x[order[i] / k, :]) for the sorted positions i < offsets[E] (pairs whose id was out of
+// range are not in the order): each expert's tokens as rows of the grouped GEMM's operand
 extern "C" __global__ void moe_gather_f16(const float* __restrict__ x, const int* __restrict__ order,
-                                          const int* __restrict__ rows, int k, int K, half_bits* __restrict__ out,
-                                          int P) {
+                                          const int* __restrict__ offsets, int E, int k, int K,
+                                          half_bits* __restrict__ out, int P) {
     const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= (i64)P * K) return;
     const int i = (int)(g / K), c = (int)(g - (i64)i * K);
-    const i64 r = rows ? rows[i] : i;
-    if (r < 0) return;
-    out[r * K + c] = f2h(x[(i64)(order[i] / k) * K + c]);
+    if (i >= offsets[E]) return;
+    out[g] = f2h(x[(i64)(order[i] / k) * K + c]);
 }
 
-// a[r, c] = fp16(act(h[r, c] + bias[e, c], h[r, Fh + c] + bias[e, Fh + c])), e = ids[order[i]], r the
-// row of sorted position i (rows[i], or i when rows is null; none when < 0): h [., 2 Fh] is the pairs'
-// gate|up GEMM output, bias [E, 2 Fh]
+// a[i, c] = fp16(act(h[i, c] + bias[e, c], h[i, Fh + c] + bias[e, Fh + c])), e = ids[order[i]], for the
+// sorted positions i < offsets[E]: h [P, 2 Fh] is the pairs' gate|up GEMM output, bias [E, 2 Fh]
 extern "C" __global__ void moe_glu_f16(const float* __restrict__ h, const int* __restrict__ ids,
-                                       const int* __restrict__ order, const int* __restrict__ rows,
+                                       const int* __restrict__ order, const int* __restrict__ offsets, int E,
                                        const float* __restrict__ bias, half_bits* __restrict__ a, int P, int Fh,
                                        int act, float alpha, float limit) {
     const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= (i64)P * Fh) return;
     const int i = (int)(g / Fh), c = (int)(g - (i64)i * Fh);
-    const i64 r = rows ? rows[i] : i;
-    if (r < 0) return;
+    if (i >= offsets[E]) return;
     const i64 e = ids[order[i]];
-    const float* hr = h + r * 2 * Fh;
+    const float* hr = h + (i64)i * 2 * Fh;
     const float bg = bias ? bias[e * 2 * Fh + c] : 0.0f, bu = bias ? bias[e * 2 * Fh + Fh + c] : 0.0f;
-    a[r * Fh + c] = f2h(moe_act(hr[c] + bg, hr[Fh + c] + bu, act, alpha, limit));
+    a[g] = f2h(moe_act(hr[c] + bg, hr[Fh + c] + bu, act, alpha, limit));
 }
 
-// out[t, n] = sum_s wts[t, s] * (y[r, n] + bias[ids[t k + s], n]) (slots in order), r the row of the
-// pair's sorted position pos[t k + s] (rows[pos[...]], or pos[...] itself when rows is null)
+// out[t, n] = sum_s wts[t, s] * (y[pos[t k + s], n] + bias[ids[t k + s], n]) (slots in order); NaN for a
+// token with an expert id out of range
 extern "C" __global__ void moe_combine(const float* __restrict__ y, const int* __restrict__ ids,
-                                       const int* __restrict__ pos, const int* __restrict__ rows,
-                                       const float* __restrict__ wts, const float* __restrict__ bias,
-                                       float* __restrict__ out, int T, int k, int N, int E) {
+                                       const int* __restrict__ pos, const float* __restrict__ wts,
+                                       const float* __restrict__ bias, float* __restrict__ out, int T, int k, int N,
+                                       int E) {
     const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (g >= (i64)T * N) return;
     const int t = (int)(g / N), n = (int)(g - (i64)t * N);
@@ -187,8 +168,7 @@ extern "C" __global__ void moe_combine(const float* __restrict__ y, const int* _
             acc = __int_as_float(0x7fc00000);
             break;
         }
-        const i64 r = rows ? rows[pos[p]] : pos[p];
-        acc += wts[p] * (y[r * N + n] + (bias ? bias[(i64)e * N + n] : 0.0f));
+        acc += wts[p] * (y[(i64)pos[p] * N + n] + (bias ? bias[(i64)e * N + n] : 0.0f));
     }
     out[g] = acc;
 }

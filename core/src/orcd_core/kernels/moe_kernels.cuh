@@ -10,6 +10,8 @@
 //                         e = ids[p], N = F: gate|up rows of one expert and the GLU in one pass
 //   moe_down_NAME         out[t, n] = sum_s wts[t, s] * (W[ids[t, s], n] . a[t * k + s] + bias[ids[t, s], n]):
 //                         down projection and the weighted sum (slots in order: deterministic)
+//   moe_gemm_NAME         the prefill's grouped GEMM on the tensor cores (below): Y = X W_e^T for each
+//                         expert e's rows of the pairs sorted by expert
 // One warp per output row; lane l takes items l, l + 32, ... of the row (consecutive bytes per warp); the
 // block first stages its activation vectors in shared memory (quant_kernels.cuh: stage_x), so the
 // launcher passes dynamic shared memory (moe.py). Top-k at most MOE_MAX_K.
@@ -127,6 +129,171 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
     if ((threadIdx.x & 31) == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
 }
 
+// ---- the grouped prefill GEMM -------------------------------------------------------------------------
+// Y[r, n] = sum_k W[e, n, k] X[r, k] for every pair row r of every expert e: X [P, K] fp16 and Y [P, N]
+// float32 hold the pairs in sorted order (moe_sort: expert e's at rows offsets[e] .. offsets[e + 1] - 1).
+// A block computes one tile: MOE_GEMM_BN rows of expert e's W (grid y) times up to MOE_GEMM_BM of e's pairs.
+// Tiles are numbered expert by expert (e's ceil(count_e / BM) after those of the experts before it), found
+// from `offsets` on the device, so the grid, (ceil(P / BM) + min(E, P) - 1: at least the tiles there can
+// be, ceil(N / BN)), depends on P only: no count goes to the host and a prefill chunk can be a CUDA
+// graph. Blocks past the last tile return at once.
+// W is decoded as it is read (F::item, then fp16 into shared memory), never written out: the expert
+// stack is read once per tile of pairs (where dequantizing every expert to an fp16 scratch for cuBLAS
+// wrote and read ~38 GB per 512-token chunk of gpt-oss-20b). A k-step is one 32-weight item: the
+// block's first BN threads decode row n0 + t's item (the next step's while the tensor cores work on
+// this one), the other BN copy the pairs' matching 32 activations (elements x0 .. x0 + 15 and x1 .. x1 +
+// 15 of the item's block: the item's layout, which depends on the item index only) with cp.async; two
+// shared buffers, one barrier a step. Products on the tensor cores (mma.m16n8k16, fp16 operands as the
+// cuBLAS path's, fp32 sums): 8 warps, each 32 rows x 32 pairs. K a multiple of 32; any N.
+#define MG_LD 40  // halves per shared row (32 + 8: rows 80 bytes apart, so an ldmatrix's 8 rows hit distinct banks)
+static_assert(MOE_GEMM_BN == 128 && MOE_GEMM_BM == 64, "moe_gemm's tiling: 8 warps of 32 rows x 32 pairs, "
+                                                       "one thread per row and two 16-byte copies per thread");
+
+template <class F>
+__device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ offsets,
+                                              int E, const half_bits* __restrict__ X, float* __restrict__ Y, int N,
+                                              int K) {
+    constexpr int BN = MOE_GEMM_BN, BM = MOE_GEMM_BM;
+    static_assert(F::IPB <= 8, "items per block");
+    __shared__ __align__(16) half_bits As[2][BN * MG_LD];
+    __shared__ __align__(16) half_bits Bs[2][BM * MG_LD];
+    __shared__ int tile_at[3];            // the tile's expert (< 0: none), first pair row, end of the expert's rows
+    __shared__ int item_x[2 * F::IPB];    // item i's element offsets x0, x1 inside its block
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (warp == 0) {  // which expert's tile this block is: a scan of the experts' tile counts, 32 at a time
+        const int tile = blockIdx.x;
+        int base = 0, e_hit = -1, r0 = 0, r1 = 0;
+        for (int c0 = 0; c0 < E; c0 += 32) {
+            const int e = c0 + lane;
+            const int o0 = e < E ? offsets[e] : 0, o1 = e < E ? offsets[e + 1] : 0;
+            const int nt = (o1 - o0 + BM - 1) / BM;
+            int inc = nt;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, inc, d);
+                if (lane >= d) inc += v;
+            }
+            const int lo = base + inc - nt;
+            const unsigned hit = __ballot_sync(0xffffffffu, tile >= lo && tile < base + inc);
+            if (hit) {
+                const int src = __ffs(hit) - 1;
+                e_hit = c0 + src;
+                r0 = __shfl_sync(0xffffffffu, o0 + (tile - lo) * BM, src);
+                r1 = __shfl_sync(0xffffffffu, o1, src);
+                break;
+            }
+            base += __shfl_sync(0xffffffffu, inc, 31);
+        }
+        if (lane == 0) {
+            tile_at[0] = e_hit;
+            tile_at[1] = r0;
+            tile_at[2] = r1;
+        }
+    } else if (tid - 32 < F::IPB) {  // the items' layout, from row 0's first block
+        float v[32];
+        int x0, x1;
+        F::item(W, tid - 32, v, x0, x1);
+        item_x[2 * (tid - 32)] = x0;
+        item_x[2 * (tid - 32) + 1] = x1;
+    }
+    __syncthreads();
+    const int e = tile_at[0];
+    if (e < 0) return;
+    const int r0 = tile_at[1], nr = min(tile_at[2] - r0, BM), n0 = blockIdx.y * BN, S = K >> 5;
+    const bool dq = tid < BN;  // this thread decodes row n0 + tid (rows past N: row N - 1, not stored)
+    const u8* wrow = W + ((i64)e * N + min(n0 + (dq ? tid : 0), N - 1)) * row_bytes;
+    float v[32];
+    auto decode = [&](int s) {
+        const int b = s / F::IPB;
+        int x0, x1;
+        F::item(wrow + (i64)b * F::TS, s - b * F::IPB, v, x0, x1);
+    };
+    auto store_a = [&](int buf) {
+        uint4* d = (uint4*)(As[buf] + tid * MG_LD);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            d[j] = make_uint4(pack_h2_rn(v[8 * j], v[8 * j + 1]), pack_h2_rn(v[8 * j + 2], v[8 * j + 3]),
+                              pack_h2_rn(v[8 * j + 4], v[8 * j + 5]), pack_h2_rn(v[8 * j + 6], v[8 * j + 7]));
+    };
+    auto copy_b = [&](int s, int buf) {  // chunk c: pair row c / 4, 8 halves at column 8 (c % 4)
+        const int b = s / F::IPB, i = s - b * F::IPB;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int c = tid - BN + j * BN, row = c >> 2, q = c & 3;
+            const int col = b * F::QK + item_x[2 * i + (q >> 1)] + 8 * (q & 1);
+            cp_async16(Bs[buf] + row * MG_LD + 8 * q, X + (i64)(r0 + min(row, nr - 1)) * K + col);
+        }
+    };
+    if (dq) {
+        decode(0);
+        store_a(0);
+    } else {
+        copy_b(0, 0);
+        cp_async_wait_all();
+    }
+    __syncthreads();
+    float acc[2][4][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.0f;
+    const int wn = warp & 3, wm = warp >> 2;  // the warp's 32 rows and 32 pairs
+    for (int s = 0; s < S; ++s) {
+        const int cur = s & 1;
+        const bool more = s + 1 < S;
+        if (more) {
+            if (dq) {
+                decode(s + 1);
+                if (s + 2 < S) prefetch_l2(wrow + (i64)((s + 2) / F::IPB) * F::TS);
+            } else {
+                copy_b(s + 1, cur ^ 1);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 32; kk += 16) {
+            u32 a[2][4], b[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+                ldmatrix_x4(a[mi], As[cur] + (32 * wn + 16 * mi + (lane & 15)) * MG_LD + kk + 8 * (lane >> 4));
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj)
+                ldmatrix_x4(b[nj], Bs[cur] + (32 * wm + 16 * nj + (lane & 7) + 8 * (lane >> 4)) * MG_LD + kk +
+                                       8 * ((lane >> 3) & 1));
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni)
+                    mma_f16_16x8x16(acc[mi][ni], a[mi], b[ni >> 1][2 * (ni & 1)], b[ni >> 1][2 * (ni & 1) + 1]);
+        }
+        if (more) {
+            if (dq)
+                store_a(cur ^ 1);
+            else
+                cp_async_wait_all();
+        }
+        __syncthreads();
+    }
+    const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        const int n = n0 + 32 * wn + 16 * mi + g;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const int p = 32 * wm + 8 * ni + 2 * c;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // pairs p, p + 1
+                if (p + h < nr) {
+                    float* y = Y + (i64)(r0 + p + h) * N;
+                    if (n < N) y[n] = acc[mi][ni][h];
+                    if (n + 8 < N) y[n + 8] = acc[mi][ni][2 + h];
+                }
+            }
+        }
+    }
+}
+
 #define ORCD_MOE_KERNELS(NAME, F)                                                                            \
     extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)                                            \
         moe_gemv_glu_##NAME(const u8* W, i64 row_bytes, const int* ids, const float* x, int x_div,          \
@@ -138,4 +305,9 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
         moe_down_##NAME(const u8* W, i64 row_bytes, const int* ids, const float* wts, const float* a,        \
                         const float* bias, float* out, int N, int K, int k, int E) {                         \
         moe_down_impl<F>(W, row_bytes, ids, wts, a, bias, out, N, K, k, E);                                  \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(2 * MOE_GEMM_BN, 2)                                        \
+        moe_gemm_##NAME(const u8* W, i64 row_bytes, const int* offsets, int E, const half_bits* X, float* Y, \
+                        int N, int K) {                                                                      \
+        moe_gemm_impl<F>(W, row_bytes, offsets, E, X, Y, N, K);                                              \
     }

@@ -481,7 +481,7 @@ class CudaDevice(Device):
     def dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
         """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
         dequantized to fp16 through the device's scratch in chunks, cuBLAS with fp32 accumulation. The
-        prefill path of `linear` (row0 0, all rows) and of the MoE (one expert's rows of a stack)."""
+        prefill path of `linear`."""
         scratch = self._scratch
         if scratch is None or scratch.size < K:  # prepare_load sizes it; else the first prefill does
             if self.stream.is_capturing():
@@ -510,35 +510,6 @@ class CudaDevice(Device):
             gemm(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, n_tok, K,
                  self._one_ptr, scratch.data.ptr, 2, K, x16_ptr, 2, K,
                  self._zero_ptr, y_ptr + 4 * r0, 0, N, 68, -1)
-
-    def dequant_gemm_experts(self, w: Weight, e0: int, G: int, N: int, K: int, x16_ptr: int, M: int,
-                             y_ptr: int) -> None:
-        """For the G experts e0 .. e0 + G - 1 of the stack `w` (expert e's rows e N .. e N + N - 1):
-        y_e[M, N] (float32) = x16_e[M, K] (fp16) @ W_e^T, x16_e at x16_ptr + e M K halves and y_e at
-        y_ptr + e M N floats (the grouped MoE prefill's padded layout, backends/cuda/moe.py): the G
-        matrices dequantized to fp16 by one launch into the scratch (it must hold them:
-        `experts_per_gemm`), then one strided-batched cuBLAS call, fp32 accumulation."""
-        if G < 1 or G * N * K > self._scratch_elems():
-            raise ValueError(f"dequant_gemm_experts: {G} experts of {N} x {K} do not fit the scratch")
-        scratch = self._scratch
-        dq = self.format_kernels(w.fmt).fn(f"dequant_f16_{w.fmt.name}")
-        launch(dq, (_blocks(G * N * (K // 32), 128),), (128,),
-               (w.data.data, i64(w.data.row_bytes), scratch, i32(e0 * N), i32(G * N), i32(K)))
-        self.prepare_capture()
-        cb = self._cublas_capture
-        cb.bind(self._cublas, self.stream.ptr)
-        # column-major, as dequant_gemm: C_e[N, M] = W_e^T[K, N]^T X_e[K, M] (fp16 A, B; fp32 C; 32F compute)
-        cb.gemm_strided_batched_ex(self._cublas, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, N, M, K,
-                                   self._one_ptr, scratch.data.ptr, 2, K, N * K,
-                                   x16_ptr + 2 * e0 * M * K, 2, K, M * K,
-                                   self._zero_ptr, y_ptr + 4 * e0 * M * N, 0, N, M * N, G, 68, -1)
-
-    def _scratch_elems(self) -> int:
-        return int(self._scratch.size) if self._scratch is not None else 0
-
-    def experts_per_gemm(self, N: int, K: int) -> int:
-        """How many N x K expert matrices the dequantize scratch holds at once (0: not one)."""
-        return self._scratch_elems() // (N * K)
 
     def rms_norm(self, x, weight, eps: float) -> cupy.ndarray:
         x = self.contiguous(x)

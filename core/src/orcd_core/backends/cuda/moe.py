@@ -7,16 +7,13 @@
         a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
                                                     #          chosen expert in one pass, GLU fused
         out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
-    prefill (more tokens):                          # each expert's weights read once per batch
-        stable counting sort of the T k (token, slot) pairs by expert (moe_sort); one host read: the
-        experts' token counts. Expert e's pairs then take rows e M .. of a padded layout, M the largest
-        count (moe_pad_rows), the tokens as fp16 rows (moe_gather_f16); for each run of experts that the
-        dequantize scratch holds: their gate|up to fp16 in one launch, one strided-batched cuBLAS GEMM
-        (`CudaDevice.dequant_gemm_experts`); GLU + bias -> fp16 (moe_glu_f16); down the same way;
-        out = weighted sum over slots + bias (moe_combine). A few launches a layer where one GEMM per
-        expert took two per expert (host bound: ~20 us of Python each). When the padding would cost
-        more than MOE_PAD_LIMIT times the pairs' rows (a skewed routing), or one expert's matrix does not
-        fit the scratch, the pairs stay in sorted order and each expert with tokens gets its own GEMM.
+    prefill (more tokens):                          # each expert's weights read once per tile of its pairs
+        stable counting sort of the T k (token, slot) pairs by expert (moe_sort: offsets and order stay
+        on the GPU); the pairs' tokens as fp16 rows in that order (moe_gather_f16); h = the gate|up
+        GEMM of every expert's rows (moe_gemm_<fmt>: tensor cores, weights decoded as they are read,
+        tiles found from the offsets on the device); GLU + bias -> fp16 (moe_glu_f16); y = the down
+        GEMM the same way; out = weighted sum over slots + bias (moe_combine). Seven launches a layer,
+        none reading anything back: the prefill chunk can be captured as a graph (prefill.py).
 
 Expert stacks are `Weight`s of shape [E, N, K] stored as E * N rows (row e * N + n is expert e's row n).
 """
@@ -27,9 +24,9 @@ import numpy as np
 
 from ...device import MAX_BATCH
 from ...generation import CudaError
-from ...kernels.constants import MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS
+from ...kernels.constants import (MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_GEMM_BM, MOE_GEMM_BN, MOE_MAX_E_PER_LANE,
+                                  MOE_MAX_K, MOE_WARPS)
 from .kernels import NULL, blocks, f32, i32, i64, launch, xs_bytes
-from .planner import MOE_PAD_LIMIT
 
 MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
 DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
@@ -85,6 +82,9 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     ids = dev.step_array((T, top_k), np.int32)
     wts = dev.step_array((T, top_k))
     launch(mk.fn("moe_topk_softmax"), (T,), (32,), (logits, i32(E), i32(top_k), ids, wts))
+    if T > DECODE_MAX_T and int(dev.sm) < 80:
+        raise NotImplementedError(f"moe: the grouped prefill GEMM runs on tensor cores (compute capability 8.0 "
+                                  f"or later; this GPU: {dev.sm[:-1]}.{dev.sm[-1]})")
     if T <= DECODE_MAX_T:
         P = T * top_k
         a = dev.step_array((P, F))  # [T k, F]
@@ -100,55 +100,29 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
 
 
 def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, alpha, limit):
-    if dev.stream.is_capturing():
-        raise CudaError(f"moe over {T} tokens inside a captured step (only decode steps are captured)")
     P = T * k
     order = dev.step_array((P,), np.int32)
     pos = dev.step_array((P,), np.int32)
     offsets = dev.step_array((E + 1,), np.int32)
     launch(mk.fn("moe_sort"), (1,), (max(32, -(-E // 32) * 32),), (ids, i32(P), i32(E), offsets, order, pos))
-    offs = [int(v) for v in dev.to_host(offsets)]  # the experts' token counts size the GEMMs
-    counts = [offs[e + 1] - offs[e] for e in range(E)]
-    M = max(counts)
-    g_up, g_dn = dev.experts_per_gemm(2 * F, D), dev.experts_per_gemm(D, F)
-    if M and E * M <= MOE_PAD_LIMIT * P and min(g_up, g_dn) >= 1:
-        # padded: expert e's pairs at rows e M .., one dequantize launch and one strided-batched GEMM for
-        # each group of experts that the scratch holds (a few launches a layer, not two per expert)
-        rows = dev.step_array((P,), np.int32)
-        launch(mk.fn("moe_pad_rows"), (blocks(P, 256),), (256,), (ids, order, offsets, i32(E), i32(M), i32(P), rows))
-        n_rows = E * M
-    else:  # the sorted order, one GEMM per expert (a skewed routing would pad too much)
-        rows, n_rows = NULL, P
-    x16 = dev.step_array((n_rows, D), np.float16)  # the pairs' tokens
-    launch(mk.fn("moe_gather_f16"), (blocks(P * D, 256),), (256,), (x, order, rows, i32(k), i32(D), x16, i32(P)))
-    h = dev.step_array((n_rows, 2 * F))
-    _expert_gemms(dev, gate_up, 2 * F, D, x16, h, offs, counts, M if rows is not NULL else 0, g_up)
-    a16 = dev.step_array((n_rows, F), np.float16)
+    x16 = dev.step_array((P, D), np.float16)  # the pairs' tokens, sorted by expert
+    launch(mk.fn("moe_gather_f16"), (blocks(P * D, 256),), (256,), (x, order, offsets, i32(E), i32(k), i32(D), x16, i32(P)))
+    h = dev.step_array((P, 2 * F))
+    _expert_gemm(dev, gate_up, offsets, E, x16, h, 2 * F, D, P)
+    a16 = dev.step_array((P, F), np.float16)
     launch(mk.fn("moe_glu_f16"), (blocks(P * F, 256),), (256,),
-           (h, ids, order, rows, gub, a16, i32(P), i32(F), i32(act), f32(alpha), f32(limit)))
-    y = dev.step_array((n_rows, D))
-    _expert_gemms(dev, down, D, F, a16, y, offs, counts, M if rows is not NULL else 0, g_dn)
+           (h, ids, order, offsets, i32(E), gub, a16, i32(P), i32(F), i32(act), f32(alpha), f32(limit)))
+    y = dev.step_array((P, D))
+    _expert_gemm(dev, down, offsets, E, a16, y, D, F, P)
     out = dev.step_array((T, D))
     launch(mk.fn("moe_combine"), (blocks(T * D, 256),), (256,),
-           (y, ids, pos, rows, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
+           (y, ids, pos, wts, dnb, out, i32(T), i32(k), i32(D), i32(E)))
     return out
 
 
-def _expert_gemms(dev, w, N, K, x16, y, offs, counts, M, per_gemm):
-    """y = x16 @ W_e^T for every expert's rows: padded (M > 0: expert e's at rows e M .. e M + M - 1, runs
-    of up to `per_gemm` experts from the first to the last one with tokens in one call each), or the
-    sorted order (M = 0: expert e's at rows offs[e] .., one call per expert with tokens)."""
-    E = len(counts)
-    if M:
-        used = [e for e in range(E) if counts[e]]
-        e0 = used[0]
-        while e0 <= used[-1]:
-            G = min(per_gemm, used[-1] + 1 - e0)
-            dev.dequant_gemm_experts(w, e0, G, N, K, x16.data.ptr, M, y.data.ptr)
-            e0 += G
-            while e0 <= used[-1] and not counts[e0]:
-                e0 += 1
-        return
-    for e in range(E):
-        if counts[e]:
-            dev.dequant_gemm(w, e * N, N, K, x16.data.ptr + 2 * K * offs[e], counts[e], y.data.ptr + 4 * N * offs[e])
+def _expert_gemm(dev, w, offsets, E, x16, y, N, K, P):
+    """y[r] = W_e x16[r] for each expert e's rows r (offsets[e] .. offsets[e + 1] - 1) of the sorted pairs:
+    one launch whose grid bounds the tiles any routing of P pairs can have (moe_kernels.cuh, moe_gemm)."""
+    tiles = -(-P // MOE_GEMM_BM) + min(E, P) - 1
+    launch(_fmt_fn(dev, w, "moe_gemm"), (tiles, blocks(N, MOE_GEMM_BN)), (2 * MOE_GEMM_BN,),
+           (w.data.data, i64(w.data.row_bytes), offsets, i32(E), x16, y, i32(N), i32(K)))

@@ -17,11 +17,6 @@ from ...kernels.constants import AD_CHUNK, AD_CHUNK_MIN, AD_SPLITS, GEMV_MAX_T, 
 from ...shape import align, kv_bytes
 
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
-MOE_SCRATCH_BYTES = 512 << 20  # for expert stacks: the experts of one strided-batched GEMM as fp16 (moe.py;
-#                               gpt-oss-20b's gate|up 15 at a time, down 30)
-MOE_PAD_LIMIT = 2  # the grouped MoE prefill pads every expert's rows to the largest count while that costs at
-#                   most this many times the pairs' rows (activations and GEMM work); past it (a skewed
-#                   routing), one GEMM per expert over the sorted order (moe.py)
 PREFILL_CHUNK = MAX_STEP_TOKENS  # tokens per prefill step the pool estimate plans for
 ARENA_SLACK_BYTES = 1 << 20  # the weight arena's margin beyond its aligned tensors
 
@@ -73,11 +68,8 @@ def prefill_pool_bytes(shape, chunk: int = PREFILL_CHUNK) -> int:
 
 def scratch_bytes(tensors) -> int:
     """The dequantize scratch: the largest matrix as fp16, at most DEQUANT_SCRATCH_BYTES (bigger ones
-    are dequantized in row chunks), or for a model with expert stacks the largest stack as fp16, at
-    most MOE_SCRATCH_BYTES (the grouped prefill's GEMMs take as many experts at once as it holds)."""
-    biggest = max((t.n_elements * 2 for t in tensors if len(t.shape) == 2), default=0)
-    stacks = max((t.n_elements * 2 for t in tensors if len(t.shape) >= 3), default=0)
-    return align(max(min(biggest, DEQUANT_SCRATCH_BYTES), min(stacks, MOE_SCRATCH_BYTES)))
+    are dequantized in row chunks). Expert stacks take none: their prefill GEMM decodes as it reads."""
+    return align(min(max((t.n_elements * 2 for t in tensors if len(t.shape) == 2), default=0), DEQUANT_SCRATCH_BYTES))
 
 
 def weight_arena_bytes(tensors) -> int:

@@ -25,8 +25,7 @@ come from a memory pool of the graphs' own, used only while capturing, so no arr
 ever lies where a replay writes; its free blocks are shared by the graphs (they replay one at a time
 on the device's stream). Each replay's logits are copied out of the graph's buffer (the next replay
 overwrites it). A chunk that needs every token's logits, would write past the cache's context, or
-whose forward cannot be captured (the MoE's grouped prefill reads expert counts on the host) runs op by
-op, as the base `Device.prefill_chunk`. `ORCD_PREFILL_GRAPHS=0` turns the graphs off (A/B runs).
+whose forward cannot be captured runs op by op, as the base `Device.prefill_chunk`. `ORCD_PREFILL_GRAPHS=0` turns the graphs off (A/B runs).
 """
 
 from __future__ import annotations
