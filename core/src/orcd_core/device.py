@@ -153,6 +153,16 @@ class DecodeRow:
         self.id, self.position, self.step_index = int(token), self.position + 1, self.step_index + 1
 
 
+class Fence:
+    """`Device.fence()`: what a synchronous backend returns (its work is done when queued)."""
+
+    def wait(self) -> None:
+        """Return once the work queued before the fence is done."""
+
+
+DONE = Fence()
+
+
 class Device(abc.ABC):
     """A backend. One instance per process; it owns the weights, caches and workspaces it creates."""
 
@@ -192,6 +202,13 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def to_host(self, array):
         """A device array as a NumPy array (synchronizes). Never called inside a decode step."""
+
+    def fence(self) -> "Fence":
+        """A marker after the work queued so far: its `wait()` returns once that work is done. The host
+        queues a long prompt's prefill chunks without waiting for them, so a cancel checked between
+        chunks would see them all queued; waiting on the fence of the chunk before the last one keeps
+        the host at most one chunk ahead (Scheduler). Synchronous backends: done at once."""
+        return DONE
 
     def begin_step(self, *, prefill: bool = False) -> None:
         """Start a forward call: the CUDA backend resets its per-step workspace here. `prefill`: a

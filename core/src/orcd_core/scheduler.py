@@ -55,6 +55,7 @@ class Sequence:
         self.cache = None
         self.row: DecodeRow | None = None
         self.n_prefilled = 0
+        self.fence = None  # after its last queued prefill chunk (Device.fence): the host stays one chunk ahead
         self.out_ids: list[int] = []
         self.text_parts: list[str] = []
         self.pending: GeneratedToken | None = None
@@ -168,7 +169,14 @@ class Scheduler:
         logits = eng.prefill(prompt[i0 : i0 + PREFILL_CHUNK], seq.cache, start_pos=i0)
         seq.n_prefilled = min(len(prompt), i0 + PREFILL_CHUNK)
         if seq.n_prefilled < len(prompt):
+            # the chunk before this one must be done before the next iteration: the GPU always has a
+            # chunk queued, and a cancel (checked as each iteration starts) stops the prefill within
+            # about two chunks instead of after the whole prompt, all of which the host would have queued
+            prev, seq.fence = seq.fence, dev.fence()
+            if prev is not None:
+                prev.wait()
             return
+        seq.fence = None
         params = seq.prepared.request.sampling
         W = max(1, params.repetition_window)
         recent = ([-1] * W + prompt)[-W:]

@@ -24,7 +24,7 @@ from ... import kernels as ksrc
 from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_TC_WARPS, GEMV_WARPS
 from ...kernels.constants import XS_MAX_BYTES, XS_TC_MAX_BYTES
 from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
-from ...device import MAX_BATCH, Device, KVBatch, KVCache, RopeSpec, Step, Weight
+from ...device import MAX_BATCH, Device, Fence, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
@@ -50,6 +50,17 @@ def _device_count() -> int:
         return int(cupy.cuda.runtime.getDeviceCount())
     except cupy.cuda.runtime.CUDARuntimeError:
         return 0
+
+
+class _EventFence(Fence):
+    def __init__(self, event, gpu):
+        self.event, self.gpu = event, gpu
+
+    def wait(self) -> None:
+        try:
+            self.event.synchronize()
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise CudaError(f"prefill failed on GPU {self.gpu}: {exc}") from exc
 
 
 class CudaDevice(Device):
@@ -309,6 +320,12 @@ class CudaDevice(Device):
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"GPU {self.gpu}: {exc}") from exc
         return out
+
+    def fence(self) -> Fence:
+        """`Device.fence`: an event recorded on the device's stream (its wait releases the GIL)."""
+        ev = cupy.cuda.Event(block=False, disable_timing=True, interprocess=False)
+        ev.record(self.stream)
+        return _EventFence(ev, self.gpu)
 
     def begin_step(self, *, prefill: bool = False) -> None:
         self.make_current()
