@@ -62,11 +62,11 @@ def main() -> None:
 
     gemvs = {}
 
-    def timed_launch(f, grid, block, args, shared_mem=0):
-        orig_launch(f, grid, block, args, shared_mem)
+    def timed_launch(f, grid, block, args, shared_mem=0, pdl=False):
+        orig_launch(f, grid, block, args, shared_mem, pdl)
         if timing["on"]:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
-            recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem)))
+            recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem, pdl)))
             if names.get(id(f), "").startswith("gemv_"):
                 gemvs.setdefault((names[id(f)], int(args[6]), int(args[7]), int(args[8])), (f, block, args, shared_mem))
 

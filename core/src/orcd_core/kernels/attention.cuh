@@ -218,6 +218,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int span = p + 1 - lo, chunk = ad_chunk(span);
     const int S_eff = min(S, (span + chunk - 1) / chunk);
+    pdl_trigger();  // (a GEMV launched early behind it prefetches its weights meanwhile; pdl_wait there)
     if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
     const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
     __shared__ bool last;

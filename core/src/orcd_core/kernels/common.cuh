@@ -138,6 +138,22 @@ __device__ __forceinline__ uint4 ld16(const void* p) { return __ldg((const uint4
 __device__ __forceinline__ u32 ld4(const void* p) { return __ldg((const u32*)p); }
 // A request of the 128-byte line holding p into L2 (no register written, nothing waits for it).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// Programmatic dependent launch (sm_90 on). A kernel launched with the PDL attribute (kernels.py
+// `launch(..., pdl=True)`) may start before the kernel ahead of it on the stream has ended: pdl_wait()
+// returns once that kernel has ended and its writes are visible, so it comes before the first read of
+// anything an earlier kernel wrote and before the first write. pdl_trigger() lets the kernel behind this
+// one start (its blocks take the SMs this grid leaves free; it still waits where it must). Both do nothing
+// in a kernel launched without the attribute, and on older GPUs.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 // 16 bytes global -> shared (both 16-byte aligned) with no register holding them: cp.async on sm_80
 // and later (complete for the calling thread after cp_async_wait_all), a load and a store before.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {

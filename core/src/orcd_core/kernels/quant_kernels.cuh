@@ -261,6 +261,7 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
     const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
     const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
     const int KC = xs_chunk(T, K);
+    pdl_trigger();  // (the next kernel may take free SMs now; it waits for this one where it must)
     if (MAXT == 1) {  // the warp's weight bytes (its rows are consecutive) requested into L2 before x is
         // staged: their DRAM latency overlaps the staging (and a fused norm's reduction over K) instead of
         // following it. One token only: measured, the one-token step -3.5%, the 8-row step +6% (its x is
@@ -269,6 +270,9 @@ __device__ __forceinline__ void gemv_impl(const u8* __restrict__ W, i64 row_byte
         const i64 nbytes = (i64)nr * row_bytes;
         for (i64 o = (i64)lane * 128; o < nbytes; o += 32 * 128) prefetch_l2(wb + o);
     }
+    // launched early (pdl): the weights above are requested while the kernel ahead ends; x, res and y
+    // only after it
+    pdl_wait();
     float acc[MAXT][GEMV_MAX_R];
 #pragma unroll
     for (int t = 0; t < MAXT; ++t)
@@ -410,10 +414,14 @@ __device__ __forceinline__ void gemv_tc_impl(const u8* __restrict__ W, i64 row_b
     // so that their memory latencies overlap; each next one right after the last one's products (its
     // weights do not depend on x, so also across a chunk's end, before the next chunk is staged).
     int s = kw;
+    pdl_trigger();  // (the next kernel may take free SMs now; it waits for this one where it must)
     if (live) {
         if (kw + KS < NS) prefetch(kw + KS);
         if (kw < NS) decode(kw);
     }
+    // launched early (pdl): the first slab's weights above are read while the kernel ahead ends; x, res
+    // and y only after it
+    pdl_wait();
     for (int k0 = 0; k0 < K; k0 += KC) {
         const int kc = min(KC, K - k0);
         if (k0) __syncthreads();  // the previous chunk is consumed

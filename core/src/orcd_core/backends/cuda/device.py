@@ -491,7 +491,8 @@ class CudaDevice(Device):
                 launch(fn, grid, (threads,),
                        (t.data, i64(t.row_bytes), xg, i64(s_src), y[g0:] if g0 else y, b, i32(N), i32(K), i32(g), i32(R),
                         ag, i64(s_aux), rg, f32(eps), i32(mode)),
-                       shared_mem=smem)
+                       shared_mem=smem, pdl=tc)  # tensor-core GEMVs: weights requested while the kernel ahead
+                #            ends (8 rows of qwen2 +11%; the FMA kernels' one row lost 12%: docs/perf-notes.md)
 
         return self.deferred.defer("gemv", self.step_array((T, N)), run)
 

@@ -9,6 +9,10 @@ text and options; the cache lives under `${ORCD_CACHE_DIR:-~/.cache/orcd-worker}
 
 `launch()` validates the launch geometry before the launch, and with `ORCD_CUDA_CHECK=1` synchronizes
 after each launch so an asynchronous fault is reported at the kernel that caused it (tests run so).
+`launch(..., pdl=True)` launches with programmatic stream serialization (`cuLaunchKernelEx` through
+ctypes: CuPy's launch takes no attributes) where the GPU has it (sm_90 on; `ORCD_PDL=0` turns it off): the kernel
+may start while the one ahead of it ends, and must `pdl_wait()` (common.cuh) before it reads what that
+one wrote.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import cupy
 import numpy as np
 
 from ...generation import CudaError
+from . import pdl as _pdl
 from ...kernels.constants import GEMV_X_RMS, GEMV_X_SILU, XS_CHUNK_ALIGN, XS_MAX_BYTES, define_options
 
 COMPILE_OPTIONS = ("-std=c++17", *define_options())
@@ -68,19 +73,34 @@ class KernelSet:
         return f
 
 
-def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+def launch(fn, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0, pdl: bool = False) -> None:
     """Launch `fn` on the current stream after validating the geometry (kept cheap: it runs for every
-    op of a prefill step, where Python time is on the critical path)."""
+    op of a prefill step, where Python time is on the critical path). `pdl`: the kernel may start
+    before the one ahead of it ends (its source calls pdl_wait(); taken only where pdl_enabled())."""
     n = len(grid)
     if (not 0 < grid[0] < 2**31 or (n > 1 and not 0 < grid[1] <= 65535) or (n > 2 and not 0 < grid[2] <= 65535)
             or not 0 < block[0] <= 1024 or len(block) != 1):
         raise CudaError(f"kernel {getattr(fn, 'kernel', fn)}: invalid grid {grid} / block {block}")
-    fn(grid, block, args, shared_mem=shared_mem)
+    if pdl and pdl_enabled():
+        kernel = getattr(fn, "kernel", fn)  # (CuPy's RawKernel loads its module in this context here)
+        err = _pdl.launch(kernel.ptr, grid, block, args, shared_mem, cupy.cuda.get_current_stream().ptr)
+        if err:
+            raise CudaError(f"kernel {kernel}: cuLaunchKernelEx failed (CUresult {err})")
+    else:
+        fn(grid, block, args, shared_mem=shared_mem)
     if _CHECK and not cupy.cuda.get_current_stream().is_capturing():
         try:
             cupy.cuda.get_current_stream().synchronize()
         except cupy.cuda.runtime.CUDARuntimeError as exc:
             raise CudaError(f"kernel {getattr(fn, 'kernel', fn)} failed: {exc}") from exc
+
+
+def pdl_enabled() -> bool:
+    """A GPU of compute capability 9.0 or more, unless ORCD_PDL=0 (A/B runs); read once."""
+    if _pdl.STATE.get("on") is None:
+        _pdl.STATE["on"] = (os.environ.get("ORCD_PDL", "1") != "0"
+                            and int(cupy.cuda.Device().compute_capability) >= 90)
+    return bool(_pdl.STATE["on"])
 
 
 def blocks(n: int, per: int) -> int:
