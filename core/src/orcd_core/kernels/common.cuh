@@ -19,6 +19,7 @@ typedef long long i64;
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
     !defined(AD_CHUNK) || !defined(AD_CHUNK_MIN) || !defined(AD_SPLITS) || !defined(AD_MAX_SPLITS) ||      \
     !defined(MOE_WARPS) || !defined(MOE_MAX_K) || !defined(MOE_GEMM_BN) || !defined(MOE_GEMM_BM) ||        \
+    !defined(MOE_GEMM_SMEM_BYTES) ||                                                                        \
     !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
 #error "compile with the -D options of orcd_core.kernels.constants.define_options()"
 #endif

@@ -41,6 +41,7 @@ MOE_MAX_E_PER_LANE = 8  # experts per lane of moe_topk_softmax: at most 32 times
 MOE_GEMM_BN = 128  # expert rows per block of the grouped prefill GEMM (moe_gemm_*; its block has 2 x this
 #                   many threads: one half dequantizes a row each, the other copies the pairs' activations)
 MOE_GEMM_BM = 64  # (token, expert) pairs per block of moe_gemm_*: an expert's pairs take ceil(count / this) tiles
+MOE_GEMM_SMEM_BYTES = 55296  # moe_gemm_*'s dynamic shared memory: two buffers of BN + BM rows of 64 + 8 halves
 MOE_ACT_SILU = 0  # the expert GLU: silu(g) * u
 MOE_ACT_SWIGLU_OAI = 1  # ggml_swiglu_oai (clamped, with alpha)
 

@@ -139,15 +139,20 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
 // graph. Blocks past the last tile return at once.
 // W is decoded as it is read (F::item, then fp16 into shared memory), never written out: the expert
 // stack is read once per tile of pairs (where dequantizing every expert to an fp16 scratch for cuBLAS
-// wrote and read ~38 GB per 512-token chunk of gpt-oss-20b). A k-step is one 32-weight item: the
-// block's first BN threads decode row n0 + t's item (the next step's while the tensor cores work on
-// this one), the other BN copy the pairs' matching 32 activations (elements x0 .. x0 + 15 and x1 .. x1 +
-// 15 of the item's block: the item's layout, which depends on the item index only) with cp.async; two
-// shared buffers, one barrier a step. Products on the tensor cores (mma.m16n8k16, fp16 operands as the
-// cuBLAS path's, fp32 sums): 8 warps, each 32 rows x 32 pairs. K a multiple of 32; any N.
-#define MG_LD 40  // halves per shared row (32 + 8: rows 80 bytes apart, so an ldmatrix's 8 rows hit distinct banks)
+// wrote and read ~38 GB per 512-token chunk of gpt-oss-20b). A k-step is two 32-weight items: thread t
+// decodes item 2 s + t / BN of row n0 + t % BN (the next step's while the tensor cores work on this
+// one) and copies two 16-byte pieces of the pairs' matching activations with cp.async (item i's
+// elements x0 .. x0 + 15 and x1 .. x1 + 15 of its block: the item's layout, which depends on the item
+// index only). Two shared buffers (dynamic shared memory, MOE_GEMM_SMEM_BYTES), one barrier a step.
+// Products on the tensor cores (mma.m16n8k16, fp16 operands as the cuBLAS path's, fp32 sums): 8 warps,
+// each 32 rows x 32 pairs; a warp skips the 8-pair columns past the tile's last pair. K a multiple of
+// 32 (an odd item count: the last step's second item is zeros); any N.
+#define MG_BK 64                // weights per k-step (two items)
+#define MG_LD (MG_BK + 8)       // halves per shared row: rows 144 bytes apart, an ldmatrix's 8 rows in distinct banks
 static_assert(MOE_GEMM_BN == 128 && MOE_GEMM_BM == 64, "moe_gemm's tiling: 8 warps of 32 rows x 32 pairs, "
-                                                       "one thread per row and two 16-byte copies per thread");
+                                                       "a thread per (row, item) and two 16-byte copies per thread");
+static_assert(MOE_GEMM_SMEM_BYTES == 2 * (MOE_GEMM_BN + MOE_GEMM_BM) * MG_LD * 2,
+              "the launcher's dynamic shared memory: two buffers of BN weight rows and BM pair rows, MG_LD halves each");
 
 template <class F>
 __device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ offsets,
@@ -155,8 +160,9 @@ __device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ W, i64 row_
                                               int K) {
     constexpr int BN = MOE_GEMM_BN, BM = MOE_GEMM_BM;
     static_assert(F::IPB <= 8, "items per block");
-    __shared__ __align__(16) half_bits As[2][BN * MG_LD];
-    __shared__ __align__(16) half_bits Bs[2][BM * MG_LD];
+    extern __shared__ __align__(16) half_bits mg_smem[];
+    half_bits* const As = mg_smem;                    // [2][BN * MG_LD]
+    half_bits* const Bs = mg_smem + 2 * BN * MG_LD;   // [2][BM * MG_LD]
     __shared__ int tile_at[3];            // the tile's expert (< 0: none), first pair row, end of the expert's rows
     __shared__ int item_x[2 * F::IPB];    // item i's element offsets x0, x1 inside its block
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -199,38 +205,47 @@ __device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ W, i64 row_
     __syncthreads();
     const int e = tile_at[0];
     if (e < 0) return;
-    const int r0 = tile_at[1], nr = min(tile_at[2] - r0, BM), n0 = blockIdx.y * BN, S = K >> 5;
-    const bool dq = tid < BN;  // this thread decodes row n0 + tid (rows past N: row N - 1, not stored)
-    const u8* wrow = W + ((i64)e * N + min(n0 + (dq ? tid : 0), N - 1)) * row_bytes;
+    const int r0 = tile_at[1], nr = min(tile_at[2] - r0, BM), n0 = blockIdx.y * BN;
+    const int n_items = K >> 5, S = (n_items + 1) >> 1;
+    const int row = tid % BN, half = tid / BN;  // this thread decodes item 2 s + half of row n0 + row
+    const u8* wrow = W + ((i64)e * N + min(n0 + row, N - 1)) * row_bytes;  // (rows past N: not stored)
     float v[32];
     auto decode = [&](int s) {
-        const int b = s / F::IPB;
-        int x0, x1;
-        F::item(wrow + (i64)b * F::TS, s - b * F::IPB, v, x0, x1);
+        const int it = 2 * s + half;
+        if (it < n_items) {
+            const int b = it / F::IPB;
+            int x0, x1;
+            F::item(wrow + (i64)b * F::TS, it - b * F::IPB, v, x0, x1);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 32; ++j) v[j] = 0.0f;
+        }
     };
     auto store_a = [&](int buf) {
-        uint4* d = (uint4*)(As[buf] + tid * MG_LD);
+        uint4* d = (uint4*)(As + buf * BN * MG_LD + row * MG_LD + 32 * half);
 #pragma unroll
         for (int j = 0; j < 4; ++j)
             d[j] = make_uint4(pack_h2_rn(v[8 * j], v[8 * j + 1]), pack_h2_rn(v[8 * j + 2], v[8 * j + 3]),
                               pack_h2_rn(v[8 * j + 4], v[8 * j + 5]), pack_h2_rn(v[8 * j + 6], v[8 * j + 7]));
     };
-    auto copy_b = [&](int s, int buf) {  // chunk c: pair row c / 4, 8 halves at column 8 (c % 4)
-        const int b = s / F::IPB, i = s - b * F::IPB;
+    auto copy_b = [&](int s, int buf) {  // piece c: pair row c / 8, 8 halves at column 8 (c % 8)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const int c = tid - BN + j * BN, row = c >> 2, q = c & 3;
-            const int col = b * F::QK + item_x[2 * i + (q >> 1)] + 8 * (q & 1);
-            cp_async16(Bs[buf] + row * MG_LD + 8 * q, X + (i64)(r0 + min(row, nr - 1)) * K + col);
+            const int c = tid + j * 2 * BN, pr = c >> 3, q = c & 7, it = 2 * s + (q >> 2);
+            half_bits* dst = Bs + buf * BM * MG_LD + pr * MG_LD + 8 * q;
+            if (it < n_items) {
+                const int b = it / F::IPB, i = it - b * F::IPB;
+                const int col = b * F::QK + item_x[2 * i + ((q >> 1) & 1)] + 8 * (q & 1);
+                cp_async16(dst, X + (i64)(r0 + min(pr, nr - 1)) * K + col);
+            } else {
+                *(uint4*)dst = make_uint4(0u, 0u, 0u, 0u);
+            }
         }
     };
-    if (dq) {
-        decode(0);
-        store_a(0);
-    } else {
-        copy_b(0, 0);
-        cp_async_wait_all();
-    }
+    decode(0);
+    copy_b(0, 0);
+    store_a(0);
+    cp_async_wait_all();
     __syncthreads();
     float acc[2][4][4];
 #pragma unroll
@@ -239,39 +254,41 @@ __device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ W, i64 row_
         for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.0f;
-    const int wn = warp & 3, wm = warp >> 2;  // the warp's 32 rows and 32 pairs
+    const int wn = warp & 3, wm = warp >> 2;      // the warp's 32 rows and 32 pairs
+    const int n8 = min(4, (nr - 32 * wm + 7) >> 3);  // its 8-pair columns that hold pairs (<= 0: none)
     for (int s = 0; s < S; ++s) {
         const int cur = s & 1;
         const bool more = s + 1 < S;
         if (more) {
-            if (dq) {
-                decode(s + 1);
-                if (s + 2 < S) prefetch_l2(wrow + (i64)((s + 2) / F::IPB) * F::TS);
-            } else {
-                copy_b(s + 1, cur ^ 1);
+            decode(s + 1);
+            copy_b(s + 1, cur ^ 1);
+            if (s + 2 < S) prefetch_l2(wrow + (i64)((2 * (s + 2) + half) / F::IPB) * F::TS);
+        }
+        if (n8 > 0) {
+            const half_bits* a_s = As + cur * BN * MG_LD;
+            const half_bits* b_s = Bs + cur * BM * MG_LD;
+#pragma unroll
+            for (int kk = 0; kk < MG_BK; kk += 16) {
+                u32 a[2][4], b[2][4];
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+                    ldmatrix_x4(a[mi], a_s + (32 * wn + 16 * mi + (lane & 15)) * MG_LD + kk + 8 * (lane >> 4));
+#pragma unroll
+                for (int nj = 0; nj < 2; ++nj)
+                    if (2 * nj < n8)
+                        ldmatrix_x4(b[nj], b_s + (32 * wm + 16 * nj + (lane & 7) + 8 * (lane >> 4)) * MG_LD + kk +
+                                               8 * ((lane >> 3) & 1));
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < 4; ++ni)
+                        if (ni < n8)
+                            mma_f16_16x8x16(acc[mi][ni], a[mi], b[ni >> 1][2 * (ni & 1)], b[ni >> 1][2 * (ni & 1) + 1]);
             }
         }
-#pragma unroll
-        for (int kk = 0; kk < 32; kk += 16) {
-            u32 a[2][4], b[2][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                ldmatrix_x4(a[mi], As[cur] + (32 * wn + 16 * mi + (lane & 15)) * MG_LD + kk + 8 * (lane >> 4));
-#pragma unroll
-            for (int nj = 0; nj < 2; ++nj)
-                ldmatrix_x4(b[nj], Bs[cur] + (32 * wm + 16 * nj + (lane & 7) + 8 * (lane >> 4)) * MG_LD + kk +
-                                       8 * ((lane >> 3) & 1));
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
-                    mma_f16_16x8x16(acc[mi][ni], a[mi], b[ni >> 1][2 * (ni & 1)], b[ni >> 1][2 * (ni & 1) + 1]);
-        }
         if (more) {
-            if (dq)
-                store_a(cur ^ 1);
-            else
-                cp_async_wait_all();
+            store_a(cur ^ 1);
+            cp_async_wait_all();
         }
         __syncthreads();
     }

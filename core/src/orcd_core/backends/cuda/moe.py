@@ -24,8 +24,8 @@ import numpy as np
 
 from ...device import MAX_BATCH
 from ...generation import CudaError
-from ...kernels.constants import (MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_GEMM_BM, MOE_GEMM_BN, MOE_MAX_E_PER_LANE,
-                                  MOE_MAX_K, MOE_WARPS)
+from ...kernels.constants import (MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_GEMM_BM, MOE_GEMM_BN, MOE_GEMM_SMEM_BYTES,
+                                  MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS)
 from .kernels import NULL, blocks, f32, i32, i64, launch, xs_bytes
 
 MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
@@ -35,11 +35,12 @@ ACTS = {"silu": MOE_ACT_SILU, "swiglu_oai": MOE_ACT_SWIGLU_OAI}
 _SOURCE = "moe.cu"
 
 
-def _fmt_fn(dev, w, kind: str):
-    """The format's `<kind>_<NAME>` kernel, or NotImplementedError naming the type."""
+def _fmt_fn(dev, w, kind: str, smem: int = 0):
+    """The format's `<kind>_<NAME>` kernel (its dynamic shared memory limit raised to `smem`), or
+    NotImplementedError naming the type."""
     ks = dev.format_kernels(w.fmt)
     try:
-        return ks.fn(f"{kind}_{w.fmt.name}")
+        return ks.fn(f"{kind}_{w.fmt.name}", max_dynamic_smem=smem)
     except CudaError:
         raise NotImplementedError(f"moe: expert weight {w.name!r} is {w.fmt.name}, which has no expert-indexed "
                                   f"GEMV ({kind}_{w.fmt.name}) in its CUDA source") from None
@@ -124,5 +125,5 @@ def _expert_gemm(dev, w, offsets, E, x16, y, N, K, P):
     """y[r] = W_e x16[r] for each expert e's rows r (offsets[e] .. offsets[e + 1] - 1) of the sorted pairs:
     one launch whose grid bounds the tiles any routing of P pairs can have (moe_kernels.cuh, moe_gemm)."""
     tiles = -(-P // MOE_GEMM_BM) + min(E, P) - 1
-    launch(_fmt_fn(dev, w, "moe_gemm"), (tiles, blocks(N, MOE_GEMM_BN)), (2 * MOE_GEMM_BN,),
-           (w.data.data, i64(w.data.row_bytes), offsets, i32(E), x16, y, i32(N), i32(K)))
+    launch(_fmt_fn(dev, w, "moe_gemm", MOE_GEMM_SMEM_BYTES), (tiles, blocks(N, MOE_GEMM_BN)), (2 * MOE_GEMM_BN,),
+           (w.data.data, i64(w.data.row_bytes), offsets, i32(E), x16, y, i32(N), i32(K)), shared_mem=MOE_GEMM_SMEM_BYTES)
