@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from orcd_core.backends.cuda.planner import DECODE_GEMVS, decode_gemv, gemv_tc_k_split
+from orcd_core.backends.cuda.planner import (DECODE_GEMVS, decode_gemv, gemv_tc_k_split, prefill_attention_tc,
+                                             prefill_attention_tc_smem)
 from orcd_core.kernels.constants import GEMV_TC_WARPS
 
 
@@ -47,3 +48,11 @@ def test_the_k_split_depends_on_the_weight_only():
     for N in (1, 16, 100, 5000, 200000):
         for K in (32, 288, 896, 3072, 5152, 8192):
             assert 8 % gemv_tc_k_split(N, K) == 0
+
+
+def test_prefill_attention_runs_on_the_tensor_cores_for_the_head_dims_it_has():
+    assert prefill_attention_tc(90, 64) and prefill_attention_tc(80, 96) and prefill_attention_tc(90, 128)
+    assert not prefill_attention_tc(75, 64)  # no fp16 mma.m16n8k16 with ldmatrix before sm_80: the FMA kernel
+    assert not prefill_attention_tc(90, 80) and not prefill_attention_tc(90, 256)  # not instantiated
+    # Q and two buffers of K and V, 64 rows each of hd + 8 halves; within the 227 KB an SM gives a block
+    assert [prefill_attention_tc_smem(hd) for hd in (64, 96, 128)] == [46080, 66560, 87040]

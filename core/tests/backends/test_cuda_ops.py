@@ -276,7 +276,13 @@ def _step(d, positions, n_past):
     # a sliding-window layer's ring (16 + 511 rows on CUDA): a 512-token step more than the window
     # long, a second step that wraps the ring, decode steps on the wrapped ring (gpt-oss: window 128)
     dict(Hq=8, Hkv=2, hd=64, T=600, window=16, sinks=True, ring=True),
-], ids=["qwen-gqa", "phi3-mha-96", "hd128", "window-sinks", "window-ring"])
+    # long chunks: the second (positions 512 .. T - 1) reads up to 11 key tiles of the tensor-core kernel,
+    # whose warps skip the tiles past their queries
+    dict(Hq=14, Hkv=2, hd=64, T=690, window=0, sinks=False),
+    dict(Hq=8, Hkv=4, hd=128, T=650, window=0, sinks=True),
+    dict(Hq=8, Hkv=8, hd=96, T=620, window=100, sinks=False),
+], ids=["qwen-gqa", "phi3-mha-96", "hd128", "window-sinks", "window-ring", "long-gqa", "long-hd128-sinks",
+        "long-96-window"])
 def test_attention_prefill_then_decode(dev, ref, rng, cfg):
     Hq, Hkv, hd, T, window = cfg["Hq"], cfg["Hkv"], cfg["hd"], cfg["T"], cfg["window"]
     n_ctx = 700

@@ -160,6 +160,219 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // ================================================================================================
+// The same prefill attention on the tensor cores (sm_80 on; head dims 64, 96, 128): flash attention in
+// the FlashAttention-2 layout. grid (ceil(T / AP_TC_QT), Hq), 128 threads: warp w owns queries
+// 16 w .. 16 w + 15 of the block's 64; key tiles of AP_TC_KT = 64 keys, K and V staged in shared memory by
+// cp.async (the next tile's while this one is computed on). S = Q K^T by mma.m16n8k16 (Q rounded to fp16
+// once, with the scale and log2 e folded in; K and V are the cache's fp16), the online softmax in
+// registers (base 2), P rounded to fp16 as the A operand of P V straight from S's accumulators, fp32
+// sums. Masks, windows, sinks and the ring's rows as attn_prefill. A warp skips the tiles that hold no
+// key any of its queries sees (the causal future, keys out of its window). Dynamic shared memory:
+// Q [64][hd + PAD] and two buffers of K and V [64][hd + PAD] halves.
+// ================================================================================================
+template <int HD>
+__device__ __forceinline__ void attn_prefill_tc_impl(const float* __restrict__ q, half_bits* kc0, half_bits* vc0,
+                                                     const unsigned long long* __restrict__ kvp, int kvs,
+                                                     const int* __restrict__ positions,
+                                                     const float* __restrict__ sinks, float* __restrict__ out, int T,
+                                                     int Hq, int Hkv, int n_rows, float scale, int window) {
+    constexpr int LD = HD + AP_TC_PAD, QT = AP_TC_QT, KT = AP_TC_KT, KS = HD / 16, DT = HD / 8, CPR = HD / 8;
+    constexpr float LOG2E = 1.4426950408889634f;
+    static_assert(QT == 64 && KT == 64 && HD % 16 == 0 && HD <= AP_MAXD, "4 warps of 16 queries, 8 key columns");
+    extern __shared__ __align__(16) half_bits ap_smem[];
+    half_bits* const Qs = ap_smem;          // [QT][LD]
+    half_bits* const Ks = Qs + QT * LD;     // [2][KT][LD]
+    half_bits* const Vs = Ks + 2 * KT * LD; // [2][KT][LD]
+    __shared__ int range[2];
+    const half_bits* __restrict__ kc = kv_of(kc0, kvp, kvs, 0, 0);  // one sequence: its cache, or the table's
+    const half_bits* __restrict__ vc = kv_of(vc0, kvp, kvs, 0, 1);
+    const int h = blockIdx.y, kvh = h / (Hq / Hkv), q0 = blockIdx.x * QT;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+    const float qscale = scale * LOG2E;
+    for (int i = tid; i < QT * (HD / 2); i += 128) {
+        const int r = i / (HD / 2), d = 2 * (i - r * (HD / 2));
+        u32 w = 0u;
+        if (q0 + r < T) {
+            const float* qr = q + ((i64)(q0 + r) * Hq + h) * HD + d;
+            w = pack_h2_rn(qr[0] * qscale, qr[1] * qscale);
+        }
+        *(u32*)(Qs + r * LD + d) = w;
+    }
+    if (warp == 0) {  // the block's keys: from the lowest visible to the highest position
+        int lo = 0x7fffffff, hi = -1;
+        for (int r = lane; r < QT && q0 + r < T; r += 32) {
+            const int p = positions[q0 + r];
+            lo = min(lo, p);
+            hi = max(hi, p);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+            hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+        }
+        if (lane == 0) {
+            range[0] = window > 0 ? max(0, lo - window + 1) : 0;
+            range[1] = hi;
+        }
+    }
+    // this thread's two query rows (g, g + 8 of the warp's 16) and the warp's span of positions
+    const int r0 = q0 + 16 * warp + g;
+    const int p0 = r0 < T ? positions[r0] : -1, p1 = r0 + 8 < T ? positions[r0 + 8] : -1;
+    int wmax = max(p0, p1), wmin = min(p0 < 0 ? 0x7fffffff : p0, p1 < 0 ? 0x7fffffff : p1);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        wmax = max(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+        wmin = min(wmin, __shfl_xor_sync(0xffffffffu, wmin, o));
+    }
+    __syncthreads();
+    const int kmin = range[0], kmax = range[1];
+    auto load_kv = [&](int k0, int buf) {
+        half_bits* kd = Ks + buf * KT * LD;
+        half_bits* vd = Vs + buf * KT * LD;
+        for (int i = tid; i < KT * CPR; i += 128) {
+            const int j = i / CPR, cc = i - j * CPR, kp = k0 + j;
+            half_bits* dk = kd + j * LD + 8 * cc;
+            half_bits* dv = vd + j * LD + 8 * cc;
+            if (kp <= kmax) {
+                const i64 off = ((i64)(kp % n_rows) * Hkv + kvh) * HD + 8 * cc;
+                cp_async16(dk, kc + off);
+                cp_async16(dv, vc + off);
+            } else {  // zeros, never garbage: a masked key's p is 0, and 0 * NaN would not be
+                *(uint4*)dk = make_uint4(0u, 0u, 0u, 0u);
+                *(uint4*)dv = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+    };
+    if (kmin <= kmax) load_kv(kmin, 0);
+    u32 qf[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) ldmatrix_x4(qf[ks], Qs + (16 * warp + (lane & 15)) * LD + 16 * ks + 8 * (lane >> 4));
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    cp_async_wait_all();
+    __syncthreads();
+    for (int k0 = kmin, t = 0; k0 <= kmax; k0 += KT, ++t) {
+        const int cur = t & 1;
+        if (k0 + KT <= kmax) load_kv(k0 + KT, cur ^ 1);
+        if (k0 <= wmax && (window <= 0 || k0 + KT - 1 > wmin - window)) {  // warp-uniform
+            float s[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+            const half_bits* kb = Ks + cur * KT * LD;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+                for (int nj = 0; nj < 4; ++nj) {
+                    u32 b[4];
+                    ldmatrix_x4(b, kb + (16 * nj + (lane & 7) + 8 * (lane >> 4)) * LD + 16 * ks + 8 * ((lane >> 3) & 1));
+                    mma_f16_16x8x16(s[2 * nj], qf[ks], b[0], b[1]);
+                    mma_f16_16x8x16(s[2 * nj + 1], qf[ks], b[2], b[3]);
+                }
+            }
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int kp = k0 + 8 * j + 2 * c + e;
+                    const bool v0 = p0 >= 0 && kp <= p0 && (window <= 0 || kp > p0 - window);
+                    const bool v1 = p1 >= 0 && kp <= p1 && (window <= 0 || kp > p1 - window);
+                    s[j][e] = v0 ? s[j][e] : -INFINITY;
+                    s[j][2 + e] = v1 ? s[j][2 + e] : -INFINITY;
+                    mx0 = fmaxf(mx0, s[j][e]);
+                    mx1 = fmaxf(mx1, s[j][2 + e]);
+                }
+#pragma unroll
+            for (int x = 1; x < 4; x <<= 1) {  // a row's 64 scores lie in the 4 lanes of its quad
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+            }
+            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            const float c0 = n0 == -INFINITY ? 1.0f : exp2f(m0 - n0), c1 = n1 == -INFINITY ? 1.0f : exp2f(m1 - n1);
+            float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    s[j][e] = n0 == -INFINITY ? 0.0f : exp2f(s[j][e] - n0);
+                    s[j][2 + e] = n1 == -INFINITY ? 0.0f : exp2f(s[j][2 + e] - n1);
+                    rs0 += s[j][e];
+                    rs1 += s[j][2 + e];
+                }
+#pragma unroll
+            for (int x = 1; x < 4; x <<= 1) {
+                rs0 += __shfl_xor_sync(0xffffffffu, rs0, x);
+                rs1 += __shfl_xor_sync(0xffffffffu, rs1, x);
+            }
+            l0 = l0 * c0 + rs0;
+            l1 = l1 * c1 + rs1;
+            m0 = n0;
+            m1 = n1;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][0] *= c0;
+                o[dt][1] *= c0;
+                o[dt][2] *= c1;
+                o[dt][3] *= c1;
+            }
+            const half_bits* vb = Vs + cur * KT * LD;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {  // keys 16 kk ..: P's A fragment is S's accumulators of columns 2 kk, 2 kk + 1
+                const u32 a[4] = {pack_h2_rn(s[2 * kk][0], s[2 * kk][1]), pack_h2_rn(s[2 * kk][2], s[2 * kk][3]),
+                                  pack_h2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack_h2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int dd = 0; dd < DT / 2; ++dd) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, vb + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 16 * dd + 8 * (lane >> 4));
+                    mma_f16_16x8x16(o[2 * dd], a, b[0], b[1]);
+                    mma_f16_16x8x16(o[2 * dd + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();
+    }
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+        const int p = row ? p1 : p0;
+        if (p < 0) continue;
+        const float mm = row ? m1 : m0;
+        float ll = row ? l1 : l0, f = 1.0f;
+        if (sinks) {  // exp(sink) in the denominator: 2^(sink log2 e) in these base-2 units
+            const float sk = sinks[h] * LOG2E;
+            const float mf = fmaxf(mm, sk);
+            f = exp2f(mm - mf);
+            ll = ll * f + exp2f(sk - mf);
+        }
+        const float inv = ll > 0.0f ? f / ll : 0.0f;
+        float* orow = out + ((i64)(r0 + 8 * row) * Hq + h) * HD + 2 * c;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            orow[8 * dt] = o[dt][2 * row] * inv;
+            orow[8 * dt + 1] = o[dt][2 * row + 1] * inv;
+        }
+    }
+}
+
+#define ORCD_ATTN_PREFILL_TC(HD)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128)                                                        \
+        attn_prefill_tc_##HD(const float* q, half_bits* kc0, half_bits* vc0, const unsigned long long* kvp,  \
+                             int kvs, const int* positions, const float* sinks, float* out, int T, int Hq,    \
+                             int Hkv, int n_rows, float scale, int window) {                                 \
+        attn_prefill_tc_impl<HD>(q, kc0, vc0, kvp, kvs, positions, sinks, out, T, Hq, Hkv, n_rows, scale, window); \
+    }
+ORCD_ATTN_PREFILL_TC(64)
+ORCD_ATTN_PREFILL_TC(96)
+ORCD_ATTN_PREFILL_TC(128)
+
+// ================================================================================================
 // Attention for decode tokens, one per sequence (a batched step: row b's cache is kv_of(.., b)), split
 // over the sequence (flash-decoding). Grid (Hq, S, B), 128 threads; row b = blockIdx.z computes exactly
 // what a lone token computes. The query at p = positions[b] sees the span of keys [lo, p] (lo = p -

@@ -18,6 +18,7 @@ typedef long long i64;
     !defined(XS_MAX_BYTES) || !defined(XS_TC_MAX_BYTES) || !defined(XS_CHUNK_ALIGN) ||                     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
     !defined(AD_CHUNK) || !defined(AD_CHUNK_MIN) || !defined(AD_SPLITS) || !defined(AD_MAX_SPLITS) ||      \
+    !defined(AP_TC_QT) || !defined(AP_TC_KT) || !defined(AP_TC_PAD) ||                                      \
     !defined(MOE_WARPS) || !defined(MOE_MAX_K) || !defined(MOE_GEMM_BN) || !defined(MOE_GEMM_BM) ||        \
     !defined(MOE_GEMM_SMEM_BYTES) ||                                                                        \
     !defined(MOE_MAX_E_PER_LANE) || !defined(MOE_ACT_SILU) || !defined(MOE_ACT_SWIGLU_OAI)
@@ -94,6 +95,17 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {
 __device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* row) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(row)));
+#else
+    __trap();
+#endif
+}
+// The same four matrices transposed: r[j] of lane l holds matrix j's elements (2 (l % 4), l / 4) and
+// (2 (l % 4) + 1, l / 4): a B operand of mma_f16_16x8x16 from a row-major [k][n] tile (k down the rows).
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* row) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_u32(row)));
 #else

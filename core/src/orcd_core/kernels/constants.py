@@ -27,6 +27,10 @@ GEMV_X_SILU = 2  # silu(x) * aux
 
 # ---- core.cu: attention ----------------------------------------------------------------------------
 AP_MAXD = 128  # head dim at most (the attention kernels' shared-memory rows)
+AP_TC_QT = 64  # queries per block of the tensor-core prefill attention (attn_prefill_tc_*: 4 warps of 16)
+AP_TC_KT = 64  # keys per tile of attn_prefill_tc_* (staged twice over: the next tile loads during this one)
+AP_TC_PAD = 8  # halves after each shared row of attn_prefill_tc_* (rows hd + 8 halves apart: an ldmatrix's
+#               8 rows in distinct banks); its dynamic shared memory is (QT + 4 KT) (hd + PAD) halves
 AD_CHUNK_MIN = 128  # keys per split of the decode attention at least (a thread per key of its 128)
 AD_CHUNK = 256  # keys per split of the decode attention at most
 AD_SPLITS = 64  # splits a decode query's keys take at most while its split can double (AD_CHUNK_MIN up to

@@ -21,7 +21,7 @@ import numpy as np
 from cupy_backends.cuda.libs import cublas
 
 from ... import kernels as ksrc
-from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, GEMV_MAX_R, GEMV_MAX_T, GEMV_TC_WARPS, GEMV_WARPS
+from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, AP_TC_QT, GEMV_MAX_R, GEMV_MAX_T, GEMV_TC_WARPS, GEMV_WARPS
 from ...kernels.constants import XS_MAX_BYTES, XS_TC_MAX_BYTES
 from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
 from ...device import MAX_BATCH, Device, Fence, KVBatch, KVCache, RopeSpec, Step, Weight
@@ -34,7 +34,8 @@ from .kernels import blocks as _blocks
 from .memory import StepPool, Workspace, align, raw_alloc, view
 from .prefill import PrefillGraphs
 from .store import WeightStore
-from .planner import DEQUANT_SCRATCH_BYTES, decode_gemv, decode_grid_splits, gemv_tc_k_split, plan_load
+from .planner import (DEQUANT_SCRATCH_BYTES, decode_gemv, decode_grid_splits, gemv_tc_k_split, plan_load,
+                      prefill_attention_tc, prefill_attention_tc_smem)
 
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
 GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
@@ -652,6 +653,11 @@ class CudaDevice(Device):
             launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     f32(scale), i32(window), self._attn_counters, sk, out))
+        elif prefill_attention_tc(int(self.sm), hd):
+            smem = prefill_attention_tc_smem(hd)
+            launch(self.core.fn(f"attn_prefill_tc_{hd}", max_dynamic_smem=smem), (_blocks(T, AP_TC_QT), Hq), (128,),
+                   (q, kc, vc, kvp, i32(kvs), step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(n_rows),
+                    f32(scale), i32(window)), shared_mem=smem)
         else:
             launch(self.core.fn("attn_prefill"), (_blocks(T, 16), Hq), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, sk, out, i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),

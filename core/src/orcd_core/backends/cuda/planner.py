@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...device import MAX_STEP_TOKENS
-from ...kernels.constants import AD_CHUNK, AD_CHUNK_MIN, AD_SPLITS, GEMV_MAX_T, GEMV_TC_WARPS
+from ...kernels.constants import (AD_CHUNK, AD_CHUNK_MIN, AD_SPLITS, AP_TC_KT, AP_TC_PAD, AP_TC_QT, GEMV_MAX_T,
+                                  GEMV_TC_WARPS)
 from ...shape import align, kv_bytes
 
 DEQUANT_SCRATCH_BYTES = 64 << 20  # fp16 rows dequantized per cuBLAS call in prefill
@@ -132,6 +133,22 @@ def graph_key(Tb: int, start: int, n_ctx: int, rows, windows) -> tuple | None:
     if any(w > 0 and r < min(Tb + w - 1, n_ctx) for r, w in zip(rows, windows)):
         return None
     return (Tb, int(n_ctx), len(rows), rows, windows)
+
+
+# ---- the prefill attention (CudaDevice.attention, steps of more than one token) -------------------------
+PREFILL_ATTENTION_TC_DIMS = (64, 96, 128)  # head dims with an attn_prefill_tc_<hd> kernel (attention.cuh)
+
+
+def prefill_attention_tc(sm: int, hd: int) -> bool:
+    """Whether a prefill step's attention runs on the tensor cores (attn_prefill_tc_<hd>: sm_80 on, the
+    head dims it is instantiated for); else the FMA kernel attn_prefill, for any head dim."""
+    return sm >= 80 and hd in PREFILL_ATTENTION_TC_DIMS
+
+
+def prefill_attention_tc_smem(hd: int) -> int:
+    """attn_prefill_tc_<hd>'s dynamic shared memory: Q [AP_TC_QT] and two buffers of K and V [AP_TC_KT]
+    rows of hd + AP_TC_PAD halves."""
+    return (AP_TC_QT + 4 * AP_TC_KT) * (hd + AP_TC_PAD) * 2
 
 
 # ---- the decode GEMV (CudaDevice._gemv) ---------------------------------------------------------------
