@@ -67,8 +67,11 @@ def main() -> None:
         if timing["on"]:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
             recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem, pdl)))
-            if names.get(id(f), "").startswith("gemv_"):
-                gemvs.setdefault((names[id(f)], int(args[6]), int(args[7]), int(args[8])), (f, block, args, shared_mem))
+            name = names.get(id(f), "")
+            if name.startswith("gemv_q8_"):  # (W, rb, xq, y, bias, N, K, R, res)
+                gemvs.setdefault((name, int(args[5]), int(args[6]), 1), (f, block, args, shared_mem))
+            elif name.startswith("gemv_"):  # (W, rb, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode)
+                gemvs.setdefault((name, int(args[6]), int(args[7]), int(args[8])), (f, block, args, shared_mem))
 
     for mod in (K, D):
         mod.launch = timed_launch
@@ -238,16 +241,20 @@ def main() -> None:
     print(f"\ndecode GEMVs cold (L2 flushed before each launch, {flush_us:.1f} us of flush subtracted): us (GB/s of weights)")
     for (name, N, Kd, _), (f, block, args, smem) in sorted(gemvs.items()):
         nbytes = N * int(args[1])
-        tc = name.startswith("gemv_tc_")
+        tc, q8 = name.startswith("gemv_tc_"), name.startswith("gemv_q8_")
         cells = []
         for R in ((1, 2, 4, 8) if tc else (1, 2, 4)):
-            a2 = args[:9] + (np.int32(R),) + args[10:]  # (W, rb, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode)
+            if q8:
+                a2, r_at = args[:7] + (np.int32(R),) + args[8:], 7
+            else:
+                a2, r_at = args[:9] + (np.int32(R),) + args[10:], 9
             per = 16 * (block[0] // 32 // R) if tc else block[0] // 32 * R
             grid = ((N + per - 1) // per,)
             us = graph_us(lambda: (flush.fill(0), orig_launch(f, grid, block, a2, smem))) - flush_us
-            mark = "*" if R == int(args[9]) else " "
+            mark = "*" if R == int(args[r_at]) else " "
             cells.append(f"{'KS' if tc else 'R'}={R}{mark} {us:6.1f} ({nbytes / us / 1e3:5.0f})")
-        print(f"  {name} N={N} K={Kd} T={int(args[8])} mode={int(args[14])}: " + "  ".join(cells))
+        what = "T=1" if q8 else f"T={int(args[8])} mode={int(args[14])}"
+        print(f"  {name} N={N} K={Kd} {what}: " + "  ".join(cells))
     dev.free_kv_cache(cache)
     eng.close()
 

@@ -514,6 +514,93 @@ def test_fused_silu_mul_gemv(dev, ref, rng, fmt, monkeypatch, gemv_kind):
     assert rel_l2(got, want) <= 1e-3
 
 
+Q8_FORMATS = [f for f in FORMATS if f.name in ("Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")]
+
+
+def _q8_rounded(x):
+    """x as quantize_q8 rounds it (q8.cuh): per 32 elements q = rint(x * (127 / amax)) (float32, ties to
+    even), times d = amax / 127."""
+    xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(axis=2, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv)
+    return (q * (amax / np.float32(127.0))).reshape(x.shape).astype(np.float64)
+
+
+@pytest.fixture
+def q8(dev):
+    """The int8-activation decode GEMVs (CudaDevice.decode_gemv "q8") for one test."""
+    before = dev.decode_gemv
+    dev.decode_gemv = "q8"
+    yield
+    dev.decode_gemv = before
+
+
+@pytest.mark.parametrize("N", [301, 8200], ids=["rows-301", "rows-8200"])
+@pytest.mark.parametrize("mode", ["plain", "rms", "silu"])
+@pytest.mark.parametrize("fmt", Q8_FORMATS, ids=lambda f: f.name)
+def test_int8_activation_gemv(dev, ref, rng, fmt, mode, N, monkeypatch, q8):
+    """quantize_q8 + gemv_q8_* (one token): within relative L2 1e-3 of float64 with x rounded as the kernel
+    rounds it (what is left: float32 sums, and the rare element whose rounding flips between the two
+    norms; a wrong scale, min, offset or element order is off by far more), and within 2e-2 of float64
+    of the exact x (x rounded to int8 per 32 elements moves each element by up to 1/254 of its group's
+    largest |x|: measured 5e-3 to 1.03e-2, the most for silu(g) * u, whose heavy tails make a group's
+    largest |x| several times its RMS). The input op, the GEMV, bias and residual: two launches. 8,200
+    rows take several rows a warp."""
+    qk = max(fmt.block_size, 32)
+    Ks = (qk, 3 * qk if qk == 32 else 12 * qk, 152 * 32 if qk == 32 else 32 * qk)
+    for K in Ks if N < 8192 else Ks[:2]:  # (R > 1 where K <= 3,072)
+        t = tensor("w", fmt, (N, K), rng)
+        w = dev.upload_weight("w", [t], fmt)
+        res, bias = randn(rng, 1, N), randn(rng, N)
+        if mode == "plain":
+            x = randn(rng, 1, K) * 3
+            xin = x.astype(np.float64)
+            make = lambda: dev.to_device(x, "float32")  # noqa: E731
+        elif mode == "rms":
+            x, nw = randn(rng, 1, K) * 3, randn(rng, K)
+            xin = ref.rms_norm(x, nw, 1e-6).astype(np.float64)
+            X, NW = dev.to_device(x, "float32"), dev.to_device(nw, "float32")
+            make = lambda: dev.rms_norm(X, NW, 1e-6)  # noqa: E731
+        else:
+            gu = randn(rng, 1, 2 * K) * 2
+            xin = ref.silu_mul(gu[:, :K], gu[:, K:]).astype(np.float64)
+            GU = dev.to_device(gu, "float32")
+            make = lambda: dev.silu_mul(GU[:, :K], GU[:, K:])  # noqa: E731
+        W = dequant(t)
+        want, want_q = res + xin @ W.T + bias, res + _q8_rounded(xin) @ W.T + bias
+        RES, B = dev.to_device(res, "float32"), dev.upload_array("b", bias)
+        xd = make() if mode == "plain" else None
+        poison(dev)
+        n = _count_launches(monkeypatch)
+        got = host(dev, dev.add(RES, dev.linear(xd if xd is not None else make(), w, B)))
+        assert n[0] == 2, f"K {K}: quantize_q8 and the GEMV"
+        assert rel_l2(got - res, want_q - res) <= 1e-3, f"K {K}"
+        assert rel_l2(got - res, want - res) <= 2e-2, f"K {K}"
+        monkeypatch.undo()
+
+
+def test_int8_gemvs_of_one_norm_share_its_quantized_row(dev, ref, rng, monkeypatch, q8):
+    """q, k and v of one deferred norm: one quantize_q8 and three GEMVs, each as its own launch alone."""
+    fmt = next(f for f in Q8_FORMATS if f.name == "Q5_0")
+    K = 896 if fmt.block_size == 32 else 1024
+    x, nw = randn(rng, 1, K) * 3, randn(rng, K)
+    X, NW = dev.to_device(x, "float32"), dev.to_device(nw, "float32")
+    ws = [dev.upload_weight(f"w{i}", [tensor(f"w{i}", fmt, (n, K), rng)], fmt) for i, n in enumerate((K, 128, 128))]
+    alone = []
+    for w in ws:
+        poison(dev)
+        alone.append(host(dev, dev.linear(dev.rms_norm(X, NW, 1e-6), w)))
+    poison(dev)
+    n = _count_launches(monkeypatch)
+    h = dev.rms_norm(X, NW, 1e-6)
+    ys = [dev.linear(h, w) for w in ws]
+    got = [host(dev, y) for y in reversed(ys)][::-1]  # (read in another order than made)
+    assert n[0] == 4
+    for g, a in zip(got, alone):
+        np.testing.assert_array_equal(g, a)
+
+
 def test_a_deferred_op_read_by_anything_else_is_launched_first(dev, ref, rng):
     x, nw = randn(rng, 1, 256) * 3, randn(rng, 256)
     X, NW = dev.to_device(x, "float32"), dev.to_device(nw, "float32")

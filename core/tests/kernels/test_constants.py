@@ -101,3 +101,11 @@ def test_the_tensor_core_staging_sizes_mirror_the_source():
     assert "(budget // (4 * n_vectors)) & ~(XS_CHUNK_ALIGN - 1)" in kernels_py
     assert XS_TC_MAX_BYTES // (4 * 2 * 8) >= XS_CHUNK_ALIGN  # 8 rows of silu operands: a chunk fits
     assert len({GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU}) == 3
+
+
+def test_the_quantized_row_size_mirrors_the_source():
+    """kernels.py's q8_row_bytes is q8.cuh's: the launcher sizes the quantized row and the GEMV's shared
+    memory by it, the kernels lay the row out by theirs."""
+    src = _sources()["q8.cuh"]
+    assert re.search(r"return \(i64\)K \+ \(i64\)\(K / Q8_GROUP\) \* Q8_META_BYTES;", src)
+    assert "return K + K // Q8_GROUP * Q8_META_BYTES" in (CUDA_BACKEND / "kernels.py").read_text()

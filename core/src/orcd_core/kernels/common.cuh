@@ -17,6 +17,7 @@ typedef long long i64;
 #if !defined(GEMV_MAX_T) || !defined(GEMV_WARPS) || !defined(GEMV_MAX_R) || !defined(GEMV_TC_WARPS) ||    \
     !defined(XS_MAX_BYTES) || !defined(XS_TC_MAX_BYTES) || !defined(XS_CHUNK_ALIGN) ||                     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
+    !defined(Q8_GROUP) || !defined(Q8_META_BYTES) || !defined(Q8_WARPS) || !defined(Q8_QUANT_THREADS) ||    \
     !defined(AD_CHUNK) || !defined(AD_CHUNK_MIN) || !defined(AD_SPLITS) || !defined(AD_MAX_SPLITS) ||      \
     !defined(AP_TC_QT) || !defined(AP_TC_KT) || !defined(AP_TC_PAD) ||                                      \
     !defined(MOE_WARPS) || !defined(MOE_MAX_K) || !defined(MOE_GEMM_BN) || !defined(MOE_GEMM_BM) ||        \
@@ -144,6 +145,19 @@ template <int U>
 __device__ __forceinline__ float q_f8(u32 w) { return __uint_as_float(__byte_perm(w, 0x40000000u, 0x7504 | (U << 4))); }
 // Bits 0..3 of b, each moved to bit 8i + 4 (bit 4 of byte i): the fifth bits of four 4-bit values.
 __device__ __forceinline__ u32 bits4_to_bytes_bit4(u32 b) { return ((b & 0xFu) * 0x00204081u & 0x01010101u) << 4; }
+
+// ---- int8 dot products ---------------------------------------------------------------------------
+// c + the dot of the four signed bytes of a and of b: one IDP.4A (dp4a) from sm_61 on, bytes and
+// multiply-adds before (the same integer).
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+#if __CUDA_ARCH__ >= 610
+    return __dp4a(a, b, c);
+#else
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+    return c;
+#endif
+}
 
 // ---- loads ---------------------------------------------------------------------------------------
 // 16 bytes from a 16-byte aligned address, read-only path.

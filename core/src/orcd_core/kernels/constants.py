@@ -24,6 +24,13 @@ XS_CHUNK_ALIGN = 1024  # a chunk of K staged when all of it does not fit is a mu
 GEMV_X_PLAIN = 0  # the one-token GEMV's input modes: x as given,
 GEMV_X_RMS = 1  # rms_norm(x) * aux,
 GEMV_X_SILU = 2  # silu(x) * aux
+Q8_GROUP = 32  # elements per scale of an int8-quantized activation row (q8.cuh; fixed: the formats' blocks are
+#               multiples of it, and 8 lanes of float4s quantize one group)
+Q8_META_BYTES = 16  # bytes after the K int8 of a quantized row per group: float4 {d, sum of the first 16, of
+#                    the second 16, of all 32} (q8.cuh); a row is K + K / Q8_GROUP * Q8_META_BYTES bytes
+Q8_WARPS = 8  # warps per block of the int8-activation GEMVs (gemv_q8_*)
+Q8_QUANT_THREADS = 256  # threads per block of quantize_q8 without the RMS norm (4 elements each; the RMS mode
+#                        takes one block per row of up to 1024 threads)
 
 # ---- core.cu: attention ----------------------------------------------------------------------------
 AP_MAXD = 128  # head dim at most (the attention kernels' shared-memory rows)

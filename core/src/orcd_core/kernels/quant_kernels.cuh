@@ -30,6 +30,7 @@
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
 #include "common.cuh"
+#include "q8.cuh"
 
 // GEMV_MAX_T, GEMV_WARPS (warps per block), GEMV_MAX_R, GEMV_TC_WARPS, XS_MAX_BYTES, XS_TC_MAX_BYTES,
 // XS_CHUNK_ALIGN and the GEMV_X_* modes below are -D options of every compile
@@ -508,6 +509,67 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
         ob[c] = make_float4(v[16 + 4 * c], v[16 + 4 * c + 1], v[16 + 4 * c + 2], v[16 + 4 * c + 3]);
     }
 }
+
+// ================================================================================================
+// The int8-activation decode GEMV of one token (gemv_q8_NAME, for a format that defines F::dot_q8 and
+// F::Q8_PARTS; its plugin's source instantiates ORCD_QUANT_KERNELS_Q8): y[n] = sum_k W[n, k] x[k]
+// (+ bias[n]) (+ res[n]), x quantized by quantize_q8 (q8.cuh: int8 per 32 elements; the GEMV input mode,
+// the RMS norm or the silu_mul, applied there). F::dot_q8(blk, p, e0, x) is the sum of w x over part p
+// (0 .. Q8_PARTS - 1) of the block whose first element is e0: the weights' integer codes times the int8
+// x by dp4a (four products an instruction), the block's scales and the groups' d applied per run after,
+// ~2 instructions a weight where the float GEMVs spend 5-6 on decoding and FFMAs (what bounds them on
+// the larger matrices: docs/perf-notes.md). The float GEMVs stay the exact path.
+// A block of Q8_WARPS warps stages the quantized row (q8_row_bytes(K), one batch of cp.async), each warp
+// takes R consecutive rows, and lane l the parts l, l + 32, ... of the warp's rows as one flat list (as
+// gemv_impl). Launched early (PDL): the warp's weights are requested into L2 while the kernel ahead
+// (quantize_q8) runs; its x only after.
+// ================================================================================================
+template <class F>
+__device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_bytes, const u8* __restrict__ xq,
+                                             float* __restrict__ y, const float* __restrict__ bias, int N, int K,
+                                             int R, const float* __restrict__ res) {
+    extern __shared__ int4 x8[];
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * R;
+    const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
+    pdl_trigger();
+    {
+        const u8* wb = W + (i64)row0 * row_bytes;
+        const i64 nbytes = (i64)nr * row_bytes;
+        for (i64 o = (i64)lane * 128; o < nbytes; o += 32 * 128) prefetch_l2(wb + o);
+    }
+    pdl_wait();
+    const int nq = K >> 4, nu = nq + K / Q8_GROUP;  // 16-byte units: the int8 chunks, then the metas
+    for (int u = threadIdx.x; u < nu; u += blockDim.x) cp_async16(x8 + (u < nq ? q8_swz(u) : u), xq + 16 * (i64)u);
+    cp_async_wait_all();
+    __syncthreads();
+    const Q8Row xr{x8, (const float4*)(x8 + nq)};
+    const int NP = (K / F::QK) * F::Q8_PARTS;  // parts of a row
+    for (int r = 0; r < nr; ++r) {  // (nr is the same for the warp's lanes: the shuffles below see all of them)
+        const u8* __restrict__ wr = W + (i64)(row0 + r) * row_bytes;
+        float a = 0.0f;
+#pragma unroll 2
+        for (int p = (lane - r * NP) & 31; p < NP; p += 32) {  // flat index r * NP + p = lane (mod 32)
+            const int b = p / F::Q8_PARTS;
+            a += F::dot_q8(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK, xr);
+        }
+        a = warp_sum(a);
+        if (lane == 0) {
+            const int o = row0 + r;
+            const float v = a + (bias ? bias[o] : 0.0f);
+            y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
+        }
+    }
+}
+
+// The int8-activation GEMV of a format with F::dot_q8 (a quant plugin's .cu, beside ORCD_QUANT_KERNELS).
+// Dynamic shared memory: q8_row_bytes(K).
+#define ORCD_QUANT_KERNELS_Q8(NAME, F)                                                                       \
+    extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
+        gemv_q8_##NAME(const u8* W, i64 row_bytes, const u8* xq, float* y, const float* bias, int N, int K,  \
+                       int R, const float* res) {                                                            \
+        gemv_q8_impl<F>(W, row_bytes, xq, y, bias, N, K, R, res);                                            \
+    }
 
 #define ORCD_QUANT_KERNELS(NAME, F)                                                                          \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                           \

@@ -35,10 +35,13 @@ def require_cuda_gpu():
 
 @pytest.fixture(scope="module", name="dev")
 def cuda_dev():
-    """`CudaDevice(0)` without the residency check, closed after the module."""
+    """`CudaDevice(0)` without the residency check, closed after the module. Its one-token decode GEMVs are
+    the float ones ("ffma", the exact path the ops' thresholds are written for); a test of the int8 ones
+    ("q8", an engine's default for one sequence) sets `decode_gemv` itself."""
     from orcd_core.backends.cuda import CudaDevice
 
     d = CudaDevice(0, residency_check_s=0)
+    d.decode_gemv = "ffma"
     yield d
     d.close()
 

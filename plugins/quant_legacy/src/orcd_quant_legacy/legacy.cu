@@ -5,6 +5,24 @@
 // ggml-common.h. In the 4/5-bit types byte j holds weight j (low nibble) and weight j + 16 (high nibble).
 #include "quant_kernels.cuh"
 
+// The int8-activation GEMVs' sum of q x_q over a 32-weight block of 4-bit codes (q[c]'s low nibbles are
+// weights 4c.., its high nibbles 16 + 4c..; `hi5` merges fifth bits into bit 4 of each byte, or none):
+// 8 dp4a against the block's two x chunks.
+template <bool FIVE>
+__device__ __forceinline__ int dot_q4x8(const u32 q[4], u32 qh, int e0, const Q8Row& x) {
+    const int4 xa = x.chunk(e0 >> 4), xb = x.chunk((e0 >> 4) + 1);
+    const int wa[4] = {xa.x, xa.y, xa.z, xa.w}, wb[4] = {xb.x, xb.y, xb.z, xb.w};
+    int s = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const u32 lo = (q[c] & 0x0F0F0F0Fu) | (FIVE ? bits4_to_bytes_bit4(qh >> (4 * c)) : 0u);               // 4c ..
+        const u32 hi = ((q[c] >> 4) & 0x0F0F0F0Fu) | (FIVE ? bits4_to_bytes_bit4(qh >> (16 + 4 * c)) : 0u);  // 16 + 4c ..
+        s = dp4a((int)lo, wa[c], s);
+        s = dp4a((int)hi, wb[c], s);
+    }
+    return s;
+}
+
 // ---- Q4_0: d (fp16) | qs[16]; 18 bytes; w = d * (q - 8) -------------------------------------------
 struct FmtQ4_0 {
     static constexpr int QK = 32, TS = 18, IPB = 1;
@@ -19,6 +37,14 @@ struct FmtQ4_0 {
             v[16 + k] = d * small_u2f(b >> 4, ORCD_MAGIC + 8.0f);
         }
         x0 = 0; x1 = 16;
+    }
+    // The int8-activation GEMV's part (the whole block): w = d (q - 8), so sum w x = d (d_x sum(q x_q) - 8 s).
+    static constexpr int Q8_PARTS = 1;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+        u32 q[4];
+        ld16_a2(blk + 2, q);
+        const float4 gm = x.meta(e0 >> 5);
+        return h2f(ld2(blk)) * fmaf(gm.x, (float)dot_q4x8<false>(q, 0u, e0, x), -8.0f * gm.w);
     }
 };
 
@@ -37,6 +63,15 @@ struct FmtQ4_1 {
             v[16 + k] = d * small_u2f(b >> 4, ORCD_MAGIC) + m;
         }
         x0 = 0; x1 = 16;
+    }
+    // The int8-activation GEMV's part (the whole block): w = d q + m, so sum w x = d d_x sum(q x_q) + m s.
+    static constexpr int Q8_PARTS = 1;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+        u32 q[4];
+        ld16_a4(blk + 4, q);
+        const u32 dm = ld4(blk);
+        const float4 gm = x.meta(e0 >> 5);
+        return h2f_lo(dm) * (gm.x * (float)dot_q4x8<false>(q, 0u, e0, x)) + h2f_hi(dm) * gm.w;
     }
 };
 
@@ -62,6 +97,16 @@ struct FmtQ5_0 {
         }
         x0 = 0; x1 = 16;
     }
+    // The int8-activation GEMV's part (the whole block): the 5-bit codes merged into bytes as item() does,
+    // 8 dp4a; w = d (q - 16), so sum w x = d (d_x sum(q x_q) - 16 s).
+    static constexpr int Q8_PARTS = 1;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+        u32 q[4];
+        ld16_a2(blk + 6, q);
+        const u32 qh = (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16);
+        const float4 gm = x.meta(e0 >> 5);
+        return h2f(ld2(blk)) * fmaf(gm.x, (float)dot_q4x8<true>(q, qh, e0, x), -16.0f * gm.w);
+    }
 };
 
 // ---- Q5_1: d, m | qh (u32) | qs[16]; 24 bytes; w = d * q + m --------------------------------------------
@@ -79,6 +124,15 @@ struct FmtQ5_1 {
             v[16 + k] = d * small_u2f((b >> 4) | (((qh >> (k + 16)) & 1) << 4), ORCD_MAGIC) + m;
         }
         x0 = 0; x1 = 16;
+    }
+    // The int8-activation GEMV's part (the whole block): w = d q + m (5-bit q), as Q4_1's.
+    static constexpr int Q8_PARTS = 1;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+        u32 q[4];
+        ld16_a4(blk + 8, q);
+        const u32 dm = ld4(blk), qh = ld4(blk + 4);
+        const float4 gm = x.meta(e0 >> 5);
+        return h2f_lo(dm) * (gm.x * (float)dot_q4x8<true>(q, qh, e0, x)) + h2f_hi(dm) * gm.w;
     }
 };
 
@@ -101,6 +155,18 @@ struct FmtQ8_0 {
             v[16 + 4 * c + 2] = fmaf(q_f8<2>(wb), s, o); v[16 + 4 * c + 3] = fmaf(q_f8<3>(wb), s, o);
         }
         x0 = 0; x1 = 16;
+    }
+    // The int8-activation GEMV's part (the whole block): 8 dp4a of the int8 codes; sum w x = d d_x sum(q x_q).
+    static constexpr int Q8_PARTS = 1;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+        u32 a[4], b[4];
+        ld16_a2(blk + 2, a);
+        ld16_a2(blk + 18, b);
+        const int4 xa = x.chunk(e0 >> 4), xb = x.chunk((e0 >> 4) + 1);
+        int s = 0;
+        s = dp4a((int)a[0], xa.x, s); s = dp4a((int)a[1], xa.y, s); s = dp4a((int)a[2], xa.z, s); s = dp4a((int)a[3], xa.w, s);
+        s = dp4a((int)b[0], xb.x, s); s = dp4a((int)b[1], xb.y, s); s = dp4a((int)b[2], xb.z, s); s = dp4a((int)b[3], xb.w, s);
+        return h2f(ld2(blk)) * (x.meta(e0 >> 5).x * (float)s);
     }
 };
 
@@ -184,3 +250,8 @@ ORCD_QUANT_KERNELS(Q4_1, FmtQ4_1)
 ORCD_QUANT_KERNELS(Q5_0, FmtQ5_0)
 ORCD_QUANT_KERNELS(Q5_1, FmtQ5_1)
 ORCD_QUANT_KERNELS(Q8_0, FmtQ8_0)
+ORCD_QUANT_KERNELS_Q8(Q4_0, FmtQ4_0)
+ORCD_QUANT_KERNELS_Q8(Q4_1, FmtQ4_1)
+ORCD_QUANT_KERNELS_Q8(Q5_0, FmtQ5_0)
+ORCD_QUANT_KERNELS_Q8(Q5_1, FmtQ5_1)
+ORCD_QUANT_KERNELS_Q8(Q8_0, FmtQ8_0)

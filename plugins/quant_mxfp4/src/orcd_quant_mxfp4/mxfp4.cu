@@ -80,6 +80,38 @@ struct FmtMXFP4 {
         }
         x0 = 0; x1 = 16;
     }
+    // The int8-activation GEMVs' part (the whole block): each code to its doubled E2M1 value as an int8
+    // by PRMT from the 8-byte table of magnitudes {0, 1, 2, 3, 4, 6, 8, 12}, its sign by PRMT's sign mode:
+    // a selector nibble's bit 3 (the code's sign) makes PRMT write the selected byte's sign, 0 for these
+    // positive bytes. So a PRMT with the codes as selectors gives the positive weights (negatives 0),
+    // with the sign bits flipped the negatives' magnitudes (positives 0): two dp4a sums, subtracted. A
+    // qs word's low half selects elements 4w, 16 + 4w, 4w + 1, 17 + 4w (low and high nibbles of bytes 4w,
+    // 4w + 1), its high half 4w + 2, 18 + 4w, 4w + 3, 19 + 4w: the x bytes are permuted to match.
+    // sum w x = 2^(e - 128) d_x (sum+ - sum-).
+    static constexpr int Q8_PARTS = 1;
+    __device__ static __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+        u32 r;
+        asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+        return r;
+    }
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+        constexpr u32 M0 = 0x03020100u, M1 = 0x0C080604u;  // doubled E2M1 magnitudes of codes 0..7
+        u32 q[4];
+        const u32 e = mxfp4_load(blk, q);
+        const int4 xa = x.chunk(e0 >> 4), xb = x.chunk((e0 >> 4) + 1);  // elements 0..15, 16..31
+        const u32 xl[4] = {(u32)xa.x, (u32)xa.y, (u32)xa.z, (u32)xa.w}, xh[4] = {(u32)xb.x, (u32)xb.y, (u32)xb.z, (u32)xb.w};
+        int sp = 0, sn = 0;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            const u32 s0 = q[w], s1 = q[w] >> 16;
+            const int x0 = (int)prmt(xl[w], xh[w], 0x5140u), x1 = (int)prmt(xl[w], xh[w], 0x7362u);
+            sp = dp4a((int)prmt(M0, M1, s0), x0, sp);
+            sp = dp4a((int)prmt(M0, M1, s1), x1, sp);
+            sn = dp4a((int)prmt(M0, M1, s0 ^ 0x8888u), x0, sn);
+            sn = dp4a((int)prmt(M0, M1, s1 ^ 0x8888u), x1, sn);
+        }
+        return (float)(sp - sn) * x.meta(e0 >> 5).x * e8m0_half(e);
+    }
 };
 
 // The expert GEMVs' item dot, streamed: each qs word's 8 weights are decoded and multiplied into the
@@ -121,4 +153,5 @@ struct ItemDot<FmtMXFP4> {
 };
 
 ORCD_QUANT_KERNELS(MXFP4, FmtMXFP4)
+ORCD_QUANT_KERNELS_Q8(MXFP4, FmtMXFP4)
 ORCD_MOE_KERNELS(MXFP4, FmtMXFP4)

@@ -54,6 +54,32 @@ struct FmtQ4_K {
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
     }
+    // The int8-activation GEMV's part j (0..3): sub-blocks 2j and 2j + 1, whose 64 weights are the low and
+    // high nibbles of qs[32j, 32j + 32), against the int8 x (q8.cuh): 16 dp4a, one scale decode; per
+    // sub-block w = d sc q - dmin m, so sum w x = d sc d_x sum(q x_q) - dmin m s (s the group's sum).
+    static constexpr int Q8_PARTS = 4;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
+        const uint4 h = ld16(blk);  // d, dmin | scales[12]
+        const uint4 qa = ld16(blk + 16 + 32 * j), qb = ld16(blk + 32 + 32 * j);  // positions 0..15, 16..31
+        const int k = (e0 + 64 * j) >> 4, g = (e0 + 64 * j) >> 5;  // x chunk and group of sub-block 2j
+        const int4 xa0 = x.chunk(k), xa1 = x.chunk(k + 1), xb0 = x.chunk(k + 2), xb1 = x.chunk(k + 3);
+        const u32 m4 = 0x0F0F0F0Fu;
+        int sa = 0, sb = 0;
+        sa = dp4a((int)(qa.x & m4), xa0.x, sa); sa = dp4a((int)(qa.y & m4), xa0.y, sa);
+        sa = dp4a((int)(qa.z & m4), xa0.z, sa); sa = dp4a((int)(qa.w & m4), xa0.w, sa);
+        sa = dp4a((int)(qb.x & m4), xa1.x, sa); sa = dp4a((int)(qb.y & m4), xa1.y, sa);
+        sa = dp4a((int)(qb.z & m4), xa1.z, sa); sa = dp4a((int)(qb.w & m4), xa1.w, sa);
+        sb = dp4a((int)((qa.x >> 4) & m4), xb0.x, sb); sb = dp4a((int)((qa.y >> 4) & m4), xb0.y, sb);
+        sb = dp4a((int)((qa.z >> 4) & m4), xb0.z, sb); sb = dp4a((int)((qa.w >> 4) & m4), xb0.w, sb);
+        sb = dp4a((int)((qb.x >> 4) & m4), xb1.x, sb); sb = dp4a((int)((qb.y >> 4) & m4), xb1.y, sb);
+        sb = dp4a((int)((qb.z >> 4) & m4), xb1.z, sb); sb = dp4a((int)((qb.w >> 4) & m4), xb1.w, sb);
+        const u32 sv[3] = {h.y, h.z, h.w};
+        float sc1, m1, sc2, m2;
+        scale_min_k4(sv, 2 * j, sc1, m1);
+        scale_min_k4(sv, 2 * j + 1, sc2, m2);
+        const float4 ga = x.meta(g), gb = x.meta(g + 1);
+        return h2f_lo(h.x) * (sc1 * ga.x * (float)sa + sc2 * gb.x * (float)sb) - h2f_hi(h.x) * (m1 * ga.w + m2 * gb.w);
+    }
 };
 
 // ---- Q5_K: d, dmin | scales[12] | qh[32] | qs[128]; 176 bytes -----------------------------------------
@@ -85,6 +111,35 @@ struct FmtQ5_K {
         }
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
+    }
+    // The int8-activation GEMV's part j (0..3), as Q4_K's with the fifth bits: qh[l] bit 2j (low nibble) and
+    // 2j + 1 (high nibble) moved to bit 4 of each byte.
+    static constexpr int Q8_PARTS = 4;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
+        const uint4 h = ld16(blk);  // d, dmin | scales[12]
+        const uint4 ha = ld16(blk + 16), hb = ld16(blk + 32);  // qh of positions 0..15, 16..31
+        const uint4 qa = ld16(blk + 48 + 32 * j), qb = ld16(blk + 64 + 32 * j);
+        const int k = (e0 + 64 * j) >> 4, g = (e0 + 64 * j) >> 5;
+        const int4 xa0 = x.chunk(k), xa1 = x.chunk(k + 1), xb0 = x.chunk(k + 2), xb1 = x.chunk(k + 3);
+        const u32 m4 = 0x0F0F0F0Fu, m1b = 0x01010101u;
+        const int sl = 2 * j, sh = 2 * j + 1;
+        auto lo = [&](u32 q, u32 hh) { return (int)((q & m4) | (((hh >> sl) & m1b) << 4)); };
+        auto hi = [&](u32 q, u32 hh) { return (int)(((q >> 4) & m4) | (((hh >> sh) & m1b) << 4)); };
+        int sa = 0, sb = 0;
+        sa = dp4a(lo(qa.x, ha.x), xa0.x, sa); sa = dp4a(lo(qa.y, ha.y), xa0.y, sa);
+        sa = dp4a(lo(qa.z, ha.z), xa0.z, sa); sa = dp4a(lo(qa.w, ha.w), xa0.w, sa);
+        sa = dp4a(lo(qb.x, hb.x), xa1.x, sa); sa = dp4a(lo(qb.y, hb.y), xa1.y, sa);
+        sa = dp4a(lo(qb.z, hb.z), xa1.z, sa); sa = dp4a(lo(qb.w, hb.w), xa1.w, sa);
+        sb = dp4a(hi(qa.x, ha.x), xb0.x, sb); sb = dp4a(hi(qa.y, ha.y), xb0.y, sb);
+        sb = dp4a(hi(qa.z, ha.z), xb0.z, sb); sb = dp4a(hi(qa.w, ha.w), xb0.w, sb);
+        sb = dp4a(hi(qb.x, hb.x), xb1.x, sb); sb = dp4a(hi(qb.y, hb.y), xb1.y, sb);
+        sb = dp4a(hi(qb.z, hb.z), xb1.z, sb); sb = dp4a(hi(qb.w, hb.w), xb1.w, sb);
+        const u32 sv[3] = {h.y, h.z, h.w};
+        float sc1, m1, sc2, m2;
+        scale_min_k4(sv, 2 * j, sc1, m1);
+        scale_min_k4(sv, 2 * j + 1, sc2, m2);
+        const float4 ga = x.meta(g), gb = x.meta(g + 1);
+        return h2f_lo(h.x) * (sc1 * ga.x * (float)sa + sc2 * gb.x * (float)sb) - h2f_hi(h.x) * (m1 * ga.w + m2 * gb.w);
     }
 };
 
@@ -119,6 +174,37 @@ struct FmtQ6_K {
         }
         x0 = 128 * n + 32 * part + 16 * lh;
         x1 = x0 + 64;
+    }
+    // The int8-activation GEMV's part p (0..3) = (n = p / 2, lh = p % 2): positions l = 16 lh + 0..15 of half
+    // n, whose four runs r of 16 weights are elements 128n + 32r + l: low nibbles of ql[64n + l] (r = 0)
+    // and ql[64n + 32 + l] (r = 1), high nibbles of the same (r = 2, 3), qh[32n + l] bits 2r, 2r + 1 above
+    // them; scale sc[8n + lh + 2r]. w = d sc (q - 32) with q the unsigned 6-bit code, so a run's sum of w x
+    // is d sc (d_x sum(q x_q) - 32 s_half) (s_half: the sum of the group's half that the run is).
+    static constexpr int Q8_PARTS = 4;
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int p, int e0, const Q8Row& x) {
+        const int n = p >> 1, lh = p & 1;
+        u32 qa[4], qb[4], qh[4];
+        ld16_a2(blk + 64 * n + 16 * lh, qa);
+        ld16_a2(blk + 64 * n + 32 + 16 * lh, qb);
+        ld16_a2(blk + 128 + 32 * n + 16 * lh, qh);
+        const signed char* sc = (const signed char*)(blk + 192 + 8 * n + lh);  // run r's scale: sc[2r]
+        const int k = (e0 + 128 * n + 16 * lh) >> 4, g = (e0 + 128 * n) >> 5;  // run r: chunk k + 2r, group g + r
+        float acc = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int4 xv = x.chunk(k + 2 * r);
+            const int xw[4] = {xv.x, xv.y, xv.z, xv.w};
+            int s = 0;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const u32 ql = (r & 1) ? qb[c] : qa[c];
+                const u32 q = (r < 2 ? (ql & 0x0F0F0F0Fu) : ((ql >> 4) & 0x0F0F0F0Fu)) | (((qh[c] >> (2 * r)) & 0x03030303u) << 4);
+                s = dp4a((int)q, xw[c], s);
+            }
+            const float4 gm = x.meta(g + r);
+            acc = fmaf((float)__ldg(sc + 2 * r), fmaf(gm.x, (float)s, -32.0f * (lh ? gm.z : gm.y)), acc);
+        }
+        return h2f(ld2(blk + 208)) * acc;
     }
 };
 
@@ -177,3 +263,6 @@ struct ItemDot<FmtQ4_K> {
 ORCD_QUANT_KERNELS(Q4_K, FmtQ4_K)
 ORCD_QUANT_KERNELS(Q5_K, FmtQ5_K)
 ORCD_QUANT_KERNELS(Q6_K, FmtQ6_K)
+ORCD_QUANT_KERNELS_Q8(Q4_K, FmtQ4_K)
+ORCD_QUANT_KERNELS_Q8(Q5_K, FmtQ5_K)
+ORCD_QUANT_KERNELS_Q8(Q6_K, FmtQ6_K)

@@ -23,13 +23,13 @@ from cupy_backends.cuda.libs import cublas
 from ... import kernels as ksrc
 from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, AP_TC_QT, GEMV_MAX_R, GEMV_MAX_T, GEMV_TC_WARPS, GEMV_WARPS
 from ...kernels.constants import XS_MAX_BYTES, XS_TC_MAX_BYTES
-from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU
+from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU, Q8_QUANT_THREADS, Q8_WARPS
 from ...device import MAX_BATCH, Device, Fence, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
 from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
-from .kernels import NULL, KernelSet, f32, i32, i64, launch, stage_vectors, xs_bytes
+from .kernels import NULL, KernelSet, f32, i32, i64, launch, q8_row_bytes, stage_vectors, xs_bytes
 from .kernels import blocks as _blocks
 from .memory import StepPool, Workspace, align, raw_alloc, view
 from .prefill import PrefillGraphs
@@ -101,6 +101,7 @@ class CudaDevice(Device):
         # decode attention: per-head counters of finished splits (each step's last split resets its own)
         self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
         self._attn_counters.fill(0)
+        self._q8_formats: dict[str, bool] = {}  # format name -> has gemv_q8_<name> (_has_q8)
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
         self._healthy = True
@@ -423,20 +424,20 @@ class CudaDevice(Device):
         return out
 
     def _gemv_input(self, x, T: int, K: int, tc: bool):
-        """(mode, x, x row stride, aux, aux row stride, eps) of a decode GEMV over the T rows of x: a
-        deferred rms_norm (all of T x K staged at once, within the kernel's budget; the tensor-core
+        """(mode, x, x row stride, aux, aux row stride, eps, record) of a decode GEMV over the T rows of x:
+        a deferred rms_norm (all of T x K staged at once, within the kernel's budget; the tensor-core
         kernel stages the norm weight too) or silu_mul producing x is fused into the GEMV's staging
-        instead of being launched."""
+        instead of being launched (`record`: that deferred op; None for a plain x)."""
         d = self.deferred.exact(x, "rms_norm")
         if d is not None and (4 * stage_vectors(GEMV_X_RMS, T) * K <= XS_TC_MAX_BYTES if tc else 4 * T * K <= XS_MAX_BYTES):
-            return GEMV_X_RMS, d.args["x"], K, d.args["weight"], 0, d.args["eps"]
+            return GEMV_X_RMS, d.args["x"], K, d.args["weight"], 0, d.args["eps"], d
         d = self.deferred.exact(x, "silu_mul")
         if d is not None:
-            return GEMV_X_SILU, d.args["gate"], d.args["gs"], d.args["up"], d.args["us"], 0.0
+            return GEMV_X_SILU, d.args["gate"], d.args["gs"], d.args["up"], d.args["us"], 0.0, d
         x, xs = self._rows(x)
         if T > 1 and (xs % 4 or x.data.ptr % 16):  # staged as float4s
             x, xs = self.contiguous(x), K
-        return GEMV_X_PLAIN, x, xs, NULL, 0, 0.0
+        return GEMV_X_PLAIN, x, xs, NULL, 0, 0.0, None
 
     def linear(self, x, w: Weight, bias=None) -> cupy.ndarray:
         t = w.data
@@ -468,7 +469,11 @@ class CudaDevice(Device):
         _check_linear(w, K, bias)
         G = min(T, GEMV_GROUP_ROWS)  # rows per launch (each row's result is the same for any grouping)
         tc = self.decode_gemv == "tc"
-        mode, src, s_src, aux, s_aux, eps = self._gemv_input(x, G, K, tc)
+        if T == 1 and self.decode_gemv == "q8" and self._has_q8(w.fmt):
+            y = self._gemv_q8(x, w, bias, N, K)
+            if y is not None:
+                return y
+        mode, src, s_src, aux, s_aux, eps, _ = self._gemv_input(x, G, K, tc)
         fmod = self.format_kernels(w.fmt)
         if tc:
             R = gemv_tc_k_split(N, K)  # (the kernels' R argument: rows per warp, or the tensor-core kernel's K split)
@@ -496,6 +501,55 @@ class CudaDevice(Device):
                 #            ends (8 rows of qwen2 +11%; the FMA kernels' one row lost 12%: docs/perf-notes.md)
 
         return self.deferred.defer("gemv", self.step_array((T, N)), run)
+
+    def _gemv_q8(self, x, w: Weight, bias, N: int, K: int):
+        """The one-token decode linear on the int8-activation GEMV (gemv_q8_*, planner.decode_gemv "q8"):
+        x through its input op (a deferred rms_norm or silu_mul, else as given) quantized by quantize_q8
+        into the step's workspace, then the GEMV; deferred as _gemv's (a residual add is absorbed into its
+        epilogue). GEMVs that read the same deferred op share its quantized row (q, k and v of one norm):
+        whichever of them launches first quantizes. None where the input is not 16-byte aligned (the
+        float path takes it)."""
+        t = w.data
+        mode, src, s_src, aux, s_aux, eps, rec = self._gemv_input(x, 1, K, False)
+        if src.data.ptr % 16 or (aux is not NULL and aux.data.ptr % 16):
+            return None
+        shared = rec.args.setdefault("q8", {}) if rec is not None else {}
+        if "xq" not in shared:
+            shared["xq"] = self.step_array((q8_row_bytes(K),), np.uint8)
+        xq = shared["xq"]
+        if mode == GEMV_X_RMS:  # one block a row: the norm's sum over all of K
+            qgrid, qthreads = (1, 1), min(1024, -(-K // 128) * 32)
+        else:
+            qgrid, qthreads = (_blocks(K // 4, Q8_QUANT_THREADS), 1), Q8_QUANT_THREADS
+        quantize = self.core.fn("quantize_q8")
+        smem = q8_row_bytes(K)
+        fn = self.format_kernels(w.fmt).fn(f"gemv_q8_{w.fmt.name}", max_dynamic_smem=smem)
+        R = _q8_rows_per_warp(N, K)
+        grid = (_blocks(N, Q8_WARPS * R),)
+        b = bias if bias is not None else NULL
+
+        def run(y, res=NULL):
+            if not shared.get("ready"):
+                launch(quantize, qgrid, (qthreads,), (src, i64(s_src), aux, i64(s_aux), f32(eps), i32(mode), i32(K), xq),
+                       pdl=True)
+                shared["ready"] = True
+            launch(fn, grid, (32 * Q8_WARPS,), (t.data, i64(t.row_bytes), xq, y, b, i32(N), i32(K), i32(R), res),
+                   shared_mem=smem, pdl=True)
+
+        return self.deferred.defer("gemv", self.step_array((1, N)), run)
+
+    def _has_q8(self, fmt) -> bool:
+        """Whether the format's source has an int8-activation GEMV (gemv_q8_<name>: its plugin instantiates
+        ORCD_QUANT_KERNELS_Q8 where the format defines dot_q8); looked up once per format."""
+        has = self._q8_formats.get(fmt.name)
+        if has is None:
+            try:
+                self.format_kernels(fmt).fn(f"gemv_q8_{fmt.name}")
+                has = True
+            except (CudaError, NotImplementedError):
+                has = False
+            self._q8_formats[fmt.name] = has
+        return has
 
     def dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:
         """y[n_tok, N] (row stride N, float32) = x16[n_tok, K] (fp16) @ W[row0 : row0 + N, :K]^T: the rows
@@ -793,6 +847,12 @@ def _rows_per_warp(N: int, K: int) -> int:
     """The GEMV's R: short rows (< 64 items of 32 weights) of a tall matrix share a warp, which gives
     each lane several independent items in flight (measured: docs/perf-notes.md)."""
     return 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
+
+
+def _q8_rows_per_warp(N: int, K: int) -> int:
+    """gemv_q8's R: rows per warp such that a warp holds about 6,144 weights (a lane 3 parts of 64, or of
+    32 for the 32-element formats), one row for matrices under 8,192 rows (more blocks instead)."""
+    return 1 if N < 8192 else min(GEMV_MAX_R, max(1, 6144 // K))
 
 
 def _norm_threads(D: int) -> int:

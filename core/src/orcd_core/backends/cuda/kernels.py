@@ -25,7 +25,8 @@ import numpy as np
 
 from ...generation import CudaError
 from . import pdl as _pdl
-from ...kernels.constants import GEMV_X_RMS, GEMV_X_SILU, XS_CHUNK_ALIGN, XS_MAX_BYTES, define_options
+from ...kernels.constants import (GEMV_X_RMS, GEMV_X_SILU, Q8_GROUP, Q8_META_BYTES, XS_CHUNK_ALIGN, XS_MAX_BYTES,
+                                  define_options)
 
 COMPILE_OPTIONS = ("-std=c++17", *define_options())
 _CHECK = os.environ.get("ORCD_CUDA_CHECK", "") not in ("", "0")
@@ -114,6 +115,12 @@ def xs_bytes(n_vectors: int, K: int, budget: int = XS_MAX_BYTES) -> int:
     XS_CHUNK_ALIGN elements)."""
     per = K if 4 * n_vectors * K <= budget else (budget // (4 * n_vectors)) & ~(XS_CHUNK_ALIGN - 1)
     return 4 * n_vectors * per
+
+
+def q8_row_bytes(K: int) -> int:
+    """Bytes of one activation row of K elements quantized to int8 (q8.cuh's q8_row_bytes: the int8, then a
+    float4 of scale and sums per Q8_GROUP elements); also the int8-activation GEMV's dynamic shared memory."""
+    return K + K // Q8_GROUP * Q8_META_BYTES
 
 
 def stage_vectors(mode: int, T: int) -> int:
