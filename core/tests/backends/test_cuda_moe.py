@@ -91,6 +91,29 @@ def test_moe_decode_path_matches_reference(dev, ref, experts, act, T):
     assert rel_l2(got, want) <= 1e-3
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_moe_decode_on_the_int8_expert_gemvs(dev, ref, experts, T):
+    """A one-sequence engine's decode (decode_gemv "q8"): x and the GLU output quantized to int8 per 32
+    (quantize_q8), moe_gemv_glu_q8 / moe_down_q8 by dp4a. Each rounding moves an element by up to 1/254
+    of its group's largest |value| (~0.5-1% relative L2 each on random data, more on the GLU's heavy
+    tails): within 3e-2 of the reference, per token too; a wrong sign, code or element order would be
+    off by the whole. The routing (float32 router) is the exact path's."""
+    rng = np.random.default_rng(50 + T)
+    x = rng.standard_normal((T, experts.D)).astype(np.float32)
+    want = ref.moe(x, *experts.args("ref"), top_k=4, act="swiglu_oai")
+    before = dev.decode_gemv
+    dev.decode_gemv = "q8"
+    try:
+        poison(dev)
+        got = dev.to_host(dev.moe(dev.to_device(x, "float32"), *experts.args("gpu"), top_k=4, act="swiglu_oai"))
+    finally:
+        dev.decode_gemv = before
+    assert got.shape == (T, experts.D) and np.isfinite(got).all()
+    per_tok = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert per_tok.max() <= 3e-2
+    assert per_tok.max() > 1e-5  # (it did take the int8 kernels: the float path is within ~1e-6)
+
+
 @pytest.mark.parametrize("T", [5, 37, 300])
 def test_moe_prefill_groups_tokens_by_expert(dev, ref, experts, T):
     rng = np.random.default_rng(100 + T)

@@ -129,6 +129,139 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
     if ((threadIdx.x & 31) == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
 }
 
+// ---- the int8-activation expert GEMVs (a one-sequence engine's decode: decode_gemv "q8") ---------------
+// As moe_gemv_glu / moe_down for a format with F::dot_q8 (quant_kernels.cuh gemv_q8_impl): the activations
+// quantized to int8 by quantize_q8 (q8.cuh rows: x per token, a per pair), each block stages the rows it
+// reads, a warp takes one output row and its lanes the flat list of (row or slot, part), dp4a products.
+// Blocks of Q8_WARPS warps. Each pair's values depend on its own token and expert only.
+
+// Stage nv consecutive quantized rows of K elements (q8_row_bytes(K) bytes each) into xs (int8 chunks
+// swizzled as q8.cuh says, then the metas; row v at v * q8_row_bytes(K) / 16 int4s); row v's view in xr[v].
+__device__ __forceinline__ void moe_stage_q8(const u8* __restrict__ xq, int nv, int K, int4* xs) {
+    const int nq = K >> 4, nu = nq + K / Q8_GROUP;  // 16-byte units a row
+    for (int u = threadIdx.x; u < nv * nu; u += blockDim.x) {
+        const int v = u / nu, w = u - v * nu;
+        cp_async16(xs + v * nu + (w < nq ? q8_swz(w) : w), xq + 16 * (i64)u);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+}
+
+// grid (ceil(Fh / Q8_WARPS), P), dynamic shared memory q8_row_bytes(K); xq [T] quantized rows, pair p reads
+// row p / x_div; a [P, Fh] float32 as moe_gemv_glu's
+template <class F>
+__device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
+                                                     const u8* __restrict__ xq, int x_div, const float* __restrict__ bias,
+                                                     float* __restrict__ a, int Fh, int K, int E, int act, float alpha,
+                                                     float limit) {
+    extern __shared__ int4 x8[];
+    const int p = blockIdx.y, lane = threadIdx.x & 31;
+    const int n = blockIdx.x * Q8_WARPS + (threadIdx.x >> 5);
+    pdl_trigger();
+    pdl_wait();  // (the ids too come from a kernel ahead)
+    const int e = ids[p];
+    const bool ok = n < Fh && e >= 0 && e < E;
+    const i64 g_row = (i64)(ok ? e : 0) * 2 * Fh + (n < Fh ? n : 0);
+    const u8* __restrict__ rg = W + g_row * row_bytes;
+    const u8* __restrict__ ru = W + (g_row + Fh) * row_bytes;
+    moe_stage_q8(xq + (i64)(p / x_div) * q8_row_bytes(K), 1, K, x8);
+    if (n >= Fh) return;
+    const Q8Row xr{x8, (const float4*)(x8 + (K >> 4))};
+    const int NP = (K / F::QK) * F::Q8_PARTS;
+    float ag = 0.0f, au = 0.0f;
+    if (ok) {
+#pragma unroll 2
+        for (int f = lane; f < 2 * NP; f += 32) {  // gate's parts, then up's
+            const bool up = f >= NP;
+            const int q = up ? f - NP : f, b = q / F::Q8_PARTS;
+            const float v = F::dot_q8((up ? ru : rg) + (i64)b * F::TS, q - b * F::Q8_PARTS, b * F::QK, xr);
+            if (up) au += v; else ag += v;
+        }
+    }
+    ag = warp_sum(ag);
+    au = warp_sum(au);
+    if (lane == 0) {
+        if (!ok) {
+            a[(i64)p * Fh + n] = __int_as_float(0x7fc00000);
+        } else {
+            const float bg = bias ? bias[g_row] : 0.0f, bu = bias ? bias[g_row + Fh] : 0.0f;
+            a[(i64)p * Fh + n] = moe_act(ag + bg, au + bu, act, alpha, limit);
+        }
+    }
+}
+
+// grid (ceil(N / Q8_WARPS), T), dynamic shared memory k q8_row_bytes(K); aq [T k] quantized rows of a
+template <class F>
+__device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
+                                                 const float* __restrict__ wts, const u8* __restrict__ aq,
+                                                 const float* __restrict__ bias, float* __restrict__ out, int N, int K,
+                                                 int k, int E) {
+    extern __shared__ int4 x8[];
+    const int t = blockIdx.y, lane = threadIdx.x & 31;
+    const int n = blockIdx.x * Q8_WARPS + (threadIdx.x >> 5);
+    pdl_trigger();
+    pdl_wait();  // (the ids too come from a kernel ahead)
+    bool bad = false;
+    const u8* rows[MOE_MAX_K];
+#pragma unroll
+    for (int s = 0; s < MOE_MAX_K; ++s) {
+        const int e = s < k ? ids[t * k + s] : 0;
+        bad |= s < k && (e < 0 || e >= E);
+        rows[s] = W + ((i64)(e >= 0 && e < E ? e : 0) * N + (n < N ? n : 0)) * row_bytes;
+    }
+    moe_stage_q8(aq + (i64)t * k * q8_row_bytes(K), k, K, x8);
+    if (n >= N) return;
+    const int nu = (K >> 4) + K / Q8_GROUP;  // int4s a staged row
+    const int NP = (K / F::QK) * F::Q8_PARTS;
+    float acc[MOE_MAX_K];
+#pragma unroll
+    for (int s = 0; s < MOE_MAX_K; ++s) acc[s] = 0.0f;
+    int s = lane / NP, q = lane - s * NP;  // this lane's first (slot, part) of the flat list
+#pragma unroll 2
+    for (int f = lane; f < k * NP; f += 32) {
+        const int b = q / F::Q8_PARTS;
+        const int4* xs = x8 + s * nu;
+        const u8* row = rows[0];  // rows[s], selected (an indexed register array would go to local memory)
+#pragma unroll
+        for (int r = 1; r < MOE_MAX_K; ++r) row = r == s ? rows[r] : row;
+        const float v = F::dot_q8(row + (i64)b * F::TS, q - b * F::Q8_PARTS, b * F::QK,
+                                  Q8Row{xs, (const float4*)(xs + (K >> 4))});
+#pragma unroll
+        for (int r = 0; r < MOE_MAX_K; ++r) acc[r] += r == s ? v : 0.0f;
+        q += 32;
+        while (q >= NP) {
+            q -= NP;
+            ++s;
+        }
+    }
+    float sum = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int r = 0; r < MOE_MAX_K; ++r) {
+        if (r < k) {
+            const int pp = t * k + r;
+            const float w = wts[pp];
+            sum += w * warp_sum(acc[r]);
+            const int e = ids[pp];
+            if (bias && e >= 0 && e < E) b += w * bias[(i64)e * N + n];
+        }
+    }
+    if (lane == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
+}
+
+// The int8-activation expert GEMVs of a format with F::dot_q8 (its plugin's .cu, beside ORCD_MOE_KERNELS).
+#define ORCD_MOE_KERNELS_Q8(NAME, F)                                                                         \
+    extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
+        moe_gemv_glu_q8_##NAME(const u8* W, i64 row_bytes, const int* ids, const u8* xq, int x_div,          \
+                               const float* bias, float* a, int Fh, int K, int E, int act, float alpha,      \
+                               float limit) {                                                                \
+        moe_gemv_glu_q8_impl<F>(W, row_bytes, ids, xq, x_div, bias, a, Fh, K, E, act, alpha, limit);         \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
+        moe_down_q8_##NAME(const u8* W, i64 row_bytes, const int* ids, const float* wts, const u8* aq,       \
+                           const float* bias, float* out, int N, int K, int k, int E) {                      \
+        moe_down_q8_impl<F>(W, row_bytes, ids, wts, aq, bias, out, N, K, k, E);                              \
+    }
+
 // ---- the grouped prefill GEMM -------------------------------------------------------------------------
 // Y[r, n] = sum_k W[e, n, k] X[r, k] for every pair row r of every expert e: X [P, K] fp16 and Y [P, N]
 // float32 hold the pairs in sorted order (moe_sort: expert e's at rows offsets[e] .. offsets[e + 1] - 1).

@@ -538,6 +538,28 @@ class CudaDevice(Device):
 
         return self.deferred.defer("gemv", self.step_array((1, N)), run)
 
+    def quantize_rows(self, x, T: int, K: int, out=None):
+        """The T rows of x (contiguous float32 [T, K]) quantized to int8 by quantize_q8 (q8.cuh rows, into
+        `out` or the step's workspace; launched by PDL)."""
+        if out is None:
+            out = self.step_array((T, q8_row_bytes(K)), np.uint8)
+        launch(self.core.fn("quantize_q8"), (_blocks(K // 4, Q8_QUANT_THREADS), T), (Q8_QUANT_THREADS,),
+               (x, i64(K), NULL, i64(0), f32(0.0), i32(GEMV_X_PLAIN), i32(K), out), pdl=True)
+        return out
+
+    def has_q8_moe(self, fmt) -> bool:
+        """Whether the format's source has the int8-activation expert GEMVs (moe_gemv_glu_q8_<name>)."""
+        key = "moe:" + fmt.name
+        has = self._q8_formats.get(key)
+        if has is None:
+            try:
+                self.format_kernels(fmt).fn(f"moe_gemv_glu_q8_{fmt.name}")
+                has = True
+            except (CudaError, NotImplementedError):
+                has = False
+            self._q8_formats[key] = has
+        return has
+
     def _has_q8(self, fmt) -> bool:
         """Whether the format's source has an int8-activation GEMV (gemv_q8_<name>: its plugin instantiates
         ORCD_QUANT_KERNELS_Q8 where the format defines dot_q8); looked up once per format."""

@@ -7,6 +7,8 @@
         a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
                                                     #          chosen expert in one pass, GLU fused
         out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
+        (a one-sequence engine, decode_gemv "q8": x and a quantized to int8 by quantize_q8 first, and the
+        _q8_ kernels of the same two, dp4a products, where the experts' format has them)
     prefill (more tokens):                          # each expert's weights read once per tile of its pairs
         stable counting sort of the T k (token, slot) pairs by expert (moe_sort: offsets and order stay
         on the GPU); the pairs' tokens as fp16 rows in that order (moe_gather_f16); h = the gate|up
@@ -25,8 +27,8 @@ import numpy as np
 from ...device import MAX_BATCH
 from ...generation import CudaError
 from ...kernels.constants import (MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_GEMM_BM, MOE_GEMM_BN, MOE_GEMM_SMEM_BYTES,
-                                  MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS)
-from .kernels import NULL, blocks, f32, i32, i64, launch, xs_bytes
+                                  MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS, Q8_WARPS)
+from .kernels import NULL, blocks, f32, i32, i64, launch, q8_row_bytes, xs_bytes
 
 MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
 DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
@@ -86,6 +88,8 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     if T > DECODE_MAX_T and int(dev.sm) < 80:
         raise NotImplementedError(f"moe: the grouped prefill GEMM runs on tensor cores (compute capability 8.0 "
                                   f"or later; this GPU: {dev.sm[:-1]}.{dev.sm[-1]})")
+    if T <= DECODE_MAX_T and dev.decode_gemv == "q8" and dev.has_q8_moe(gate_up.fmt) and dev.has_q8_moe(down.fmt):
+        return _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, top_k, E, ACTS[act], alpha, limit)
     if T <= DECODE_MAX_T:
         P = T * top_k
         a = dev.step_array((P, F))  # [T k, F]
@@ -98,6 +102,23 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
                shared_mem=xs_bytes(top_k, F))
         return out
     return _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, top_k, ACTS[act], alpha, limit)
+
+
+def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
+    """The decode path on the int8-activation expert GEMVs (a one-sequence engine, decode_gemv "q8"): x
+    quantized (quantize_q8), moe_gemv_glu_q8_<fmt>, a quantized, moe_down_q8_<fmt>; every launch by PDL."""
+    P = T * k
+    xq, aq = dev.quantize_rows(x, T, D), dev.step_array((P, q8_row_bytes(F)), np.uint8)
+    a = dev.step_array((P, F))  # [T k, F]
+    launch(_fmt_fn(dev, gate_up, "moe_gemv_glu_q8", q8_row_bytes(D)), (blocks(F, Q8_WARPS), P), (32 * Q8_WARPS,),
+           (gate_up.data.data, i64(gate_up.data.row_bytes), ids, xq, i32(k), gub, a, i32(F), i32(D), i32(E),
+            i32(act), f32(alpha), f32(limit)), shared_mem=q8_row_bytes(D), pdl=True)
+    dev.quantize_rows(a, P, F, out=aq)
+    out = dev.step_array((T, D))
+    launch(_fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F)), (blocks(D, Q8_WARPS), T), (32 * Q8_WARPS,),
+           (down.data.data, i64(down.data.row_bytes), ids, wts, aq, dnb, out, i32(D), i32(F), i32(k), i32(E)),
+           shared_mem=k * q8_row_bytes(F), pdl=True)
+    return out
 
 
 def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, alpha, limit):
