@@ -177,7 +177,7 @@ def test_decode_step_is_six_kernels_a_layer(cut_pair, monkeypatch):
         # input once: the attention's norm (q, k and v share it), the o projection's input, the FFN's norm,
         # silu(gate) * up; the head's norm
         def q8(*ws):
-            return int(dev.decode_gemv == "q8" and any(dev._has_q8(w.fmt) for w in ws))
+            return int(dev.decode_gemv == "q8" and any(dev.has_kernel(w.fmt, "gemv_q8") for w in ws))
 
         quantize = q8(model.output) + sum(q8(*(w for w, _ in B.qkv.weights)) + q8(B.wo)
                                           + q8(*(w for w, _ in B.gate_up.weights)) + q8(B.down) for B in model.blocks)

@@ -68,6 +68,42 @@ __device__ __forceinline__ void moe_dots(const u8* const rows[MAXR], int nr, con
     }
 }
 
+// The GLU's output a[p, n] from a warp's partial sums of the gate and up rows (every lane calls it; lane 0
+// writes): act(gate + bias, up + bias), NaN for an expert id outside [0, E) (ok false).
+__device__ __forceinline__ void moe_glu_store(float g, float u, bool ok, const float* __restrict__ bias, i64 g_row,
+                                              int Fh, float* __restrict__ a, int p, int n, int act, float alpha,
+                                              float limit) {
+    g = warp_sum(g);
+    u = warp_sum(u);
+    if ((threadIdx.x & 31) == 0) {
+        if (!ok) {
+            a[(i64)p * Fh + n] = __int_as_float(0x7fc00000);
+        } else {
+            const float bg = bias ? bias[g_row] : 0.0f, bu = bias ? bias[g_row + Fh] : 0.0f;
+            a[(i64)p * Fh + n] = moe_act(g + bg, u + bu, act, alpha, limit);
+        }
+    }
+}
+
+// The down projection's output out[t, n] from a warp's partial sums of its k slots' rows (every lane calls
+// it; lane 0 writes): the slots' sums and biases weighted by wts, in slot order; NaN where an id was bad.
+__device__ __forceinline__ void moe_down_store(const float acc[MOE_MAX_K], bool bad, const int* __restrict__ ids,
+                                               const float* __restrict__ wts, const float* __restrict__ bias,
+                                               float* __restrict__ out, int t, int n, int N, int k, int E) {
+    float sum = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int s = 0; s < MOE_MAX_K; ++s) {
+        if (s < k) {
+            const int p = t * k + s;
+            const float w = wts[p];
+            sum += w * warp_sum(acc[s]);
+            const int e = ids[p];
+            if (bias && e >= 0 && e < E) b += w * bias[(i64)e * N + n];
+        }
+    }
+    if ((threadIdx.x & 31) == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
+}
+
 // grid (ceil(Fh / MOE_WARPS), P), dynamic shared memory 4 * xs_chunk(1, K); W is [E, 2 Fh, K] (gate
 // rows, then up rows), bias [E, 2 Fh]
 template <class F>
@@ -84,15 +120,7 @@ __device__ __forceinline__ void moe_gemv_glu_impl(const u8* __restrict__ W, i64 
     float acc[2];
     moe_dots<F, 2, false>(rows, ok ? 2 : 0, x + (i64)(p / x_div) * K, 1, K, acc);
     if (n >= Fh) return;
-    const float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
-    if ((threadIdx.x & 31) == 0) {
-        if (!ok) {
-            a[(i64)p * Fh + n] = __int_as_float(0x7fc00000);
-        } else {
-            const float bg = bias ? bias[g_row] : 0.0f, bu = bias ? bias[g_row + Fh] : 0.0f;
-            a[(i64)p * Fh + n] = moe_act(g + bg, u + bu, act, alpha, limit);
-        }
-    }
+    moe_glu_store(acc[0], acc[1], ok, bias, g_row, Fh, a, p, n, act, alpha, limit);
 }
 
 // grid (ceil(N / MOE_WARPS), T), dynamic shared memory 4 * k * xs_chunk(k, K); W is [E, N, K], a [T * k, K],
@@ -115,18 +143,7 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
     float acc[MOE_MAX_K];
     moe_dots<F, MOE_MAX_K, true>(rows, n < N ? k : 0, a + (i64)t * k * K, k, K, acc);
     if (n >= N) return;
-    float sum = 0.0f, b = 0.0f;
-#pragma unroll
-    for (int s = 0; s < MOE_MAX_K; ++s) {
-        if (s < k) {
-            const int p = t * k + s;
-            const float w = wts[p];
-            sum += w * warp_sum(acc[s]);
-            const int e = ids[p];
-            if (bias && e >= 0 && e < E) b += w * bias[(i64)e * N + n];
-        }
-    }
-    if ((threadIdx.x & 31) == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
+    moe_down_store(acc, bad, ids, wts, bias, out, t, n, N, k, E);
 }
 
 // ---- the int8-activation expert GEMVs (a one-sequence engine's decode: decode_gemv "q8") ---------------
@@ -178,16 +195,7 @@ __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i
             if (up) au += v; else ag += v;
         }
     }
-    ag = warp_sum(ag);
-    au = warp_sum(au);
-    if (lane == 0) {
-        if (!ok) {
-            a[(i64)p * Fh + n] = __int_as_float(0x7fc00000);
-        } else {
-            const float bg = bias ? bias[g_row] : 0.0f, bu = bias ? bias[g_row + Fh] : 0.0f;
-            a[(i64)p * Fh + n] = moe_act(ag + bg, au + bu, act, alpha, limit);
-        }
-    }
+    moe_glu_store(ag, au, ok, bias, g_row, Fh, a, p, n, act, alpha, limit);
 }
 
 // grid (ceil(N / Q8_WARPS), T), dynamic shared memory k q8_row_bytes(K); aq [T k] quantized rows of a
@@ -234,18 +242,7 @@ __device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 r
             ++s;
         }
     }
-    float sum = 0.0f, b = 0.0f;
-#pragma unroll
-    for (int r = 0; r < MOE_MAX_K; ++r) {
-        if (r < k) {
-            const int pp = t * k + r;
-            const float w = wts[pp];
-            sum += w * warp_sum(acc[r]);
-            const int e = ids[pp];
-            if (bias && e >= 0 && e < E) b += w * bias[(i64)e * N + n];
-        }
-    }
-    if (lane == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
+    moe_down_store(acc, bad, ids, wts, bias, out, t, n, N, k, E);
 }
 
 // The int8-activation expert GEMVs of a format with F::dot_q8 (its plugin's .cu, beside ORCD_MOE_KERNELS).

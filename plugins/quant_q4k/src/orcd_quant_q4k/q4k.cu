@@ -54,32 +54,9 @@ struct FmtQ4_K {
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
     }
-    // The int8-activation GEMV's part j (0..3): sub-blocks 2j and 2j + 1, whose 64 weights are the low and
-    // high nibbles of qs[32j, 32j + 32), against the int8 x (q8.cuh): 16 dp4a, one scale decode; per
-    // sub-block w = d sc q - dmin m, so sum w x = d sc d_x sum(q x_q) - dmin m s (s the group's sum).
+    // The int8-activation GEMV's part j (0..3): sub-blocks 2j and 2j + 1 (k4_dot_q8, below).
     static constexpr int Q8_PARTS = 4;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
-        const uint4 h = ld16(blk);  // d, dmin | scales[12]
-        const uint4 qa = ld16(blk + 16 + 32 * j), qb = ld16(blk + 32 + 32 * j);  // positions 0..15, 16..31
-        const int k = (e0 + 64 * j) >> 4, g = (e0 + 64 * j) >> 5;  // x chunk and group of sub-block 2j
-        const int4 xa0 = x.chunk(k), xa1 = x.chunk(k + 1), xb0 = x.chunk(k + 2), xb1 = x.chunk(k + 3);
-        const u32 m4 = 0x0F0F0F0Fu;
-        int sa = 0, sb = 0;
-        sa = dp4a((int)(qa.x & m4), xa0.x, sa); sa = dp4a((int)(qa.y & m4), xa0.y, sa);
-        sa = dp4a((int)(qa.z & m4), xa0.z, sa); sa = dp4a((int)(qa.w & m4), xa0.w, sa);
-        sa = dp4a((int)(qb.x & m4), xa1.x, sa); sa = dp4a((int)(qb.y & m4), xa1.y, sa);
-        sa = dp4a((int)(qb.z & m4), xa1.z, sa); sa = dp4a((int)(qb.w & m4), xa1.w, sa);
-        sb = dp4a((int)((qa.x >> 4) & m4), xb0.x, sb); sb = dp4a((int)((qa.y >> 4) & m4), xb0.y, sb);
-        sb = dp4a((int)((qa.z >> 4) & m4), xb0.z, sb); sb = dp4a((int)((qa.w >> 4) & m4), xb0.w, sb);
-        sb = dp4a((int)((qb.x >> 4) & m4), xb1.x, sb); sb = dp4a((int)((qb.y >> 4) & m4), xb1.y, sb);
-        sb = dp4a((int)((qb.z >> 4) & m4), xb1.z, sb); sb = dp4a((int)((qb.w >> 4) & m4), xb1.w, sb);
-        const u32 sv[3] = {h.y, h.z, h.w};
-        float sc1, m1, sc2, m2;
-        scale_min_k4(sv, 2 * j, sc1, m1);
-        scale_min_k4(sv, 2 * j + 1, sc2, m2);
-        const float4 ga = x.meta(g), gb = x.meta(g + 1);
-        return h2f_lo(h.x) * (sc1 * ga.x * (float)sa + sc2 * gb.x * (float)sb) - h2f_hi(h.x) * (m1 * ga.w + m2 * gb.w);
-    }
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int j, int e0, const Q8Row& x);
 };
 
 // ---- Q5_K: d, dmin | scales[12] | qh[32] | qs[128]; 176 bytes -----------------------------------------
@@ -112,36 +89,49 @@ struct FmtQ5_K {
         x0 = 64 * j + 16 * h;
         x1 = x0 + 32;
     }
-    // The int8-activation GEMV's part j (0..3), as Q4_K's with the fifth bits: qh[l] bit 2j (low nibble) and
-    // 2j + 1 (high nibble) moved to bit 4 of each byte.
+    // The int8-activation GEMV's part j (0..3), as Q4_K's with the fifth bits (k4_dot_q8, below).
     static constexpr int Q8_PARTS = 4;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
-        const uint4 h = ld16(blk);  // d, dmin | scales[12]
-        const uint4 ha = ld16(blk + 16), hb = ld16(blk + 32);  // qh of positions 0..15, 16..31
-        const uint4 qa = ld16(blk + 48 + 32 * j), qb = ld16(blk + 64 + 32 * j);
-        const int k = (e0 + 64 * j) >> 4, g = (e0 + 64 * j) >> 5;
-        const int4 xa0 = x.chunk(k), xa1 = x.chunk(k + 1), xb0 = x.chunk(k + 2), xb1 = x.chunk(k + 3);
-        const u32 m4 = 0x0F0F0F0Fu, m1b = 0x01010101u;
-        const int sl = 2 * j, sh = 2 * j + 1;
-        auto lo = [&](u32 q, u32 hh) { return (int)((q & m4) | (((hh >> sl) & m1b) << 4)); };
-        auto hi = [&](u32 q, u32 hh) { return (int)(((q >> 4) & m4) | (((hh >> sh) & m1b) << 4)); };
-        int sa = 0, sb = 0;
-        sa = dp4a(lo(qa.x, ha.x), xa0.x, sa); sa = dp4a(lo(qa.y, ha.y), xa0.y, sa);
-        sa = dp4a(lo(qa.z, ha.z), xa0.z, sa); sa = dp4a(lo(qa.w, ha.w), xa0.w, sa);
-        sa = dp4a(lo(qb.x, hb.x), xa1.x, sa); sa = dp4a(lo(qb.y, hb.y), xa1.y, sa);
-        sa = dp4a(lo(qb.z, hb.z), xa1.z, sa); sa = dp4a(lo(qb.w, hb.w), xa1.w, sa);
-        sb = dp4a(hi(qa.x, ha.x), xb0.x, sb); sb = dp4a(hi(qa.y, ha.y), xb0.y, sb);
-        sb = dp4a(hi(qa.z, ha.z), xb0.z, sb); sb = dp4a(hi(qa.w, ha.w), xb0.w, sb);
-        sb = dp4a(hi(qb.x, hb.x), xb1.x, sb); sb = dp4a(hi(qb.y, hb.y), xb1.y, sb);
-        sb = dp4a(hi(qb.z, hb.z), xb1.z, sb); sb = dp4a(hi(qb.w, hb.w), xb1.w, sb);
-        const u32 sv[3] = {h.y, h.z, h.w};
-        float sc1, m1, sc2, m2;
-        scale_min_k4(sv, 2 * j, sc1, m1);
-        scale_min_k4(sv, 2 * j + 1, sc2, m2);
-        const float4 ga = x.meta(g), gb = x.meta(g + 1);
-        return h2f_lo(h.x) * (sc1 * ga.x * (float)sa + sc2 * gb.x * (float)sb) - h2f_hi(h.x) * (m1 * ga.w + m2 * gb.w);
-    }
+    __device__ static __forceinline__ float dot_q8(const u8* blk, int j, int e0, const Q8Row& x);
 };
+
+// The int8-activation GEMVs' part j (0..3) of a Q4_K (FIVE false) or Q5_K (FIVE true) block: sub-blocks 2j
+// and 2j + 1, whose 64 weights are the low and high nibbles of qs[32j, 32j + 32) (Q5_K: with qh[l] bit 2j,
+// resp. 2j + 1, moved to bit 4 of each byte), against the int8 x (q8.cuh): 16 dp4a, one scale decode; per
+// sub-block w = d sc q - dmin m, so sum w x = d sc d_x sum(q x_q) - dmin m s (s the group's sum).
+template <bool FIVE>
+__device__ __forceinline__ float k4_dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
+    const uint4 h = ld16(blk);  // d, dmin | scales[12]
+    const u8* qs = blk + (FIVE ? 48 : 16) + 32 * j;
+    const uint4 qa = ld16(qs), qb = ld16(qs + 16);  // positions 0..15, 16..31
+    const uint4 ha = FIVE ? ld16(blk + 16) : make_uint4(0u, 0u, 0u, 0u), hb = FIVE ? ld16(blk + 32) : ha;  // their qh
+    const int k = (e0 + 64 * j) >> 4, g = (e0 + 64 * j) >> 5;  // x chunk and group of sub-block 2j
+    const int4 xa0 = x.chunk(k), xa1 = x.chunk(k + 1), xb0 = x.chunk(k + 2), xb1 = x.chunk(k + 3);
+    const u32 m4 = 0x0F0F0F0Fu, m1b = 0x01010101u;
+    const int sl = 2 * j, sh = 2 * j + 1;
+    auto lo = [&](u32 q, u32 hh) { return (int)((q & m4) | (FIVE ? ((hh >> sl) & m1b) << 4 : 0u)); };
+    auto hi = [&](u32 q, u32 hh) { return (int)(((q >> 4) & m4) | (FIVE ? ((hh >> sh) & m1b) << 4 : 0u)); };
+    int sa = 0, sb = 0;
+    sa = dp4a(lo(qa.x, ha.x), xa0.x, sa); sa = dp4a(lo(qa.y, ha.y), xa0.y, sa);
+    sa = dp4a(lo(qa.z, ha.z), xa0.z, sa); sa = dp4a(lo(qa.w, ha.w), xa0.w, sa);
+    sa = dp4a(lo(qb.x, hb.x), xa1.x, sa); sa = dp4a(lo(qb.y, hb.y), xa1.y, sa);
+    sa = dp4a(lo(qb.z, hb.z), xa1.z, sa); sa = dp4a(lo(qb.w, hb.w), xa1.w, sa);
+    sb = dp4a(hi(qa.x, ha.x), xb0.x, sb); sb = dp4a(hi(qa.y, ha.y), xb0.y, sb);
+    sb = dp4a(hi(qa.z, ha.z), xb0.z, sb); sb = dp4a(hi(qa.w, ha.w), xb0.w, sb);
+    sb = dp4a(hi(qb.x, hb.x), xb1.x, sb); sb = dp4a(hi(qb.y, hb.y), xb1.y, sb);
+    sb = dp4a(hi(qb.z, hb.z), xb1.z, sb); sb = dp4a(hi(qb.w, hb.w), xb1.w, sb);
+    const u32 sv[3] = {h.y, h.z, h.w};
+    float sc1, m1, sc2, m2;
+    scale_min_k4(sv, 2 * j, sc1, m1);
+    scale_min_k4(sv, 2 * j + 1, sc2, m2);
+    const float4 ga = x.meta(g), gb = x.meta(g + 1);
+    return h2f_lo(h.x) * (sc1 * ga.x * (float)sa + sc2 * gb.x * (float)sb) - h2f_hi(h.x) * (m1 * ga.w + m2 * gb.w);
+}
+__device__ __forceinline__ float FmtQ4_K::dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
+    return k4_dot_q8<false>(blk, j, e0, x);
+}
+__device__ __forceinline__ float FmtQ5_K::dot_q8(const u8* blk, int j, int e0, const Q8Row& x) {
+    return k4_dot_q8<true>(blk, j, e0, x);
+}
 
 // ---- Q6_K: ql[128] | qh[64] | scales[16] (int8) | d (fp16); 210 bytes (blocks only 2-byte aligned) --
 // Per half n (128 weights): ql[64n + l] and ql[64n + 32 + l] give the low nibbles, qh[32n + l] two high

@@ -101,7 +101,7 @@ class CudaDevice(Device):
         # decode attention: per-head counters of finished splits (each step's last split resets its own)
         self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
         self._attn_counters.fill(0)
-        self._q8_formats: dict[str, bool] = {}  # format name -> has gemv_q8_<name> (_has_q8)
+        self._optional_kernels: dict[tuple[str, str], bool] = {}  # (format, kind) -> has_kernel
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
         self._healthy = True
@@ -469,7 +469,7 @@ class CudaDevice(Device):
         _check_linear(w, K, bias)
         G = min(T, GEMV_GROUP_ROWS)  # rows per launch (each row's result is the same for any grouping)
         tc = self.decode_gemv == "tc"
-        if T == 1 and self.decode_gemv == "q8" and self._has_q8(w.fmt):
+        if T == 1 and self.decode_gemv == "q8" and self.has_kernel(w.fmt, "gemv_q8"):
             y = self._gemv_q8(x, w, bias, N, K)
             if y is not None:
                 return y
@@ -547,30 +547,18 @@ class CudaDevice(Device):
                (x, i64(K), NULL, i64(0), f32(0.0), i32(GEMV_X_PLAIN), i32(K), out), pdl=True)
         return out
 
-    def has_q8_moe(self, fmt) -> bool:
-        """Whether the format's source has the int8-activation expert GEMVs (moe_gemv_glu_q8_<name>)."""
-        key = "moe:" + fmt.name
-        has = self._q8_formats.get(key)
+    def has_kernel(self, fmt, kind: str) -> bool:
+        """Whether the format's source has the kernel `<kind>_<name>` (an optional one: "gemv_q8", where its
+        plugin instantiates ORCD_QUANT_KERNELS_Q8; "moe_gemv_glu_q8", ORCD_MOE_KERNELS_Q8); looked up once."""
+        key = (fmt.name, kind)
+        has = self._optional_kernels.get(key)
         if has is None:
             try:
-                self.format_kernels(fmt).fn(f"moe_gemv_glu_q8_{fmt.name}")
+                self.format_kernels(fmt).fn(f"{kind}_{fmt.name}")
                 has = True
             except (CudaError, NotImplementedError):
                 has = False
-            self._q8_formats[key] = has
-        return has
-
-    def _has_q8(self, fmt) -> bool:
-        """Whether the format's source has an int8-activation GEMV (gemv_q8_<name>: its plugin instantiates
-        ORCD_QUANT_KERNELS_Q8 where the format defines dot_q8); looked up once per format."""
-        has = self._q8_formats.get(fmt.name)
-        if has is None:
-            try:
-                self.format_kernels(fmt).fn(f"gemv_q8_{fmt.name}")
-                has = True
-            except (CudaError, NotImplementedError):
-                has = False
-            self._q8_formats[fmt.name] = has
+            self._optional_kernels[key] = has
         return has
 
     def dequant_gemm(self, w: Weight, row0: int, N: int, K: int, x16_ptr: int, n_tok: int, y_ptr: int) -> None:

@@ -88,7 +88,8 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     if T > DECODE_MAX_T and int(dev.sm) < 80:
         raise NotImplementedError(f"moe: the grouped prefill GEMM runs on tensor cores (compute capability 8.0 "
                                   f"or later; this GPU: {dev.sm[:-1]}.{dev.sm[-1]})")
-    if T <= DECODE_MAX_T and dev.decode_gemv == "q8" and dev.has_q8_moe(gate_up.fmt) and dev.has_q8_moe(down.fmt):
+    if T <= DECODE_MAX_T and dev.decode_gemv == "q8" and all(
+            dev.has_kernel(w.fmt, k) for w, k in ((gate_up, "moe_gemv_glu_q8"), (down, "moe_down_q8"))):
         return _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, top_k, E, ACTS[act], alpha, limit)
     if T <= DECODE_MAX_T:
         P = T * top_k
