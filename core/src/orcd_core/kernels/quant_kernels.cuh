@@ -27,6 +27,9 @@
 //                    operands, fp32 sums): each row's y the same for any T. Which of the two the CUDA
 //                    device launches: backends/cuda/planner.py, decode_gemv
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
+// and ORCD_QUANT_KERNELS_Q8(NAME, F), for a format that also defines F::dot_q8 and F::Q8_PARTS (below):
+//   gemv_q8_NAME     gemv_NAME's y for one token from x quantized to int8 (quantize_q8, q8.cuh), the
+//                    weights' integer codes by dp4a
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
 #include "common.cuh"
