@@ -601,6 +601,40 @@ def test_int8_gemvs_of_one_norm_share_its_quantized_row(dev, ref, rng, monkeypat
         np.testing.assert_array_equal(g, a)
 
 
+@pytest.mark.parametrize("hd, p0", [(64, 50), (96, 50), (64, 300)], ids=["hd64", "hd96", "hd64-two-splits"])
+def test_the_attention_quantizes_the_o_projections_input(dev, ref, rng, hd, p0, monkeypatch, q8):
+    """One token on the int8 GEMVs: the decode attention writes its output's int8 row too (q8_store_warp,
+    by the head's only split or by the combine of several), so the o projection is one launch, and it
+    gives the same bits as the o projection of a copy of the output (quantize_q8, then the GEMV)."""
+    Hq, Hkv, n_ctx = 8, 2, 512
+    fmt = next(f for f in Q8_FORMATS if f.name == "Q4_K")
+    w = dev.upload_weight("wo", [tensor("wo", fmt, (256, Hq * hd), rng)], fmt)
+    gc = dev.new_kv_cache(1, n_ctx, Hkv, hd)
+    try:
+        for lo, hi in ((0, p0), (p0, p0 + 1)):
+            qkv = dev.to_device(randn(rng, hi - lo, (Hq + 2 * Hkv) * hd), "float32")
+            Tn = hi - lo
+            q = qkv[:, :Hq * hd].reshape(Tn, Hq, hd)
+            k = qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(Tn, Hkv, hd)
+            v = qkv[:, (Hq + Hkv) * hd:].reshape(Tn, Hkv, hd)
+            step = _step(dev, range(lo, hi), lo)
+            poison(dev)
+            n = _count_launches(monkeypatch)
+            out = dev.attention(q, k, v, gc, 0, step, scale=0.125)
+            if Tn > 1:
+                host(dev, out)
+                monkeypatch.undo()
+                continue
+            y = host(dev, dev.linear(out.reshape(1, Hq * hd), w))
+            assert n[0] == 3  # kv_write, attention, the GEMV: no quantize_q8
+            monkeypatch.undo()
+            copy = dev.to_device(host(dev, out).reshape(1, Hq * hd), "float32")
+            poison(dev)
+            np.testing.assert_array_equal(host(dev, dev.linear(copy, w)), y)
+    finally:
+        dev.free_kv_cache(gc)
+
+
 def test_a_deferred_op_read_by_anything_else_is_launched_first(dev, ref, rng):
     x, nw = randn(rng, 1, 256) * 3, randn(rng, 256)
     X, NW = dev.to_device(x, "float32"), dev.to_device(nw, "float32")

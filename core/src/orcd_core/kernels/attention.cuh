@@ -1,6 +1,7 @@
 // orcd-worker core kernels: attention (prefill and decode) (part of core.cu, which includes every op family).
 #pragma once
 #include "common.cuh"
+#include "q8.cuh"
 #include "kv.cuh"
 
 // ================================================================================================
@@ -388,6 +389,10 @@ ORCD_ATTN_PREFILL_TC(128)
 // 16-byte loads) and its first values (a thread per 8 dims and one of G = 128 / (hd/8) key groups, AD_VU
 // keys a group) before the query; a second round only where a split holds more keys than that.
 // hd a multiple of 8, <= AP_MAXD; AD_CHUNK_MIN, AD_CHUNK, AD_SPLITS: kernels/constants.py.
+// xq (or null; hd a multiple of 32): the output also quantized to int8 for the o projection's int8 GEMV
+// (q8.cuh; row b at xq + b q8_row_bytes(Hq hd)): whoever writes a head's output (its only split, or the
+// combine) quantizes it, a warp per group of 32 dims (q8_store_warp: the bytes quantize_q8 would write),
+// so the GEMV needs no quantize launch of its own.
 // ================================================================================================
 #define AD_VU 8
 
@@ -400,7 +405,7 @@ __device__ __forceinline__ int ad_chunk(int span) {
 }
 
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
-                                         int hh, int sh, int S, int n, int hd);
+                                         int hh, int sh, int S, int n, int hd, u8* xq_row, int K);
 
 // out = o * e / L with e = exp(m - M), L = sum * e + exp(sink - M), M = max(m, sink) over the head's
 // splits: the combine's expression for one of them (attn_decode_combine_head)
@@ -417,7 +422,8 @@ extern "C" __global__ void __launch_bounds__(128)
     attn_decode_part(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
                      int kvs, const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml,
                      int Hq, int Hkv, int hd, int n_rows, float scale, int window,
-                     unsigned int* __restrict__ counters, const float* __restrict__ sinks, float* __restrict__ out) {
+                     unsigned int* __restrict__ counters, const float* __restrict__ sinks, float* __restrict__ out,
+                     u8* __restrict__ xq) {
     __shared__ float qsh[AP_MAXD];
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
@@ -511,12 +517,18 @@ extern "C" __global__ void __launch_bounds__(128)
     accs[2 * threadIdx.x + 1] = make_float4(a[4], a[5], a[6], a[7]);
     __syncthreads();
     const float* acc = (const float*)accs;  // thread (g, t)'s dim e at acc[(g * nv + t) * 8 + e]
+    u8* const xq_row = xq ? xq + (i64)b * q8_row_bytes(Hq * hd) : nullptr;
     if (S_eff == 1) {  // (block-uniform) the head's only split: normalized here, nothing to combine
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        const int d = threadIdx.x;  // (one dim a thread: hd <= AP_MAXD <= the block's 128 threads)
+        float v = 0.0f;
+        if (d < hd) {
             float o = 0.0f;
             for (int gg = 0; gg < G; ++gg) o += acc[gg * nv * 8 + d];
-            out[(i64)hh * hd + d] = attn_decode_one_split(o, mx, sum, sinks, h);
+            v = attn_decode_one_split(o, mx, sum, sinks, h);
+            out[(i64)hh * hd + d] = v;
         }
+        if (xq_row && d < (hd & ~31))  // (warp-uniform; the launcher passes xq for hd % 32 == 0 only)
+            q8_store_warp(v, xq_row, Hq * hd, h * hd + (d & ~31));
         return;
     }
     float* po = part_o + ((i64)hh * S + s) * hd;
@@ -535,7 +547,7 @@ extern "C" __global__ void __launch_bounds__(128)
     __syncthreads();
     if (last) {
         __threadfence();
-        attn_decode_combine_head(part_o, part_ml, sinks, out, hh, h, S, S_eff, hd);
+        attn_decode_combine_head(part_o, part_ml, sinks, out, hh, h, S, S_eff, hd, xq_row, Hq * hd);
         if (threadIdx.x == 0) counters[hh] = 0u;
     }
 }
@@ -549,7 +561,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // additions depends on n and hd only (a row's result does not depend on its launch).
 // Every thread of the block calls it (block-uniform branch).
 __device__ void attn_decode_combine_head(const float* part_o, const float* part_ml, const float* sinks, float* out,
-                                         int hh, int sh, int S, int n, int hd) {
+                                         int hh, int sh, int S, int n, int hd, u8* xq_row, int K) {
     __shared__ float w[AD_MAX_SPLITS];
     __shared__ float ls[AD_MAX_SPLITS];
     __shared__ float red[32];
@@ -592,9 +604,13 @@ __device__ void attn_decode_combine_head(const float* part_o, const float* part_
     oc[threadIdx.x] = o;
     __syncthreads();
     const float* ocf = (const float*)oc;  // group gg's dim d at ocf[gg * hd + d]
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    const int d = threadIdx.x;  // (one dim a thread, as above)
+    float v = 0.0f;
+    if (d < hd) {
         float r = 0.0f;
         for (int gg = 0; gg < GS; ++gg) r += ocf[gg * hd + d];
-        out[(i64)hh * hd + d] = L > 0.0f ? r / L : 0.0f;
+        v = L > 0.0f ? r / L : 0.0f;
+        out[(i64)hh * hd + d] = v;
     }
+    if (xq_row && d < (hd & ~31)) q8_store_warp(v, xq_row, K, sh * hd + (d & ~31));  // (warp-uniform)
 }

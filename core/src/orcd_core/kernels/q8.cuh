@@ -29,3 +29,26 @@ struct Q8Row {
     __device__ __forceinline__ int4 chunk(int k) const { return q[q8_swz(k)]; }
     __device__ __forceinline__ float4 meta(int g) const { return m[g]; }
 };
+
+// A warp's 32 consecutive elements e0 + lane (lane l holds its value v; e0 a multiple of Q8_GROUP) of a row
+// of K elements quantized into the row's q8 layout at `row`: the same bytes and metas as quantize_q8 writes
+// for these values (the group's max, q = rint(v * (127 / amax)), the sums as d times exact integer sums), so
+// a GEMV reads the same row whichever wrote it. Every lane of the warp calls it.
+__device__ __forceinline__ void q8_store_warp(float v, u8* __restrict__ row, int K, int e0) {
+    const int lane = threadIdx.x & 31;
+    const float amax = warp_max(fabsf(v));
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const int q = __float2int_rn(v * id);
+    int s = q;  // the sum of this lane's half (lanes 0-15, 16-31)
+#pragma unroll
+    for (int o = 1; o < 16; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const int s_other = __shfl_xor_sync(0xffffffffu, s, 16);
+    const u32 b = (u32)q & 0xFFu;  // lane 4i packs lanes 4i .. 4i + 3
+    const u32 w = b | (__shfl_down_sync(0xffffffffu, b, 1) << 8) | (__shfl_down_sync(0xffffffffu, b, 2) << 16) |
+                  (__shfl_down_sync(0xffffffffu, b, 3) << 24);
+    if ((lane & 3) == 0) *(u32*)(row + e0 + lane) = w;
+    if (lane == 0) {
+        const float d = amax / 127.0f;
+        *(float4*)(row + K + (e0 / Q8_GROUP) * Q8_META_BYTES) = make_float4(d, d * (float)s, d * (float)s_other, d * (float)(s + s_other));
+    }
+}

@@ -507,15 +507,21 @@ class CudaDevice(Device):
         x through its input op (a deferred rms_norm or silu_mul, else as given) quantized by quantize_q8
         into the step's workspace, then the GEMV; deferred as _gemv's (a residual add is absorbed into its
         epilogue). GEMVs that read the same deferred op share its quantized row (q, k and v of one norm):
-        whichever of them launches first quantizes. None where the input is not 16-byte aligned (the
-        float path takes it)."""
+        whichever of them launches first quantizes; an x written together with its int8 row (a "q8row"
+        record: the decode attention's output) needs no quantize at all. None where the input is not
+        16-byte aligned (the float path takes it)."""
         t = w.data
-        mode, src, s_src, aux, s_aux, eps, rec = self._gemv_input(x, 1, K, False)
-        if src.data.ptr % 16 or (aux is not NULL and aux.data.ptr % 16):
-            return None
-        shared = rec.args.setdefault("q8", {}) if rec is not None else {}
-        if "xq" not in shared:
-            shared["xq"] = self.step_array((q8_row_bytes(K),), np.uint8)
+        pre = self.deferred.same_memory(x, "q8row")  # x written together with its int8 row (the attention)
+        if pre is not None:
+            mode, src, s_src, aux, s_aux, eps = GEMV_X_PLAIN, x, K, NULL, 0, 0.0
+            shared = {"xq": pre.args["xq"], "ready": True}
+        else:
+            mode, src, s_src, aux, s_aux, eps, rec = self._gemv_input(x, 1, K, False)
+            if src.data.ptr % 16 or (aux is not NULL and aux.data.ptr % 16):
+                return None
+            shared = rec.args.setdefault("q8", {}) if rec is not None else {}
+            if "xq" not in shared:
+                shared["xq"] = self.step_array((q8_row_bytes(K),), np.uint8)
         xq = shared["xq"]
         if mode == GEMV_X_RMS:  # one block a row: the norm's sum over all of K
             qgrid, qthreads = (1, 1), min(1024, -(-K // 128) * 32)
@@ -714,9 +720,15 @@ class CudaDevice(Device):
             if T * Hq > MAX_HEADS:
                 raise NotImplementedError(f"attention: {T} rows of {Hq} query heads (at most {MAX_HEADS} in all)")
             part_o, part_ml = self._attn_partials(T, Hq * S, hd, room=Hq * S_room)
+            # one token on the int8 GEMVs: the output quantized by the attention itself for the o
+            # projection (a "q8row" record: _gemv_q8 takes it instead of launching quantize_q8)
+            xq = (self.step_array((T, q8_row_bytes(Hq * hd)), np.uint8)
+                  if T == 1 and self.decode_gemv == "q8" and hd % 32 == 0 else NULL)
             launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    f32(scale), i32(window), self._attn_counters, sk, out))
+                    f32(scale), i32(window), self._attn_counters, sk, out, xq))
+            if xq is not NULL:
+                self.deferred.defer("q8row", out, lambda _: None, xq=xq)
         elif prefill_attention_tc(int(self.sm), hd):
             smem = prefill_attention_tc_smem(hd)
             launch(self.core.fn(f"attn_prefill_tc_{hd}", max_dynamic_smem=smem), (_blocks(T, AP_TC_QT), Hq), (128,),

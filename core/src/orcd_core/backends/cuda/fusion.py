@@ -26,7 +26,7 @@ class Deferred:
     """One deferred op: `out` is its unwritten output, `launch(out)` writes it; `kind` and `args`
     describe it to the consumers that can absorb it."""
 
-    kind: str  # "rms_norm" | "silu_mul" | "gemv" | "rope"
+    kind: str  # "rms_norm" | "silu_mul" | "gemv" | "rope" | "q8row" (written; args["xq"]: its int8 twin)
     out: Any  # cupy.ndarray
     launch: Callable[[Any], None]
     args: dict = field(default_factory=dict)
@@ -55,6 +55,16 @@ class DeferredOps:
             return None
         for d in self._pending:
             if d.lo == ptr and d.kind == kind and d.out.size == x.size and d.out.shape == x.shape:
+                return d
+        return None
+
+    def same_memory(self, x, kind: str) -> Deferred | None:
+        """The record of `kind` whose output is x's memory, whatever x's shape (a reshaped view of it)."""
+        ptr = _ptr(x) if self._pending else None
+        if ptr is None:
+            return None
+        for d in self._pending:
+            if d.kind == kind and d.lo == ptr and d.hi == ptr + int(x.nbytes):
                 return d
         return None
 
