@@ -580,6 +580,41 @@ def test_int8_activation_gemv(dev, ref, rng, fmt, mode, N, monkeypatch, q8):
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("mode", ["plain", "rms", "silu"])
+@pytest.mark.parametrize("fmt", Q8_FORMATS, ids=lambda f: f.name)
+def test_int8_gemv_rows_do_not_depend_on_the_batch(dev, ref, rng, fmt, mode, q8):
+    """gemv_q8_t8_* over T = 3 and 8 rows: each row's output bitwise that of the row alone (gemv_q8_*), so
+    a sequence decodes the same alone or batched on the int8 GEMVs; and within 1e-3 of float64 with x
+    rounded as quantize_q8 rounds it."""
+    qk = max(fmt.block_size, 32)
+    N, K = 301, 12 * qk if qk > 32 else 28 * qk
+    t = tensor("w", fmt, (N, K), rng)
+    w = dev.upload_weight("w", [t], fmt)
+    W = dequant(t)
+    T = 8
+    if mode == "silu":
+        gu = randn(rng, T, 2 * K) * 2
+        xin = ref.silu_mul(gu[:, :K], gu[:, K:]).astype(np.float64)
+        GU = dev.to_device(gu, "float32")
+        make = lambda r: dev.silu_mul(GU[r, :K], GU[r, K:])  # noqa: E731
+    else:
+        x, nw = randn(rng, T, K) * 3, randn(rng, K)
+        X, NW = dev.to_device(x, "float32"), dev.to_device(nw, "float32")
+        xin = (ref.rms_norm(x, nw, 1e-6) if mode == "rms" else x).astype(np.float64)
+        make = (lambda r: dev.rms_norm(X[r], NW, 1e-6)) if mode == "rms" else (lambda r: X[r])  # noqa: E731
+    alone = []
+    for i in range(T):
+        poison(dev)
+        alone.append(host(dev, dev.linear(make(slice(i, i + 1)), w))[0])
+    for n in (3, T):
+        poison(dev)
+        got = host(dev, dev.linear(make(slice(0, n)), w))
+        for i in range(n):
+            np.testing.assert_array_equal(got[i], alone[i], err_msg=f"row {i} of {n}")
+    want_q = _q8_rounded(xin) @ W.T
+    assert rel_l2(np.stack(alone), want_q) <= 1e-3
+
+
 def test_int8_gemvs_of_one_norm_share_its_quantized_row(dev, ref, rng, monkeypatch, q8):
     """q, k and v of one deferred norm: one quantize_q8 and three GEMVs, each as its own launch alone."""
     fmt = next(f for f in Q8_FORMATS if f.name == "Q5_0")

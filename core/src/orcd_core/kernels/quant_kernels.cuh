@@ -29,7 +29,8 @@
 //   dequant_f16_NAME out[n, k] = W[row0 + n, k] as fp16            the prefill GEMM's operand
 // and ORCD_QUANT_KERNELS_Q8(NAME, F), for a format that also defines F::dot_q8 and F::Q8_PARTS (below):
 //   gemv_q8_NAME     gemv_NAME's y for one token from x quantized to int8 (quantize_q8, q8.cuh), the
-//                    weights' integer codes by dp4a
+//                    weights' integer codes by dp4a; gemv_q8_t8_NAME the same for T <= GEMV_MAX_T tokens,
+//                    each row's y as gemv_q8_NAME computes a lone token's
 //   get_rows_NAME    out[t, k] = W[ids[t], k] as float32           embedding gather
 #pragma once
 #include "common.cuh"
@@ -527,14 +528,15 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 // gemv_impl). Launched early (PDL): the warp's weights are requested into L2 while the kernel ahead
 // (quantize_q8) runs; its x only after.
 // ================================================================================================
-template <class F>
+template <class F, int MAXT>
 __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_bytes, const u8* __restrict__ xq,
                                              float* __restrict__ y, const float* __restrict__ bias, int N, int K,
-                                             int R, const float* __restrict__ res) {
+                                             int T, int R, const float* __restrict__ res) {
     extern __shared__ int4 x8[];
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * R;
     const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
+    const int nt = MAXT == 1 ? 1 : T;                // tokens (rows of x and y)
     pdl_trigger();
     {
         const u8* wb = W + (i64)row0 * row_bytes;
@@ -542,36 +544,58 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
         for (i64 o = (i64)lane * 128; o < nbytes; o += 32 * 128) prefetch_l2(wb + o);
     }
     pdl_wait();
-    const int nq = K >> 4, nu = nq + K / Q8_GROUP;  // 16-byte units: the int8 chunks, then the metas
-    for (int u = threadIdx.x; u < nu; u += blockDim.x) cp_async16(x8 + (u < nq ? q8_swz(u) : u), xq + 16 * (i64)u);
+    // 16-byte units of a quantized row: the int8 chunks, then the metas (q8_row_bytes(K) = 16 nu: the
+    // tokens' rows follow each other in global and in shared memory)
+    const int nq = K >> 4, nu = nq + K / Q8_GROUP;
+    for (int u = threadIdx.x; u < nt * nu; u += blockDim.x) {
+        const int t = u / nu, w = u - t * nu;
+        cp_async16(x8 + t * nu + (w < nq ? q8_swz(w) : w), xq + 16 * (i64)u);
+    }
     cp_async_wait_all();
     __syncthreads();
-    const Q8Row xr{x8, (const float4*)(x8 + nq)};
     const int NP = (K / F::QK) * F::Q8_PARTS;  // parts of a row
     for (int r = 0; r < nr; ++r) {  // (nr is the same for the warp's lanes: the shuffles below see all of them)
         const u8* __restrict__ wr = W + (i64)(row0 + r) * row_bytes;
-        float a = 0.0f;
-#pragma unroll 2
+        float a[MAXT];
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) a[t] = 0.0f;
+#pragma unroll(MAXT == 1 ? 2 : 1)  // (the batched kernel's body is MAXT dots: unrolled, its code doubles)
         for (int p = (lane - r * NP) & 31; p < NP; p += 32) {  // flat index r * NP + p = lane (mod 32)
             const int b = p / F::Q8_PARTS;
-            a += F::dot_q8(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK, xr);
+            // each token's sum by the same expressions in the same order as a lone token's: a row's value
+            // does not depend on how many tokens share the launch (the weights' loads and decode are
+            // common subexpressions of the tokens' dots)
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t)
+                if (t < nt)
+                    a[t] += F::dot_q8(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK,
+                                      Q8Row{x8 + t * nu, (const float4*)(x8 + t * nu + nq)});
         }
-        a = warp_sum(a);
-        if (lane == 0) {
-            const int o = row0 + r;
-            const float v = a + (bias ? bias[o] : 0.0f);
-            y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
+#pragma unroll
+        for (int t = 0; t < MAXT; ++t) {
+            const float s = warp_sum(a[t]);
+            if (lane == 0 && t < nt) {
+                const i64 o = (i64)t * N + row0 + r;
+                const float v = s + (bias ? bias[row0 + r] : 0.0f);
+                y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
+            }
         }
     }
 }
 
-// The int8-activation GEMV of a format with F::dot_q8 (a quant plugin's .cu, beside ORCD_QUANT_KERNELS).
-// Dynamic shared memory: q8_row_bytes(K).
+// The int8-activation GEMVs of a format with F::dot_q8 (a quant plugin's .cu, beside ORCD_QUANT_KERNELS):
+// gemv_q8_NAME one token, gemv_q8_t8_NAME up to GEMV_MAX_T (each row's values those of a lone token).
+// Dynamic shared memory: T q8_row_bytes(K).
 #define ORCD_QUANT_KERNELS_Q8(NAME, F)                                                                       \
     extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
         gemv_q8_##NAME(const u8* W, i64 row_bytes, const u8* xq, float* y, const float* bias, int N, int K,  \
-                       int R, const float* res) {                                                            \
-        gemv_q8_impl<F>(W, row_bytes, xq, y, bias, N, K, R, res);                                            \
+                       int T, int R, const float* res) {                                                     \
+        gemv_q8_impl<F, 1>(W, row_bytes, xq, y, bias, N, K, 1, R, res);                                      \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
+        gemv_q8_t8_##NAME(const u8* W, i64 row_bytes, const u8* xq, float* y, const float* bias, int N,      \
+                          int K, int T, int R, const float* res) {                                           \
+        gemv_q8_impl<F, GEMV_MAX_T>(W, row_bytes, xq, y, bias, N, K, T, R, res);                             \
     }
 
 #define ORCD_QUANT_KERNELS(NAME, F)                                                                          \

@@ -423,13 +423,15 @@ class CudaDevice(Device):
                (t.data, i64(t.row_bytes), ids, out, i32(t.rows), i32(t.cols)))
         return out
 
-    def _gemv_input(self, x, T: int, K: int, tc: bool):
+    def _gemv_input(self, x, T: int, K: int, tc: bool, staged: bool = True):
         """(mode, x, x row stride, aux, aux row stride, eps, record) of a decode GEMV over the T rows of x:
         a deferred rms_norm (all of T x K staged at once, within the kernel's budget; the tensor-core
         kernel stages the norm weight too) or silu_mul producing x is fused into the GEMV's staging
-        instead of being launched (`record`: that deferred op; None for a plain x)."""
+        instead of being launched (`record`: that deferred op; None for a plain x). `staged` False: the
+        consumer is quantize_q8, which takes the norm for any T and K (no staging budget)."""
         d = self.deferred.exact(x, "rms_norm")
-        if d is not None and (4 * stage_vectors(GEMV_X_RMS, T) * K <= XS_TC_MAX_BYTES if tc else 4 * T * K <= XS_MAX_BYTES):
+        fits = (not staged or (4 * stage_vectors(GEMV_X_RMS, T) * K <= XS_TC_MAX_BYTES if tc else 4 * T * K <= XS_MAX_BYTES))
+        if d is not None and fits:
             return GEMV_X_RMS, d.args["x"], K, d.args["weight"], 0, d.args["eps"], d
         d = self.deferred.exact(x, "silu_mul")
         if d is not None:
@@ -469,7 +471,7 @@ class CudaDevice(Device):
         _check_linear(w, K, bias)
         G = min(T, GEMV_GROUP_ROWS)  # rows per launch (each row's result is the same for any grouping)
         tc = self.decode_gemv == "tc"
-        if T == 1 and self.decode_gemv == "q8" and self.has_kernel(w.fmt, "gemv_q8"):
+        if self.decode_gemv == "q8" and self.has_kernel(w.fmt, "gemv_q8"):
             y = self._gemv_q8(x, w, bias, N, K)
             if y is not None:
                 return y
@@ -503,33 +505,36 @@ class CudaDevice(Device):
         return self.deferred.defer("gemv", self.step_array((T, N)), run)
 
     def _gemv_q8(self, x, w: Weight, bias, N: int, K: int):
-        """The one-token decode linear on the int8-activation GEMV (gemv_q8_*, planner.decode_gemv "q8"):
-        x through its input op (a deferred rms_norm or silu_mul, else as given) quantized by quantize_q8
-        into the step's workspace, then the GEMV; deferred as _gemv's (a residual add is absorbed into its
-        epilogue). GEMVs that read the same deferred op share its quantized row (q, k and v of one norm):
-        whichever of them launches first quantizes; an x written together with its int8 row (a "q8row"
-        record: the decode attention's output) needs no quantize at all. None where the input is not
-        16-byte aligned (the float path takes it)."""
+        """The decode linear of T <= GEMV_MAX_T rows on the int8-activation GEMV (gemv_q8_* for one row,
+        gemv_q8_t8_* for more: each row's values as a lone row's; planner.decode_gemv "q8"): x through its
+        input op (a deferred rms_norm or silu_mul, else as given) quantized by quantize_q8 into the step's
+        workspace, then the GEMV; deferred as _gemv's (a residual add is absorbed into its epilogue). GEMVs
+        that read the same deferred op share its quantized rows (q, k and v of one norm): whichever of them
+        launches first quantizes; an x written together with its int8 rows (a "q8row" record: the decode
+        attention's output) needs no quantize at all. None where the input is not 16-byte aligned (the
+        float path takes it)."""
         t = w.data
-        pre = self.deferred.same_memory(x, "q8row")  # x written together with its int8 row (the attention)
+        T = int(x.shape[0])
+        pre = self.deferred.same_memory(x, "q8row")  # x written together with its int8 rows (the attention)
         if pre is not None:
             mode, src, s_src, aux, s_aux, eps = GEMV_X_PLAIN, x, K, NULL, 0, 0.0
             shared = {"xq": pre.args["xq"], "ready": True}
         else:
-            mode, src, s_src, aux, s_aux, eps, rec = self._gemv_input(x, 1, K, False)
-            if src.data.ptr % 16 or (aux is not NULL and aux.data.ptr % 16):
+            mode, src, s_src, aux, s_aux, eps, rec = self._gemv_input(x, T, K, False, staged=False)
+            if (src.data.ptr % 16 or (aux is not NULL and aux.data.ptr % 16)
+                    or (T > 1 and (s_src % 4 or s_aux % 4))):
                 return None
             shared = rec.args.setdefault("q8", {}) if rec is not None else {}
             if "xq" not in shared:
-                shared["xq"] = self.step_array((q8_row_bytes(K),), np.uint8)
+                shared["xq"] = self.step_array((T, q8_row_bytes(K)), np.uint8)
         xq = shared["xq"]
         if mode == GEMV_X_RMS:  # one block a row: the norm's sum over all of K
-            qgrid, qthreads = (1, 1), min(1024, -(-K // 128) * 32)
+            qgrid, qthreads = (1, T), min(1024, -(-K // 128) * 32)
         else:
-            qgrid, qthreads = (_blocks(K // 4, Q8_QUANT_THREADS), 1), Q8_QUANT_THREADS
+            qgrid, qthreads = (_blocks(K // 4, Q8_QUANT_THREADS), T), Q8_QUANT_THREADS
         quantize = self.core.fn("quantize_q8")
-        smem = q8_row_bytes(K)
-        fn = self.format_kernels(w.fmt).fn(f"gemv_q8_{w.fmt.name}", max_dynamic_smem=smem)
+        smem = T * q8_row_bytes(K)
+        fn = self.format_kernels(w.fmt).fn(f"gemv_q8{'' if T == 1 else '_t8'}_{w.fmt.name}", max_dynamic_smem=smem)
         R = _q8_rows_per_warp(N, K)
         grid = (_blocks(N, Q8_WARPS * R),)
         b = bias if bias is not None else NULL
@@ -539,10 +544,10 @@ class CudaDevice(Device):
                 launch(quantize, qgrid, (qthreads,), (src, i64(s_src), aux, i64(s_aux), f32(eps), i32(mode), i32(K), xq),
                        pdl=True)
                 shared["ready"] = True
-            launch(fn, grid, (32 * Q8_WARPS,), (t.data, i64(t.row_bytes), xq, y, b, i32(N), i32(K), i32(R), res),
+            launch(fn, grid, (32 * Q8_WARPS,), (t.data, i64(t.row_bytes), xq, y, b, i32(N), i32(K), i32(T), i32(R), res),
                    shared_mem=smem, pdl=True)
 
-        return self.deferred.defer("gemv", self.step_array((1, N)), run)
+        return self.deferred.defer("gemv", self.step_array((T, N)), run)
 
     def quantize_rows(self, x, T: int, K: int, out=None):
         """The T rows of x (contiguous float32 [T, K]) quantized to int8 by quantize_q8 (q8.cuh rows, into
@@ -720,10 +725,10 @@ class CudaDevice(Device):
             if T * Hq > MAX_HEADS:
                 raise NotImplementedError(f"attention: {T} rows of {Hq} query heads (at most {MAX_HEADS} in all)")
             part_o, part_ml = self._attn_partials(T, Hq * S, hd, room=Hq * S_room)
-            # one token on the int8 GEMVs: the output quantized by the attention itself for the o
+            # decode rows on the int8 GEMVs: the output quantized by the attention itself for the o
             # projection (a "q8row" record: _gemv_q8 takes it instead of launching quantize_q8)
             xq = (self.step_array((T, q8_row_bytes(Hq * hd)), np.uint8)
-                  if T == 1 and self.decode_gemv == "q8" and hd % 32 == 0 else NULL)
+                  if self.decode_gemv == "q8" and hd % 32 == 0 else NULL)
             launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     f32(scale), i32(window), self._attn_counters, sk, out, xq))

@@ -152,8 +152,9 @@ def prefill_attention_tc_smem(hd: int) -> int:
 
 
 # ---- the decode GEMV (CudaDevice._gemv) ---------------------------------------------------------------
-# gemv_tc_* (tensor cores, sm_80 on) | gemv_/gemv_t4_/gemv_t8_* (FMA per weight) | q8: one-token rows through
-# quantize_q8 and gemv_q8_* (int8 x, dp4a) where the weight's format has them, the rest as ffma
+# gemv_tc_* (tensor cores, sm_80 on) | gemv_/gemv_t4_/gemv_t8_* (FMA per weight) | q8: rows through quantize_q8
+# and gemv_q8_* / gemv_q8_t8_* (int8 x, dp4a; a row's values alone or batched the same) where the weight's
+# format has them, the rest as ffma
 DECODE_GEMVS = ("tc", "ffma", "q8")
 
 
