@@ -146,7 +146,7 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
     moe_down_store(acc, bad, ids, wts, bias, out, t, n, N, k, E);
 }
 
-// ---- the int8-activation expert GEMVs (a one-sequence engine's decode: decode_gemv "q8") ---------------
+// ---- the int8-activation expert GEMVs (the decode of decode_gemv "q8", one row or a batch) ------------
 // As moe_gemv_glu / moe_down for a format with F::dot_q8 (quant_kernels.cuh gemv_q8_impl): the activations
 // quantized to int8 by quantize_q8 (q8.cuh rows: x per token, a per pair), each block stages the rows it
 // reads, a warp takes one output row and its lanes the flat list of (row or slot, part), dp4a products.
@@ -191,7 +191,7 @@ __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i
         for (int f = lane; f < 2 * NP; f += 32) {  // gate's parts, then up's
             const bool up = f >= NP;
             const int q = up ? f - NP : f, b = q / F::Q8_PARTS;
-            const float v = F::dot_q8((up ? ru : rg) + (i64)b * F::TS, q - b * F::Q8_PARTS, b * F::QK, xr);
+            const float v = dot_q8_one<F>((up ? ru : rg) + (i64)b * F::TS, q - b * F::Q8_PARTS, b * F::QK, xr);
             if (up) au += v; else ag += v;
         }
     }
@@ -232,8 +232,8 @@ __device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 r
         const u8* row = rows[0];  // rows[s], selected (an indexed register array would go to local memory)
 #pragma unroll
         for (int r = 1; r < MOE_MAX_K; ++r) row = r == s ? rows[r] : row;
-        const float v = F::dot_q8(row + (i64)b * F::TS, q - b * F::Q8_PARTS, b * F::QK,
-                                  Q8Row{xs, (const float4*)(xs + (K >> 4))});
+        const float v = dot_q8_one<F>(row + (i64)b * F::TS, q - b * F::Q8_PARTS, b * F::QK,
+                                      Q8Row{xs, (const float4*)(xs + (K >> 4))});
 #pragma unroll
         for (int r = 0; r < MOE_MAX_K; ++r) acc[r] += r == s ? v : 0.0f;
         q += 32;

@@ -5,20 +5,28 @@
 // ggml-common.h. In the 4/5-bit types byte j holds weight j (low nibble) and weight j + 16 (high nibble).
 #include "quant_kernels.cuh"
 
-// The int8-activation GEMVs' sum of q x_q over a 32-weight block of 4-bit codes (q[c]'s low nibbles are
-// weights 4c.., its high nibbles 16 + 4c..; `hi5` merges fifth bits into bit 4 of each byte, or none):
-// 8 dp4a against the block's two x chunks.
+// The int8-activation GEMVs' codes of a 32-weight block of 4-bit codes as dp4a takes them: lo[c] weights
+// 4c .. 4c + 3 (q[c]'s low nibbles), hi[c] weights 16 + 4c .. (its high nibbles); FIVE merges the fifth
+// bits of qh into bit 4 of each byte.
 template <bool FIVE>
-__device__ __forceinline__ int dot_q4x8(const u32 q[4], u32 qh, int e0, const Q8Row& x) {
+__device__ __forceinline__ void codes_q4x8(const u32 q[4], u32 qh, u32 lo[4], u32 hi[4]) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        lo[c] = (q[c] & 0x0F0F0F0Fu) | (FIVE ? bits4_to_bytes_bit4(qh >> (4 * c)) : 0u);
+        hi[c] = ((q[c] >> 4) & 0x0F0F0F0Fu) | (FIVE ? bits4_to_bytes_bit4(qh >> (16 + 4 * c)) : 0u);
+    }
+}
+
+// sum q x_q over a 32-weight block of codes in that order (lo: elements 0..15, hi: 16..31; a[c], b[c]
+// each four bytes): 8 dp4a against the block's two x chunks
+__device__ __forceinline__ int dot_codes8(const u32 a[4], const u32 b[4], int e0, const Q8Row& x) {
     const int4 xa = x.chunk(e0 >> 4), xb = x.chunk((e0 >> 4) + 1);
     const int wa[4] = {xa.x, xa.y, xa.z, xa.w}, wb[4] = {xb.x, xb.y, xb.z, xb.w};
     int s = 0;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        const u32 lo = (q[c] & 0x0F0F0F0Fu) | (FIVE ? bits4_to_bytes_bit4(qh >> (4 * c)) : 0u);               // 4c ..
-        const u32 hi = ((q[c] >> 4) & 0x0F0F0F0Fu) | (FIVE ? bits4_to_bytes_bit4(qh >> (16 + 4 * c)) : 0u);  // 16 + 4c ..
-        s = dp4a((int)lo, wa[c], s);
-        s = dp4a((int)hi, wb[c], s);
+        s = dp4a((int)a[c], wa[c], s);
+        s = dp4a((int)b[c], wb[c], s);
     }
     return s;
 }
@@ -40,11 +48,17 @@ struct FmtQ4_0 {
     }
     // The int8-activation GEMV's part (the whole block): w = d (q - 8), so sum w x = d (d_x sum(q x_q) - 8 s).
     static constexpr int Q8_PARTS = 1;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
-        u32 q[4];
+    template <int NT>
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+        u32 q[4], lo[4], hi[4];
         ld16_a2(blk + 2, q);
-        const float4 gm = x.meta(e0 >> 5);
-        return h2f(ld2(blk)) * fmaf(gm.x, (float)dot_q4x8<false>(q, 0u, e0, x), -8.0f * gm.w);
+        codes_q4x8<false>(q, 0u, lo, hi);
+        const float d = h2f(ld2(blk));
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float4 gm = x[t].meta(e0 >> 5);
+            out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -8.0f * gm.w);
+        }
     }
 };
 
@@ -66,12 +80,18 @@ struct FmtQ4_1 {
     }
     // The int8-activation GEMV's part (the whole block): w = d q + m, so sum w x = d d_x sum(q x_q) + m s.
     static constexpr int Q8_PARTS = 1;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
-        u32 q[4];
+    template <int NT>
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+        u32 q[4], lo[4], hi[4];
         ld16_a4(blk + 4, q);
+        codes_q4x8<false>(q, 0u, lo, hi);
         const u32 dm = ld4(blk);
-        const float4 gm = x.meta(e0 >> 5);
-        return h2f_lo(dm) * (gm.x * (float)dot_q4x8<false>(q, 0u, e0, x)) + h2f_hi(dm) * gm.w;
+        const float d = h2f_lo(dm), m = h2f_hi(dm);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float4 gm = x[t].meta(e0 >> 5);
+            out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
+        }
     }
 };
 
@@ -100,12 +120,17 @@ struct FmtQ5_0 {
     // The int8-activation GEMV's part (the whole block): the 5-bit codes merged into bytes as item() does,
     // 8 dp4a; w = d (q - 16), so sum w x = d (d_x sum(q x_q) - 16 s).
     static constexpr int Q8_PARTS = 1;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
-        u32 q[4];
+    template <int NT>
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+        u32 q[4], lo[4], hi[4];
         ld16_a2(blk + 6, q);
-        const u32 qh = (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16);
-        const float4 gm = x.meta(e0 >> 5);
-        return h2f(ld2(blk)) * fmaf(gm.x, (float)dot_q4x8<true>(q, qh, e0, x), -16.0f * gm.w);
+        codes_q4x8<true>(q, (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16), lo, hi);
+        const float d = h2f(ld2(blk));
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float4 gm = x[t].meta(e0 >> 5);
+            out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -16.0f * gm.w);
+        }
     }
 };
 
@@ -127,12 +152,18 @@ struct FmtQ5_1 {
     }
     // The int8-activation GEMV's part (the whole block): w = d q + m (5-bit q), as Q4_1's.
     static constexpr int Q8_PARTS = 1;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
-        u32 q[4];
+    template <int NT>
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+        u32 q[4], lo[4], hi[4];
         ld16_a4(blk + 8, q);
-        const u32 dm = ld4(blk), qh = ld4(blk + 4);
-        const float4 gm = x.meta(e0 >> 5);
-        return h2f_lo(dm) * (gm.x * (float)dot_q4x8<true>(q, qh, e0, x)) + h2f_hi(dm) * gm.w;
+        codes_q4x8<true>(q, ld4(blk + 4), lo, hi);
+        const u32 dm = ld4(blk);
+        const float d = h2f_lo(dm), m = h2f_hi(dm);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const float4 gm = x[t].meta(e0 >> 5);
+            out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
+        }
     }
 };
 
@@ -158,15 +189,14 @@ struct FmtQ8_0 {
     }
     // The int8-activation GEMV's part (the whole block): 8 dp4a of the int8 codes; sum w x = d d_x sum(q x_q).
     static constexpr int Q8_PARTS = 1;
-    __device__ static __forceinline__ float dot_q8(const u8* blk, int, int e0, const Q8Row& x) {
+    template <int NT>
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
         u32 a[4], b[4];
         ld16_a2(blk + 2, a);
         ld16_a2(blk + 18, b);
-        const int4 xa = x.chunk(e0 >> 4), xb = x.chunk((e0 >> 4) + 1);
-        int s = 0;
-        s = dp4a((int)a[0], xa.x, s); s = dp4a((int)a[1], xa.y, s); s = dp4a((int)a[2], xa.z, s); s = dp4a((int)a[3], xa.w, s);
-        s = dp4a((int)b[0], xb.x, s); s = dp4a((int)b[1], xb.y, s); s = dp4a((int)b[2], xb.z, s); s = dp4a((int)b[3], xb.w, s);
-        return h2f(ld2(blk)) * (x.meta(e0 >> 5).x * (float)s);
+        const float d = h2f(ld2(blk));
+#pragma unroll
+        for (int t = 0; t < NT; ++t) out[t] = d * (x[t].meta(e0 >> 5).x * (float)dot_codes8(a, b, e0, x[t]));
     }
 };
 
