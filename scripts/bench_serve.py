@@ -295,8 +295,8 @@ def cancel_latency(url, n_words, reps=5):
 
 
 def in_process_tg(model, backend, n, max_batch):
-    """`orcd-worker bench` tg of one sequence in an engine of the served worker's --max-batch (which
-    picks the decode kernels on the GPU, so the two figures run the same ones)."""
+    """`orcd-worker bench` tg of one sequence in an engine of the served worker's --max-batch (its
+    graphs and caches sized as the worker's, so the two figures run the same step)."""
     try:
         r = subprocess.run([*WORKER, "bench", model, "--backend", backend, "-p", "0", "-n", str(n), "-r", "3",
                             "--max-batch", str(max_batch), "--json"], capture_output=True, text=True, check=True)

@@ -148,7 +148,7 @@ def main() -> int:
                          "llama": llama(exe, path, args.repetitions, args.batch)}
         print(f"{arch}: done {json.dumps(results[arch])}", file=sys.stderr)  # (kept if a later model fails)
     print(f"\nGPU: {gpu}; orcd-worker bench --backend cuda -r {args.repetitions} (median; one sequence: an "
-          f"engine of max batch 1, the one-row GEMVs; B sequences: max batch B, the tensor-core GEMVs); "
+          f"engine of max batch 1; B sequences: max batch B; both on the int8-activation GEMVs); "
           f"llama-bench -ngl 99 -fa 1 -r {args.repetitions} (mean), build "
           f"{next(iter(results.values()))['llama'].get('build', '?')}, {' '.join(LLAMA_CMAKE[:2])}"
           + (f"; tg128x{args.batch}: {args.batch} sequences together (orcd bench -b {args.batch}; "

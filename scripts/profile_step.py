@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time every decode GEMV (one row and the batched step's) cold at each split it can take")
     ap.add_argument("--batch", type=int, default=8, help="also profile a batched decode step of this many rows (8)")
     ap.add_argument("--max-batch", type=int, default=None,
-                    help="the engine's capacity, as `serve --max-batch` (default: --batch); it picks the decode GEMV")
+                    help="the engine's capacity, as `serve --max-batch` (default: --batch)")
     args = ap.parse_args()
 
     from orcd_core.backends.cuda import kernels as K

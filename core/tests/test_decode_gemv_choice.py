@@ -11,19 +11,18 @@ from orcd_core.backends.cuda.planner import (DECODE_GEMVS, decode_gemv, gemv_tc_
 from orcd_core.kernels.constants import GEMV_TC_WARPS
 
 
-def test_an_engine_that_batches_uses_the_tensor_cores_one_that_does_not_the_int8_kernels():
-    assert decode_gemv(90, 8) == "tc" and decode_gemv(80, 2) == "tc"
-    assert decode_gemv(90, 1) == "q8" and decode_gemv(75, 1) == "q8"  # one row alone (docs/perf-notes.md)
-    assert decode_gemv(75, 8) == "ffma"  # no tf32 tensor cores before sm_80
+def test_every_engine_decodes_on_the_int8_kernels_alone_or_batched():
+    # one kind for one row and a batch: a row's bits do not depend on the rows beside it (docs/perf-notes.md)
+    assert decode_gemv(90) == "q8" and decode_gemv(80) == "q8" and decode_gemv(75) == "q8"
 
 
 def test_the_override_names_a_kernel_the_gpu_has():
-    assert decode_gemv(90, 8, "ffma") == "ffma" and decode_gemv(90, 1, "tc") == "tc"
+    assert decode_gemv(90, "ffma") == "ffma" and decode_gemv(90, "tc") == "tc"
     with pytest.raises(ValueError, match="one of tc, ffma, q8"):
-        decode_gemv(90, 8, "fast")
+        decode_gemv(90, "fast")
     with pytest.raises(ValueError, match="compute capability 8.0"):
-        decode_gemv(75, 8, "tc")
-    assert decode_gemv(90, 1, "q8") == "q8"
+        decode_gemv(75, "tc")
+    assert decode_gemv(75, "ffma") == "ffma"
     assert set(DECODE_GEMVS) == {"tc", "ffma", "q8"}
 
 

@@ -54,7 +54,7 @@ def test_bench_missing_file_is_one_line_error(tmp_path, capsys):
 
 
 def test_bench_max_batch_is_the_engines_capacity(tiny_model, capsys):
-    """--max-batch sizes the engine as `serve --max-batch` does (on the GPU it picks the decode kernels),
+    """--max-batch sizes the engine as `serve --max-batch` does (its caches and decode graphs),
     B by default; one below B is refused with one line."""
     assert main(["bench", str(tiny_model), "--backend", "reference", "-p", "0", "-n", "2", "-r", "1", "-b", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -93,7 +93,7 @@ def test_moe_decode_path_matches_reference(dev, ref, experts, act, T):
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_moe_decode_on_the_int8_expert_gemvs(dev, ref, experts, T):
-    """A one-sequence engine's decode (decode_gemv "q8"): x and the GLU output quantized to int8 per 32
+    """The decode on decode_gemv "q8" (the default): x and the GLU output quantized to int8 per 32
     (quantize_q8), moe_gemv_glu_q8 / moe_down_q8 by dp4a. Each rounding moves an element by up to 1/254
     of its group's largest |value| (~0.5-1% relative L2 each on random data, more on the GLU's heavy
     tails): within 3e-2 of the reference, per token too; a wrong sign, code or element order would be

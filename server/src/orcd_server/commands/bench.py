@@ -41,9 +41,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("-b", "--batch", type=int, default=1, metavar="B",
                         help=f"sequences decoded together in tg (1..{MAX_BATCH}; tok/s counts all of them)")
     parser.add_argument("--max-batch", type=int, default=None, metavar="M",
-                        help="sequences the engine can decode together, as `serve --max-batch` (default: B). "
-                             "On the GPU it picks the decode kernels (docs/cuda-backend.md): 1 keeps the "
-                             "one-row kernels, more the batch-invariant tensor-core ones, also for one row")
+                        help="sequences the engine can decode together, as `serve --max-batch` (default: B): "
+                             "its caches and decode graphs, so that `-b 1 --max-batch 8` measures a lone "
+                             "stream of a served worker")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",
                         help="KV caches of N positions, as a served worker's (`serve --max-context`, else the "
                              "model's context); default: the positions the test needs. The decode attention's "

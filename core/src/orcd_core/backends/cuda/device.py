@@ -83,7 +83,7 @@ class CudaDevice(Device):
         self.sm = f"{props['major']}{props['minor']}"
         self.n_sm = int(props["multiProcessorCount"])
         self.cuda_runtime_version = int(cupy.cuda.runtime.runtimeGetVersion())
-        self.decode_gemv = self._decode_gemv(1)  # (prepare_load chooses for the engine's sequences)
+        self.decode_gemv = self._decode_gemv()
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.stream.use()
         self.weights = WeightStore(self.stream, int(float(load_chunk_mb) * (1 << 20)),
@@ -122,10 +122,10 @@ class CudaDevice(Device):
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _decode_gemv(self, n_seq: int) -> str:
+    def _decode_gemv(self) -> str:
         """planner.decode_gemv for this GPU (ORCD_DECODE_GEMV overrides the choice)."""
         try:
-            return decode_gemv(int(self.sm), n_seq, os.environ.get("ORCD_DECODE_GEMV") or None)
+            return decode_gemv(int(self.sm), os.environ.get("ORCD_DECODE_GEMV") or None)
         except ValueError as exc:
             raise GpuDeviceError(f"GPU {self.gpu} ({self.gpu_name}): {exc}") from None
 
@@ -199,7 +199,6 @@ class CudaDevice(Device):
     # ---- loading ---------------------------------------------------------------------------------
     def prepare_load(self, model, *, n_ctx: int, shape, progress=None, n_seq: int = 1) -> None:
         self.make_current()
-        self.decode_gemv = self._decode_gemv(n_seq)
         plan = plan_load(model.tensors.values(), shape, n_ctx=n_ctx, n_seq=n_seq)
         free, total = cupy.cuda.runtime.memGetInfo()
         if plan.total > free:

@@ -7,8 +7,8 @@
         a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
                                                     #          chosen expert in one pass, GLU fused
         out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
-        (a one-sequence engine, decode_gemv "q8": x and a quantized to int8 by quantize_q8 first, and the
-        _q8_ kernels of the same two, dp4a products, where the experts' format has them)
+        (decode_gemv "q8", the default: x and a quantized to int8 by quantize_q8 first, and the _q8_
+        kernels of the same two, dp4a products, where the experts' format has them)
     prefill (more tokens):                          # each expert's weights read once per tile of its pairs
         stable counting sort of the T k (token, slot) pairs by expert (moe_sort: offsets and order stay
         on the GPU); the pairs' tokens as fp16 rows in that order (moe_gather_f16); h = the gate|up
@@ -106,7 +106,7 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
 
 
 def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
-    """The decode path on the int8-activation expert GEMVs (a one-sequence engine, decode_gemv "q8"): x
+    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x
     quantized (quantize_q8), moe_gemv_glu_q8_<fmt>, a quantized, moe_down_q8_<fmt>; every launch by PDL."""
     P = T * k
     xq, aq = dev.quantize_rows(x, T, D), dev.step_array((P, q8_row_bytes(F)), np.uint8)

@@ -152,9 +152,9 @@ def prefill_attention_tc_smem(hd: int) -> int:
 
 
 # ---- the decode GEMV (CudaDevice._gemv) ---------------------------------------------------------------
-# gemv_tc_* (tensor cores, sm_80 on) | gemv_/gemv_t4_/gemv_t8_* (FMA per weight) | q8: rows through quantize_q8
-# and gemv_q8_* / gemv_q8_t8_* (int8 x, dp4a; a row's values alone or batched the same) where the weight's
-# format has them, the rest as ffma
+# q8: rows through quantize_q8 and gemv_q8_* / gemv_q8_t8_* (int8 x, dp4a; a row's values alone or batched
+# the same) where the weight's format has them, the rest as ffma | gemv_tc_* (tensor cores, sm_80 on) |
+# gemv_/gemv_t4_/gemv_t8_* (FMA per weight)
 DECODE_GEMVS = ("tc", "ffma", "q8")
 
 
@@ -187,27 +187,23 @@ def decode_span_bound(need: int, n_ctx: int) -> int:
     return min(span, n_ctx)
 
 
-def decode_gemv(sm: int, n_seq: int, override: str | None = None) -> str:
-    """The decode GEMV kernel of a device whose engine decodes up to `n_seq` sequences together.
+def decode_gemv(sm: int, override: str | None = None) -> str:
+    """The decode GEMV kernel of a device (of compute capability `sm`, as 90), for one row or a batch.
 
-    "tc" and "ffma" give a row the same bits whatever rows share its step, so a sequence decodes the
-    same alone or batched within one engine. "tc" decodes the weights once for all rows (8 rows of
-    qwen2 give 2.1x the tokens/s of the FMA kernels' 8-row step) but one row alone is slower (qwen2
-    -18%, phi3 -2%, gpt-oss -5% on an H100: docs/perf-notes.md), so an engine that can batch does so on
-    the tensor cores where the GPU has them (sm_80 and later). An engine that never batches (n_seq 1)
-    takes "q8": x quantized to int8 once per GEMV input and the weights' integer codes by dp4a, where
-    the weight's format has that kernel (the others: "ffma"); one row tg128 on an H100 +50% phi3, +17%
-    qwen2, +6% gpt-oss against ffma, its x rounded as llama.cpp's MMVQ rounds it. `override`:
-    ORCD_DECODE_GEMV, to compare them on one GPU; ValueError if it names no kernel, or "tc" on a GPU
-    without tf32 tensor cores."""
+    Every kind gives a row the same bits whatever rows share its step, so a sequence decodes the same
+    alone or batched within one engine. "q8" (the default, one row or a batch): x quantized to int8 once
+    per GEMV input and the weights' integer codes by dp4a, decoded once for all of a step's rows, where
+    the weight's format has that kernel (the others: "ffma"); its x rounded as llama.cpp's MMVQ rounds
+    it. On an H100 it beats the tensor-core kernels ("tc") at 8 rows (tg128 x 8: qwen2 +14%, phi3 +22%,
+    gpt-oss +65%) and alone (qwen2 +45%), and the FMA kernels ("ffma", the exact reference: the GPU
+    tests pin it) alone by 17-50% (docs/perf-notes.md). `override`: ORCD_DECODE_GEMV, to compare them on
+    one GPU; ValueError if it names no kernel, or "tc" on a GPU without tf32 tensor cores."""
     if override:
         if override not in DECODE_GEMVS:
             raise ValueError(f"ORCD_DECODE_GEMV={override!r}: one of {', '.join(DECODE_GEMVS)}")
         if override == "tc" and sm < 80:
             raise ValueError(f"ORCD_DECODE_GEMV=tc needs compute capability 8.0 or later (this GPU: {sm // 10}.{sm % 10})")
         return override
-    if n_seq > 1:
-        return "tc" if sm >= 80 else "ffma"
     return "q8"
 
 
