@@ -636,6 +636,12 @@ def test_int8_gemvs_of_one_norm_share_its_quantized_row(dev, ref, rng, monkeypat
         np.testing.assert_array_equal(g, a)
 
 
+def split_qkv(qkv, Hq: int, Hkv: int, hd: int):
+    """One q|k|v output [T, (Hq + 2 Hkv) hd] as views: q [T, Hq, hd], k and v [T, Hkv, hd]."""
+    return (qkv[:, :Hq * hd].reshape(-1, Hq, hd), qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(-1, Hkv, hd),
+            qkv[:, (Hq + Hkv) * hd:].reshape(-1, Hkv, hd))
+
+
 @pytest.mark.parametrize("hd, p0", [(64, 50), (96, 50), (64, 300)], ids=["hd64", "hd96", "hd64-two-splits"])
 def test_the_attention_quantizes_the_o_projections_input(dev, ref, rng, hd, p0, monkeypatch, q8):
     """One token on the int8 GEMVs: the decode attention writes its output's int8 row too (q8_store_warp,
@@ -649,9 +655,7 @@ def test_the_attention_quantizes_the_o_projections_input(dev, ref, rng, hd, p0, 
         for lo, hi in ((0, p0), (p0, p0 + 1)):
             qkv = dev.to_device(randn(rng, hi - lo, (Hq + 2 * Hkv) * hd), "float32")
             Tn = hi - lo
-            q = qkv[:, :Hq * hd].reshape(Tn, Hq, hd)
-            k = qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(Tn, Hkv, hd)
-            v = qkv[:, (Hq + Hkv) * hd:].reshape(Tn, Hkv, hd)
+            q, k, v = split_qkv(qkv, Hq, Hkv, hd)
             step = _step(dev, range(lo, hi), lo)
             poison(dev)
             n = _count_launches(monkeypatch)
@@ -692,15 +696,12 @@ def test_fused_rope_kv_write_attention(dev, ref, rng, kind, T, monkeypatch):
         # the cache's first p0 positions, unfused on both sides; then the fused step
         for lo, hi in ((0, p0), (p0, p0 + T)):
             qkv = randn(rng, hi - lo, (Hq + 2 * Hkv) * hd)  # one q|k|v output, split into views
-            q, k, v = (qkv[:, :Hq * hd].reshape(-1, Hq, hd), qkv[:, Hq * hd:(Hq + Hkv) * hd].reshape(-1, Hkv, hd),
-                       qkv[:, (Hq + Hkv) * hd:].reshape(-1, Hkv, hd))
+            q, k, v = split_qkv(qkv, Hq, Hkv, hd)
             rs, pos = _step(ref, range(lo, hi), lo), np.arange(lo, hi, dtype=np.int32)
             want = ref.attention(ref.rope(q, pos, spec), ref.rope(k, pos, spec), v, rc, 0, rs, scale=0.125)
             QKV = dev.to_device(qkv, "float32")
             Tn = hi - lo
-            qd = QKV[:, :Hq * hd].reshape(Tn, Hq, hd)
-            kd = QKV[:, Hq * hd:(Hq + Hkv) * hd].reshape(Tn, Hkv, hd)
-            vd = QKV[:, (Hq + Hkv) * hd:].reshape(Tn, Hkv, hd)
+            qd, kd, vd = split_qkv(QKV, Hq, Hkv, hd)
             step = _step(dev, range(lo, hi), lo)
             poison(dev)
             n = _count_launches(monkeypatch)

@@ -31,6 +31,29 @@ __device__ __forceinline__ int dot_codes8(const u32 a[4], const u32 b[4], int e0
     return s;
 }
 
+// The int8-activation dots of a 32-weight block of codes with NT rows where w = d (q - off) (Q4_0, Q5_0):
+// sum w x = d (d_x sum(q x_q) - off s)
+template <int NT>
+__device__ __forceinline__ void dot_q8_off(const u32 lo[4], const u32 hi[4], float d, float off, int e0, const Q8Row* x,
+                                           float* out) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const float4 gm = x[t].meta(e0 >> 5);
+        out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -off * gm.w);
+    }
+}
+
+// The same where w = d q + m, d and m the fp16 halves of `dm` (Q4_1, Q5_1): sum w x = d d_x sum(q x_q) + m s
+template <int NT>
+__device__ __forceinline__ void dot_q8_dm(const u32 lo[4], const u32 hi[4], u32 dm, int e0, const Q8Row* x, float* out) {
+    const float d = h2f_lo(dm), m = h2f_hi(dm);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const float4 gm = x[t].meta(e0 >> 5);
+        out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
+    }
+}
+
 // ---- Q4_0: d (fp16) | qs[16]; 18 bytes; w = d * (q - 8) -------------------------------------------
 struct FmtQ4_0 {
     static constexpr int QK = 32, TS = 18, IPB = 1;
@@ -53,12 +76,7 @@ struct FmtQ4_0 {
         u32 q[4], lo[4], hi[4];
         ld16_a2(blk + 2, q);
         codes_q4x8<false>(q, 0u, lo, hi);
-        const float d = h2f(ld2(blk));
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float4 gm = x[t].meta(e0 >> 5);
-            out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -8.0f * gm.w);
-        }
+        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 8.0f, e0, x, out);
     }
 };
 
@@ -85,13 +103,7 @@ struct FmtQ4_1 {
         u32 q[4], lo[4], hi[4];
         ld16_a4(blk + 4, q);
         codes_q4x8<false>(q, 0u, lo, hi);
-        const u32 dm = ld4(blk);
-        const float d = h2f_lo(dm), m = h2f_hi(dm);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float4 gm = x[t].meta(e0 >> 5);
-            out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
-        }
+        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, out);
     }
 };
 
@@ -125,12 +137,7 @@ struct FmtQ5_0 {
         u32 q[4], lo[4], hi[4];
         ld16_a2(blk + 6, q);
         codes_q4x8<true>(q, (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16), lo, hi);
-        const float d = h2f(ld2(blk));
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float4 gm = x[t].meta(e0 >> 5);
-            out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -16.0f * gm.w);
-        }
+        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 16.0f, e0, x, out);
     }
 };
 
@@ -157,13 +164,7 @@ struct FmtQ5_1 {
         u32 q[4], lo[4], hi[4];
         ld16_a4(blk + 8, q);
         codes_q4x8<true>(q, ld4(blk + 4), lo, hi);
-        const u32 dm = ld4(blk);
-        const float d = h2f_lo(dm), m = h2f_hi(dm);
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            const float4 gm = x[t].meta(e0 >> 5);
-            out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
-        }
+        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, out);
     }
 };
 
