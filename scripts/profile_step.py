@@ -68,8 +68,8 @@ def main() -> None:
             key = f"{names.get(id(f), '?')} grid={grid[0] if len(grid) == 1 else grid}"
             recorded.append((key, lambda: orig_launch(f, grid, block, args, shared_mem, pdl)))
             name = names.get(id(f), "")
-            if name.startswith("gemv_q8_"):  # (W, rb, xq, y, bias, N, K, R, res)
-                gemvs.setdefault((name, int(args[5]), int(args[6]), 1), (f, block, args, shared_mem))
+            if name.startswith("gemv_q8_"):  # (W, rb, xq, y, bias, N, K, T, R, res)
+                gemvs.setdefault((name, int(args[5]), int(args[6]), int(args[7])), (f, block, args, shared_mem))
             elif name.startswith("gemv_"):  # (W, rb, x, xst, y, bias, N, K, T, R, aux, ast, res, eps, mode)
                 gemvs.setdefault((name, int(args[6]), int(args[7]), int(args[8])), (f, block, args, shared_mem))
 
@@ -221,7 +221,7 @@ def main() -> None:
     # every distinct decode GEMV of the step at each split it can take, timed cold: a graph of 20 x (write
     # 256 MB, launch) minus one of 20 x (write 256 MB), so the weights come from DRAM as in a whole step
     # (replayed alone, a weight that fits in L2 stays there). FMA kernels: R rows per warp 1, 2, 4;
-    # tensor-core kernels: K split KS 1, 2, 4, 8 (the launcher's pick marked *).
+    # int8 kernels: R 1, 2, 4, 8; tensor-core kernels: K split KS 1, 2, 4, 8 (the launcher's pick marked *).
     flush = cupy.empty((256 << 20) // 4, dtype=np.float32)
 
     def graph_us(body) -> float:
@@ -243,9 +243,9 @@ def main() -> None:
         nbytes = N * int(args[1])
         tc, q8 = name.startswith("gemv_tc_"), name.startswith("gemv_q8_")
         cells = []
-        for R in ((1, 2, 4, 8) if tc else (1, 2, 4)):
+        for R in ((1, 2, 4, 8) if tc or q8 else (1, 2, 4)):
             if q8:
-                a2, r_at = args[:7] + (np.int32(R),) + args[8:], 7
+                a2, r_at = args[:8] + (np.int32(R),) + args[9:], 8
             else:
                 a2, r_at = args[:9] + (np.int32(R),) + args[10:], 9
             per = 16 * (block[0] // 32 // R) if tc else block[0] // 32 * R
@@ -253,7 +253,7 @@ def main() -> None:
             us = graph_us(lambda: (flush.fill(0), orig_launch(f, grid, block, a2, smem))) - flush_us
             mark = "*" if R == int(args[r_at]) else " "
             cells.append(f"{'KS' if tc else 'R'}={R}{mark} {us:6.1f} ({nbytes / us / 1e3:5.0f})")
-        what = "T=1" if q8 else f"T={int(args[8])} mode={int(args[14])}"
+        what = f"T={int(args[7])}" if q8 else f"T={int(args[8])} mode={int(args[14])}"
         print(f"  {name} N={N} K={Kd} {what}: " + "  ".join(cells))
     dev.free_kv_cache(cache)
     eng.close()
