@@ -518,11 +518,12 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 // The int8-activation decode GEMV of one token (gemv_q8_NAME, for a format that defines F::dot_q8 and
 // F::Q8_PARTS; its plugin's source instantiates ORCD_QUANT_KERNELS_Q8): y[n] = sum_k W[n, k] x[k]
 // (+ bias[n]) (+ res[n]), x quantized by quantize_q8 (q8.cuh: int8 per 32 elements; the GEMV input mode,
-// the RMS norm or the silu_mul, applied there). F::dot_q8<NT>(blk, p, e0, x, out) writes out[t], the sum
-// of w x[t] over part p (0 .. Q8_PARTS - 1) of the block whose first element is e0, for NT token rows
-// x[0 .. NT): the part's weights loaded and their integer codes decoded once, then per token the codes
-// times its int8 x by dp4a (four products an instruction), the block's scales and the groups' d applied
-// per run after, each token by the same expressions as a lone one (NT = 1);
+// the RMS norm or the silu_mul, applied there). F::dot_q8<NT>(blk, p, e0, x, nt, out) writes out[t], the
+// sum of w x[t] over part p (0 .. Q8_PARTS - 1) of the block whose first element is e0, for the nt <= NT
+// token rows x[0 .. nt) (0 past them: a step of fewer rows does only their work): the part's weights
+// loaded and their integer codes decoded once, then per token the codes times its int8 x by dp4a (four
+// products an instruction), the block's scales and the groups' d applied per run after, each token by
+// the same expressions as a lone one (NT = 1);
 // ~2 instructions a weight where the float GEMVs spend 5-6 on decoding and FFMAs (what bounds them on
 // the larger matrices: docs/perf-notes.md). The float GEMVs stay the exact path.
 // A block of Q8_WARPS warps stages the quantized row (q8_row_bytes(K), one batch of cp.async), each warp
@@ -535,7 +536,7 @@ template <class F>
 __device__ __forceinline__ float dot_q8_one(const u8* blk, int p, int e0, const Q8Row& x) {
     const Q8Row xs[1] = {x};
     float v[1];
-    F::template dot_q8<1>(blk, p, e0, xs, v);
+    F::template dot_q8<1>(blk, p, e0, xs, 1, v);
     return v[0];
 }
 
@@ -568,7 +569,7 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
     for (int r = 0; r < nr; ++r) {  // (nr is the same for the warp's lanes: the shuffles below see all of them)
         const u8* __restrict__ wr = W + (i64)(row0 + r) * row_bytes;
         float a[MAXT];
-        Q8Row xr[MAXT];  // tokens past nt repeat the last one's row (their sums are never written)
+        Q8Row xr[MAXT];  // (rows past nt: dot_q8 skips them; their sums are never written)
 #pragma unroll
         for (int t = 0; t < MAXT; ++t) {
             const int o = min(t, nt - 1) * nu;
@@ -582,7 +583,7 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
             // expressions in the same order as a lone token's: a row's value does not depend on how many
             // tokens share the launch
             float v[MAXT];
-            F::template dot_q8<MAXT>(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK, xr, v);
+            F::template dot_q8<MAXT>(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK, xr, nt, v);
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) a[t] += v[t];
         }

@@ -35,9 +35,10 @@ __device__ __forceinline__ int dot_codes8(const u32 a[4], const u32 b[4], int e0
 // sum w x = d (d_x sum(q x_q) - off s)
 template <int NT>
 __device__ __forceinline__ void dot_q8_off(const u32 lo[4], const u32 hi[4], float d, float off, int e0, const Q8Row* x,
-                                           float* out) {
+                                           int nt, float* out) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
+        if (t >= nt) { out[t] = 0.0f; continue; }
         const float4 gm = x[t].meta(e0 >> 5);
         out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -off * gm.w);
     }
@@ -45,10 +46,12 @@ __device__ __forceinline__ void dot_q8_off(const u32 lo[4], const u32 hi[4], flo
 
 // The same where w = d q + m, d and m the fp16 halves of `dm` (Q4_1, Q5_1): sum w x = d d_x sum(q x_q) + m s
 template <int NT>
-__device__ __forceinline__ void dot_q8_dm(const u32 lo[4], const u32 hi[4], u32 dm, int e0, const Q8Row* x, float* out) {
+__device__ __forceinline__ void dot_q8_dm(const u32 lo[4], const u32 hi[4], u32 dm, int e0, const Q8Row* x, int nt,
+                                          float* out) {
     const float d = h2f_lo(dm), m = h2f_hi(dm);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
+        if (t >= nt) { out[t] = 0.0f; continue; }
         const float4 gm = x[t].meta(e0 >> 5);
         out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
     }
@@ -72,11 +75,11 @@ struct FmtQ4_0 {
     // The int8-activation GEMV's part (the whole block): w = d (q - 8), so sum w x = d (d_x sum(q x_q) - 8 s).
     static constexpr int Q8_PARTS = 1;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         u32 q[4], lo[4], hi[4];
         ld16_a2(blk + 2, q);
         codes_q4x8<false>(q, 0u, lo, hi);
-        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 8.0f, e0, x, out);
+        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 8.0f, e0, x, nt, out);
     }
 };
 
@@ -99,11 +102,11 @@ struct FmtQ4_1 {
     // The int8-activation GEMV's part (the whole block): w = d q + m, so sum w x = d d_x sum(q x_q) + m s.
     static constexpr int Q8_PARTS = 1;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         u32 q[4], lo[4], hi[4];
         ld16_a4(blk + 4, q);
         codes_q4x8<false>(q, 0u, lo, hi);
-        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, out);
+        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, nt, out);
     }
 };
 
@@ -133,11 +136,11 @@ struct FmtQ5_0 {
     // 8 dp4a; w = d (q - 16), so sum w x = d (d_x sum(q x_q) - 16 s).
     static constexpr int Q8_PARTS = 1;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         u32 q[4], lo[4], hi[4];
         ld16_a2(blk + 6, q);
         codes_q4x8<true>(q, (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16), lo, hi);
-        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 16.0f, e0, x, out);
+        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 16.0f, e0, x, nt, out);
     }
 };
 
@@ -160,11 +163,11 @@ struct FmtQ5_1 {
     // The int8-activation GEMV's part (the whole block): w = d q + m (5-bit q), as Q4_1's.
     static constexpr int Q8_PARTS = 1;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         u32 q[4], lo[4], hi[4];
         ld16_a4(blk + 8, q);
         codes_q4x8<true>(q, ld4(blk + 4), lo, hi);
-        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, out);
+        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, nt, out);
     }
 };
 
@@ -191,13 +194,13 @@ struct FmtQ8_0 {
     // The int8-activation GEMV's part (the whole block): 8 dp4a of the int8 codes; sum w x = d d_x sum(q x_q).
     static constexpr int Q8_PARTS = 1;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         u32 a[4], b[4];
         ld16_a2(blk + 2, a);
         ld16_a2(blk + 18, b);
         const float d = h2f(ld2(blk));
 #pragma unroll
-        for (int t = 0; t < NT; ++t) out[t] = d * (x[t].meta(e0 >> 5).x * (float)dot_codes8(a, b, e0, x[t]));
+        for (int t = 0; t < NT; ++t) out[t] = t < nt ? d * (x[t].meta(e0 >> 5).x * (float)dot_codes8(a, b, e0, x[t])) : 0.0f;
     }
 };
 

@@ -95,7 +95,7 @@ struct FmtMXFP4 {
         return r;
     }
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         constexpr u32 M0 = 0x03020100u, M1 = 0x0C080604u;  // doubled E2M1 magnitudes of codes 0..7
         u32 q[4];
         const u32 e = mxfp4_load(blk, q);
@@ -128,6 +128,7 @@ struct FmtMXFP4 {
             const float sc = e8m0_half(e);
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
+                if (t >= nt) { out[t] = 0.0f; continue; }
                 const int4 xa = x[t].chunk(e0 >> 4), xb = x[t].chunk((e0 >> 4) + 1);  // elements 0..15, 16..31
                 const u32 xl[4] = {(u32)xa.x, (u32)xa.y, (u32)xa.z, (u32)xa.w}, xh[4] = {(u32)xb.x, (u32)xb.y, (u32)xb.z, (u32)xb.w};
                 int sp = 0, sn = 0;

@@ -57,7 +57,7 @@ struct FmtQ4_K {
     // The int8-activation GEMV's part j (0..3): sub-blocks 2j and 2j + 1 (k4_dot_q8, below).
     static constexpr int Q8_PARTS = 4;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int j, int e0, const Q8Row* x, float* out);
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out);
 };
 
 // ---- Q5_K: d, dmin | scales[12] | qh[32] | qs[128]; 176 bytes -----------------------------------------
@@ -93,7 +93,7 @@ struct FmtQ5_K {
     // The int8-activation GEMV's part j (0..3), as Q4_K's with the fifth bits (k4_dot_q8, below).
     static constexpr int Q8_PARTS = 4;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int j, int e0, const Q8Row* x, float* out);
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out);
 };
 
 // The int8-activation GEMVs' part j (0..3) of a Q4_K (FIVE false) or Q5_K (FIVE true) block: sub-blocks 2j
@@ -101,7 +101,7 @@ struct FmtQ5_K {
 // resp. 2j + 1, moved to bit 4 of each byte), against the int8 x (q8.cuh): 16 dp4a, one scale decode; per
 // sub-block w = d sc q - dmin m, so sum w x = d sc d_x sum(q x_q) - dmin m s (s the group's sum).
 template <bool FIVE, int NT>
-__device__ __forceinline__ void k4_dot_q8(const u8* blk, int j, int e0, const Q8Row* x, float* out) {
+__device__ __forceinline__ void k4_dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
     const uint4 h = ld16(blk);  // d, dmin | scales[12]
     const u8* qs = blk + (FIVE ? 48 : 16) + 32 * j;
     const uint4 qa = ld16(qs), qb = ld16(qs + 16);  // positions 0..15, 16..31
@@ -122,6 +122,7 @@ __device__ __forceinline__ void k4_dot_q8(const u8* blk, int j, int e0, const Q8
     const float d = h2f_lo(h.x), dmin = h2f_hi(h.x);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
+        if (t >= nt) { out[t] = 0.0f; continue; }
         const int4 xa0 = x[t].chunk(k), xa1 = x[t].chunk(k + 1), xb0 = x[t].chunk(k + 2), xb1 = x[t].chunk(k + 3);
         int sa = 0, sb = 0;
         sa = dp4a(la[0], xa0.x, sa); sa = dp4a(la[1], xa0.y, sa); sa = dp4a(la[2], xa0.z, sa); sa = dp4a(la[3], xa0.w, sa);
@@ -133,12 +134,12 @@ __device__ __forceinline__ void k4_dot_q8(const u8* blk, int j, int e0, const Q8
     }
 }
 template <int NT>
-__device__ __forceinline__ void FmtQ4_K::dot_q8(const u8* blk, int j, int e0, const Q8Row* x, float* out) {
-    k4_dot_q8<false, NT>(blk, j, e0, x, out);
+__device__ __forceinline__ void FmtQ4_K::dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
+    k4_dot_q8<false, NT>(blk, j, e0, x, nt, out);
 }
 template <int NT>
-__device__ __forceinline__ void FmtQ5_K::dot_q8(const u8* blk, int j, int e0, const Q8Row* x, float* out) {
-    k4_dot_q8<true, NT>(blk, j, e0, x, out);
+__device__ __forceinline__ void FmtQ5_K::dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
+    k4_dot_q8<true, NT>(blk, j, e0, x, nt, out);
 }
 
 // ---- Q6_K: ql[128] | qh[64] | scales[16] (int8) | d (fp16); 210 bytes (blocks only 2-byte aligned) --
@@ -180,7 +181,7 @@ struct FmtQ6_K {
     // is d sc (d_x sum(q x_q) - 32 s_half) (s_half: the sum of the group's half that the run is).
     static constexpr int Q8_PARTS = 4;
     template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int p, int e0, const Q8Row* x, float* out) {
+    __device__ static __forceinline__ void dot_q8(const u8* blk, int p, int e0, const Q8Row* x, int nt, float* out) {
         const int n = p >> 1, lh = p & 1;
         u32 qa[4], qb[4], qh[4];
         ld16_a2(blk + 64 * n + 16 * lh, qa);
@@ -202,6 +203,7 @@ struct FmtQ6_K {
         const float d = h2f(ld2(blk + 208));
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
+            if (t >= nt) { out[t] = 0.0f; continue; }
             float acc = 0.0f;
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
