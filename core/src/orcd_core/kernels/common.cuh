@@ -229,6 +229,24 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+// The warp sums of 8 values a lane (a[t]: this lane's term of sum t) in 9 shuffles instead of 8 x 5: at
+// the first three steps (xor 16, 8, 4) each lane keeps half of the sums it still holds and sends the other
+// half to its partner, so it ends with one sum, that of t = (lane >> 2) & 7. Each step adds the same two
+// partial sums in the same order (the lane's own, then its partner's) as warp_sum's, so the result is
+// bitwise warp_sum(a[t]).
+__device__ __forceinline__ float warp_sum8(const float a[8]) {
+    const int lane = threadIdx.x & 31;
+    const bool h4 = lane & 16, h3 = lane & 8, h2 = lane & 4;
+    float b[4], c[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) b[i] = (h4 ? a[4 + i] : a[i]) + __shfl_xor_sync(0xffffffffu, h4 ? a[i] : a[4 + i], 16);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) c[i] = (h3 ? b[2 + i] : b[i]) + __shfl_xor_sync(0xffffffffu, h3 ? b[i] : b[2 + i], 8);
+    float d = (h2 ? c[1] : c[0]) + __shfl_xor_sync(0xffffffffu, h2 ? c[0] : c[1], 4);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    return d;
+}
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

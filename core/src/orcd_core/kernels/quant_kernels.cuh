@@ -587,13 +587,19 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
 #pragma unroll
             for (int t = 0; t < MAXT; ++t) a[t] += v[t];
         }
+        auto store = [&](int t, float s) {  // token t's sum s of row row0 + r
+            const i64 o = (i64)t * N + row0 + r;
+            const float v = s + (bias ? bias[row0 + r] : 0.0f);
+            y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
+        };
+        if constexpr (MAXT == 8) {  // the 8 sums at once (warp_sum8: warp_sum's bits), lanes 4t write token t
+            const float s = warp_sum8(a);
+            if ((lane & 3) == 0 && (lane >> 2) < nt) store(lane >> 2, s);
+        } else {
 #pragma unroll
-        for (int t = 0; t < MAXT; ++t) {
-            const float s = warp_sum(a[t]);
-            if (lane == 0 && t < nt) {
-                const i64 o = (i64)t * N + row0 + r;
-                const float v = s + (bias ? bias[row0 + r] : 0.0f);
-                y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
+            for (int t = 0; t < MAXT; ++t) {
+                const float s = warp_sum(a[t]);
+                if (lane == 0 && t < nt) store(t, s);
             }
         }
     }
