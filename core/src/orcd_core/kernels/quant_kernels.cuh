@@ -585,7 +585,8 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
             float v[MAXT];
             F::template dot_q8<MAXT>(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK, xr, nt, v);
 #pragma unroll
-            for (int t = 0; t < MAXT; ++t) a[t] += v[t];
+            for (int t = 0; t < MAXT; ++t) a[t] = __fadd_rn(a[t], v[t]);  // (never fused with the dot's last
+            //   product: a kernel of fewer rows, whose dot ends in a branch, would round otherwise)
         }
         auto store = [&](int t, float s) {  // token t's sum s of row row0 + r
             const i64 o = (i64)t * N + row0 + r;

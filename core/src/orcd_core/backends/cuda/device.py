@@ -534,7 +534,11 @@ class CudaDevice(Device):
         quantize = self.core.fn("quantize_q8")
         smem = T * q8_row_bytes(K)
         fn = self.format_kernels(w.fmt).fn(f"gemv_q8{'' if T == 1 else '_t8'}_{w.fmt.name}", max_dynamic_smem=smem)
-        R = _q8_rows_per_warp(N, K)
+        # one weight row a warp: the cold sweep of qwen2's and phi3's decode GEMVs (H100, profile_step
+        # --sweep, R = 1, 2, 4, 8) has R = 1 fastest alone at every shape (phi3's gate|up 16384 x 3072 Q4_K
+        # 12.1 us against 14.3 at R = 2, qwen2's 9728 x 896 Q5_0 5.7 against 7.1 at R = 4) and within 10% at
+        # 8 rows (docs/perf-notes.md); the kernel's R stays for the sweep
+        R = 1
         grid = (_blocks(N, Q8_WARPS * R),)
         b = bias if bias is not None else NULL
 
@@ -874,11 +878,6 @@ def _rows_per_warp(N: int, K: int) -> int:
     each lane several independent items in flight (measured: docs/perf-notes.md)."""
     return 1 if K // 32 >= 64 or N < 4096 else GEMV_MAX_R
 
-
-def _q8_rows_per_warp(N: int, K: int) -> int:
-    """gemv_q8's R: rows per warp such that a warp holds about 6,144 weights (a lane 3 parts of 64, or of
-    32 for the 32-element formats), one row for matrices under 8,192 rows (more blocks instead)."""
-    return 1 if N < 8192 else min(GEMV_MAX_R, max(1, 6144 // K))
 
 
 def _norm_threads(D: int) -> int:
