@@ -428,6 +428,8 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
     __shared__ float4 accs[2 * 128];  // each thread's 8 dims of values
+    pdl_trigger();  // (a GEMV launched early behind it prefetches its weights meanwhile; pdl_wait there)
+    pdl_wait();     // (launched early, by PDL, behind rope_kv_write / kv_write: nothing read before it ends)
     const int b = blockIdx.z;
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
@@ -437,7 +439,6 @@ extern "C" __global__ void __launch_bounds__(128)
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int span = p + 1 - lo, chunk = ad_chunk(span);
     const int S_eff = min(S, (span + chunk - 1) / chunk);
-    pdl_trigger();  // (a GEMV launched early behind it prefetches its weights meanwhile; pdl_wait there)
     if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
     const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
     __shared__ bool last;

@@ -78,6 +78,7 @@ extern "C" __global__ void rope_f32(const float* __restrict__ x, i64 x_stride, f
 // RoPE of q and k and the KV-cache write in one launch (the rope_f32 x2 + kv_write of an attention
 // step, fused): q [T, Hq, hd] (token stride qs) -> q_out contiguous; k roped and v copied into the fp16
 // cache rows positions[t] % n_rows (of token t's cache, kv_of). One thread per pair of dims of a q, k or v head.
+// Launched by PDL (the launch overlaps the GEMVs' end; pdl_wait before any read).
 extern "C" __global__ void rope_kv_write(const float* __restrict__ q, i64 qs, const float* __restrict__ k, i64 ks,
                                          const float* __restrict__ v, i64 vs, float* __restrict__ q_out,
                                          half_bits* kc, half_bits* vc, const unsigned long long* __restrict__ kvp, int kvs,
@@ -85,6 +86,8 @@ extern "C" __global__ void rope_kv_write(const float* __restrict__ q, i64 qs, co
                                          int T, int Hq, int Hkv, int hd, int n_rows, int n_rot, int neox,
                                          float theta_scale, float freq_scale, float ext_factor, float attn_factor,
                                          float corr0, float corr1) {
+    pdl_trigger();  // (the attention behind it may take SMs now; it waits for this kernel's writes)
+    pdl_wait();     // (launched early, by PDL: q, k and v come from the GEMVs ahead)
     const i64 g = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     const int half_hd = hd >> 1, H = Hq + 2 * Hkv;
     if (g >= (i64)T * H * half_hd) return;

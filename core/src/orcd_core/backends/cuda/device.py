@@ -709,7 +709,7 @@ class CudaDevice(Device):
             launch(self.core.fn("rope_kv_write"), (_blocks(T * (Hq + 2 * Hkv) * (hd // 2), 128),), (128,),
                    (dq.args["x"], i64(dq.args["stride"]), dk.args["x"], i64(ks), v, i64(vs), q, kc, vc, kvp, i32(kvs),
                     dq.args["positions"], dq.args["rargs"][0], i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    *dq.args["rargs"][1:]))
+                    *dq.args["rargs"][1:]), pdl=True)
         else:
             launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
                    (k, i64(ks), v, i64(vs), kc, vc, kvp, i32(kvs), step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
@@ -734,7 +734,7 @@ class CudaDevice(Device):
                   if self.decode_gemv == "q8" and hd % 32 == 0 else NULL)
             launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
                    (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    f32(scale), i32(window), self._attn_counters, sk, out, xq))
+                    f32(scale), i32(window), self._attn_counters, sk, out, xq), pdl=True)
             if xq is not NULL:
                 self.deferred.defer("q8row", out, lambda _: None, xq=xq)
         elif prefill_attention_tc(int(self.sm), hd):
