@@ -685,16 +685,19 @@ def test_a_deferred_op_read_by_anything_else_is_launched_first(dev, ref, rng):
 
 @pytest.mark.parametrize("kind", ["neox", "normal", "yarn", "phi3-96"])
 @pytest.mark.parametrize("T", [1, 37])
-def test_fused_rope_kv_write_attention(dev, ref, rng, kind, T, monkeypatch):
-    """One token: rope_kv_write + attention; a prefill step (T > 1) ropes eagerly (3 + 1 launches)."""
+@pytest.mark.parametrize("p0", [50, 300], ids=["one-split", "splits"])
+def test_fused_rope_kv_write_attention(dev, ref, rng, kind, T, p0, monkeypatch):
+    """One token: the decode attention ropes q and its own key and writes k and v to the cache itself (one
+    launch); a prefill step (T > 1) ropes eagerly (3 + 1 launches). A decode step after it reads the key
+    the step before wrote."""
     kw = dict(ROPES[kind])
     hd = 96 if kind == "phi3-96" else 64
-    Hq, Hkv, n_ctx, p0 = 8, 2, 128, 50
+    Hq, Hkv, n_ctx = 8, 2, 512
     spec = RopeSpec(**kw)
     gc, rc = dev.new_kv_cache(1, n_ctx, Hkv, hd), ref.new_kv_cache(1, n_ctx, Hkv, hd)
     try:
         # the cache's first p0 positions, unfused on both sides; then the fused step
-        for lo, hi in ((0, p0), (p0, p0 + T)):
+        for lo, hi in ((0, p0), (p0, p0 + T), (p0 + T, p0 + T + 1)):
             qkv = randn(rng, hi - lo, (Hq + 2 * Hkv) * hd)  # one q|k|v output, split into views
             q, k, v = split_qkv(qkv, Hq, Hkv, hd)
             rs, pos = _step(ref, range(lo, hi), lo), np.arange(lo, hi, dtype=np.int32)
@@ -707,7 +710,7 @@ def test_fused_rope_kv_write_attention(dev, ref, rng, kind, T, monkeypatch):
             n = _count_launches(monkeypatch)
             out = dev.attention(dev.rope(qd, step.positions, spec), dev.rope(kd, step.positions, spec), vd, gc, 0,
                                 step, scale=0.125)
-            assert n[0] == (2 if Tn == 1 else 4)  # (rope_kv_write | 2 ropes + kv_write) + attention
+            assert n[0] == (1 if Tn == 1 else 4)  # attention | 2 ropes + kv_write + attention
             got = host(dev, out)
             assert rel_l2(got, want) <= 1e-3, (lo, hi)
             monkeypatch.undo()

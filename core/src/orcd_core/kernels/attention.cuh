@@ -3,6 +3,7 @@
 #include "common.cuh"
 #include "q8.cuh"
 #include "kv.cuh"
+#include "rope.cuh"
 
 // ================================================================================================
 // Attention for prefill (and any step with T > 1): flash-style, O(T) memory.
@@ -419,12 +420,15 @@ __device__ __forceinline__ float attn_decode_one_split(float o, float m, float s
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    attn_decode_part(const float* __restrict__ q, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
+    attn_decode_part(const float* __restrict__ q, i64 qs, half_bits* kc0, half_bits* vc0, const unsigned long long* __restrict__ kvp,
                      int kvs, const int* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_ml,
                      int Hq, int Hkv, int hd, int n_rows, float scale, int window,
                      unsigned int* __restrict__ counters, const float* __restrict__ sinks, float* __restrict__ out,
-                     u8* __restrict__ xq) {
+                     u8* __restrict__ xq, const float* __restrict__ rk, i64 ks, const float* __restrict__ rv, i64 vs,
+                     const float* __restrict__ freq_factors, int n_rot, int neox, float theta_scale, float freq_scale,
+                     float ext_factor, float attn_factor, float corr0, float corr1) {
     __shared__ float qsh[AP_MAXD];
+    __shared__ uint4 ksh4[AP_MAXD / 8];  // (rope here) the query's own key, roped, as the cache holds it
     __shared__ float sc[AD_CHUNK];
     __shared__ float red[32];
     __shared__ float4 accs[2 * 128];  // each thread's 8 dims of values
@@ -448,6 +452,11 @@ extern "C" __global__ void __launch_bounds__(128)
     const int G = blockDim.x / nv;  // key groups of the values
     const int g = threadIdx.x / nv, t = threadIdx.x - g * nv;
     const half_bits* vb = vc + (i64)kvh * hd + 8 * t;
+    // rope here (rk set): q, k and v as the GEMVs wrote them; this split holds the query's own key (the
+    // last, n - 1) if it is the last one: that key and its value from rk, rv (as rope_kv_write would have
+    // written them, fp16), never from the cache, which the head group's first q head writes meanwhile
+    const bool own = rk && s == S_eff - 1;  // (block-uniform)
+    uint4 vown = make_uint4(0u, 0u, 0u, 0u);  // the own value's 8 dims 8t .. of this thread (g < G)
     // the first round of keys and values in flight before anything else
     uint4 kw[AP_MAXD / 8];
     if (threadIdx.x < n) {
@@ -462,8 +471,33 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int u = 0; u < AD_VU; ++u)
             if (g + u * G < n) vw[u] = ld16(vb + (i64)((kb + g + u * G) % n_rows) * row);
     }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)hh * hd + d] * scale;
+    if (rk) {  // the query's pairs (threads 0 .. hd/2), the own key's (hd/2 .. hd: hd <= 128 threads)
+        const int i = threadIdx.x < (hd >> 1) ? threadIdx.x : threadIdx.x - (hd >> 1);
+        if (threadIdx.x < (hd >> 1)) {
+            const RopedPair r = rope_head_pair_value(q + (i64)b * qs + (i64)h * hd, i, p, n_rot, neox, freq_factors,
+                                                     theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1);
+            qsh[r.a] = r.o.x * scale;
+            qsh[r.b] = r.o.y * scale;
+        } else if (own && threadIdx.x < hd) {
+            const RopedPair r = rope_head_pair_value(rk + (i64)b * ks + (i64)kvh * hd, i, p, n_rot, neox, freq_factors,
+                                                     theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1);
+            half_bits* ksh = (half_bits*)ksh4;
+            ksh[r.a] = f2h(r.o.x);
+            ksh[r.b] = f2h(r.o.y);
+        }
+        if (own && g < G) {
+            const float* vr = rv + (i64)b * vs + (i64)kvh * hd + 8 * t;
+            vown = make_uint4(pack_h2(vr[0], vr[1]), pack_h2(vr[2], vr[3]), pack_h2(vr[4], vr[5]), pack_h2(vr[6], vr[7]));
+        }
+    } else {
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) qsh[d] = q[(i64)b * qs + (i64)h * hd + d] * scale;
+    }
     __syncthreads();
+    if (own && h % (Hq / Hkv) == 0) {  // the head group's first q head writes the own key and value to the cache
+        const i64 slot = (i64)(p % n_rows) * row + (i64)kvh * hd;
+        if (threadIdx.x < nv) *(uint4*)(kv_of(kc0, kvp, kvs, b, 0) + slot + 8 * threadIdx.x) = ksh4[threadIdx.x];
+        if (g == 0) *(uint4*)(kv_of(vc0, kvp, kvs, b, 1) + slot + 8 * t) = vown;
+    }
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
         if (j != threadIdx.x) {  // a second round (a split of more keys than threads)
@@ -471,6 +505,11 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
             for (int u = 0; u < AP_MAXD / 8; ++u)
                 if (u < nv) kw[u] = ld16(kr + 8 * u);
+        }
+        if (own && j == n - 1) {
+#pragma unroll
+            for (int u = 0; u < AP_MAXD / 8; ++u)
+                if (u < nv) kw[u] = ksh4[u];
         }
         float dot = 0.0f;
 #pragma unroll
@@ -503,6 +542,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
             for (int u = 0; u < AD_VU; ++u) {
                 if (j0 + u * G < n) {
+                    if (own && j0 + u * G == n - 1) vw[u] = vown;
                     const float pj = sc[j0 + u * G];
                     const u32 wv[4] = {vw[u].x, vw[u].y, vw[u].z, vw[u].w};
 #pragma unroll

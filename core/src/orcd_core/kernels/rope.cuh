@@ -31,31 +31,45 @@ __device__ __forceinline__ float2 rope_pair(float x0, float x1, int pos, int p, 
     return make_float2(x0 * c - x1 * s, x0 * s + x1 * c);
 }
 
-// Pair p of a head of hd dims: rotate xr's pair into yr (the element indices a, b of the pair), or
-// copy the pass-through dims n_rot + 2(p - n_rot/2) + {0, 1}. OUT is float or half_bits.
+// Pair p of a head: its element indices a, b and its value, xr's pair rotated (p < n_rot/2) or the
+// pass-through dims n_rot + 2(p - n_rot/2) + {0, 1} as they are.
+struct RopedPair {
+    int a, b;
+    float2 o;
+};
+__device__ __forceinline__ RopedPair rope_head_pair_value(const float* __restrict__ xr, int p, int pos, int n_rot, int neox,
+                                                          const float* __restrict__ freq_factors, float theta_scale,
+                                                          float freq_scale, float ext_factor, float attn_factor,
+                                                          float corr0, float corr1) {
+    const int half_rot = n_rot >> 1;
+    RopedPair r;
+    if (p >= half_rot) {
+        r.a = n_rot + 2 * (p - half_rot);
+        r.b = r.a + 1;
+        r.o = make_float2(xr[r.a], xr[r.b]);
+    } else {
+        r.a = neox ? p : 2 * p;
+        r.b = neox ? p + half_rot : 2 * p + 1;
+        r.o = rope_pair(xr[r.a], xr[r.b], pos, p, freq_factors, theta_scale, freq_scale, ext_factor, attn_factor, corr0,
+                        corr1);
+    }
+    return r;
+}
+
+// Pair p of a head of hd dims rotated from xr into yr (rope_head_pair_value). OUT is float or half_bits.
 template <class OUT>
 __device__ __forceinline__ void rope_head_pair(const float* __restrict__ xr, OUT* __restrict__ yr, int p, int pos,
                                                int n_rot, int neox, const float* __restrict__ freq_factors,
                                                float theta_scale, float freq_scale, float ext_factor, float attn_factor,
                                                float corr0, float corr1) {
-    const int half_rot = n_rot >> 1;
-    int a, b;
-    float2 o;
-    if (p >= half_rot) {
-        a = n_rot + 2 * (p - half_rot);
-        b = a + 1;
-        o = make_float2(xr[a], xr[b]);
-    } else {
-        a = neox ? p : 2 * p;
-        b = neox ? p + half_rot : 2 * p + 1;
-        o = rope_pair(xr[a], xr[b], pos, p, freq_factors, theta_scale, freq_scale, ext_factor, attn_factor, corr0, corr1);
-    }
+    const RopedPair r = rope_head_pair_value(xr, p, pos, n_rot, neox, freq_factors, theta_scale, freq_scale, ext_factor,
+                                             attn_factor, corr0, corr1);
     if constexpr (sizeof(OUT) == 4) {
-        yr[a] = o.x;
-        yr[b] = o.y;
+        yr[r.a] = r.o.x;
+        yr[r.b] = r.o.y;
     } else {
-        yr[a] = f2h(o.x);
-        yr[b] = f2h(o.y);
+        yr[r.a] = f2h(r.o.x);
+        yr[r.b] = f2h(r.o.y);
     }
 }
 

@@ -40,6 +40,10 @@ from .planner import (DEQUANT_SCRATCH_BYTES, decode_gemv, decode_grid_splits, ge
 assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decode GEMV"
 GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
 MAX_HEADS = 1024  # (row, head) split counters of the decode attention
+# the decode attention launches by PDL (behind the q|k|v GEMVs) while its grid has at most this many
+# blocks: early, its blocks wait on the SMs the GEMV ahead still uses. H100, tg128 (session 7, call 4):
+# qwen2 (448 blocks) +2.3%, phi3 (1,024) +2.2%, gpt-oss (2,048 on its full-context layers) -2.7%
+ATTN_PDL_MAX_BLOCKS = 1024
 
 
 class GpuDeviceError(OrcdError):
@@ -704,18 +708,22 @@ class CudaDevice(Device):
             # window's past keys and the step's own
             raise ValueError(f"attention: layer {layer} keeps {n_rows} positions; a step of {per_seq} tokens with "
                              f"window {window} needs {per_seq + max(window, 1) - 1}")
-        if fused:
+        decode = T == 1 or (tabled and not one_seq)
+        # a decode step's attention ropes q and its own key itself and writes k and v to the cache (one
+        # launch a layer fewer); a prefill's through rope_kv_write first
+        rope_here = fused and decode and dq.args["positions"] is step.positions
+        if fused and not rope_here:
             q = self.step_array((T, Hq, hd))
             launch(self.core.fn("rope_kv_write"), (_blocks(T * (Hq + 2 * Hkv) * (hd // 2), 128),), (128,),
                    (dq.args["x"], i64(dq.args["stride"]), dk.args["x"], i64(ks), v, i64(vs), q, kc, vc, kvp, i32(kvs),
                     dq.args["positions"], dq.args["rargs"][0], i32(T), i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
                     *dq.args["rargs"][1:]), pdl=True)
-        else:
+        elif not fused:
             launch(self.core.fn("kv_write"), (_blocks(T * Hkv * hd, 256),), (256,),
                    (k, i64(ks), v, i64(vs), kc, vc, kvp, i32(kvs), step.positions, i32(T), i32(Hkv), i32(hd), i32(n_rows)))
         out = self.step_array((T, Hq, hd))
         sk = sinks if sinks is not None else NULL
-        if T == 1 or (tabled and not one_seq):
+        if decode:
             # a query sees at most `span` keys (the window's, or the context's); a launch whose rows'
             # positions are bounded (a KVBatch's `span`: the batched decode graphs, captured per bound)
             # sizes its splits for that bound; splits past a row's own keys exit at once
@@ -732,9 +740,16 @@ class CudaDevice(Device):
             # projection (a "q8row" record: _gemv_q8 takes it instead of launching quantize_q8)
             xq = (self.step_array((T, q8_row_bytes(Hq * hd)), np.uint8)
                   if self.decode_gemv == "q8" and hd % 32 == 0 else NULL)
+            if rope_here:  # q, k and v as the GEMVs wrote them, and the rope's arguments
+                qx, qs = dq.args["x"], dq.args["stride"]
+                rope = (dk.args["x"], i64(ks), v, i64(vs), *dq.args["rargs"])
+            else:
+                qx, qs = q, Hq * hd
+                rope = (NULL, i64(0), NULL, i64(0), NULL, i32(0), i32(0), f32(0), f32(0), f32(0), f32(0), f32(0), f32(0))
             launch(self.core.fn("attn_decode_part"), (Hq, S, T), (128,),
-                   (q, kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd), i32(n_rows),
-                    f32(scale), i32(window), self._attn_counters, sk, out, xq), pdl=True)
+                   (qx, i64(qs), kc, vc, kvp, i32(kvs), step.positions, part_o, part_ml, i32(Hq), i32(Hkv), i32(hd),
+                    i32(n_rows), f32(scale), i32(window), self._attn_counters, sk, out, xq, *rope),
+                   pdl=Hq * S * T <= ATTN_PDL_MAX_BLOCKS)
             if xq is not NULL:
                 self.deferred.defer("q8row", out, lambda _: None, xq=xq)
         elif prefill_attention_tc(int(self.sm), hd):
