@@ -41,8 +41,10 @@ assert MAX_BATCH <= GEMV_MAX_T, "a batched decode step's rows must fit the decod
 GEMV_GROUP_ROWS = GEMV_MAX_T  # rows of a decode GEMV per launch (more rows: several launches over the same weight)
 MAX_HEADS = 1024  # (row, head) split counters of the decode attention
 # the decode attention launches by PDL (behind the q|k|v GEMVs) while its grid has at most this many
-# blocks: early, its blocks wait on the SMs the GEMV ahead still uses. H100, tg128 (session 7, call 4):
-# qwen2 (448 blocks) +2.3%, phi3 (1,024) +2.2%, gpt-oss (2,048 on its full-context layers) -2.7%
+# blocks (launched early, they wait on SMs the GEMV ahead still uses). Measured on an H100 (session 7,
+# calls 5-6, bench -b 1: grids of 14, 32 and 64 blocks): qwen2 1,404 -> 1,444 tok/s with PDL, served
+# (448 blocks at 4,096 positions) 1,370 over SSE; gpt-oss 470 -> 456 (-3%, not explained by its grid
+# size; docs/perf-notes.md). Larger grids (gpt-oss served: 2,048) are not measured with PDL: without it
 ATTN_PDL_MAX_BLOCKS = 1024
 
 
