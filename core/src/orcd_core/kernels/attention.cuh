@@ -394,6 +394,10 @@ ORCD_ATTN_PREFILL_TC(128)
 // (q8.cuh; row b at xq + b q8_row_bytes(Hq hd)): whoever writes a head's output (its only split, or the
 // combine) quantizes it, a warp per group of 32 dims (q8_store_warp: the bytes quantize_q8 would write),
 // so the GEMV needs no quantize launch of its own.
+// rk (or null): rope here. q, rk and rv are the q|k|v GEMVs' outputs (token strides qs, ks, vs): the block
+// ropes its query (and, in the split that holds the query's own key, that key) with rope.cuh's pair
+// function, takes that key and value from there, and the head group's first q head writes them to the
+// cache as rope_kv_write would; otherwise q is roped already and the cache holds the step's keys.
 // ================================================================================================
 #define AD_VU 8
 
@@ -433,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float red[32];
     __shared__ float4 accs[2 * 128];  // each thread's 8 dims of values
     pdl_trigger();  // (a GEMV launched early behind it prefetches its weights meanwhile; pdl_wait there)
-    pdl_wait();     // (launched early, by PDL, behind rope_kv_write / kv_write: nothing read before it ends)
+    pdl_wait();     // (launched early, by PDL: nothing read before the kernels ahead end)
     const int b = blockIdx.z;
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
