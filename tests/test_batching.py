@@ -181,3 +181,44 @@ def test_each_step_reports_its_decode_rows(engine, monkeypatch):
     want = sum(max(0, len(results[s].ids) - 1) + (1 if results[s].finish_reason == "stop" and results[s].ids else 0)
                for s in seqs)
     assert rows == want and rows > 0 and steps > 1
+
+
+
+def test_short_prompts_that_arrive_together_join_in_one_step(engine, monkeypatch):
+    """Each step prefills one chunk of each prefilling sequence, oldest first, while the chunks fit in
+    PREFILL_CHUNK tokens together: three short prompts submitted together all decode after the first
+    step, and give the tokens they give alone; a chunk that does not fit waits for the next step, and a
+    later short prompt does not overtake an earlier long one."""
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
+    sched = engine.scheduler
+
+    def req(n, seed):
+        return GenerationRequest(prompt_ids=tuple((5 * i + seed) % 40 + 3 for i in range(n)), max_tokens=6,
+                                 sampling=PARAMS[seed % len(PARAMS)])
+
+    shorts = [req(2, 1), req(3, 2), req(3, 3)]  # 8 tokens together
+    single = [alone(engine, r)[1] for r in shorts]
+    seqs = [sched.submit(engine.prepare(r)) for r in shorts]
+    done = {}
+
+    def step():
+        for s, e in sched.step():
+            if not isinstance(e, GeneratedToken):
+                done[s] = e
+
+    step()
+    assert [s.n_prefilled for s in seqs] == [2, 3, 3]
+    assert all(s.state in ("decode", "done") for s in seqs)
+    while sched.busy:
+        step()
+    assert [done[s].ids for s in seqs] == [w.ids for w in single]
+
+    # a 20-token prompt, then a 3-token one: steps 1 and 2 run a chunk of the long one each (no room
+    # left), step 3 its last 4 tokens and the short one's 3
+    s_long, s_short = sched.submit(engine.prepare(req(20, 4))), sched.submit(engine.prepare(req(3, 5)))
+    states = []
+    while sched.busy:
+        step()
+        states.append((s_long.n_prefilled, s_short.n_prefilled))
+    assert states[:3] == [(8, 0), (16, 0), (20, 3)]
+    assert engine.device.memory_report()["kv_cache"] == 0

@@ -6,13 +6,16 @@
         for seq, event in sched.step():          # GeneratedToken | GenerationResult | GenerationError
             ...
 
-One `step()` is one iteration: the oldest sequence still prefilling runs one prefill chunk
-(PREFILL_CHUNK tokens; when its prompt is in the cache its first token is sampled and it joins the
-decode batch), then every decoding sequence takes one decode step together (`Device.batch_decoder`:
-one batched GEMV per weight, each row its own KV cache, position and sampling parameters). So a long
-prompt holds the running streams back by one chunk per step, never by its whole prefill, and a
-sequence that ends, fails or is cancelled leaves between two steps while the others go on. Cancels
-are seen at every step, also between the chunks of a prefill.
+One `step()` is one iteration: the sequences still prefilling run one prefill chunk each, oldest
+first, while their chunks fit in one chunk's worth of tokens (PREFILL_CHUNK; the oldest always runs
+one; when a prompt is in the cache its first token is sampled and the sequence joins the decode
+batch), then every decoding sequence takes one decode step together (`Device.batch_decoder`: one
+batched GEMV per weight, each row its own KV cache, position and sampling parameters). So a long
+prompt holds the running streams back by one chunk per step, never by its whole prefill; short
+prompts that arrive together join the batch in the same iteration instead of one an iteration (8
+streams ramping up one at a time ran 8 decode steps of 1..7 rows first); and a sequence that ends,
+fails or is cancelled leaves between two steps while the others go on. Cancels are seen at every
+step, also between the chunks of a prefill.
 
 A sequence's tokens do not depend on its neighbours: each row is sampled with its own seed and step
 index, and the backends compute each row of a decode step as they compute a lone token (the reference
@@ -117,12 +120,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.state = "prefill"
             self.active.append(seq)
-        prefilling = next((s for s in self.active if s.state == "prefill"), None)
-        if prefilling is not None:
-            try:
-                self._prefill_chunk(prefilling, events)
-            except GenerationError as exc:
-                self._fail(prefilling, exc, events)
+        self._prefill(events)
         decoder = self._decoder
         if decoder is not None and decoder.rows:
             by_row = {id(s.row): s for s in self.active if s.state == "decode"}
@@ -155,6 +153,23 @@ class Scheduler:
             self._decoder = None
 
     # -- the work ----------------------------------------------------------------------------------
+
+    def _prefill(self, events) -> None:
+        """One chunk of each prefilling sequence, in arrival order, while the chunks' tokens add up to
+        at most PREFILL_CHUNK (the first one runs whatever its size); the first that does not fit
+        ends the round, so a later short prompt never overtakes an earlier long one."""
+        from .engine import PREFILL_CHUNK
+
+        budget = PREFILL_CHUNK
+        for seq in [s for s in self.active if s.state == "prefill"]:
+            n = min(PREFILL_CHUNK, len(seq.prepared.prompt_ids) - seq.n_prefilled)
+            if n > budget and budget < PREFILL_CHUNK:
+                break
+            budget -= n
+            try:
+                self._prefill_chunk(seq, events)
+            except GenerationError as exc:
+                self._fail(seq, exc, events)
 
     def _prefill_chunk(self, seq: Sequence, events) -> None:
         from .engine import PREFILL_CHUNK
