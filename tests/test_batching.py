@@ -183,7 +183,6 @@ def test_each_step_reports_its_decode_rows(engine, monkeypatch):
     assert rows == want and rows > 0 and steps > 1
 
 
-
 def test_short_prompts_that_arrive_together_join_in_one_step(engine, monkeypatch):
     """Each step prefills one chunk of each prefilling sequence, oldest first, while the chunks fit in
     PREFILL_CHUNK tokens together: three short prompts submitted together all decode after the first

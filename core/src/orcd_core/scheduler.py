@@ -12,9 +12,9 @@ one; when a prompt is in the cache its first token is sampled and the sequence j
 batch), then every decoding sequence takes one decode step together (`Device.batch_decoder`: one
 batched GEMV per weight, each row its own KV cache, position and sampling parameters). So a long
 prompt holds the running streams back by one chunk per step, never by its whole prefill; short
-prompts that arrive together join the batch in the same iteration instead of one an iteration (8
-streams ramping up one at a time ran 8 decode steps of 1..7 rows first); and a sequence that ends,
-fails or is cancelled leaves between two steps while the others go on. Cancels are seen at every
+prompts that arrive together join the batch in the same iteration (with one prefill an iteration, 8
+streams sent together decoded 1..7 rows for their first steps); and a sequence that ends, fails or
+is cancelled leaves between two steps while the others go on. Cancels are seen at every
 step, also between the chunks of a prefill.
 
 A sequence's tokens do not depend on its neighbours: each row is sampled with its own seed and step
