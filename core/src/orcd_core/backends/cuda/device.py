@@ -44,7 +44,8 @@ MAX_HEADS = 1024  # (row, head) split counters of the decode attention
 # blocks (launched early, they wait on SMs the GEMV ahead still uses). Measured on an H100 (session 7,
 # calls 5-6, bench -b 1: grids of 14, 32 and 64 blocks): qwen2 1,404 -> 1,444 tok/s with PDL, served
 # (448 blocks at 4,096 positions) 1,370 over SSE; gpt-oss 470 -> 456 (-3%, not explained by its grid
-# size; docs/perf-notes.md). Larger grids (gpt-oss served: 2,048) are not measured with PDL: without it
+# size; docs/perf-notes.md). Larger grids (gpt-oss served: 2,048) are not measured with PDL, so they
+# launch without it
 ATTN_PDL_MAX_BLOCKS = 1024
 
 

@@ -8,8 +8,9 @@ their (unwritten) output array and leave a `Deferred` record keyed by that array
 that knows how to absorb the producer fuses it (the GEMV stages `rms_norm(x) * w` or `silu(g) * u`
 while loading x, adds a residual in its epilogue; the decode attention ropes q and k and writes the KV
 cache itself, a prefill's `rope_kv_write` ropes them while writing it); every other read of a deferred
-array goes through `Deferred.ready`, which launches the producer first. Activations are never written twice within a step (bump workspace, pool arrays kept
-alive by the record), so launching a producer later in the stream gives the same values.
+array goes through `Deferred.ready`, which launches the producer first. Activations are never written
+twice within a step (bump workspace, pool arrays kept alive by the record), so launching a producer
+later in the stream gives the same values.
 
 The records live for one step: `DeferredOps.reset()` at `begin_step` (a record left unread then was
 never needed).
