@@ -7,6 +7,7 @@ the queue, cancellation and metrics with /execute."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -312,22 +313,50 @@ def _cancelled(http) -> float:
     return metric_value(http.get("/metrics").text, "orcd_requests_total", 'outcome="cancelled"')
 
 
+def _ends(server, prefix: str) -> list[dict]:
+    return [line for line in server.logs() if line.get("event") == "execute_end" and line["job_id"].startswith(prefix)]
+
+
+def _next_end(server, prefix: str, seen: int, timeout=60) -> dict:
+    """The first `execute_end` log line of a /v1 job (ids `prefix`...) after the `seen` already logged.
+    The job stops counting as running just before it is counted and logged: wait for the line, not
+    for an idle /health, before reading /metrics."""
+    deadline = time.monotonic() + timeout
+    while len(ends := _ends(server, prefix)) <= seen:
+        assert time.monotonic() < deadline, f"no execute_end for a {prefix} job"
+        time.sleep(0.01)
+    assert len(ends) == seen + 1, ends[seen:]
+    return ends[seen]
+
+
 def test_disconnect_cancels_streaming_and_whole_requests(client, http, server):
+    """Greedy (temperature 0: no random seed, no early EOS) the tiny model runs all 480 tokens on PROMPT
+    and on "hi" (seconds on the reference backend), so each client goes while its job runs, with most
+    of its tokens still to come; a job that was not cancelled ends "completed" and fails this test."""
     wait_idle(http)
     before = _cancelled(http)
+    seen_chat, seen_whole = len(_ends(server, "chatcmpl-")), len(_ends(server, "cmpl-"))
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=480, temperature=0, stream=True)
     for n, _chunk in enumerate(stream):
         if n == 2:
             break
     stream.close()
+    end = _next_end(server, "chatcmpl-", seen_chat)
+    assert (end["outcome"], end.get("message")) == ("cancelled", "job cancelled (disconnect)"), end
     wait_idle(http, timeout=30)
-    # not streaming: the client gives up waiting, the job is cancelled all the same
-    with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=1.0).completions.create(model="tiny", prompt=PROMPT, max_tokens=480)
+    # not streaming: the client hangs up while its job runs (before any answer), the job is cancelled
+    # all the same. A raw connection, closed once /health shows the job running: no client timeout
+    # racing the generation.
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "temperature": 0}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        _wait_health(http, running=1, queued=0)
+    end = _next_end(server, "cmpl-", seen_whole)
+    assert (end["outcome"], end.get("message")) == ("cancelled", "job cancelled (disconnect)"), end
     wait_idle(http, timeout=30)
     assert _cancelled(http) == before + 2
-    ends = [line for line in server.logs() if line.get("event") == "execute_end" and line["outcome"] == "cancelled"
-            and line["job_id"].startswith(("chatcmpl-", "cmpl-"))]
-    assert len(ends) >= 2
     assert json.loads(http.get("/health").text)["status"] == "healthy"
