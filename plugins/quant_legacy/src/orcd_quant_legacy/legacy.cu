@@ -64,7 +64,7 @@ __device__ __forceinline__ void dot_q8_dm(const u32 (*lo)[4], const u32 (*hi)[4]
                                           int nt, float* out) {
     dot_q8_rows<NT, NR>(lo, hi, e0, x, nt, out, [&](int r, int s, const float4& gm) {
         const float d = h2f_lo(dm[r]), m = h2f_hi(dm[r]);
-        return d * (gm.x * (float)s) + m * gm.w;
+        return fmaf(m, gm.w, d * (gm.x * (float)s));  // (fused explicitly: main's rounding, in every kernel)
     });
 }
 

@@ -144,7 +144,9 @@ __device__ __forceinline__ void k4_dot_q8(const u8* const* blk, int j, int e0, c
             sa = dp4a(la[r][4], xa1.x, sa); sa = dp4a(la[r][5], xa1.y, sa); sa = dp4a(la[r][6], xa1.z, sa); sa = dp4a(la[r][7], xa1.w, sa);
             sb = dp4a(hb8[r][0], xb0.x, sb); sb = dp4a(hb8[r][1], xb0.y, sb); sb = dp4a(hb8[r][2], xb0.z, sb); sb = dp4a(hb8[r][3], xb0.w, sb);
             sb = dp4a(hb8[r][4], xb1.x, sb); sb = dp4a(hb8[r][5], xb1.y, sb); sb = dp4a(hb8[r][6], xb1.z, sb); sb = dp4a(hb8[r][7], xb1.w, sb);
-            out[r * NT + t] = d[r] * (sc1[r] * ga.x * (float)sa + sc2[r] * gb.x * (float)sb) - dmin[r] * (m1[r] * ga.w + m2[r] * gb.w);
+            // (fused explicitly: the contraction nvcc/ptxas chose on main, now fixed in every kernel)
+            out[r * NT + t] = fmaf(d[r], fmaf(sc1[r] * ga.x, (float)sa, sc2[r] * gb.x * (float)sb),
+                                   -(dmin[r] * fmaf(m1[r], ga.w, m2[r] * gb.w)));
         }
     }
 }
