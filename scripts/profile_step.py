@@ -221,7 +221,9 @@ def main() -> None:
     # every distinct decode GEMV of the step at each split it can take, timed cold: a graph of 20 x (write
     # 256 MB, launch) minus one of 20 x (write 256 MB), so the weights come from DRAM as in a whole step
     # (replayed alone, a weight that fits in L2 stays there). FMA kernels: R rows per warp 1, 2, 4;
-    # int8 kernels: R 1, 2, 4, 8; tensor-core kernels: K split KS 1, 2, 4, 8 (the launcher's pick marked *).
+    # int8 kernels: R 1, 2, 4, 8 (the batched ones: groups of Q8_T8_ROWS rows); tensor-core kernels: K split KS 1, 2, 4, 8 (the launcher's pick marked *).
+    from orcd_core.kernels.constants import Q8_T8_ROWS
+
     flush = cupy.empty((256 << 20) // 4, dtype=np.float32)
 
     def graph_us(body) -> float:
@@ -248,7 +250,7 @@ def main() -> None:
                 a2, r_at = args[:8] + (np.int32(R),) + args[9:], 8
             else:
                 a2, r_at = args[:9] + (np.int32(R),) + args[10:], 9
-            per = 16 * (block[0] // 32 // R) if tc else block[0] // 32 * R
+            per = 16 * (block[0] // 32 // R) if tc else block[0] // 32 * R * (Q8_T8_ROWS if "_t8_" in name and q8 else 1)
             grid = ((N + per - 1) // per,)
             us = graph_us(lambda: (flush.fill(0), orig_launch(f, grid, block, a2, smem))) - flush_us
             mark = "*" if R == int(args[r_at]) else " "

@@ -18,6 +18,7 @@ typedef long long i64;
     !defined(XS_MAX_BYTES) || !defined(XS_TC_MAX_BYTES) || !defined(XS_CHUNK_ALIGN) ||                     \
     !defined(GEMV_X_PLAIN) || !defined(GEMV_X_RMS) || !defined(GEMV_X_SILU) || !defined(AP_MAXD) ||     \
     !defined(Q8_GROUP) || !defined(Q8_META_BYTES) || !defined(Q8_WARPS) || !defined(Q8_QUANT_THREADS) ||    \
+    !defined(Q8_T8_ROWS) ||                                                                                 \
     !defined(AD_CHUNK) || !defined(AD_CHUNK_MIN) || !defined(AD_SPLITS) || !defined(AD_MAX_SPLITS) ||      \
     !defined(AP_TC_QT) || !defined(AP_TC_KT) || !defined(AP_TC_PAD) ||                                      \
     !defined(MOE_WARPS) || !defined(MOE_MAX_K) || !defined(MOE_GEMM_BN) || !defined(MOE_GEMM_BM) ||        \

@@ -29,6 +29,8 @@ Q8_GROUP = 32  # elements per scale of an int8-quantized activation row (q8.cuh;
 Q8_META_BYTES = 16  # bytes after the K int8 of a quantized row per group: float4 {d, sum of the first 16, of
 #                    the second 16, of all 32} (q8.cuh); a row is K + K / Q8_GROUP * Q8_META_BYTES bytes
 Q8_WARPS = 8  # warps per block of the int8-activation GEMVs (gemv_q8_*)
+Q8_T8_ROWS = 2  # weight rows a warp of gemv_q8_t8_* takes together: each token's x read once from shared
+#               memory for both (F::dot_q8<NT, NR>); the one-token kernel takes one
 Q8_QUANT_THREADS = 256  # threads per block of quantize_q8 without the RMS norm (4 elements each; the RMS mode
 #                        takes one block per row of up to 1024 threads)
 

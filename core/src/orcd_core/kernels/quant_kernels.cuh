@@ -518,25 +518,27 @@ __device__ __forceinline__ void get_rows_impl(const u8* __restrict__ W, i64 row_
 // The int8-activation decode GEMV of one token (gemv_q8_NAME, for a format that defines F::dot_q8 and
 // F::Q8_PARTS; its plugin's source instantiates ORCD_QUANT_KERNELS_Q8): y[n] = sum_k W[n, k] x[k]
 // (+ bias[n]) (+ res[n]), x quantized by quantize_q8 (q8.cuh: int8 per 32 elements; the GEMV input mode,
-// the RMS norm or the silu_mul, applied there). F::dot_q8<NT>(blk, p, e0, x, nt, out) writes out[t], the
-// sum of w x[t] over part p (0 .. Q8_PARTS - 1) of the block whose first element is e0, for the nt <= NT
-// token rows x[0 .. nt) (0 past them: a step of fewer rows does only their work): the part's weights
-// loaded and their integer codes decoded once, then per token the codes times its int8 x by dp4a (four
-// products an instruction), the block's scales and the groups' d applied per run after, each token by
-// the same expressions as a lone one (NT = 1);
+// the RMS norm or the silu_mul, applied there). F::dot_q8<NT, NR>(blk, p, e0, x, nt, out) writes
+// out[r NT + t], the sum of w x[t] over part p (0 .. Q8_PARTS - 1) of weight row r's block blk[r] (r <
+// NR), whose first element is e0, for the nt <= NT token rows x[0 .. nt) (0 past them: a step of fewer
+// rows does only their work): the parts' weights loaded and their integer codes decoded once, then per
+// token its x chunks read once and, per weight row, the codes times the int8 x by dp4a (four products an
+// instruction), the block's scales and the groups' d applied per run after, each (row, token) by the same
+// expressions as a lone one (NT = NR = 1);
 // ~2 instructions a weight where the float GEMVs spend 5-6 on decoding and FFMAs (what bounds them on
 // the larger matrices: docs/perf-notes.md). The float GEMVs stay the exact path.
 // A block of Q8_WARPS warps stages the quantized row (q8_row_bytes(K), one batch of cp.async), each warp
-// takes R consecutive rows, and lane l the parts l, l + 32, ... of the warp's rows as one flat list (as
-// gemv_impl). Launched early (PDL): the warp's weights are requested into L2 while the kernel ahead
-// (quantize_q8) runs; its x only after.
+// takes R consecutive rows (the batched kernel R groups of Q8_T8_ROWS rows, each token's x read from
+// shared memory once for a group), and lane l the parts l, l + 32, ... Launched early (PDL): the warp's
+// weights are requested into L2 while the kernel ahead (quantize_q8) runs; its x only after.
 // ================================================================================================
-// F::dot_q8 of one token row: the part's sum (the expert GEMVs', moe_kernels.cuh)
+// F::dot_q8 of one token row and one weight row: the part's sum (the expert GEMVs', moe_kernels.cuh)
 template <class F>
 __device__ __forceinline__ float dot_q8_one(const u8* blk, int p, int e0, const Q8Row& x) {
     const Q8Row xs[1] = {x};
+    const u8* const blks[1] = {blk};
     float v[1];
-    F::template dot_q8<1>(blk, p, e0, xs, 1, v);
+    F::template dot_q8<1, 1>(blks, p, e0, xs, 1, v);
     return v[0];
 }
 
@@ -545,10 +547,11 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
                                              float* __restrict__ y, const float* __restrict__ bias, int N, int K,
                                              int T, int R, const float* __restrict__ res) {
     extern __shared__ int4 x8[];
+    constexpr int RB = MAXT == 1 ? 1 : Q8_T8_ROWS;  // weight rows taken together (each token's x read once)
     const int lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * R;
-    const int nr = row0 < N ? min(R, N - row0) : 0;  // this warp's rows (0: it only helps staging)
-    const int nt = MAXT == 1 ? 1 : T;                // tokens (rows of x and y)
+    const int row0 = (blockIdx.x * Q8_WARPS + (threadIdx.x >> 5)) * R * RB;
+    const int nr = row0 < N ? min(R * RB, N - row0) : 0;  // this warp's rows (0: it only helps staging)
+    const int nt = MAXT == 1 ? 1 : T;                      // tokens (rows of x and y)
     pdl_trigger();
     {
         const u8* wb = W + (i64)row0 * row_bytes;
@@ -566,41 +569,59 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
     cp_async_wait_all();
     __syncthreads();
     const int NP = (K / F::QK) * F::Q8_PARTS;  // parts of a row
-    for (int r = 0; r < nr; ++r) {  // (nr is the same for the warp's lanes: the shuffles below see all of them)
-        const u8* __restrict__ wr = W + (i64)(row0 + r) * row_bytes;
-        float a[MAXT];
-        Q8Row xr[MAXT];  // (rows past nt: dot_q8 skips them; their sums are never written)
+    Q8Row xr[MAXT];  // (rows past nt: dot_q8 skips them; their sums are never written)
 #pragma unroll
-        for (int t = 0; t < MAXT; ++t) {
-            const int o = min(t, nt - 1) * nu;
-            a[t] = 0.0f;
-            xr[t] = Q8Row{x8 + o, (const float4*)(x8 + o + nq)};
-        }
-#pragma unroll(MAXT == 1 ? 2 : 1)  // (the batched kernel's body is MAXT dots: unrolled, its code doubles)
-        for (int p = (lane - r * NP) & 31; p < NP; p += 32) {  // flat index r * NP + p = lane (mod 32)
+    for (int t = 0; t < MAXT; ++t) {
+        const int o = min(t, nt - 1) * nu;
+        xr[t] = Q8Row{x8 + o, (const float4*)(x8 + o + nq)};
+    }
+    for (int r = 0; r < nr; r += RB) {  // (nr is the same for the warp's lanes: the shuffles below see all of them)
+        const int nb = min(RB, nr - r);  // rows of this group (the last one of the matrix may have fewer)
+        const u8* __restrict__ wr[RB];
+#pragma unroll
+        for (int j = 0; j < RB; ++j) wr[j] = W + (i64)(row0 + r + min(j, nb - 1)) * row_bytes;
+        float a[RB][MAXT];
+#pragma unroll
+        for (int j = 0; j < RB; ++j)
+#pragma unroll
+            for (int t = 0; t < MAXT; ++t) a[j][t] = 0.0f;
+        // lane l takes the parts l, l + 32, ... of each row: of a flat list over the R rows for one token
+        // (flat index r * NP + p = lane mod 32), of each row alone for a batch, which is the one-token
+        // kernel's order at R = 1 (the launcher's), so a row's sum is added up in the same order either way
+#pragma unroll(MAXT == 1 ? 2 : 1)  // (the batched kernel's body is RB x MAXT dots: unrolled, its code doubles)
+        for (int p = MAXT == 1 ? (lane - r * NP) & 31 : lane; p < NP; p += 32) {
             const int b = p / F::Q8_PARTS;
-            // the weights loaded and decoded once for every token; each token's sum by the same
-            // expressions in the same order as a lone token's: a row's value does not depend on how many
-            // tokens share the launch
-            float v[MAXT];
-            F::template dot_q8<MAXT>(wr + (i64)b * F::TS, p - b * F::Q8_PARTS, b * F::QK, xr, nt, v);
+            const u8* blks[RB];
 #pragma unroll
-            for (int t = 0; t < MAXT; ++t) a[t] = __fadd_rn(a[t], v[t]);  // (never fused with the dot's last
-            //   product: a kernel of fewer rows, whose dot ends in a branch, would round otherwise)
+            for (int j = 0; j < RB; ++j) blks[j] = wr[j] + (i64)b * F::TS;
+            // the weights loaded and decoded once for every token, each token's x once for the RB rows;
+            // each (row, token) sum by the same expressions in the same order as a lone token's of a lone
+            // row: a row's value does not depend on how many tokens share the launch
+            float v[RB * MAXT];
+            F::template dot_q8<MAXT, RB>(blks, p - b * F::Q8_PARTS, b * F::QK, xr, nt, v);
+#pragma unroll
+            for (int j = 0; j < RB; ++j)
+#pragma unroll
+                for (int t = 0; t < MAXT; ++t) a[j][t] = __fadd_rn(a[j][t], v[j * MAXT + t]);  // (never fused
+            //   with the dot's last product: a kernel of fewer rows, whose dot ends in a branch, would round otherwise)
         }
-        auto store = [&](int t, float s) {  // token t's sum s of row row0 + r
-            const i64 o = (i64)t * N + row0 + r;
-            const float v = s + (bias ? bias[row0 + r] : 0.0f);
+        auto store = [&](int n, int t, float s) {  // token t's sum s of row n
+            const i64 o = (i64)t * N + n;
+            const float v = s + (bias ? bias[n] : 0.0f);
             y[o] = res ? res[o] + v : v;  // the residual add's operand order (add_f32), as gemv_impl
         };
-        if constexpr (MAXT == 8) {  // the 8 sums at once (warp_sum8: warp_sum's bits), lanes 4t write token t
-            const float s = warp_sum8(a);
-            if ((lane & 3) == 0 && (lane >> 2) < nt) store(lane >> 2, s);
-        } else {
 #pragma unroll
-            for (int t = 0; t < MAXT; ++t) {
-                const float s = warp_sum(a[t]);
-                if (lane == 0 && t < nt) store(t, s);
+        for (int j = 0; j < RB; ++j) {
+            if (j >= nb) break;  // (warp-uniform)
+            if constexpr (MAXT == 8) {  // the 8 sums at once (warp_sum8: warp_sum's bits), lanes 4t write token t
+                const float s = warp_sum8(a[j]);
+                if ((lane & 3) == 0 && (lane >> 2) < nt) store(row0 + r + j, lane >> 2, s);
+            } else {
+#pragma unroll
+                for (int t = 0; t < MAXT; ++t) {
+                    const float s = warp_sum(a[j][t]);
+                    if (lane == 0 && t < nt) store(row0 + r + j, t, s);
+                }
             }
         }
     }
@@ -608,7 +629,7 @@ __device__ __forceinline__ void gemv_q8_impl(const u8* __restrict__ W, i64 row_b
 
 // The int8-activation GEMVs of a format with F::dot_q8 (a quant plugin's .cu, beside ORCD_QUANT_KERNELS):
 // gemv_q8_NAME one token, gemv_q8_t8_NAME up to GEMV_MAX_T (each row's values those of a lone token).
-// Dynamic shared memory: T q8_row_bytes(K).
+// Dynamic shared memory: T q8_row_bytes(K). A warp takes R rows (gemv_q8_t8_*: R groups of Q8_T8_ROWS).
 #define ORCD_QUANT_KERNELS_Q8(NAME, F)                                                                       \
     extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
         gemv_q8_##NAME(const u8* W, i64 row_bytes, const u8* xq, float* y, const float* bias, int N, int K,  \

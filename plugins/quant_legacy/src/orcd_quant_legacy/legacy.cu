@@ -18,9 +18,8 @@ __device__ __forceinline__ void codes_q4x8(const u32 q[4], u32 qh, u32 lo[4], u3
 }
 
 // sum q x_q over a 32-weight block of codes in that order (lo: elements 0..15, hi: 16..31; a[c], b[c]
-// each four bytes): 8 dp4a against the block's two x chunks
-__device__ __forceinline__ int dot_codes8(const u32 a[4], const u32 b[4], int e0, const Q8Row& x) {
-    const int4 xa = x.chunk(e0 >> 4), xb = x.chunk((e0 >> 4) + 1);
+// each four bytes): 8 dp4a against the block's two x chunks xa, xb
+__device__ __forceinline__ int dot_codes8(const u32 a[4], const u32 b[4], const int4& xa, const int4& xb) {
     const int wa[4] = {xa.x, xa.y, xa.z, xa.w}, wb[4] = {xb.x, xb.y, xb.z, xb.w};
     int s = 0;
 #pragma unroll
@@ -31,30 +30,42 @@ __device__ __forceinline__ int dot_codes8(const u32 a[4], const u32 b[4], int e0
     return s;
 }
 
-// The int8-activation dots of a 32-weight block of codes with NT rows where w = d (q - off) (Q4_0, Q5_0):
-// sum w x = d (d_x sum(q x_q) - off s)
-template <int NT>
-__device__ __forceinline__ void dot_q8_off(const u32 lo[4], const u32 hi[4], float d, float off, int e0, const Q8Row* x,
-                                           int nt, float* out) {
+// The int8-activation dots of NR rows' 32-weight blocks of codes with NT token rows (out[r NT + t]), each
+// token's two x chunks and its group's meta read once for the NR rows. code(r, sum, meta) is row r's value
+// from sum q x_q and the group's meta: the same expression for any NR and NT.
+template <int NT, int NR, class Code>
+__device__ __forceinline__ void dot_q8_rows(const u32 (*lo)[4], const u32 (*hi)[4], int e0, const Q8Row* x, int nt,
+                                            float* out, Code code) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-        if (t >= nt) { out[t] = 0.0f; continue; }
+        if (t >= nt) {
+#pragma unroll
+            for (int r = 0; r < NR; ++r) out[r * NT + t] = 0.0f;
+            continue;
+        }
         const float4 gm = x[t].meta(e0 >> 5);
-        out[t] = d * fmaf(gm.x, (float)dot_codes8(lo, hi, e0, x[t]), -off * gm.w);
+        const int4 xa = x[t].chunk(e0 >> 4), xb = x[t].chunk((e0 >> 4) + 1);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) out[r * NT + t] = code(r, dot_codes8(lo[r], hi[r], xa, xb), gm);
     }
 }
 
-// The same where w = d q + m, d and m the fp16 halves of `dm` (Q4_1, Q5_1): sum w x = d d_x sum(q x_q) + m s
-template <int NT>
-__device__ __forceinline__ void dot_q8_dm(const u32 lo[4], const u32 hi[4], u32 dm, int e0, const Q8Row* x, int nt,
-                                          float* out) {
-    const float d = h2f_lo(dm), m = h2f_hi(dm);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        if (t >= nt) { out[t] = 0.0f; continue; }
-        const float4 gm = x[t].meta(e0 >> 5);
-        out[t] = d * (gm.x * (float)dot_codes8(lo, hi, e0, x[t])) + m * gm.w;
-    }
+// w = d (q - off) (Q4_0, Q5_0): sum w x = d (d_x sum(q x_q) - off s)
+template <int NT, int NR>
+__device__ __forceinline__ void dot_q8_off(const u32 (*lo)[4], const u32 (*hi)[4], const float* d, float off, int e0,
+                                           const Q8Row* x, int nt, float* out) {
+    dot_q8_rows<NT, NR>(lo, hi, e0, x, nt, out,
+                        [&](int r, int s, const float4& gm) { return d[r] * fmaf(gm.x, (float)s, -off * gm.w); });
+}
+
+// w = d q + m, d and m the fp16 halves of dm[r] (Q4_1, Q5_1): sum w x = d d_x sum(q x_q) + m s
+template <int NT, int NR>
+__device__ __forceinline__ void dot_q8_dm(const u32 (*lo)[4], const u32 (*hi)[4], const u32* dm, int e0, const Q8Row* x,
+                                          int nt, float* out) {
+    dot_q8_rows<NT, NR>(lo, hi, e0, x, nt, out, [&](int r, int s, const float4& gm) {
+        const float d = h2f_lo(dm[r]), m = h2f_hi(dm[r]);
+        return fmaf(m, gm.w, d * (gm.x * (float)s));  // (fused explicitly: main's rounding, in every kernel)
+    });
 }
 
 // ---- Q4_0: d (fp16) | qs[16]; 18 bytes; w = d * (q - 8) -------------------------------------------
@@ -74,12 +85,18 @@ struct FmtQ4_0 {
     }
     // The int8-activation GEMV's part (the whole block): w = d (q - 8), so sum w x = d (d_x sum(q x_q) - 8 s).
     static constexpr int Q8_PARTS = 1;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
-        u32 q[4], lo[4], hi[4];
-        ld16_a2(blk + 2, q);
-        codes_q4x8<false>(q, 0u, lo, hi);
-        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 8.0f, e0, x, nt, out);
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int, int e0, const Q8Row* x, int nt, float* out) {
+        u32 lo[NR][4], hi[NR][4];
+        float d[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            u32 q[4];
+            ld16_a2(blk[r] + 2, q);
+            codes_q4x8<false>(q, 0u, lo[r], hi[r]);
+            d[r] = h2f(ld2(blk[r]));
+        }
+        dot_q8_off<NT, NR>(lo, hi, d, 8.0f, e0, x, nt, out);
     }
 };
 
@@ -101,12 +118,17 @@ struct FmtQ4_1 {
     }
     // The int8-activation GEMV's part (the whole block): w = d q + m, so sum w x = d d_x sum(q x_q) + m s.
     static constexpr int Q8_PARTS = 1;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
-        u32 q[4], lo[4], hi[4];
-        ld16_a4(blk + 4, q);
-        codes_q4x8<false>(q, 0u, lo, hi);
-        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, nt, out);
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int, int e0, const Q8Row* x, int nt, float* out) {
+        u32 lo[NR][4], hi[NR][4], dm[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            u32 q[4];
+            ld16_a4(blk[r] + 4, q);
+            codes_q4x8<false>(q, 0u, lo[r], hi[r]);
+            dm[r] = ld4(blk[r]);
+        }
+        dot_q8_dm<NT, NR>(lo, hi, dm, e0, x, nt, out);
     }
 };
 
@@ -135,12 +157,18 @@ struct FmtQ5_0 {
     // The int8-activation GEMV's part (the whole block): the 5-bit codes merged into bytes as item() does,
     // 8 dp4a; w = d (q - 16), so sum w x = d (d_x sum(q x_q) - 16 s).
     static constexpr int Q8_PARTS = 1;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
-        u32 q[4], lo[4], hi[4];
-        ld16_a2(blk + 6, q);
-        codes_q4x8<true>(q, (u32)ld2(blk + 2) | ((u32)ld2(blk + 4) << 16), lo, hi);
-        dot_q8_off<NT>(lo, hi, h2f(ld2(blk)), 16.0f, e0, x, nt, out);
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int, int e0, const Q8Row* x, int nt, float* out) {
+        u32 lo[NR][4], hi[NR][4];
+        float d[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            u32 q[4];
+            ld16_a2(blk[r] + 6, q);
+            codes_q4x8<true>(q, (u32)ld2(blk[r] + 2) | ((u32)ld2(blk[r] + 4) << 16), lo[r], hi[r]);
+            d[r] = h2f(ld2(blk[r]));
+        }
+        dot_q8_off<NT, NR>(lo, hi, d, 16.0f, e0, x, nt, out);
     }
 };
 
@@ -162,12 +190,17 @@ struct FmtQ5_1 {
     }
     // The int8-activation GEMV's part (the whole block): w = d q + m (5-bit q), as Q4_1's.
     static constexpr int Q8_PARTS = 1;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
-        u32 q[4], lo[4], hi[4];
-        ld16_a4(blk + 8, q);
-        codes_q4x8<true>(q, ld4(blk + 4), lo, hi);
-        dot_q8_dm<NT>(lo, hi, ld4(blk), e0, x, nt, out);
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int, int e0, const Q8Row* x, int nt, float* out) {
+        u32 lo[NR][4], hi[NR][4], dm[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            u32 q[4];
+            ld16_a4(blk[r] + 8, q);
+            codes_q4x8<true>(q, ld4(blk[r] + 4), lo[r], hi[r]);
+            dm[r] = ld4(blk[r]);
+        }
+        dot_q8_dm<NT, NR>(lo, hi, dm, e0, x, nt, out);
     }
 };
 
@@ -193,14 +226,17 @@ struct FmtQ8_0 {
     }
     // The int8-activation GEMV's part (the whole block): 8 dp4a of the int8 codes; sum w x = d d_x sum(q x_q).
     static constexpr int Q8_PARTS = 1;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
-        u32 a[4], b[4];
-        ld16_a2(blk + 2, a);
-        ld16_a2(blk + 18, b);
-        const float d = h2f(ld2(blk));
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int, int e0, const Q8Row* x, int nt, float* out) {
+        u32 a[NR][4], b[NR][4];
+        float d[NR];
 #pragma unroll
-        for (int t = 0; t < NT; ++t) out[t] = t < nt ? d * (x[t].meta(e0 >> 5).x * (float)dot_codes8(a, b, e0, x[t])) : 0.0f;
+        for (int r = 0; r < NR; ++r) {
+            ld16_a2(blk[r] + 2, a[r]);
+            ld16_a2(blk[r] + 18, b[r]);
+            d[r] = h2f(ld2(blk[r]));
+        }
+        dot_q8_rows<NT, NR>(a, b, e0, x, nt, out, [&](int r, int s, const float4& gm) { return d[r] * (gm.x * (float)s); });
     }
 };
 

@@ -94,14 +94,14 @@ struct FmtMXFP4 {
         asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
         return r;
     }
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int, int e0, const Q8Row* x, int nt, float* out) {
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int, int e0, const Q8Row* x, int nt, float* out) {
         constexpr u32 M0 = 0x03020100u, M1 = 0x0C080604u;  // doubled E2M1 magnitudes of codes 0..7
-        u32 q[4];
-        const u32 e = mxfp4_load(blk, q);
-        if constexpr (NT == 1) {  // one row: each code decoded beside its products (measured faster alone:
-            // gpt-oss tg128 465 against 444 tok/s decoded first, H100); the same integer sums, so the
+        if constexpr (NT == 1 && NR == 1) {  // one row: each code decoded beside its products (measured faster
+            // alone: gpt-oss tg128 465 against 444 tok/s decoded first, H100); the same integer sums, so the
             // same value as a row of a batch
+            u32 q[4];
+            const u32 e = mxfp4_load(blk[0], q);
             const int4 xa = x[0].chunk(e0 >> 4), xb = x[0].chunk((e0 >> 4) + 1);
             const u32 xl[4] = {(u32)xa.x, (u32)xa.y, (u32)xa.z, (u32)xa.w}, xh[4] = {(u32)xb.x, (u32)xb.y, (u32)xb.z, (u32)xb.w};
             int sp = 0, sn = 0;
@@ -116,31 +116,50 @@ struct FmtMXFP4 {
             }
             out[0] = (float)(sp - sn) * x[0].meta(e0 >> 5).x * e8m0_half(e);
         } else {
-            int wp[8], wn[8];  // word w's halves (2w, 2w + 1): the positive weights, the negatives' magnitudes
+            int wp[NR][8], wn[NR][8];  // word w's halves (2w, 2w + 1): the positive weights, the negatives' magnitudes
+            float sc[NR];
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                const u32 s0 = q[w], s1 = q[w] >> 16;
-                wp[2 * w] = (int)prmt(M0, M1, s0);
-                wp[2 * w + 1] = (int)prmt(M0, M1, s1);
-                wn[2 * w] = (int)prmt(M0, M1, s0 ^ 0x8888u);
-                wn[2 * w + 1] = (int)prmt(M0, M1, s1 ^ 0x8888u);
-            }
-            const float sc = e8m0_half(e);
-#pragma unroll
-            for (int t = 0; t < NT; ++t) {
-                if (t >= nt) { out[t] = 0.0f; continue; }
-                const int4 xa = x[t].chunk(e0 >> 4), xb = x[t].chunk((e0 >> 4) + 1);  // elements 0..15, 16..31
-                const u32 xl[4] = {(u32)xa.x, (u32)xa.y, (u32)xa.z, (u32)xa.w}, xh[4] = {(u32)xb.x, (u32)xb.y, (u32)xb.z, (u32)xb.w};
-                int sp = 0, sn = 0;
+            for (int r = 0; r < NR; ++r) {
+                u32 q[4];
+                const u32 e = mxfp4_load(blk[r], q);
 #pragma unroll
                 for (int w = 0; w < 4; ++w) {
-                    const int x0 = (int)prmt(xl[w], xh[w], 0x5140u), x1 = (int)prmt(xl[w], xh[w], 0x7362u);
-                    sp = dp4a(wp[2 * w], x0, sp);
-                    sp = dp4a(wp[2 * w + 1], x1, sp);
-                    sn = dp4a(wn[2 * w], x0, sn);
-                    sn = dp4a(wn[2 * w + 1], x1, sn);
+                    const u32 s0 = q[w], s1 = q[w] >> 16;
+                    wp[r][2 * w] = (int)prmt(M0, M1, s0);
+                    wp[r][2 * w + 1] = (int)prmt(M0, M1, s1);
+                    wn[r][2 * w] = (int)prmt(M0, M1, s0 ^ 0x8888u);
+                    wn[r][2 * w + 1] = (int)prmt(M0, M1, s1 ^ 0x8888u);
                 }
-                out[t] = (float)(sp - sn) * x[t].meta(e0 >> 5).x * sc;
+                sc[r] = e8m0_half(e);
+            }
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                if (t >= nt) {
+#pragma unroll
+                    for (int r = 0; r < NR; ++r) out[r * NT + t] = 0.0f;
+                    continue;
+                }
+                const int4 xa = x[t].chunk(e0 >> 4), xb = x[t].chunk((e0 >> 4) + 1);  // elements 0..15, 16..31
+                const u32 xl[4] = {(u32)xa.x, (u32)xa.y, (u32)xa.z, (u32)xa.w}, xh[4] = {(u32)xb.x, (u32)xb.y, (u32)xb.z, (u32)xb.w};
+                const float dx = x[t].meta(e0 >> 5).x;
+                int x0[4], x1[4];
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    x0[w] = (int)prmt(xl[w], xh[w], 0x5140u);
+                    x1[w] = (int)prmt(xl[w], xh[w], 0x7362u);
+                }
+#pragma unroll
+                for (int r = 0; r < NR; ++r) {
+                    int sp = 0, sn = 0;
+#pragma unroll
+                    for (int w = 0; w < 4; ++w) {
+                        sp = dp4a(wp[r][2 * w], x0[w], sp);
+                        sp = dp4a(wp[r][2 * w + 1], x1[w], sp);
+                        sn = dp4a(wn[r][2 * w], x0[w], sn);
+                        sn = dp4a(wn[r][2 * w + 1], x1[w], sn);
+                    }
+                    out[r * NT + t] = (float)(sp - sn) * dx * sc[r];
+                }
             }
         }
     }

@@ -56,8 +56,8 @@ struct FmtQ4_K {
     }
     // The int8-activation GEMV's part j (0..3): sub-blocks 2j and 2j + 1 (k4_dot_q8, below).
     static constexpr int Q8_PARTS = 4;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out);
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int j, int e0, const Q8Row* x, int nt, float* out);
 };
 
 // ---- Q5_K: d, dmin | scales[12] | qh[32] | qs[128]; 176 bytes -----------------------------------------
@@ -92,54 +92,71 @@ struct FmtQ5_K {
     }
     // The int8-activation GEMV's part j (0..3), as Q4_K's with the fifth bits (k4_dot_q8, below).
     static constexpr int Q8_PARTS = 4;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out);
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int j, int e0, const Q8Row* x, int nt, float* out);
 };
 
 // The int8-activation GEMVs' part j (0..3) of a Q4_K (FIVE false) or Q5_K (FIVE true) block: sub-blocks 2j
 // and 2j + 1, whose 64 weights are the low and high nibbles of qs[32j, 32j + 32) (Q5_K: with qh[l] bit 2j,
 // resp. 2j + 1, moved to bit 4 of each byte), against the int8 x (q8.cuh): 16 dp4a, one scale decode; per
 // sub-block w = d sc q - dmin m, so sum w x = d sc d_x sum(q x_q) - dmin m s (s the group's sum).
-template <bool FIVE, int NT>
-__device__ __forceinline__ void k4_dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
-    const uint4 h = ld16(blk);  // d, dmin | scales[12]
-    const u8* qs = blk + (FIVE ? 48 : 16) + 32 * j;
-    const uint4 qa = ld16(qs), qb = ld16(qs + 16);  // positions 0..15, 16..31
-    const uint4 ha = FIVE ? ld16(blk + 16) : make_uint4(0u, 0u, 0u, 0u), hb = FIVE ? ld16(blk + 32) : ha;  // their qh
+template <bool FIVE, int NT, int NR>
+__device__ __forceinline__ void k4_dot_q8(const u8* const* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
     const int k = (e0 + 64 * j) >> 4, g = (e0 + 64 * j) >> 5;  // x chunk and group of sub-block 2j
     const u32 m4 = 0x0F0F0F0Fu, m1b = 0x01010101u;
     const int sl = 2 * j, sh = 2 * j + 1;
-    auto lo = [&](u32 q, u32 hh) { return (int)((q & m4) | (FIVE ? ((hh >> sl) & m1b) << 4 : 0u)); };
-    auto hi = [&](u32 q, u32 hh) { return (int)(((q >> 4) & m4) | (FIVE ? ((hh >> sh) & m1b) << 4 : 0u)); };
-    const int la[8] = {lo(qa.x, ha.x), lo(qa.y, ha.y), lo(qa.z, ha.z), lo(qa.w, ha.w),
-                       lo(qb.x, hb.x), lo(qb.y, hb.y), lo(qb.z, hb.z), lo(qb.w, hb.w)};
-    const int hb8[8] = {hi(qa.x, ha.x), hi(qa.y, ha.y), hi(qa.z, ha.z), hi(qa.w, ha.w),
-                        hi(qb.x, hb.x), hi(qb.y, hb.y), hi(qb.z, hb.z), hi(qb.w, hb.w)};
-    const u32 sv[3] = {h.y, h.z, h.w};
-    float sc1, m1, sc2, m2;
-    scale_min_k4(sv, 2 * j, sc1, m1);
-    scale_min_k4(sv, 2 * j + 1, sc2, m2);
-    const float d = h2f_lo(h.x), dmin = h2f_hi(h.x);
+    int la[NR][8], hb8[NR][8];  // row r's codes of sub-blocks 2j (low nibbles) and 2j + 1 (high)
+    float sc1[NR], m1[NR], sc2[NR], m2[NR], d[NR], dmin[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+        const uint4 h = ld16(blk[r]);  // d, dmin | scales[12]
+        const u8* qs = blk[r] + (FIVE ? 48 : 16) + 32 * j;
+        const uint4 qa = ld16(qs), qb = ld16(qs + 16);  // positions 0..15, 16..31
+        const uint4 ha = FIVE ? ld16(blk[r] + 16) : make_uint4(0u, 0u, 0u, 0u), hb = FIVE ? ld16(blk[r] + 32) : ha;  // their qh
+        auto lo = [&](u32 q, u32 hh) { return (int)((q & m4) | (FIVE ? ((hh >> sl) & m1b) << 4 : 0u)); };
+        auto hi = [&](u32 q, u32 hh) { return (int)(((q >> 4) & m4) | (FIVE ? ((hh >> sh) & m1b) << 4 : 0u)); };
+        const u32 qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+        const u32 hv[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+            la[r][c] = lo(qv[c], hv[c]);
+            hb8[r][c] = hi(qv[c], hv[c]);
+        }
+        const u32 sv[3] = {h.y, h.z, h.w};
+        scale_min_k4(sv, 2 * j, sc1[r], m1[r]);
+        scale_min_k4(sv, 2 * j + 1, sc2[r], m2[r]);
+        d[r] = h2f_lo(h.x);
+        dmin[r] = h2f_hi(h.x);
+    }
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-        if (t >= nt) { out[t] = 0.0f; continue; }
+        if (t >= nt) {
+#pragma unroll
+            for (int r = 0; r < NR; ++r) out[r * NT + t] = 0.0f;
+            continue;
+        }
         const int4 xa0 = x[t].chunk(k), xa1 = x[t].chunk(k + 1), xb0 = x[t].chunk(k + 2), xb1 = x[t].chunk(k + 3);
-        int sa = 0, sb = 0;
-        sa = dp4a(la[0], xa0.x, sa); sa = dp4a(la[1], xa0.y, sa); sa = dp4a(la[2], xa0.z, sa); sa = dp4a(la[3], xa0.w, sa);
-        sa = dp4a(la[4], xa1.x, sa); sa = dp4a(la[5], xa1.y, sa); sa = dp4a(la[6], xa1.z, sa); sa = dp4a(la[7], xa1.w, sa);
-        sb = dp4a(hb8[0], xb0.x, sb); sb = dp4a(hb8[1], xb0.y, sb); sb = dp4a(hb8[2], xb0.z, sb); sb = dp4a(hb8[3], xb0.w, sb);
-        sb = dp4a(hb8[4], xb1.x, sb); sb = dp4a(hb8[5], xb1.y, sb); sb = dp4a(hb8[6], xb1.z, sb); sb = dp4a(hb8[7], xb1.w, sb);
         const float4 ga = x[t].meta(g), gb = x[t].meta(g + 1);
-        out[t] = d * (sc1 * ga.x * (float)sa + sc2 * gb.x * (float)sb) - dmin * (m1 * ga.w + m2 * gb.w);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+            int sa = 0, sb = 0;
+            sa = dp4a(la[r][0], xa0.x, sa); sa = dp4a(la[r][1], xa0.y, sa); sa = dp4a(la[r][2], xa0.z, sa); sa = dp4a(la[r][3], xa0.w, sa);
+            sa = dp4a(la[r][4], xa1.x, sa); sa = dp4a(la[r][5], xa1.y, sa); sa = dp4a(la[r][6], xa1.z, sa); sa = dp4a(la[r][7], xa1.w, sa);
+            sb = dp4a(hb8[r][0], xb0.x, sb); sb = dp4a(hb8[r][1], xb0.y, sb); sb = dp4a(hb8[r][2], xb0.z, sb); sb = dp4a(hb8[r][3], xb0.w, sb);
+            sb = dp4a(hb8[r][4], xb1.x, sb); sb = dp4a(hb8[r][5], xb1.y, sb); sb = dp4a(hb8[r][6], xb1.z, sb); sb = dp4a(hb8[r][7], xb1.w, sb);
+            // (fused explicitly: the contraction nvcc/ptxas chose on main, now fixed in every kernel)
+            out[r * NT + t] = fmaf(d[r], fmaf(sc1[r] * ga.x, (float)sa, sc2[r] * gb.x * (float)sb),
+                                   -(dmin[r] * fmaf(m1[r], ga.w, m2[r] * gb.w)));
+        }
     }
 }
-template <int NT>
-__device__ __forceinline__ void FmtQ4_K::dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
-    k4_dot_q8<false, NT>(blk, j, e0, x, nt, out);
+template <int NT, int NR>
+__device__ __forceinline__ void FmtQ4_K::dot_q8(const u8* const* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
+    k4_dot_q8<false, NT, NR>(blk, j, e0, x, nt, out);
 }
-template <int NT>
-__device__ __forceinline__ void FmtQ5_K::dot_q8(const u8* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
-    k4_dot_q8<true, NT>(blk, j, e0, x, nt, out);
+template <int NT, int NR>
+__device__ __forceinline__ void FmtQ5_K::dot_q8(const u8* const* blk, int j, int e0, const Q8Row* x, int nt, float* out) {
+    k4_dot_q8<true, NT, NR>(blk, j, e0, x, nt, out);
 }
 
 // ---- Q6_K: ql[128] | qh[64] | scales[16] (int8) | d (fp16); 210 bytes (blocks only 2-byte aligned) --
@@ -180,42 +197,57 @@ struct FmtQ6_K {
     // them; scale sc[8n + lh + 2r]. w = d sc (q - 32) with q the unsigned 6-bit code, so a run's sum of w x
     // is d sc (d_x sum(q x_q) - 32 s_half) (s_half: the sum of the group's half that the run is).
     static constexpr int Q8_PARTS = 4;
-    template <int NT>
-    __device__ static __forceinline__ void dot_q8(const u8* blk, int p, int e0, const Q8Row* x, int nt, float* out) {
+    template <int NT, int NR>
+    __device__ static __forceinline__ void dot_q8(const u8* const* blk, int p, int e0, const Q8Row* x, int nt, float* out) {
         const int n = p >> 1, lh = p & 1;
-        u32 qa[4], qb[4], qh[4];
-        ld16_a2(blk + 64 * n + 16 * lh, qa);
-        ld16_a2(blk + 64 * n + 32 + 16 * lh, qb);
-        ld16_a2(blk + 128 + 32 * n + 16 * lh, qh);
-        const signed char* sc = (const signed char*)(blk + 192 + 8 * n + lh);  // run r's scale: sc[2r]
         const int k = (e0 + 128 * n + 16 * lh) >> 4, g = (e0 + 128 * n) >> 5;  // run r: chunk k + 2r, group g + r
-        u32 q[4][4];  // run r's codes, four bytes a word
-        float scr[4];
+        u32 q[NR][4][4];  // row i's run r codes, four bytes a word
+        float scr[NR][4], d[NR];
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            scr[r] = (float)__ldg(sc + 2 * r);
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const u32 ql = (r & 1) ? qb[c] : qa[c];
-                q[r][c] = (r < 2 ? (ql & 0x0F0F0F0Fu) : ((ql >> 4) & 0x0F0F0F0Fu)) | (((qh[c] >> (2 * r)) & 0x03030303u) << 4);
-            }
-        }
-        const float d = h2f(ld2(blk + 208));
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-            if (t >= nt) { out[t] = 0.0f; continue; }
-            float acc = 0.0f;
+        for (int i = 0; i < NR; ++i) {
+            u32 qa[4], qb[4], qh[4];
+            ld16_a2(blk[i] + 64 * n + 16 * lh, qa);
+            ld16_a2(blk[i] + 64 * n + 32 + 16 * lh, qb);
+            ld16_a2(blk[i] + 128 + 32 * n + 16 * lh, qh);
+            const signed char* sc = (const signed char*)(blk[i] + 192 + 8 * n + lh);  // run r's scale: sc[2r]
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int4 xv = x[t].chunk(k + 2 * r);
-                const int xw[4] = {xv.x, xv.y, xv.z, xv.w};
-                int s = 0;
+                scr[i][r] = (float)__ldg(sc + 2 * r);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) s = dp4a((int)q[r][c], xw[c], s);
-                const float4 gm = x[t].meta(g + r);
-                acc = fmaf(scr[r], fmaf(gm.x, (float)s, -32.0f * (lh ? gm.z : gm.y)), acc);
+                for (int c = 0; c < 4; ++c) {
+                    const u32 ql = (r & 1) ? qb[c] : qa[c];
+                    q[i][r][c] = (r < 2 ? (ql & 0x0F0F0F0Fu) : ((ql >> 4) & 0x0F0F0F0Fu)) | (((qh[c] >> (2 * r)) & 0x03030303u) << 4);
+                }
             }
-            out[t] = d * acc;
+            d[i] = h2f(ld2(blk[i] + 208));
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (t >= nt) {
+#pragma unroll
+                for (int i = 0; i < NR; ++i) out[i * NT + t] = 0.0f;
+                continue;
+            }
+            int4 xv[4];
+            float4 gm[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                xv[r] = x[t].chunk(k + 2 * r);
+                gm[r] = x[t].meta(g + r);
+            }
+#pragma unroll
+            for (int i = 0; i < NR; ++i) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int xw[4] = {xv[r].x, xv[r].y, xv[r].z, xv[r].w};
+                    int s = 0;
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) s = dp4a((int)q[i][r][c], xw[c], s);
+                    acc = fmaf(scr[i][r], fmaf(gm[r].x, (float)s, -32.0f * (lh ? gm[r].z : gm[r].y)), acc);
+                }
+                out[i * NT + t] = d[i] * acc;
+            }
         }
     }
 };

@@ -23,7 +23,7 @@ from cupy_backends.cuda.libs import cublas
 from ... import kernels as ksrc
 from ...kernels.constants import AD_CHUNK, AD_MAX_SPLITS, AP_MAXD, AP_TC_QT, GEMV_MAX_R, GEMV_MAX_T, GEMV_TC_WARPS, GEMV_WARPS
 from ...kernels.constants import XS_MAX_BYTES, XS_TC_MAX_BYTES
-from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU, Q8_QUANT_THREADS, Q8_WARPS
+from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU, Q8_QUANT_THREADS, Q8_T8_ROWS, Q8_WARPS
 from ...device import MAX_BATCH, Device, Fence, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
@@ -544,9 +544,10 @@ class CudaDevice(Device):
         # one weight row a warp: the cold sweep of qwen2's and phi3's decode GEMVs (H100, profile_step
         # --sweep, R = 1, 2, 4, 8) has R = 1 fastest alone at every shape (phi3's gate|up 16384 x 3072 Q4_K
         # 12.1 us against 14.3 at R = 2, qwen2's 9728 x 896 Q5_0 5.7 against 7.1 at R = 4) and within 10% at
-        # 8 rows (docs/perf-notes.md); the kernel's R stays for the sweep
+        # 8 rows (docs/perf-notes.md); the kernel's R stays for the sweep. A batched launch's warp takes
+        # Q8_T8_ROWS rows together (each token's x read once for them)
         R = 1
-        grid = (_blocks(N, Q8_WARPS * R),)
+        grid = (_blocks(N, Q8_WARPS * R * (1 if T == 1 else Q8_T8_ROWS)),)
         b = bias if bias is not None else NULL
 
         def run(y, res=NULL):
