@@ -114,6 +114,40 @@ def test_moe_decode_on_the_int8_expert_gemvs(dev, ref, experts, T):
     assert per_tok.max() > 1e-5  # (it did take the int8 kernels: the float path is within ~1e-6)
 
 
+@pytest.mark.parametrize("gemv", ["q8", "ffma"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_moe_decode_takes_the_residual_add_in_its_store(dev, experts, gemv, monkeypatch, T):
+    """x + moe(h) in a decode step: the down projection's launch is deferred and takes the residual in
+    its store (moe_down_store: res + value, add_f32's operands in add_f32's order), so no add_f32 launch;
+    bitwise the sum of the two written separately, on the int8 and the float expert GEMVs."""
+    import orcd_core.backends.cuda.device as D
+    import orcd_core.backends.cuda.moe as M
+
+    rng = np.random.default_rng(70 + T)
+    h, x = (dev.to_device(rng.standard_normal((T, experts.D)).astype(np.float32), "float32") for _ in range(2))
+    before = dev.decode_gemv
+    dev.decode_gemv = gemv
+    try:
+        out, n = {}, {}
+        for fused in (True, False):
+            poison(dev)
+            names = []
+            for mod in (D, M):
+                orig = mod.launch
+                monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+            y = dev.moe(h, *experts.args("gpu"), top_k=4, act="swiglu_oai")
+            if not fused:
+                y = dev.contiguous(y)  # (written now: the add launches add_f32)
+            out[fused] = dev.to_host(dev.add(x, y))
+            n[fused] = len(names)
+            monkeypatch.undo()
+    finally:
+        dev.decode_gemv = before
+    assert n[False] == n[True] + 1
+    np.testing.assert_array_equal(out[True], out[False])
+    assert np.isfinite(out[True]).all()
+
+
 @pytest.mark.parametrize("T", [5, 37, 300])
 def test_moe_prefill_groups_tokens_by_expert(dev, ref, experts, T):
     rng = np.random.default_rng(100 + T)

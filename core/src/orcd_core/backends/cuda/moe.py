@@ -8,7 +8,9 @@
                                                     #          chosen expert in one pass, GLU fused
         out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
         (decode_gemv "q8", the default: x and a quantized to int8 by quantize_q8 first, and the _q8_
-        kernels of the same two, dp4a products, where the experts' format has them)
+        kernels of the same two, dp4a products, where the experts' format has them). The down launch
+        is deferred as a "gemv" record (fusion.py): the residual add that reads it (x + moe(norm(x)))
+        is added in its store instead of by an add_f32 launch (the same bits)
     prefill (more tokens):                          # each expert's weights read once per tile of its pairs
         stable counting sort of the T k (token, slot) pairs by expert (moe_sort: offsets and order stay
         on the GPU); the pairs' tokens as fp16 rows in that order (moe_gather_f16); h = the gate|up
@@ -97,11 +99,14 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
                (gate_up.data.data, i64(gate_up.data.row_bytes), ids, x, i32(top_k), gub, a, i32(F), i32(D), i32(E),
                 i32(ACTS[act]), f32(alpha), f32(limit)), shared_mem=xs_bytes(1, D))
-        out = dev.step_array((T, D))
-        launch(_fmt_fn(dev, down, "moe_down"), (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
-               (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)),
-               shared_mem=xs_bytes(top_k, F))
-        return out
+        fn = _fmt_fn(dev, down, "moe_down")
+
+        def run(out, res=NULL):
+            launch(fn, (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
+                   (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, res, out, i32(D), i32(F), i32(top_k),
+                    i32(E)), shared_mem=xs_bytes(top_k, F))
+
+        return dev.deferred.defer("gemv", dev.step_array((T, D)), run)
     return _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, top_k, ACTS[act], alpha, limit)
 
 
@@ -115,11 +120,14 @@ def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, al
            (gate_up.data.data, i64(gate_up.data.row_bytes), ids, xq, i32(k), gub, a, i32(F), i32(D), i32(E),
             i32(act), f32(alpha), f32(limit)), shared_mem=q8_row_bytes(D), pdl=True)
     dev.quantize_rows(a, P, F, out=aq)
-    out = dev.step_array((T, D))
-    launch(_fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F)), (blocks(D, Q8_WARPS), T), (32 * Q8_WARPS,),
-           (down.data.data, i64(down.data.row_bytes), ids, wts, aq, dnb, out, i32(D), i32(F), i32(k), i32(E)),
-           shared_mem=k * q8_row_bytes(F), pdl=True)
-    return out
+    fn = _fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F))
+
+    def run(out, res=NULL):  # (deferred: a residual add takes it, see moe())
+        launch(fn, (blocks(D, Q8_WARPS), T), (32 * Q8_WARPS,),
+               (down.data.data, i64(down.data.row_bytes), ids, wts, aq, dnb, res, out, i32(D), i32(F), i32(k), i32(E)),
+               shared_mem=k * q8_row_bytes(F), pdl=True)
+
+    return dev.deferred.defer("gemv", dev.step_array((T, D)), run)
 
 
 def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, alpha, limit):
