@@ -102,6 +102,8 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
         fn = _fmt_fn(dev, down, "moe_down")
 
         def run(out, res=NULL):
+            if res is not NULL:
+                dev.deferred.ready(res)
             launch(fn, (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
                    (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, res, out, i32(D), i32(F), i32(top_k),
                     i32(E)), shared_mem=xs_bytes(top_k, F))
@@ -123,6 +125,8 @@ def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, al
     fn = _fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F))
 
     def run(out, res=NULL):  # (deferred: a residual add takes it, see moe())
+        if res is not NULL:  # (a residual may itself be deferred)
+            dev.deferred.ready(res)
         launch(fn, (blocks(D, Q8_WARPS), T), (32 * Q8_WARPS,),
                (down.data.data, i64(down.data.row_bytes), ids, wts, aq, dnb, res, out, i32(D), i32(F), i32(k), i32(E)),
                shared_mem=k * q8_row_bytes(F), pdl=True)
