@@ -148,6 +148,34 @@ def test_moe_decode_takes_the_residual_add_in_its_store(dev, experts, gemv, monk
     assert np.isfinite(out[True]).all()
 
 
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_int8_glu_writes_its_output_quantized(dev, experts, T):
+    """moe_gemv_glu_q8 writes a [P, F] and, group by group as its warps complete them, a's rows quantized
+    (aq): bitwise what quantize_q8 makes of a (q8_store_warp), so no quantize launch stands between the
+    GLU and the down projection; twice in a row (the counters reset themselves)."""
+    from orcd_core.backends.cuda import moe as M
+    from orcd_core.backends.cuda.kernels import f32, i32, i64, launch, q8_row_bytes
+    from orcd_core.kernels.constants import MOE_ACT_SWIGLU_OAI, Q8_WARPS
+
+    rng = np.random.default_rng(90 + T)
+    k, D, F, E = 4, experts.D, experts.F, experts.E
+    P = T * k
+    gu = experts.g["gate_up"]
+    ids = dev.to_device(rng.integers(0, E, (T, k)).astype(np.int32), "int32")
+    poison(dev)
+    xq = dev.quantize_rows(dev.to_device(rng.standard_normal((T, D)).astype(np.float32), "float32"), T, D)
+    fn = M._fmt_fn(dev, gu, "moe_gemv_glu_q8", q8_row_bytes(D))
+    for _ in range(2):
+        a, aq = dev.step_array((P, F)), dev.step_array((P, q8_row_bytes(F)), np.uint8)
+        launch(fn, ((F + Q8_WARPS - 1) // Q8_WARPS, P), (32 * Q8_WARPS,),
+               (gu.data.data, i64(gu.data.row_bytes), ids, xq, i32(k), experts.g["gate_up_b"], a, i32(F), i32(D),
+                i32(E), i32(MOE_ACT_SWIGLU_OAI), f32(1.702), f32(7.0), aq, M._glu_counters(dev, P * (F // 32))),
+               shared_mem=q8_row_bytes(D))
+        want = dev.quantize_rows(a, P, F)
+        np.testing.assert_array_equal(dev.to_host(aq), dev.to_host(want))
+    assert np.isfinite(dev.to_host(a)).all()
+
+
 @pytest.mark.parametrize("T", [5, 37, 300])
 def test_moe_prefill_groups_tokens_by_expert(dev, ref, experts, T):
     rng = np.random.default_rng(100 + T)

@@ -171,12 +171,15 @@ __device__ __forceinline__ void moe_stage_q8(const u8* __restrict__ xq, int nv, 
 }
 
 // grid (ceil(Fh / Q8_WARPS), P), dynamic shared memory q8_row_bytes(K); xq [T] quantized rows, pair p reads
-// row p / x_div; a [P, Fh] float32 as moe_gemv_glu's
+// row p / x_div; a [P, Fh] float32 as moe_gemv_glu's, and aq [P] its rows quantized (the down projection's
+// input): each group of 32 outputs of a pair by the warp that completes it (counters [P, Fh / 32], each
+// reset by that warp), with q8_store_warp: the bytes quantize_q8 writes for them, without its launch
 template <class F>
 __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
                                                      const u8* __restrict__ xq, int x_div, const float* __restrict__ bias,
                                                      float* __restrict__ a, int Fh, int K, int E, int act, float alpha,
-                                                     float limit) {
+                                                     float limit, u8* __restrict__ aq,
+                                                     unsigned int* __restrict__ counters) {
     extern __shared__ int4 x8[];
     const int p = blockIdx.y, lane = threadIdx.x & 31;
     const int n = blockIdx.x * Q8_WARPS + (threadIdx.x >> 5);
@@ -202,6 +205,17 @@ __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i
         }
     }
     moe_glu_store(ag, au, ok, bias, g_row, Fh, a, p, n, act, alpha, limit);
+    __threadfence();  // lane 0's a[p, n] visible before the count
+    __syncwarp();
+    unsigned int* const cnt = counters + (i64)p * (Fh / Q8_GROUP) + n / Q8_GROUP;
+    unsigned int c = 0;
+    if (lane == 0) c = atomicAdd(cnt, 1u);
+    if (__shfl_sync(0xffffffffu, c, 0) != Q8_GROUP - 1) return;  // (warp-uniform)
+    __threadfence();
+    __syncwarp();
+    const int e0 = n / Q8_GROUP * Q8_GROUP;
+    q8_store_warp(__ldcg(a + (i64)p * Fh + e0 + lane), aq + (i64)p * q8_row_bytes(Fh), Fh, e0);
+    if (lane == 0) *cnt = 0u;
 }
 
 // grid (ceil(N / Q8_WARPS), T), dynamic shared memory k q8_row_bytes(K); aq [T k] quantized rows of a
@@ -256,8 +270,9 @@ __device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 r
     extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
         moe_gemv_glu_q8_##NAME(const u8* W, i64 row_bytes, const int* ids, const u8* xq, int x_div,          \
                                const float* bias, float* a, int Fh, int K, int E, int act, float alpha,      \
-                               float limit) {                                                                \
-        moe_gemv_glu_q8_impl<F>(W, row_bytes, ids, xq, x_div, bias, a, Fh, K, E, act, alpha, limit);         \
+                               float limit, u8* aq, unsigned int* counters) {                                \
+        moe_gemv_glu_q8_impl<F>(W, row_bytes, ids, xq, x_div, bias, a, Fh, K, E, act, alpha, limit, aq,     \
+                                counters);                                                                   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
         moe_down_q8_##NAME(const u8* W, i64 row_bytes, const int* ids, const float* wts, const u8* aq,       \

@@ -7,8 +7,9 @@
         a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
                                                     #          chosen expert in one pass, GLU fused
         out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
-        (decode_gemv "q8", the default: x and a quantized to int8 by quantize_q8 first, and the _q8_
-        kernels of the same two, dp4a products, where the experts' format has them). The down launch
+        (decode_gemv "q8", the default: x quantized to int8 by quantize_q8 first, and the _q8_ kernels
+        of the same two, dp4a products, where the experts' format has them; moe_gemv_glu_q8 also writes
+        a quantized, each group of 32 by the warp that completes it). The down launch
         is deferred as a "gemv" record (fusion.py): the residual add that reads it (x + moe(norm(x)))
         is added in its store instead of by an add_f32 launch (the same bits)
     prefill (more tokens):                          # each expert's weights read once per tile of its pairs
@@ -31,11 +32,13 @@ from ...generation import CudaError
 from ...kernels.constants import (MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_GEMM_BM, MOE_GEMM_BN, MOE_GEMM_SMEM_BYTES,
                                   MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS, Q8_WARPS)
 from .kernels import NULL, blocks, f32, i32, i64, launch, q8_row_bytes, xs_bytes
+from .memory import raw_alloc, view
 
 MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
 DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
 #                          each token's computed as it would be alone; more: grouped by expert
 ACTS = {"silu": MOE_ACT_SILU, "swiglu_oai": MOE_ACT_SWIGLU_OAI}
+GLU_COUNTERS = DECODE_MAX_T * MOE_MAX_K * 512  # moe_gemv_glu_q8's group counters: GLU widths up to 16,384
 _SOURCE = "moe.cu"
 
 
@@ -112,16 +115,33 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     return _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, top_k, ACTS[act], alpha, limit)
 
 
+def _glu_counters(dev, n: int):
+    """moe_gemv_glu_q8's group counters ([P, F / 32] of a launch, each reset by the warp that completes its
+    group): one buffer a device, at a fixed address for the captured steps, made at the first decode
+    step (run op by op before any capture: graph.py, prefill.py) with room for GLU_COUNTERS."""
+    mem = getattr(dev, "_moe_glu_counters", None)
+    if n > GLU_COUNTERS:
+        raise NotImplementedError(f"moe: {n} groups of 32 GLU outputs a step (at most {GLU_COUNTERS})")
+    if mem is None:
+        if dev.stream.is_capturing():
+            raise RuntimeError("moe: the GLU counters cannot be made during a CUDA graph capture")
+        mem = view(raw_alloc(4 * GLU_COUNTERS), 0, (GLU_COUNTERS,), np.uint32)
+        mem.fill(0)
+        dev._moe_glu_counters = mem
+    return mem
+
+
 def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
-    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x
-    quantized (quantize_q8), moe_gemv_glu_q8_<fmt>, a quantized, moe_down_q8_<fmt>; every launch by PDL."""
+    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x quantized (quantize_q8),
+    moe_gemv_glu_q8_<fmt> (which also writes its output quantized: aq), moe_down_q8_<fmt>; every launch
+    by PDL."""
     P = T * k
     xq, aq = dev.quantize_rows(x, T, D), dev.step_array((P, q8_row_bytes(F)), np.uint8)
     a = dev.step_array((P, F))  # [T k, F]
+    counters = _glu_counters(dev, P * (F // 32))
     launch(_fmt_fn(dev, gate_up, "moe_gemv_glu_q8", q8_row_bytes(D)), (blocks(F, Q8_WARPS), P), (32 * Q8_WARPS,),
            (gate_up.data.data, i64(gate_up.data.row_bytes), ids, xq, i32(k), gub, a, i32(F), i32(D), i32(E),
-            i32(act), f32(alpha), f32(limit)), shared_mem=q8_row_bytes(D), pdl=True)
-    dev.quantize_rows(a, P, F, out=aq)
+            i32(act), f32(alpha), f32(limit), aq, counters), shared_mem=q8_row_bytes(D), pdl=True)
     fn = _fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F))
 
     def run(out, res=NULL):  # (deferred: a residual add takes it, see moe())
