@@ -176,6 +176,43 @@ def test_int8_glu_writes_its_output_quantized(dev, experts, T):
     assert np.isfinite(dev.to_host(a)).all()
 
 
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_moe_of_a_deferred_norm_quantizes_it_once(dev, experts, monkeypatch, T):
+    """moe(rms_norm(h)) on the int8 expert GEMVs (gpt-oss's FFN): one quantize_q8 launch (RMS mode) writes
+    the norm's floats (the router's input) and its int8 rows (the experts'), instead of rms_norm_rows and
+    a quantize_q8 of its output: one launch fewer. Within 1e-3 of the unfused path (the norm's sum is added
+    at quantize_q8's block size, not rms_norm_rows': its last bit may differ); the norm's floats themselves
+    within 1e-6 of rms_norm_rows'; finite."""
+    import orcd_core.backends.cuda.device as Dm
+    import orcd_core.backends.cuda.moe as M
+
+    rng = np.random.default_rng(80 + T)
+    h = dev.to_device(rng.standard_normal((T, experts.D)).astype(np.float32) * 3, "float32")
+    w = dev.to_device(rng.standard_normal(experts.D).astype(np.float32), "float32")
+    before = dev.decode_gemv
+    dev.decode_gemv = "q8"
+    try:
+        out, n, normed = {}, {}, {}
+        for fused in (True, False):
+            poison(dev)
+            names = []
+            for mod in (Dm, M):
+                orig = mod.launch
+                monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+            x = dev.rms_norm(h, w, 1e-5)
+            if not fused:
+                x = dev.contiguous(x)  # (rms_norm_rows now: moe quantizes its output)
+            out[fused] = dev.to_host(dev.moe(x, *experts.args("gpu"), top_k=4, act="swiglu_oai"))
+            normed[fused] = dev.to_host(x)
+            n[fused] = len(names)
+            monkeypatch.undo()
+    finally:
+        dev.decode_gemv = before
+    assert n[False] == n[True] + 1
+    assert rel_l2(normed[True], normed[False]) <= 1e-6
+    assert np.isfinite(out[True]).all() and rel_l2(out[True], out[False]) <= 1e-3
+
+
 @pytest.mark.parametrize("T", [5, 37, 300])
 def test_moe_prefill_groups_tokens_by_expert(dev, ref, experts, T):
     rng = np.random.default_rng(100 + T)

@@ -63,6 +63,12 @@ def _bias(b, shape, what):
 
 def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, top_k: int, act: str,
         alpha: float = 1.702, limit: float = 7.0):
+    T = int(x.shape[0])
+    q8 = T <= DECODE_MAX_T and dev.decode_gemv == "q8" and all(
+        dev.has_kernel(w.fmt, k) for w, k in ((gate_up, "moe_gemv_glu_q8"), (down, "moe_down_q8")))
+    # x the decode's deferred RMS norm: one quantize_q8 writes both x (the router's floats) and its int8
+    # rows (the experts'), instead of rms_norm_rows and a quantize_q8 of its output
+    xq = dev.quantize_norm_rows(x) if q8 else None
     x = dev.contiguous(x)
     T, D = x.shape
     if len(gate_up.shape) != 3 or len(down.shape) != 3:
@@ -93,9 +99,8 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     if T > DECODE_MAX_T and int(dev.sm) < 80:
         raise NotImplementedError(f"moe: the grouped prefill GEMM runs on tensor cores (compute capability 8.0 "
                                   f"or later; this GPU: {dev.sm[:-1]}.{dev.sm[-1]})")
-    if T <= DECODE_MAX_T and dev.decode_gemv == "q8" and all(
-            dev.has_kernel(w.fmt, k) for w, k in ((gate_up, "moe_gemv_glu_q8"), (down, "moe_down_q8"))):
-        return _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, top_k, E, ACTS[act], alpha, limit)
+    if q8:
+        return _decode_q8(dev, x, xq, ids, wts, gate_up, gub, down, dnb, T, D, F, top_k, E, ACTS[act], alpha, limit)
     if T <= DECODE_MAX_T:
         P = T * top_k
         a = dev.step_array((P, F))  # [T k, F]
@@ -131,12 +136,13 @@ def _glu_counters(dev, n: int):
     return mem
 
 
-def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
-    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x quantized (quantize_q8),
-    moe_gemv_glu_q8_<fmt> (which also writes its output quantized: aq), moe_down_q8_<fmt>; every launch
-    by PDL."""
+def _decode_q8(dev, x, xq, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
+    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x quantized (quantize_q8;
+    xq: done already, with the norm), moe_gemv_glu_q8_<fmt> (which also writes its output quantized: aq),
+    moe_down_q8_<fmt>; every launch by PDL."""
     P = T * k
-    xq, aq = dev.quantize_rows(x, T, D), dev.step_array((P, q8_row_bytes(F)), np.uint8)
+    xq = xq if xq is not None else dev.quantize_rows(x, T, D)
+    aq = dev.step_array((P, q8_row_bytes(F)), np.uint8)
     a = dev.step_array((P, F))  # [T k, F]
     counters = _glu_counters(dev, P * (F // 32))
     launch(_fmt_fn(dev, gate_up, "moe_gemv_glu_q8", q8_row_bytes(D)), (blocks(F, Q8_WARPS), P), (32 * Q8_WARPS,),
