@@ -152,7 +152,8 @@ def test_moe_decode_takes_the_residual_add_in_its_store(dev, experts, gemv, monk
 def test_int8_glu_writes_its_output_quantized(dev, experts, T):
     """moe_gemv_glu_q8 writes a [P, F] and, group by group as its warps complete them, a's rows quantized
     (aq): bitwise what quantize_q8 makes of a (q8_store_warp), so no quantize launch stands between the
-    GLU and the down projection; twice in a row (the counters reset themselves)."""
+    GLU and the down projection; twice in a row, with a bad expert id among the pairs (a NaN row); every
+    counter is zero after."""
     from orcd_core.backends.cuda import moe as M
     from orcd_core.backends.cuda.kernels import f32, i32, i64, launch, q8_row_bytes
     from orcd_core.kernels.constants import MOE_ACT_SWIGLU_OAI, Q8_WARPS
@@ -161,7 +162,9 @@ def test_int8_glu_writes_its_output_quantized(dev, experts, T):
     k, D, F, E = 4, experts.D, experts.F, experts.E
     P = T * k
     gu = experts.g["gate_up"]
-    ids = dev.to_device(rng.integers(0, E, (T, k)).astype(np.int32), "int32")
+    ids_h = rng.integers(0, E, (T, k)).astype(np.int32)
+    ids_h[0, 0] = E  # a bad expert id: its pair's a is NaN, and its groups still complete
+    ids = dev.to_device(ids_h, "int32")
     poison(dev)
     xq = dev.quantize_rows(dev.to_device(rng.standard_normal((T, D)).astype(np.float32), "float32"), T, D)
     fn = M._fmt_fn(dev, gu, "moe_gemv_glu_q8", q8_row_bytes(D))
@@ -173,7 +176,9 @@ def test_int8_glu_writes_its_output_quantized(dev, experts, T):
                shared_mem=q8_row_bytes(D))
         want = dev.quantize_rows(a, P, F)
         np.testing.assert_array_equal(dev.to_host(aq), dev.to_host(want))
-    assert np.isfinite(dev.to_host(a)).all()
+    a_h = dev.to_host(a)
+    assert np.isnan(a_h[0]).all() and np.isfinite(a_h[1:]).all()
+    assert not dev.to_host(M._glu_counters(dev, P * (F // 32))).any()  # every group's counter reset
 
 
 @pytest.mark.parametrize("T", [1, 3, 8])

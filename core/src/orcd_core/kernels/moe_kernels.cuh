@@ -173,7 +173,9 @@ __device__ __forceinline__ void moe_stage_q8(const u8* __restrict__ xq, int nv, 
 // grid (ceil(Fh / Q8_WARPS), P), dynamic shared memory q8_row_bytes(K); xq [T] quantized rows, pair p reads
 // row p / x_div; a [P, Fh] float32 as moe_gemv_glu's, and aq [P] its rows quantized (the down projection's
 // input): each group of 32 outputs of a pair by the warp that completes it (counters [P, Fh / 32], each
-// reset by that warp), with q8_store_warp: the bytes quantize_q8 writes for them, without its launch
+// reset by that warp), with q8_store_warp: the bytes quantize_q8 writes for them, without its launch.
+// Fh must be a multiple of 32 (moe.py checks): a group short of 32 warps would never complete, and its
+// counter would stay set for every later launch.
 template <class F>
 __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
                                                      const u8* __restrict__ xq, int x_div, const float* __restrict__ bias,

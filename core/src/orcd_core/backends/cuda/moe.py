@@ -25,6 +25,7 @@ Expert stacks are `Weight`s of shape [E, N, K] stored as E * N rows (row e * N +
 
 from __future__ import annotations
 
+import cupy
 import numpy as np
 
 from ...device import MAX_BATCH
@@ -131,7 +132,7 @@ def _glu_counters(dev, n: int):
         if dev.stream.is_capturing():
             raise RuntimeError("moe: the GLU counters cannot be made during a CUDA graph capture")
         mem = view(raw_alloc(4 * GLU_COUNTERS), 0, (GLU_COUNTERS,), np.uint32)
-        mem.fill(0)
+        cupy.cuda.runtime.memsetAsync(mem.data.ptr, 0, mem.nbytes, dev.stream.ptr)  # (on the step's stream)
         dev._moe_glu_counters = mem
     return mem
 
