@@ -108,6 +108,7 @@ class CudaDevice(Device):
         # decode attention: per-head counters of finished splits (each step's last split resets its own)
         self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
         self._attn_counters.fill(0)
+        self._counters: dict[str, cupy.ndarray] = {}  # counters(): other kernels' completion counters
         self._optional_kernels: dict[tuple[str, str], bool] = {}  # (format, kind) -> has_kernel
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
@@ -129,6 +130,22 @@ class CudaDevice(Device):
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
+
+    def counters(self, key: str, n: int) -> cupy.ndarray:
+        """`n` uint32 zeros for the completion counters of a kernel (each launch leaves them zero: the
+        thread that completes a group resets its counter), one buffer a key at a fixed address for the
+        captured steps. Made at the first call, on the step's stream, which must come before any capture
+        (a first decode step runs op by op: graph.py, prefill.py); a later call asks for at most `n`."""
+        mem = self._counters.get(key)
+        if mem is None:
+            if self.stream.is_capturing():
+                raise RuntimeError(f"{key}: completion counters cannot be made during a CUDA graph capture")
+            mem = view(raw_alloc(4 * n), 0, (n,), np.uint32)
+            cupy.cuda.runtime.memsetAsync(mem.data.ptr, 0, mem.nbytes, self.stream.ptr)
+            self._counters[key] = mem
+        if n > mem.size:
+            raise RuntimeError(f"{key}: {n} completion counters asked for, {mem.size} made")
+        return mem
     def _decode_gemv(self) -> str:
         """planner.decode_gemv for this GPU (ORCD_DECODE_GEMV overrides the choice)."""
         try:

@@ -25,7 +25,6 @@ Expert stacks are `Weight`s of shape [E, N, K] stored as E * N rows (row e * N +
 
 from __future__ import annotations
 
-import cupy
 import numpy as np
 
 from ...device import MAX_BATCH
@@ -33,7 +32,6 @@ from ...generation import CudaError
 from ...kernels.constants import (MOE_ACT_SILU, MOE_ACT_SWIGLU_OAI, MOE_GEMM_BM, MOE_GEMM_BN, MOE_GEMM_SMEM_BYTES,
                                   MOE_MAX_E_PER_LANE, MOE_MAX_K, MOE_WARPS, Q8_WARPS)
 from .kernels import NULL, blocks, f32, i32, i64, launch, q8_row_bytes, xs_bytes
-from .memory import raw_alloc, view
 
 MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the experts
 DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
@@ -123,18 +121,10 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
 
 def _glu_counters(dev, n: int):
     """moe_gemv_glu_q8's group counters ([P, F / 32] of a launch, each reset by the warp that completes its
-    group): one buffer a device, at a fixed address for the captured steps, made at the first decode
-    step (run op by op before any capture: graph.py, prefill.py) with room for GLU_COUNTERS."""
-    mem = getattr(dev, "_moe_glu_counters", None)
+    group): the device's, with room for GLU_COUNTERS."""
     if n > GLU_COUNTERS:
         raise NotImplementedError(f"moe: {n} groups of 32 GLU outputs a step (at most {GLU_COUNTERS})")
-    if mem is None:
-        if dev.stream.is_capturing():
-            raise RuntimeError("moe: the GLU counters cannot be made during a CUDA graph capture")
-        mem = view(raw_alloc(4 * GLU_COUNTERS), 0, (GLU_COUNTERS,), np.uint32)
-        cupy.cuda.runtime.memsetAsync(mem.data.ptr, 0, mem.nbytes, dev.stream.ptr)  # (on the step's stream)
-        dev._moe_glu_counters = mem
-    return mem
+    return dev.counters("moe_gemv_glu_q8", GLU_COUNTERS)
 
 
 def _decode_q8(dev, x, xq, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
