@@ -296,6 +296,8 @@ def test_moe_is_graph_capturable_and_replays_follow_new_routing(dev, ref, expert
     dev.stream.begin_capture()
     try:
         out = dev.moe(xbuf, *experts.args("gpu"), top_k=4, act="swiglu_oai")
+        dev.deferred.ready(out)  # (decode: the down launch is deferred for a residual add; as a step's
+        #                          logits, what is read after the replays is launched inside the capture)
     finally:
         graph = dev.stream.end_capture()
     for _ in range(3):
