@@ -437,12 +437,13 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float red[32];
     __shared__ float4 accs[2 * 128];  // each thread's 8 dims of values
     pdl_trigger();  // (a GEMV launched early behind it prefetches its weights meanwhile; pdl_wait there)
-    // Launched early, by PDL: until pdl_wait() below, the block reads only what no kernel of this step
-    // writes: the rows' positions and KV table (written before the step: the host, or advance_rows at
-    // the end of the step before), and the cache's keys and values before the query's own position,
-    // written by earlier steps, which have ended (a decode step's first kernel, the embedding, is
-    // launched without PDL, and each step ends in a copy to the host). So the keys' and values' loads
-    // are in flight while the q|k|v GEMV ahead ends; the query and its own key come after the wait.
+    // Launched early, by PDL: until the wait below, the block reads only what no kernel of this step
+    // writes: the rows' positions (the host's copy, or advance_rows at the end of the step before), the
+    // KV table (the host's copy) and the cache's keys and values before the query's own position, which
+    // earlier steps wrote. Those steps have ended: every step ends in a copy to the host (the token, or
+    // a prefill chunk's logits), and the next starts behind it on the stream, a new graph launch or the
+    // host's copy of its inputs. So the keys' and values' loads are in flight while the q|k|v GEMV
+    // ahead ends; the query, this step's own key and value, and every write come after the wait.
     const int b = blockIdx.z;
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
