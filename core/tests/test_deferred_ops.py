@@ -56,3 +56,18 @@ def test_exact_needs_the_same_memory_and_shape_same_memory_any_shape():
     assert ops.exact(y.reshape(64), "gemv") is None and ops.same_memory(y.reshape(64), "gemv") is d
     ops.reset()
     assert len(ops) == 0 and ops.exact(y, "gemv") is None and log == []
+
+
+def test_take_removes_a_record_without_launching_it():
+    """An int8 GEMV takes its norm's producer (a GEMV + residual) to launch it with its epilogue; if a
+    read launched it first, take says so and the consumer falls back to quantize_q8."""
+    ops, log = DeferredOps(), []
+    h = Arr(np.zeros((1, 64), np.float32))
+    record(ops, h, log, kind="gemv_res")
+    d = ops.exact(h, "gemv_res")
+    assert ops.take(d) and len(ops) == 0 and log == []
+    assert not ops.take(d)  # (taken already)
+    record(ops, h, log, kind="gemv_res")
+    d = ops.exact(h, "gemv_res")
+    ops.ready(h)
+    assert log == [("gemv_res", h.data.ptr)] and not ops.take(d)

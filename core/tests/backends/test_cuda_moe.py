@@ -114,6 +114,110 @@ def test_moe_decode_on_the_int8_expert_gemvs(dev, ref, experts, T):
     assert per_tok.max() > 1e-5  # (it did take the int8 kernels: the float path is within ~1e-6)
 
 
+@pytest.mark.parametrize("gemv", ["q8", "ffma"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_moe_decode_takes_the_residual_add_in_its_store(dev, experts, gemv, monkeypatch, T):
+    """x + moe(h) in a decode step: the down projection's launch is deferred and takes the residual in
+    its store (moe_down_store: res + value, add_f32's operands in add_f32's order), so no add_f32 launch;
+    bitwise the sum of the two written separately, on the int8 and the float expert GEMVs."""
+    import orcd_core.backends.cuda.device as D
+    import orcd_core.backends.cuda.moe as M
+
+    rng = np.random.default_rng(70 + T)
+    h, x = (dev.to_device(rng.standard_normal((T, experts.D)).astype(np.float32), "float32") for _ in range(2))
+    before = dev.decode_gemv
+    dev.decode_gemv = gemv
+    try:
+        out, n = {}, {}
+        for fused in (True, False):
+            poison(dev)
+            names = []
+            for mod in (D, M):
+                orig = mod.launch
+                monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+            y = dev.moe(h, *experts.args("gpu"), top_k=4, act="swiglu_oai")
+            if not fused:
+                y = dev.contiguous(y)  # (written now: the add launches add_f32)
+            out[fused] = dev.to_host(dev.add(x, y))
+            n[fused] = len(names)
+            monkeypatch.undo()
+    finally:
+        dev.decode_gemv = before
+    assert n[False] == n[True] + 1
+    np.testing.assert_array_equal(out[True], out[False])
+    assert np.isfinite(out[True]).all()
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_int8_glu_writes_its_output_quantized(dev, experts, T):
+    """moe_gemv_glu_q8 writes a [P, F] and, group by group as its warps complete them, a's rows quantized
+    (aq): bitwise what quantize_q8 makes of a (q8_store_warp), so no quantize launch stands between the
+    GLU and the down projection; twice in a row, with a bad expert id among the pairs (a NaN row); every
+    counter is zero after."""
+    from orcd_core.backends.cuda import moe as M
+    from orcd_core.backends.cuda.kernels import f32, i32, i64, launch, q8_row_bytes
+    from orcd_core.kernels.constants import MOE_ACT_SWIGLU_OAI, Q8_WARPS
+
+    rng = np.random.default_rng(90 + T)
+    k, D, F, E = 4, experts.D, experts.F, experts.E
+    P = T * k
+    gu = experts.g["gate_up"]
+    ids_h = rng.integers(0, E, (T, k)).astype(np.int32)
+    ids_h[0, 0] = E  # a bad expert id: its pair's a is NaN, and its groups still complete
+    ids = dev.to_device(ids_h, "int32")
+    poison(dev)
+    xq = dev.quantize_rows(dev.to_device(rng.standard_normal((T, D)).astype(np.float32), "float32"), T, D)
+    fn = M._fmt_fn(dev, gu, "moe_gemv_glu_q8", q8_row_bytes(D))
+    for _ in range(2):
+        a, aq = dev.step_array((P, F)), dev.step_array((P, q8_row_bytes(F)), np.uint8)
+        launch(fn, ((F + Q8_WARPS - 1) // Q8_WARPS, P), (32 * Q8_WARPS,),
+               (gu.data.data, i64(gu.data.row_bytes), ids, xq, i32(k), experts.g["gate_up_b"], a, i32(F), i32(D),
+                i32(E), i32(MOE_ACT_SWIGLU_OAI), f32(1.702), f32(7.0), aq, M._glu_counters(dev, P * (F // 32))),
+               shared_mem=q8_row_bytes(D))
+        want = dev.quantize_rows(a, P, F)
+        np.testing.assert_array_equal(dev.to_host(aq), dev.to_host(want))
+    a_h = dev.to_host(a)
+    assert np.isnan(a_h[0]).all() and np.isfinite(a_h[1:]).all()
+    assert not dev.to_host(M._glu_counters(dev, P * (F // 32))).any()  # every group's counter reset
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_moe_of_a_deferred_norm_quantizes_it_once(dev, experts, monkeypatch, T):
+    """moe(rms_norm(h)) on the int8 expert GEMVs (gpt-oss's FFN): one quantize_q8 launch (RMS mode) writes
+    the norm's floats (the router's input) and its int8 rows (the experts'), instead of rms_norm_rows and
+    a quantize_q8 of its output: one launch fewer. Within 1e-3 of the unfused path (the norm's sum is added
+    at quantize_q8's block size, not rms_norm_rows': its last bit may differ); the norm's floats themselves
+    within 1e-6 of rms_norm_rows'; finite."""
+    import orcd_core.backends.cuda.device as Dm
+    import orcd_core.backends.cuda.moe as M
+
+    rng = np.random.default_rng(80 + T)
+    h = dev.to_device(rng.standard_normal((T, experts.D)).astype(np.float32) * 3, "float32")
+    w = dev.to_device(rng.standard_normal(experts.D).astype(np.float32), "float32")
+    before = dev.decode_gemv
+    dev.decode_gemv = "q8"
+    try:
+        out, n, normed = {}, {}, {}
+        for fused in (True, False):
+            poison(dev)
+            names = []
+            for mod in (Dm, M):
+                orig = mod.launch
+                monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+            x = dev.rms_norm(h, w, 1e-5)
+            if not fused:
+                x = dev.contiguous(x)  # (rms_norm_rows now: moe quantizes its output)
+            out[fused] = dev.to_host(dev.moe(x, *experts.args("gpu"), top_k=4, act="swiglu_oai"))
+            normed[fused] = dev.to_host(x)
+            n[fused] = len(names)
+            monkeypatch.undo()
+    finally:
+        dev.decode_gemv = before
+    assert n[False] == n[True] + 1
+    assert rel_l2(normed[True], normed[False]) <= 1e-6
+    assert np.isfinite(out[True]).all() and rel_l2(out[True], out[False]) <= 1e-3
+
+
 @pytest.mark.parametrize("T", [5, 37, 300])
 def test_moe_prefill_groups_tokens_by_expert(dev, ref, experts, T):
     rng = np.random.default_rng(100 + T)
@@ -192,6 +296,8 @@ def test_moe_is_graph_capturable_and_replays_follow_new_routing(dev, ref, expert
     dev.stream.begin_capture()
     try:
         out = dev.moe(xbuf, *experts.args("gpu"), top_k=4, act="swiglu_oai")
+        dev.deferred.ready(out)  # (decode: the down launch is deferred for a residual add; as a step's
+        #                          logits, what is read after the replays is launched inside the capture)
     finally:
         graph = dev.stream.end_capture()
     for _ in range(3):

@@ -36,3 +36,81 @@ def test_kernel_arguments_keep_their_c_types():
 
     arg = K.kernel_arg(DeviceArray())
     assert type(arg) is ctypes.c_void_p and arg.value == 0x7F0000001000
+
+
+def _pdl_launched_kernels() -> set[str]:
+    """Names of the kernels the CUDA backend launches with `pdl=True` by a literal name (`*.fn("name")`)."""
+    import ast
+    from pathlib import Path
+
+    import orcd_core.backends.cuda as pkg
+
+    names = set()
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "launch"):
+                continue
+            pdl = [k.value for k in node.keywords if k.arg == "pdl"]
+            if not pdl or (isinstance(pdl[0], ast.Constant) and not pdl[0].value):
+                continue
+            f = node.args[0] if node.args else None
+            if (isinstance(f, ast.Call) and getattr(f.func, "attr", "") == "fn" and f.args
+                    and isinstance(f.args[0], ast.Constant) and isinstance(f.args[0].value, str)):
+                names.add(f.args[0].value)
+    return names
+
+
+def _kernel_body(source: str, name: str) -> str | None:
+    import re
+
+    m = re.search(r'__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?' + re.escape(name) + r'\s*\(', source)
+    if m is None:
+        return None
+    depth, i = 0, m.end() - 1
+    while True:  # the parameter list
+        depth += {"(": 1, ")": -1}.get(source[i], 0)
+        if depth == 0:
+            break
+        i += 1
+    start = source.index("{", i)
+    depth, j = 0, start
+    while True:
+        depth += {"{": 1, "}": -1}.get(source[j], 0)
+        if depth == 0:
+            return source[start + 1:j]
+        j += 1
+
+
+def _code(source: str) -> str:
+    """The source without its comments (a comment that names pdl_wait() or a return is not code)."""
+    import re
+
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", source, flags=re.S)
+
+
+def test_every_kernel_launched_by_pdl_waits_before_it_can_return():
+    """A kernel launched by PDL that could end before its pdl_wait() would break the chain: the kernel
+    behind it waits for its end only, so it could read what the kernel ahead had not written yet (a
+    greedy row's sample_exp returns at once, and advance_rows reads the argmax two launches back). So
+    each one's body, comments left out, calls pdl_wait() before its first `return` (checked on the
+    sources, for the kernels launched by a literal name; the GEMVs' and MoE kernels' names are built, so
+    they are not covered here)."""
+    from pathlib import Path
+
+    import orcd_core.kernels as kdir
+
+    source = "\n".join(p.read_text() for p in sorted(Path(kdir.__file__).parent.glob("*.cu*")))
+    names = _pdl_launched_kernels()
+    assert {"sample_prep", "argmax_final", "sample_select", "advance_rows"} <= names  # the parse finds them
+    checked = 0
+    for name in sorted(names):
+        body = _kernel_body(source, name)
+        if body is None:  # (a template's instance, named at its macro: not this check's)
+            continue
+        checked += 1
+        body = _code(body)
+        wait = body.find("pdl_wait()")
+        ret = body.find("return")
+        assert wait >= 0, f"{name}: launched by PDL, never calls pdl_wait()"
+        assert ret < 0 or wait < ret, f"{name}: may return before pdl_wait()"
+    assert checked >= 8

@@ -437,7 +437,13 @@ extern "C" __global__ void __launch_bounds__(128)
     __shared__ float red[32];
     __shared__ float4 accs[2 * 128];  // each thread's 8 dims of values
     pdl_trigger();  // (a GEMV launched early behind it prefetches its weights meanwhile; pdl_wait there)
-    pdl_wait();     // (launched early, by PDL: nothing read before the kernels ahead end)
+    // Launched early, by PDL: until the wait below, the block reads only what no kernel of this step
+    // writes: the rows' positions (the host's copy, or advance_rows at the end of the step before), the
+    // KV table (the host's copy) and the cache's keys and values before the query's own position, which
+    // earlier steps wrote. Those steps have ended: every step ends in a copy to the host (the token, or
+    // a prefill chunk's logits), and the next starts behind it on the stream, a new graph launch or the
+    // host's copy of its inputs. So the keys' and values' loads are in flight while the q|k|v GEMV
+    // ahead ends; the query, this step's own key and value, and every write come after the wait.
     const int b = blockIdx.z;
     const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, kvh = h / (Hq / Hkv);
     const int hh = b * Hq + h;  // (row, head): the partials', counters' and output's index
@@ -447,7 +453,10 @@ extern "C" __global__ void __launch_bounds__(128)
     const int lo = window > 0 ? max(0, p - window + 1) : 0;
     const int span = p + 1 - lo, chunk = ad_chunk(span);
     const int S_eff = min(S, (span + chunk - 1) / chunk);
-    if (s >= S_eff) return;  // (block-uniform) beyond the visible keys: no partial, no count
+    if (s >= S_eff) {  // (block-uniform) beyond the visible keys: no partial, no count
+        pdl_wait();  // (every block waits: the grid ends after the kernels ahead, as the chain needs)
+        return;
+    }
     const int kb = lo + s * chunk, ke = min(lo + (s + 1) * chunk, p + 1);
     __shared__ bool last;
     const int n = ke - kb;
@@ -461,7 +470,9 @@ extern "C" __global__ void __launch_bounds__(128)
     // written them, fp16), never from the cache, which the head group's first q head writes meanwhile
     const bool own = rk && s == S_eff - 1;  // (block-uniform)
     uint4 vown = make_uint4(0u, 0u, 0u, 0u);  // the own value's 8 dims 8t .. of this thread (g < G)
-    // the first round of keys and values in flight before anything else
+    // the first round of keys and values in flight before anything else (without rope here, rk null, a
+    // kernel ahead wrote this step's own key and value to the cache: then they wait like the rest)
+    if (!rk) pdl_wait();
     uint4 kw[AP_MAXD / 8];
     if (threadIdx.x < n) {
         const half_bits* kr = kc + (i64)((kb + threadIdx.x) % n_rows) * row + (i64)kvh * hd;
@@ -475,6 +486,7 @@ extern "C" __global__ void __launch_bounds__(128)
         for (int u = 0; u < AD_VU; ++u)
             if (g + u * G < n) vw[u] = ld16(vb + (i64)((kb + g + u * G) % n_rows) * row);
     }
+    pdl_wait();  // (what the kernels ahead wrote from here on: q, k and v of this step; a no-op the second time)
     if (rk) {  // the query's pairs (threads 0 .. hd/2), the own key's (hd/2 .. hd: hd <= 128 threads)
         const int i = threadIdx.x < (hd >> 1) ? threadIdx.x : threadIdx.x - (hd >> 1);
         if (threadIdx.x < (hd >> 1)) {

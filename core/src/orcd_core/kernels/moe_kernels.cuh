@@ -9,7 +9,8 @@
 //   moe_gemv_glu_NAME     a[p, n] = act(W[e, n] . x + bias[e, n], W[e, F + n] . x + bias[e, F + n]),
 //                         e = ids[p], N = F: gate|up rows of one expert and the GLU in one pass
 //   moe_down_NAME         out[t, n] = sum_s wts[t, s] * (W[ids[t, s], n] . a[t * k + s] + bias[ids[t, s], n]):
-//                         down projection and the weighted sum (slots in order: deterministic)
+//                         down projection and the weighted sum (slots in order: deterministic); with res,
+//                         res[t, n] + that (the residual add's operand order, add_f32: its bits)
 //   moe_gemm_NAME         the prefill's grouped GEMM on the tensor cores (below): Y = X W_e^T for each
 //                         expert e's rows of the pairs sorted by expert
 // One warp per output row; lane l takes items l, l + 32, ... of the row (consecutive bytes per warp); the
@@ -89,7 +90,8 @@ __device__ __forceinline__ void moe_glu_store(float g, float u, bool ok, const f
 // it; lane 0 writes): the slots' sums and biases weighted by wts, in slot order; NaN where an id was bad.
 __device__ __forceinline__ void moe_down_store(const float acc[MOE_MAX_K], bool bad, const int* __restrict__ ids,
                                                const float* __restrict__ wts, const float* __restrict__ bias,
-                                               float* __restrict__ out, int t, int n, int N, int k, int E) {
+                                               const float* __restrict__ res, float* __restrict__ out, int t,
+                                               int n, int N, int k, int E) {
     float sum = 0.0f, b = 0.0f;
 #pragma unroll
     for (int s = 0; s < MOE_MAX_K; ++s) {
@@ -101,7 +103,11 @@ __device__ __forceinline__ void moe_down_store(const float acc[MOE_MAX_K], bool 
             if (bias && e >= 0 && e < E) b += w * bias[(i64)e * N + n];
         }
     }
-    if ((threadIdx.x & 31) == 0) out[(i64)t * N + n] = bad ? __int_as_float(0x7fc00000) : sum + b;
+    if ((threadIdx.x & 31) == 0) {
+        const i64 o = (i64)t * N + n;
+        const float v = bad ? __int_as_float(0x7fc00000) : sum + b;
+        out[o] = res ? res[o] + v : v;
+    }
 }
 
 // grid (ceil(Fh / MOE_WARPS), P), dynamic shared memory 4 * xs_chunk(1, K); W is [E, 2 Fh, K] (gate
@@ -128,8 +134,8 @@ __device__ __forceinline__ void moe_gemv_glu_impl(const u8* __restrict__ W, i64 
 template <class F>
 __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
                                               const float* __restrict__ wts, const float* __restrict__ a,
-                                              const float* __restrict__ bias, float* __restrict__ out, int N, int K,
-                                              int k, int E) {
+                                              const float* __restrict__ bias, const float* __restrict__ res,
+                                              float* __restrict__ out, int N, int K, int k, int E) {
     const int t = blockIdx.y;
     const int n = blockIdx.x * MOE_WARPS + (threadIdx.x >> 5);
     bool bad = false;
@@ -143,7 +149,7 @@ __device__ __forceinline__ void moe_down_impl(const u8* __restrict__ W, i64 row_
     float acc[MOE_MAX_K];
     moe_dots<F, MOE_MAX_K, true>(rows, n < N ? k : 0, a + (i64)t * k * K, k, K, acc);
     if (n >= N) return;
-    moe_down_store(acc, bad, ids, wts, bias, out, t, n, N, k, E);
+    moe_down_store(acc, bad, ids, wts, bias, res, out, t, n, N, k, E);
 }
 
 // ---- the int8-activation expert GEMVs (the decode of decode_gemv "q8", one row or a batch) ------------
@@ -165,12 +171,17 @@ __device__ __forceinline__ void moe_stage_q8(const u8* __restrict__ xq, int nv, 
 }
 
 // grid (ceil(Fh / Q8_WARPS), P), dynamic shared memory q8_row_bytes(K); xq [T] quantized rows, pair p reads
-// row p / x_div; a [P, Fh] float32 as moe_gemv_glu's
+// row p / x_div; a [P, Fh] float32 as moe_gemv_glu's, and aq [P] its rows quantized (the down projection's
+// input): each group of 32 outputs of a pair by the warp that completes it (counters [P, Fh / 32], each
+// reset by that warp), with q8_store_warp: the bytes quantize_q8 writes for them, without its launch.
+// Fh must be a multiple of 32 (moe.py checks): a group short of 32 warps would never complete, and its
+// counter would stay set for every later launch.
 template <class F>
 __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
                                                      const u8* __restrict__ xq, int x_div, const float* __restrict__ bias,
                                                      float* __restrict__ a, int Fh, int K, int E, int act, float alpha,
-                                                     float limit) {
+                                                     float limit, u8* __restrict__ aq,
+                                                     unsigned int* __restrict__ counters) {
     extern __shared__ int4 x8[];
     const int p = blockIdx.y, lane = threadIdx.x & 31;
     const int n = blockIdx.x * Q8_WARPS + (threadIdx.x >> 5);
@@ -196,14 +207,25 @@ __device__ __forceinline__ void moe_gemv_glu_q8_impl(const u8* __restrict__ W, i
         }
     }
     moe_glu_store(ag, au, ok, bias, g_row, Fh, a, p, n, act, alpha, limit);
+    __threadfence();  // lane 0's a[p, n] visible before the count
+    __syncwarp();
+    unsigned int* const cnt = counters + (i64)p * (Fh / Q8_GROUP) + n / Q8_GROUP;
+    unsigned int c = 0;
+    if (lane == 0) c = atomicAdd(cnt, 1u);
+    if (__shfl_sync(0xffffffffu, c, 0) != Q8_GROUP - 1) return;  // (warp-uniform)
+    __threadfence();
+    __syncwarp();
+    const int e0 = n / Q8_GROUP * Q8_GROUP;
+    q8_store_warp(__ldcg(a + (i64)p * Fh + e0 + lane), aq + (i64)p * q8_row_bytes(Fh), Fh, e0);
+    if (lane == 0) *cnt = 0u;
 }
 
 // grid (ceil(N / Q8_WARPS), T), dynamic shared memory k q8_row_bytes(K); aq [T k] quantized rows of a
 template <class F>
 __device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 row_bytes, const int* __restrict__ ids,
                                                  const float* __restrict__ wts, const u8* __restrict__ aq,
-                                                 const float* __restrict__ bias, float* __restrict__ out, int N, int K,
-                                                 int k, int E) {
+                                                 const float* __restrict__ bias, const float* __restrict__ res,
+                                                 float* __restrict__ out, int N, int K, int k, int E) {
     extern __shared__ int4 x8[];
     const int t = blockIdx.y, lane = threadIdx.x & 31;
     const int n = blockIdx.x * Q8_WARPS + (threadIdx.x >> 5);
@@ -242,7 +264,7 @@ __device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 r
             ++s;
         }
     }
-    moe_down_store(acc, bad, ids, wts, bias, out, t, n, N, k, E);
+    moe_down_store(acc, bad, ids, wts, bias, res, out, t, n, N, k, E);
 }
 
 // The int8-activation expert GEMVs of a format with F::dot_q8 (its plugin's .cu, beside ORCD_MOE_KERNELS).
@@ -250,13 +272,14 @@ __device__ __forceinline__ void moe_down_q8_impl(const u8* __restrict__ W, i64 r
     extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
         moe_gemv_glu_q8_##NAME(const u8* W, i64 row_bytes, const int* ids, const u8* xq, int x_div,          \
                                const float* bias, float* a, int Fh, int K, int E, int act, float alpha,      \
-                               float limit) {                                                                \
-        moe_gemv_glu_q8_impl<F>(W, row_bytes, ids, xq, x_div, bias, a, Fh, K, E, act, alpha, limit);         \
+                               float limit, u8* aq, unsigned int* counters) {                                \
+        moe_gemv_glu_q8_impl<F>(W, row_bytes, ids, xq, x_div, bias, a, Fh, K, E, act, alpha, limit, aq,     \
+                                counters);                                                                   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(Q8_WARPS * 32)                                             \
         moe_down_q8_##NAME(const u8* W, i64 row_bytes, const int* ids, const float* wts, const u8* aq,       \
-                           const float* bias, float* out, int N, int K, int k, int E) {                      \
-        moe_down_q8_impl<F>(W, row_bytes, ids, wts, aq, bias, out, N, K, k, E);                              \
+                           const float* bias, const float* res, float* out, int N, int K, int k, int E) {    \
+        moe_down_q8_impl<F>(W, row_bytes, ids, wts, aq, bias, res, out, N, K, k, E);                         \
     }
 
 // ---- the grouped prefill GEMM -------------------------------------------------------------------------
@@ -450,8 +473,8 @@ __device__ __forceinline__ void moe_gemm_impl(const u8* __restrict__ W, i64 row_
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(MOE_WARPS * 32)                                            \
         moe_down_##NAME(const u8* W, i64 row_bytes, const int* ids, const float* wts, const float* a,        \
-                        const float* bias, float* out, int N, int K, int k, int E) {                         \
-        moe_down_impl<F>(W, row_bytes, ids, wts, a, bias, out, N, K, k, E);                                  \
+                        const float* bias, const float* res, float* out, int N, int K, int k, int E) {       \
+        moe_down_impl<F>(W, row_bytes, ids, wts, a, bias, res, out, N, K, k, E);                             \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(2 * MOE_GEMM_BN, 2)                                        \
         moe_gemm_##NAME(const u8* W, i64 row_bytes, const int* offsets, int E, const half_bits* X, float* Y, \

@@ -27,6 +27,8 @@ __device__ __forceinline__ void block_argmax(float& v, int& i) {
 }
 
 extern "C" __global__ void argmax_part(const float* __restrict__ x, int V, float* __restrict__ pv, int* __restrict__ pi) {
+    pdl_trigger();  // (launched by PDL: the next kernel may start; nothing read before pdl_wait)
+    pdl_wait();
     const int b = blockIdx.y;
     x += (i64)b * V;
     float v = -INFINITY;
@@ -38,6 +40,8 @@ extern "C" __global__ void argmax_part(const float* __restrict__ x, int V, float
 
 extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int* __restrict__ pi, int P, int* __restrict__ out,
                                         float* __restrict__ out_v) {
+    pdl_trigger();  // (launched by PDL: the next kernel may start; nothing read before pdl_wait)
+    pdl_wait();
     const int b = blockIdx.x;
     float v = -INFINITY;
     int i = 0x7fffffff;
@@ -64,6 +68,8 @@ extern "C" __global__ void argmax_final(const float* __restrict__ pv, const int*
 // ================================================================================================
 extern "C" __global__ void sample_prep(const float* __restrict__ logits, i64 ls, float* __restrict__ l, int V,
                                        const float* __restrict__ temps) {
+    pdl_trigger();  // (launched by PDL: the next kernel may start; nothing read before pdl_wait)
+    pdl_wait();
     const int b = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
     const float temperature = temps[b];
     if (i < V) l[(i64)b * V + i] = temperature > 0.0f ? logits[b * ls + i] / temperature : logits[b * ls + i];
@@ -72,6 +78,8 @@ extern "C" __global__ void sample_prep(const float* __restrict__ logits, i64 ls,
 extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const int* __restrict__ recent, int rs,
                                           const int* __restrict__ windows, const float* __restrict__ penalties,
                                           const float* __restrict__ freqs, const float* __restrict__ presences) {
+    pdl_trigger();  // (launched by PDL: the next kernel may start; nothing read before pdl_wait)
+    pdl_wait();
     const int b = blockIdx.x, W = windows[b];  // (0 when no penalty is on)
     const float penalty = penalties[b], freq = freqs[b], presence = presences[b];
     if (W <= 0) return;
@@ -95,6 +103,8 @@ extern "C" __global__ void sample_penalty(float* __restrict__ l, int V, const in
 
 extern "C" __global__ void sample_exp(const float* __restrict__ l, const float* __restrict__ vmax, double* __restrict__ e, int V,
                                       const float* __restrict__ temps) {
+    pdl_trigger();  // (launched by PDL: the next kernel may start; nothing read before pdl_wait)
+    pdl_wait();
     const int b = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
     if (temps[b] <= 0.0f) return;  // greedy: the argmax is the answer
     if (i < V) e[(i64)b * V + i] = exp((double)l[(i64)b * V + i] - (double)vmax[b]);
@@ -177,6 +187,8 @@ extern "C" __global__ void __launch_bounds__(1024)
                   const double* __restrict__ top_ps, const double* __restrict__ min_ps,
                   const unsigned long long* __restrict__ seeds, const float* __restrict__ temps,
                   const int* __restrict__ step_index, int* __restrict__ out) {
+    pdl_trigger();  // (launched by PDL: the next kernel may start; nothing read before pdl_wait)
+    pdl_wait();
     __shared__ double hist[256];
     __shared__ double scratch[32];
     __shared__ int chosen;

@@ -10,6 +10,8 @@
 extern "C" __global__ void advance_rows(const int* __restrict__ token, int* __restrict__ ids, int* __restrict__ positions,
                                         int* __restrict__ step_index, int* __restrict__ recent, int rs,
                                         const int* __restrict__ windows, int B) {
+    pdl_trigger();
+    pdl_wait();  // (launched by PDL behind the sampler)
     const int b = threadIdx.x;
     if (b < B) {
         const int t = token[b], W = windows[b];

@@ -108,6 +108,7 @@ class CudaDevice(Device):
         # decode attention: per-head counters of finished splits (each step's last split resets its own)
         self._attn_counters = view(raw_alloc(4 * MAX_HEADS), 0, (MAX_HEADS,), np.uint32)
         self._attn_counters.fill(0)
+        self._counters: dict[str, cupy.ndarray] = {}  # counters(): other kernels' completion counters
         self._optional_kernels: dict[tuple[str, str], bool] = {}  # (format, kind) -> has_kernel
         self.stream.synchronize()
         self._scratch: cupy.ndarray | None = None  # fp16 dequantized rows for prefill GEMMs
@@ -129,6 +130,22 @@ class CudaDevice(Device):
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
+
+    def counters(self, key: str, n: int) -> cupy.ndarray:
+        """`n` uint32 zeros for the completion counters of a kernel (each launch leaves them zero: the
+        thread that completes a group resets its counter), one buffer a key at a fixed address for the
+        captured steps. Made at the first call, on the step's stream, which must come before any capture
+        (a first decode step runs op by op: graph.py, prefill.py); a later call asks for at most `n`."""
+        mem = self._counters.get(key)
+        if mem is None:
+            if self.stream.is_capturing():
+                raise RuntimeError(f"{key}: completion counters cannot be made during a CUDA graph capture")
+            mem = view(raw_alloc(4 * n), 0, (n,), np.uint32)
+            cupy.cuda.runtime.memsetAsync(mem.data.ptr, 0, mem.nbytes, self.stream.ptr)
+            self._counters[key] = mem
+        if n > mem.size:
+            raise RuntimeError(f"{key}: {n} completion counters asked for, {mem.size} made")
+        return mem
     def _decode_gemv(self) -> str:
         """planner.decode_gemv for this GPU (ORCD_DECODE_GEMV overrides the choice)."""
         try:
@@ -534,10 +551,7 @@ class CudaDevice(Device):
             if "xq" not in shared:
                 shared["xq"] = self.step_array((T, q8_row_bytes(K)), np.uint8)
         xq = shared["xq"]
-        if mode == GEMV_X_RMS:  # one block a row: the norm's sum over all of K
-            qgrid, qthreads = (1, T), min(1024, -(-K // 128) * 32)
-        else:
-            qgrid, qthreads = (_blocks(K // 4, Q8_QUANT_THREADS), T), Q8_QUANT_THREADS
+        qgrid, qthreads = _quantize_grid(mode, T, K)
         quantize = self.core.fn("quantize_q8")
         smem = T * q8_row_bytes(K)
         fn = self.format_kernels(w.fmt).fn(f"gemv_q8{'' if T == 1 else '_t8'}_{w.fmt.name}", max_dynamic_smem=smem)
@@ -552,8 +566,8 @@ class CudaDevice(Device):
 
         def run(y, res=NULL):
             if not shared.get("ready"):
-                launch(quantize, qgrid, (qthreads,), (src, i64(s_src), aux, i64(s_aux), f32(eps), i32(mode), i32(K), xq),
-                       pdl=True)
+                launch(quantize, qgrid, (qthreads,),
+                       (src, i64(s_src), aux, i64(s_aux), f32(eps), i32(mode), i32(K), xq, NULL), pdl=True)
                 shared["ready"] = True
             launch(fn, grid, (32 * Q8_WARPS,), (t.data, i64(t.row_bytes), xq, y, b, i32(N), i32(K), i32(T), i32(R), res),
                    shared_mem=smem, pdl=True)
@@ -565,9 +579,29 @@ class CudaDevice(Device):
         `out` or the step's workspace; launched by PDL)."""
         if out is None:
             out = self.step_array((T, q8_row_bytes(K)), np.uint8)
-        launch(self.core.fn("quantize_q8"), (_blocks(K // 4, Q8_QUANT_THREADS), T), (Q8_QUANT_THREADS,),
-               (x, i64(K), NULL, i64(0), f32(0.0), i32(GEMV_X_PLAIN), i32(K), out), pdl=True)
+        grid, threads = _quantize_grid(GEMV_X_PLAIN, T, K)
+        launch(self.core.fn("quantize_q8"), grid, (threads,),
+               (x, i64(K), NULL, i64(0), f32(0.0), i32(GEMV_X_PLAIN), i32(K), out, NULL), pdl=True)
         return out
+
+    def quantize_norm_rows(self, y):
+        """If `y` is a deferred RMS norm of T rows of K (K % 32 == 0, its input and weight 16-byte aligned):
+        one quantize_q8 launch (RMS mode, one block a row) writes y itself (float32) and its int8 rows, and
+        the record is done; returns those rows, else None (y then is as it was). For a consumer that reads
+        both, the MoE: its router the floats, its experts the int8 rows (moe.py)."""
+        d = self.deferred.exact(y, "rms_norm")
+        if d is None or y.ndim != 2:
+            return None
+        T, K = int(y.shape[0]), int(y.shape[1])
+        x, w = d.args["x"], d.args["weight"]
+        if K % 32 or x.data.ptr % 16 or w.data.ptr % 16 or not x.flags.c_contiguous or not self.deferred.take(d):
+            return None
+        self.deferred.ready(x)
+        xq = self.step_array((T, q8_row_bytes(K)), np.uint8)
+        grid, threads = _quantize_grid(GEMV_X_RMS, T, K)
+        launch(self.core.fn("quantize_q8"), grid, (threads,),
+               (x, i64(K), w, i64(0), f32(d.args["eps"]), i32(GEMV_X_RMS), i32(K), xq, y), pdl=True)
+        return xq
 
     def has_kernel(self, fmt, kind: str) -> bool:
         """Whether the format's source has the kernel `<kind>_<name>` (an optional one: "gemv_q8", where its
@@ -879,6 +913,14 @@ class CudaDevice(Device):
         from .graph import GraphBatchDecoder
 
         return GraphBatchDecoder(self, forward, max_rows=max_rows)
+
+
+def _quantize_grid(mode: int, T: int, K: int) -> tuple[tuple[int, int], int]:
+    """(grid, threads) of quantize_q8 over T rows of K: the RMS mode one block a row (the norm's sum over
+    all of K, up to 1,024 threads), the others Q8_QUANT_THREADS threads a block, as many as cover K."""
+    if mode == GEMV_X_RMS:
+        return (1, T), min(1024, -(-K // 128) * 32)
+    return (_blocks(K // 4, Q8_QUANT_THREADS), T), Q8_QUANT_THREADS
 
 
 def _check_linear(w: Weight, K: int, bias) -> None:

@@ -69,6 +69,14 @@ class DeferredOps:
                 return d
         return None
 
+    def take(self, d: Deferred) -> bool:
+        """Remove `d` without launching it (its consumer launches it its own way); False if it was not
+        pending any more (something read its output first: it is launched already)."""
+        if d in self._pending:
+            self._pending.remove(d)
+            return True
+        return False
+
     def ready(self, x) -> None:
         """Launch the producer of any deferred memory that `x` reads (before `x` is read)."""
         ptr = _ptr(x) if self._pending else None

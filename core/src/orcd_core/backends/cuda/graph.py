@@ -133,7 +133,7 @@ class GraphBatchDecoder(BatchDecoder):
         self._logits[key] = logits  # (the addresses a replay of this graph writes)
         tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st)
         launch(dev.core.fn("advance_rows"), (1,), (32,),
-               (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)))
+               (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)), pdl=True)
         cupy.cuda.runtime.memcpyAsync(self._tok[parity].ctypes.data, tok.data.ptr, 4 * B,
                                       cupy.cuda.runtime.memcpyDeviceToHost, dev.stream.ptr)
 

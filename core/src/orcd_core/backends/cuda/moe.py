@@ -7,8 +7,11 @@
         a   = act(gate_up[ids] @ x + b)             # [T k, F] moe_gemv_glu_<fmt>: gate and up rows of the
                                                     #          chosen expert in one pass, GLU fused
         out = sum_s wts * (down[ids] @ a + b)       # [T, D]   moe_down_<fmt>: the weighted sum fused
-        (decode_gemv "q8", the default: x and a quantized to int8 by quantize_q8 first, and the _q8_
-        kernels of the same two, dp4a products, where the experts' format has them)
+        (decode_gemv "q8", the default: x quantized to int8 by quantize_q8 first, and the _q8_ kernels
+        of the same two, dp4a products, where the experts' format has them; moe_gemv_glu_q8 also writes
+        a quantized, each group of 32 by the warp that completes it). The down launch
+        is deferred as a "gemv" record (fusion.py): the residual add that reads it (x + moe(norm(x)))
+        is added in its store instead of by an add_f32 launch (the same bits)
     prefill (more tokens):                          # each expert's weights read once per tile of its pairs
         stable counting sort of the T k (token, slot) pairs by expert (moe_sort: offsets and order stay
         on the GPU); the pairs' tokens as fp16 rows in that order (moe_gather_f16); h = the gate|up
@@ -34,6 +37,7 @@ MAX_EXPERTS = MOE_MAX_E_PER_LANE * 32  # moe_topk_softmax: one warp over the exp
 DECODE_MAX_T = MAX_BATCH  # up to this many tokens (a batched decode step's rows): expert-indexed GEMVs,
 #                          each token's computed as it would be alone; more: grouped by expert
 ACTS = {"silu": MOE_ACT_SILU, "swiglu_oai": MOE_ACT_SWIGLU_OAI}
+GLU_COUNTERS = DECODE_MAX_T * MOE_MAX_K * 512  # moe_gemv_glu_q8's group counters: GLU widths up to 16,384
 _SOURCE = "moe.cu"
 
 
@@ -58,6 +62,12 @@ def _bias(b, shape, what):
 
 def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, top_k: int, act: str,
         alpha: float = 1.702, limit: float = 7.0):
+    T = int(x.shape[0])
+    q8 = T <= DECODE_MAX_T and dev.decode_gemv == "q8" and all(
+        dev.has_kernel(w.fmt, k) for w, k in ((gate_up, "moe_gemv_glu_q8"), (down, "moe_down_q8")))
+    # x the decode's deferred RMS norm: one quantize_q8 writes both x (the router's floats) and its int8
+    # rows (the experts'), instead of rms_norm_rows and a quantize_q8 of its output
+    xq = dev.quantize_norm_rows(x) if q8 else None
     x = dev.contiguous(x)
     T, D = x.shape
     if len(gate_up.shape) != 3 or len(down.shape) != 3:
@@ -88,38 +98,57 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     if T > DECODE_MAX_T and int(dev.sm) < 80:
         raise NotImplementedError(f"moe: the grouped prefill GEMM runs on tensor cores (compute capability 8.0 "
                                   f"or later; this GPU: {dev.sm[:-1]}.{dev.sm[-1]})")
-    if T <= DECODE_MAX_T and dev.decode_gemv == "q8" and all(
-            dev.has_kernel(w.fmt, k) for w, k in ((gate_up, "moe_gemv_glu_q8"), (down, "moe_down_q8"))):
-        return _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, top_k, E, ACTS[act], alpha, limit)
+    if q8:
+        return _decode_q8(dev, x, xq, ids, wts, gate_up, gub, down, dnb, T, D, F, top_k, E, ACTS[act], alpha, limit)
     if T <= DECODE_MAX_T:
         P = T * top_k
         a = dev.step_array((P, F))  # [T k, F]
         launch(_fmt_fn(dev, gate_up, "moe_gemv_glu"), (blocks(F, MOE_WARPS), P), (32 * MOE_WARPS,),
                (gate_up.data.data, i64(gate_up.data.row_bytes), ids, x, i32(top_k), gub, a, i32(F), i32(D), i32(E),
                 i32(ACTS[act]), f32(alpha), f32(limit)), shared_mem=xs_bytes(1, D))
-        out = dev.step_array((T, D))
-        launch(_fmt_fn(dev, down, "moe_down"), (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
-               (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, out, i32(D), i32(F), i32(top_k), i32(E)),
-               shared_mem=xs_bytes(top_k, F))
-        return out
+        fn = _fmt_fn(dev, down, "moe_down")
+
+        def run(out, res=NULL):
+            if res is not NULL:
+                dev.deferred.ready(res)
+            launch(fn, (blocks(D, MOE_WARPS), T), (32 * MOE_WARPS,),
+                   (down.data.data, i64(down.data.row_bytes), ids, wts, a, dnb, res, out, i32(D), i32(F), i32(top_k),
+                    i32(E)), shared_mem=xs_bytes(top_k, F))
+
+        return dev.deferred.defer("gemv", dev.step_array((T, D)), run)
     return _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, top_k, ACTS[act], alpha, limit)
 
 
-def _decode_q8(dev, x, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
-    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x
-    quantized (quantize_q8), moe_gemv_glu_q8_<fmt>, a quantized, moe_down_q8_<fmt>; every launch by PDL."""
+def _glu_counters(dev, n: int):
+    """moe_gemv_glu_q8's group counters ([P, F / 32] of a launch, each reset by the warp that completes its
+    group): the device's, with room for GLU_COUNTERS."""
+    if n > GLU_COUNTERS:
+        raise NotImplementedError(f"moe: {n} groups of 32 GLU outputs a step (at most {GLU_COUNTERS})")
+    return dev.counters("moe_gemv_glu_q8", GLU_COUNTERS)
+
+
+def _decode_q8(dev, x, xq, ids, wts, gate_up, gub, down, dnb, T, D, F, k, E, act, alpha, limit):
+    """The decode path on the int8-activation expert GEMVs (decode_gemv "q8"): x quantized (quantize_q8;
+    xq: done already, with the norm), moe_gemv_glu_q8_<fmt> (which also writes its output quantized: aq),
+    moe_down_q8_<fmt>; every launch by PDL."""
     P = T * k
-    xq, aq = dev.quantize_rows(x, T, D), dev.step_array((P, q8_row_bytes(F)), np.uint8)
+    xq = xq if xq is not None else dev.quantize_rows(x, T, D)
+    aq = dev.step_array((P, q8_row_bytes(F)), np.uint8)
     a = dev.step_array((P, F))  # [T k, F]
+    counters = _glu_counters(dev, P * (F // 32))
     launch(_fmt_fn(dev, gate_up, "moe_gemv_glu_q8", q8_row_bytes(D)), (blocks(F, Q8_WARPS), P), (32 * Q8_WARPS,),
            (gate_up.data.data, i64(gate_up.data.row_bytes), ids, xq, i32(k), gub, a, i32(F), i32(D), i32(E),
-            i32(act), f32(alpha), f32(limit)), shared_mem=q8_row_bytes(D), pdl=True)
-    dev.quantize_rows(a, P, F, out=aq)
-    out = dev.step_array((T, D))
-    launch(_fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F)), (blocks(D, Q8_WARPS), T), (32 * Q8_WARPS,),
-           (down.data.data, i64(down.data.row_bytes), ids, wts, aq, dnb, out, i32(D), i32(F), i32(k), i32(E)),
-           shared_mem=k * q8_row_bytes(F), pdl=True)
-    return out
+            i32(act), f32(alpha), f32(limit), aq, counters), shared_mem=q8_row_bytes(D), pdl=True)
+    fn = _fmt_fn(dev, down, "moe_down_q8", k * q8_row_bytes(F))
+
+    def run(out, res=NULL):  # (deferred: a residual add takes it, see moe())
+        if res is not NULL:  # (a residual may itself be deferred)
+            dev.deferred.ready(res)
+        launch(fn, (blocks(D, Q8_WARPS), T), (32 * Q8_WARPS,),
+               (down.data.data, i64(down.data.row_bytes), ids, wts, aq, dnb, res, out, i32(D), i32(F), i32(k), i32(E)),
+               shared_mem=k * q8_row_bytes(F), pdl=True)
+
+    return dev.deferred.defer("gemv", dev.step_array((T, D)), run)
 
 
 def _grouped(dev, mk, x, ids, wts, gate_up, gub, down, dnb, T, D, E, F, k, act, alpha, limit):

@@ -103,12 +103,12 @@ class Sampler:
             raise ValueError(f"sampler for {self.rows} x {self.V}, got logits {logits.shape}")
         out = self.dev.step_array((B,), np.int32)
         gv = (V + 255) // 256
-        launch(core.fn("sample_prep"), (gv, B), (256,), (logits, i64(V), self.l, i32(V), st.temp))
+        launch(core.fn("sample_prep"), (gv, B), (256,), (logits, i64(V), self.l, i32(V), st.temp), pdl=True)
         launch(core.fn("sample_penalty"), (B,), (256,),
-               (self.l, i32(V), st.recent, i32(st.rs), st.window, st.penalty, st.freq, st.presence))
-        launch(core.fn("argmax_part"), (ARGMAX_BLOCKS, B), (256,), (self.l, i32(V), self.pv, self.pi))
-        launch(core.fn("argmax_final"), (B,), (64,), (self.pv, self.pi, i32(ARGMAX_BLOCKS), out, self.vmax))
-        launch(core.fn("sample_exp"), (gv, B), (256,), (self.l, self.vmax, self.e, i32(V), st.temp))
+               (self.l, i32(V), st.recent, i32(st.rs), st.window, st.penalty, st.freq, st.presence), pdl=True)
+        launch(core.fn("argmax_part"), (ARGMAX_BLOCKS, B), (256,), (self.l, i32(V), self.pv, self.pi), pdl=True)
+        launch(core.fn("argmax_final"), (B,), (64,), (self.pv, self.pi, i32(ARGMAX_BLOCKS), out, self.vmax), pdl=True)
+        launch(core.fn("sample_exp"), (gv, B), (256,), (self.l, self.vmax, self.e, i32(V), st.temp), pdl=True)
         launch(core.fn("sample_select"), (B,), (1024,),
-               (self.l, self.e, i32(V), st.top_k, st.top_p, st.min_p, st.seed, st.temp, st.step, out))
+               (self.l, self.e, i32(V), st.top_k, st.top_p, st.min_p, st.seed, st.temp, st.step, out), pdl=True)
         return out
