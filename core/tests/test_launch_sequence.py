@@ -45,7 +45,7 @@ SIM = textwrap.dedent(r'''
 
     def launch(fn, grid, block, args, shared_mem=0, pdl=False):
         tag = fn
-        if fn == "quantize_q8":
+        if fn.startswith("quantize_q8"):
             tag += ":" + ("plain", "rms", "silu")[int(args[5])]
         LOG.append(tag)
 
@@ -140,11 +140,11 @@ def test_a_llama_layer_is_one_quantize_and_one_gemv_per_projection():
 
 
 def test_a_gpt_oss_ffn_is_five_launches():
-    """gpt-oss's FFN on the int8 expert GEMVs: one quantize_q8 (RMS) writes the norm's floats and int8 rows,
+    """gpt-oss's FFN on the int8 expert GEMVs: one quantize_q8_xf (RMS) writes the norm's floats and int8 rows,
     then the router, top-k, the GLU (which writes its output quantized) and the down projection, which
     takes the residual add in its store: no rms_norm_rows, no quantize of the GLU's output, no add_f32."""
     for T in (1, 8):
         K = "gemv_q8" if T == 1 else "gemv_q8_t8"
         layer = ["layer", "quantize_q8:plain", K,  # the o projection (its input plain here) + residual
-                 "quantize_q8:rms", "moe_router_f32", "moe_topk_softmax", "moe_gemv_glu_q8", "moe_down_q8"]
+                 "quantize_q8_xf:rms", "moe_router_f32", "moe_topk_softmax", "moe_gemv_glu_q8", "moe_down_q8"]
         assert sequences(T)["moe"] == 2 * layer, T

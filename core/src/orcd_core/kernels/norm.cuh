@@ -65,14 +65,18 @@ extern "C" __global__ void layer_norm_f32(const float* __restrict__ x, const flo
 // (blocks along K, T rows); a thread takes 4 elements and 8 consecutive threads a group, so a group's
 // max and sums are three butterflies. The RMS mode runs one block per row (the norm's sum over all of
 // K first, as rms_norm_rows adds it); the others Q8_QUANT_THREADS threads a block, as many as cover K.
-// xf (or null): the rows through the input op also as float32 (row t at t K; the MoE's router reads the
-// norm's floats, its experts the int8 rows: one launch for both). Launched early (PDL): nothing is read
-// before the kernel ahead has ended.
+// quantize_q8_xf also writes the rows through the input op as float32 to xf (row t at t K; the MoE's
+// router reads the norm's floats, its experts the int8 rows: one launch for both); a template flag, not a
+// null test, so quantize_q8 (every dense decode GEMV's) carries neither the argument nor the store
+// (with a null-tested xf in the one kernel, the only change next/moe made to a dense step, qwen2's step
+// measured 1% slower: perf-notes, twelfth session).
+// Launched early (PDL): nothing is read before the kernel ahead has ended.
 // ================================================================================================
 static_assert(Q8_QUANT_THREADS % 32 == 0 && Q8_QUANT_THREADS <= 1024, "whole warps, so whole groups, in a block");
-extern "C" __global__ void __launch_bounds__(1024)
-    quantize_q8(const float* __restrict__ x, i64 x_stride, const float* __restrict__ aux, i64 aux_stride, float eps,
-                int mode, int K, u8* __restrict__ out, float* __restrict__ xf) {
+template <bool XF>
+__device__ __forceinline__ void quantize_q8_rows(const float* __restrict__ x, i64 x_stride, const float* __restrict__ aux,
+                                                 i64 aux_stride, float eps, int mode, int K, u8* __restrict__ out,
+                                                 float* __restrict__ xf) {
     __shared__ float red[32];
     const float* __restrict__ xr = x + (i64)blockIdx.y * x_stride;
     const float* __restrict__ ar = aux + (i64)blockIdx.y * aux_stride;  // (aux null and stride 0 in the plain mode)
@@ -105,7 +109,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                 v = make_float4(v.x / (1.0f + expf(-v.x)) * u.x, v.y / (1.0f + expf(-v.y)) * u.y,
                                 v.z / (1.0f + expf(-v.z)) * u.z, v.w / (1.0f + expf(-v.w)) * u.w);
             }
-            if (xf) *(float4*)(xf + (i64)blockIdx.y * K + 4 * i) = v;
+            if constexpr (XF) *(float4*)(xf + (i64)blockIdx.y * K + 4 * i) = v;
         }
         float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
         amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
@@ -126,4 +130,14 @@ extern "C" __global__ void __launch_bounds__(1024)
             }
         }
     }
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    quantize_q8(const float* __restrict__ x, i64 x_stride, const float* __restrict__ aux, i64 aux_stride, float eps,
+                int mode, int K, u8* __restrict__ out) {
+    quantize_q8_rows<false>(x, x_stride, aux, aux_stride, eps, mode, K, out, nullptr);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    quantize_q8_xf(const float* __restrict__ x, i64 x_stride, const float* __restrict__ aux, i64 aux_stride,
+                   float eps, int mode, int K, u8* __restrict__ out, float* __restrict__ xf) {
+    quantize_q8_rows<true>(x, x_stride, aux, aux_stride, eps, mode, K, out, xf);
 }

@@ -567,7 +567,7 @@ class CudaDevice(Device):
         def run(y, res=NULL):
             if not shared.get("ready"):
                 launch(quantize, qgrid, (qthreads,),
-                       (src, i64(s_src), aux, i64(s_aux), f32(eps), i32(mode), i32(K), xq, NULL), pdl=True)
+                       (src, i64(s_src), aux, i64(s_aux), f32(eps), i32(mode), i32(K), xq), pdl=True)
                 shared["ready"] = True
             launch(fn, grid, (32 * Q8_WARPS,), (t.data, i64(t.row_bytes), xq, y, b, i32(N), i32(K), i32(T), i32(R), res),
                    shared_mem=smem, pdl=True)
@@ -581,12 +581,12 @@ class CudaDevice(Device):
             out = self.step_array((T, q8_row_bytes(K)), np.uint8)
         grid, threads = _quantize_grid(GEMV_X_PLAIN, T, K)
         launch(self.core.fn("quantize_q8"), grid, (threads,),
-               (x, i64(K), NULL, i64(0), f32(0.0), i32(GEMV_X_PLAIN), i32(K), out, NULL), pdl=True)
+               (x, i64(K), NULL, i64(0), f32(0.0), i32(GEMV_X_PLAIN), i32(K), out), pdl=True)
         return out
 
     def quantize_norm_rows(self, y):
         """If `y` is a deferred RMS norm of T rows of K (K % 32 == 0, its input and weight 16-byte aligned):
-        one quantize_q8 launch (RMS mode, one block a row) writes y itself (float32) and its int8 rows, and
+        one quantize_q8_xf launch (RMS mode, one block a row) writes y itself (float32) and its int8 rows, and
         the record is done; returns those rows, else None (y then is as it was). For a consumer that reads
         both, the MoE: its router the floats, its experts the int8 rows (moe.py)."""
         d = self.deferred.exact(y, "rms_norm")
@@ -599,7 +599,7 @@ class CudaDevice(Device):
         self.deferred.ready(x)
         xq = self.step_array((T, q8_row_bytes(K)), np.uint8)
         grid, threads = _quantize_grid(GEMV_X_RMS, T, K)
-        launch(self.core.fn("quantize_q8"), grid, (threads,),
+        launch(self.core.fn("quantize_q8_xf"), grid, (threads,),
                (x, i64(K), w, i64(0), f32(d.args["eps"]), i32(GEMV_X_RMS), i32(K), xq, y), pdl=True)
         return xq
 
