@@ -183,7 +183,7 @@ def test_int8_glu_writes_its_output_quantized(dev, experts, T):
 
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_moe_of_a_deferred_norm_quantizes_it_once(dev, experts, monkeypatch, T):
-    """moe(rms_norm(h)) on the int8 expert GEMVs (gpt-oss's FFN): one quantize_q8 launch (RMS mode) writes
+    """moe(rms_norm(h)) on the int8 expert GEMVs (gpt-oss's FFN): one quantize_q8_xf launch (RMS mode) writes
     the norm's floats (the router's input) and its int8 rows (the experts'), instead of rms_norm_rows and
     a quantize_q8 of its output: one launch fewer. Within 1e-3 of the unfused path (the norm's sum is added
     at quantize_q8's block size, not rms_norm_rows': its last bit may differ); the norm's floats themselves

@@ -65,7 +65,7 @@ def moe(dev, x, router, router_bias, gate_up, gate_up_bias, down, down_bias, *, 
     T = int(x.shape[0])
     q8 = T <= DECODE_MAX_T and dev.decode_gemv == "q8" and all(
         dev.has_kernel(w.fmt, k) for w, k in ((gate_up, "moe_gemv_glu_q8"), (down, "moe_down_q8")))
-    # x the decode's deferred RMS norm: one quantize_q8 writes both x (the router's floats) and its int8
+    # x the decode's deferred RMS norm: one quantize_q8_xf writes both x (the router's floats) and its int8
     # rows (the experts'), instead of rms_norm_rows and a quantize_q8 of its output
     xq = dev.quantize_norm_rows(x) if q8 else None
     x = dev.contiguous(x)
