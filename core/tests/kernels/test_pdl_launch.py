@@ -60,10 +60,12 @@ def _pdl_launched_kernels() -> set[str]:
     return names
 
 
-def _kernel_body(source: str, name: str) -> str | None:
+def _kernel_body(source: str, name: str, kind: str = "__global__") -> str | None:
+    """The body of the `kind` ("__global__", or "__device__" for a device function) function `name`."""
     import re
 
-    m = re.search(r'__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?' + re.escape(name) + r'\s*\(', source)
+    m = re.search(kind + r'\s+(?:__forceinline__\s+)?void\s+(?:__launch_bounds__\([^)]*\)\s*)?' + re.escape(name)
+                  + r'\s*\(', source)
     if m is None:
         return None
     depth, i = 0, m.end() - 1
@@ -93,8 +95,9 @@ def test_every_kernel_launched_by_pdl_waits_before_it_can_return():
     behind it waits for its end only, so it could read what the kernel ahead had not written yet (a
     greedy row's sample_exp returns at once, and advance_rows reads the argmax two launches back). So
     each one's body, comments left out, calls pdl_wait() before its first `return` (checked on the
-    sources, for the kernels launched by a literal name; the GEMVs' and MoE kernels' names are built, so
-    they are not covered here)."""
+    sources, for the kernels launched by a literal name, or for the device function a kernel's body
+    begins by calling, as quantize_q8 and quantize_q8_xf call quantize_q8_rows; the GEMVs' and MoE
+    kernels' names are built, so they are not covered here)."""
     from pathlib import Path
 
     import orcd_core.kernels as kdir
@@ -109,6 +112,13 @@ def test_every_kernel_launched_by_pdl_waits_before_it_can_return():
             continue
         checked += 1
         body = _code(body)
+        if "pdl_wait()" not in body:  # a wrapper of one device function (a template's instance): its body
+            import re
+
+            call = re.match(r"\s*(\w+)\s*(?:<[^>]*>)?\s*\(", body)
+            inner = call and _kernel_body(source, call.group(1), "__device__")
+            if inner is not None:
+                body = _code(inner)
         wait = body.find("pdl_wait()")
         ret = body.find("return")
         assert wait >= 0, f"{name}: launched by PDL, never calls pdl_wait()"
