@@ -26,6 +26,15 @@ MXFP4 = REG.quant_format_by_name("MXFP4")
 F32 = REG.quant_format_by_name("F32")
 
 
+def record_launches(monkeypatch, *modules) -> list:
+    """The names of the kernels that `modules` launch from now on (each one's `launch` wrapped)."""
+    names = []
+    for mod in modules:
+        orig = mod.launch
+        monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+    return names
+
+
 @pytest.fixture(scope="module")
 def ref():
     return ReferenceDevice()
@@ -131,10 +140,7 @@ def test_moe_decode_takes_the_residual_add_in_its_store(dev, experts, gemv, monk
         out, n = {}, {}
         for fused in (True, False):
             poison(dev)
-            names = []
-            for mod in (D, M):
-                orig = mod.launch
-                monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+            names = record_launches(monkeypatch, D, M)
             y = dev.moe(h, *experts.args("gpu"), top_k=4, act="swiglu_oai")
             if not fused:
                 y = dev.contiguous(y)  # (written now: the add launches add_f32)
@@ -200,10 +206,7 @@ def test_moe_of_a_deferred_norm_quantizes_it_once(dev, experts, monkeypatch, T):
         out, n, normed = {}, {}, {}
         for fused in (True, False):
             poison(dev)
-            names = []
-            for mod in (Dm, M):
-                orig = mod.launch
-                monkeypatch.setattr(mod, "launch", lambda f, *a, _o=orig, **k: (names.append(f), _o(f, *a, **k))[1])
+            names = record_launches(monkeypatch, Dm, M)
             x = dev.rms_norm(h, w, 1e-5)
             if not fused:
                 x = dev.contiguous(x)  # (rms_norm_rows now: moe quantizes its output)
