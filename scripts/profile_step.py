@@ -209,7 +209,7 @@ def main() -> None:
         for _ in range(50):
             dec.step()
         print(f"batched decode step of {B} rows, graph replay: {(time.perf_counter() - t0) * 1e6 / 50:.0f} us/step "
-              f"(graph nodes: {getattr(dec.graphs.get((B, 1)), 'num_nodes', '?')})")
+              f"(graph nodes: {getattr(next((g for k, g in dec.graphs.items() if k[0] == B), None), 'num_nodes', '?')})")
         for row in rows:
             dec.leave(row)
         dec.step()

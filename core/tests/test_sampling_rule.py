@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orcd_core.generation import SamplingParams
-from orcd_core.sampling import apply_temperature_and_penalty, sample, sorted_candidates, splitmix64, uniform
+from orcd_core.sampling import apply_temperature_and_penalty, plain_greedy, sample, sorted_candidates, splitmix64, uniform
 
 GOLDEN = 0x9E3779B97F4A7C15
 
@@ -33,6 +33,30 @@ def test_greedy_is_argmax_with_lowest_id_on_ties():
     logits = np.array([0.5, 2.0, -1.0, 2.0, 2.0], np.float32)
     assert sample(logits, SamplingParams(temperature=0)) == 1
     assert sample(logits, SamplingParams(temperature=0, seed=99), step_index=5) == 1
+
+
+@pytest.mark.parametrize("params, plain", [
+    (SamplingParams(temperature=0.0), True),
+    (SamplingParams(temperature=-1.0, repetition_window=0, repetition_penalty=1.5), True),  # window 0: no penalty
+    (SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.1), True),  # (no draw when greedy)
+    (SamplingParams(temperature=0.0, repetition_penalty=1.5), False),
+    (SamplingParams(temperature=0.0, frequency_penalty=2.0), False),
+    (SamplingParams(temperature=0.0, presence_penalty=2.0), False),
+    (SamplingParams(temperature=0.7), False),
+])
+def test_plain_greedy_is_the_argmax_of_the_raw_logits(params, plain):
+    """plain_greedy(params) (the CUDA decode graphs' argmax-only sampler, backends/cuda/sampler.py) holds
+    exactly where the rule's pick is the argmax of the logits whatever the window holds: checked on
+    logits whose top id is in the window, where a penalty moves the pick."""
+    assert plain_greedy(params) == plain
+    rng = np.random.default_rng(5)
+    picks = []
+    for step in range(20):
+        logits = rng.standard_normal(1000).astype(np.float32)
+        top = int(np.argmax(logits))
+        logits[top + 1 if top < 999 else top - 1] = logits[top] - 1e-3  # a close second
+        picks.append(sample(logits, params, [top] * 3, step) == top)
+    assert all(picks) if plain else not all(picks)
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():

@@ -81,6 +81,11 @@ def penalties_on(params: SamplingParams) -> bool:
                                              or params.presence_penalty != 0.0)
 
 
+def plain_greedy(params: SamplingParams) -> bool:
+    """Whether the pick is the argmax of the logits themselves: greedy (temperature <= 0), no penalty."""
+    return params.temperature <= 0.0 and not penalties_on(params)
+
+
 def sorted_candidates(l: np.ndarray, top_k: int) -> np.ndarray:
     """Step 4: candidate ids sorted by (logit desc, id asc), cut to `top_k` when it is > 0."""
     V = l.size

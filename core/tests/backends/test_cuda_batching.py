@@ -101,8 +101,8 @@ def test_batched_greedy_tokens_match_the_reference(engine, synth_dir):
 def test_graphs_are_kept_across_requests(engine):
     """The engine's scheduler keeps its decoder, whose warm-up (GraphBatchDecoder.warm_up, at load; run
     again here: a workspace that grew in an earlier test dropped every graph) captures the graphs of
-    every row count (both parities, the smallest bound of positions): two rounds of short requests
-    replay them (the same objects) and capture nothing more."""
+    every row count (both parities, the smallest bound of positions, greedy rows' argmax sampler and the
+    full one): two rounds of short requests replay them (the same objects) and capture nothing more."""
     from orcd_core.backends.cuda.planner import SPAN_MIN
 
     sched = engine.scheduler
@@ -112,7 +112,7 @@ def test_graphs_are_kept_across_requests(engine):
     finally:
         engine.device.free_kv_cache(cache)
     warm = dict(sched._decoder.graphs)
-    assert {(B, SPAN_MIN, p) for B in range(1, engine.max_batch + 1) for p in (0, 1)} <= set(warm)
+    assert {(B, SPAN_MIN, p, g) for B in range(1, engine.max_batch + 1) for p in (0, 1) for g in (False, True)} <= set(warm)
     rounds = []
     for _ in range(2):
         seqs = [sched.submit(engine.prepare(r)) for r in requests(engine, 4)]

@@ -412,6 +412,37 @@ def test_greedy_argmax_lowest_id_on_ties(dev, rng, V):
     assert got == V // 3
 
 
+@pytest.mark.parametrize("V", [1001, 151936])
+def test_the_greedy_argmax_sampler_picks_as_the_full_one(dev, rng, V):
+    """Sampler.sample_rows(greedy=True), the argmax of the logits themselves (the decode graphs of
+    all-greedy steps), against the six-launch path on the same 8 rows of plain-greedy parameters: the
+    same ids, ties to the lowest id included, and two launches instead of six."""
+    import orcd_core.backends.cuda.sampler as S
+    from orcd_core.backends.cuda.sampler import RowState
+
+    B = 8
+    x = randn(rng, B, V) * 3
+    for b in range(0, B, 2):  # ties at the top in half the rows
+        i, j = sorted(rng.choice(V, 2, replace=False))
+        x[b, i] = x[b, j] = x[b].max() + 1.0
+    st = RowState(B)
+    st.fill([(0, 0, 0, SamplingParams(temperature=0.0), []) for _ in range(B)], dev.stream)
+    logits = dev.to_device(x, "float32")
+    sampler = dev.sampler_for(V)
+    got = {}
+    for greedy in (False, True):
+        names = []
+        real = S.launch
+        S.launch = lambda fn, *a, **k: (names.append(fn), real(fn, *a, **k))[1]
+        try:
+            poison(dev)
+            got[greedy] = dev.to_host(sampler.sample_rows(logits, st, greedy=greedy)).tolist()
+        finally:
+            S.launch = real
+        assert len(names) == (2 if greedy else 6), names
+    assert got[True] == got[False] == [int(np.argmax(r)) for r in x]
+
+
 SAMPLERS = {
     "greedy": SamplingParams(temperature=0.0),
     "greedy-penalty": SamplingParams(temperature=0.0, repetition_penalty=1.5),

@@ -27,6 +27,7 @@ from ...kernels.constants import GEMV_X_PLAIN, GEMV_X_RMS, GEMV_X_SILU, Q8_QUANT
 from ...device import MAX_BATCH, Device, Fence, KVBatch, KVCache, RopeSpec, Step, Weight
 from ...errors import InsufficientVram, OrcdError
 from ...generation import CudaError, VramOOM
+from ...sampling import plain_greedy
 from ...shape import kv_bytes, kv_rows
 from .fusion import DeferredOps
 from .kernels import NULL, KernelSet, f32, i32, i64, launch, q8_row_bytes, stage_vectors, xs_bytes
@@ -906,7 +907,8 @@ class CudaDevice(Device):
         if self._sample_state is None:
             self._sample_state = RowState(1)
         self._sample_state.fill([(0, 0, step, params, recent)], self.stream)
-        return self.sampler_for(int(logits.shape[1])).sample_rows(logits, self._sample_state)
+        return self.sampler_for(int(logits.shape[1])).sample_rows(logits, self._sample_state,
+                                                                   greedy=plain_greedy(params))
 
     # ---- decode loop ------------------------------------------------------------------------------
     def batch_decoder(self, forward, *, max_rows: int):

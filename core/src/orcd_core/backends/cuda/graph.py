@@ -8,12 +8,14 @@ graph of B rows serves any B sequences: when the rows change (a request joins or
 rewrites those buffers from its own copy of each row (`DecodeRow`) with two copies, and the same graph
 replays. The first step of each B runs op by op (kernels load, the workspace finds its size); the next
 two are captured (relaxed mode), one graph per parity of the step count, and every later step of B
-rows replays the graph of its parity. A graph also holds a bound of its rows' positions (`span`, a
-power of two from planner.SPAN_MIN up to the context): its attention launches only the splits that a
-position under the bound can need (a served row's cache spans the whole context: 128 splits a head at
-32,768 positions, where a row at position 300 needs 3); a step whose rows reach the bound takes the
-next bound's graphs. `warm_up` runs every row count's first steps at load. The captured `advance_rows`
-kernel moves each sampled token into
+rows replays the graph of its parity. A step whose rows are all greedy without penalties
+(`sampling.plain_greedy`, as the host's rows say) takes graphs of its own, whose sampler is the argmax
+of the logits (two launches; Sampler.sample_rows): a graph's key is (rows, bound, parity, greedy). A
+graph also holds a bound of its rows' positions (`span`, a power of two from planner.SPAN_MIN up to
+the context): its attention launches only the splits that a position under the bound can need (a
+served row's cache spans the whole context: 128 splits a head at 32,768 positions, where a row at
+position 300 needs 3); a step whose rows reach the bound takes the next bound's graphs. `warm_up` runs
+every row count's first steps at load. The captured `advance_rows` kernel moves each sampled token into
 its row's next input, advances its position and step index and writes the token into its window.
 Each graph ends with a copy of the B tokens into its own slot of pinned host memory and an event: no
 host->device copy per step, one small device->host copy.
@@ -36,7 +38,7 @@ import numpy as np
 
 from ...device import BatchDecoder, DecodeRow, KVBatch, Step
 from ...generation import CudaError
-from ...sampling import token_logprobs
+from ...sampling import plain_greedy, token_logprobs
 from .kernels import i32, launch
 from .memory import raw_alloc, view
 from .planner import decode_span_bound
@@ -56,9 +58,9 @@ class GraphBatchDecoder(BatchDecoder):
         # per parity: the step's start and end on the stream (timed: gpu_s, the device's time for the step)
         self._start = [cupy.cuda.Event(block=False) for _ in range(2)]
         self._done = [cupy.cuda.Event(block=False) for _ in range(2)]
-        self.graphs: dict[tuple[int, int, int], object] = {}  # (rows, span, parity) -> graph
-        self._eager_done: set[int] = set()  # row counts whose first (eager) step ran
-        self._logits: dict[tuple[int, int, int], cupy.ndarray] = {}  # graph key -> the step's logits [B, V]
+        self.graphs: dict[tuple[int, int, int, bool], object] = {}  # (rows, span, parity, greedy) -> graph
+        self._eager_done: set[tuple[int, bool]] = set()  # (rows, greedy) whose first (eager) step ran
+        self._logits: dict[tuple[int, int, int, bool], cupy.ndarray] = {}  # graph key -> the step's logits [B, V]
         self._epoch = dev.graph_epoch
         self._flight: collections.deque = collections.deque()  # (rows of the step, parity, graph key)
         self._n_launched = 0
@@ -91,16 +93,19 @@ class GraphBatchDecoder(BatchDecoder):
         self.changed = False
 
     def warm_up(self, cache) -> None:
-        """Every row count's eager step and two graphs (the smallest bound of positions) before the first
-        request, as vLLM captures its decode graphs at start-up: max_rows .. 1 rows of `cache` (the rows
-        share it; what they write there is never read) take three steps each. Otherwise the first batch
-        to reach a row count pays them under load (an eager step and two captures, ~tens of ms)."""
+        """Every row count's eager step and two graphs (the smallest bound of positions), for greedy rows
+        and for sampled ones, before the first request, as vLLM captures its decode graphs at start-up:
+        max_rows .. 1 rows of `cache` (the rows share it; what they write there is never read) take three
+        steps each. Otherwise the first batch to reach a row count pays them under load (an eager step and
+        two captures, ~tens of ms)."""
         from ...generation import SamplingParams
 
         if self.rows:
             raise RuntimeError("batch decoder: warm_up with rows joined")
-        params = SamplingParams(temperature=0.0, repetition_window=0)
-        for B in range(self.max_rows, 0, -1):  # (the most rows first: the workspace takes its size once)
+        kinds = (SamplingParams(temperature=0.0, repetition_window=0),  # the argmax sampler's graphs
+                 SamplingParams(temperature=1.0, repetition_window=0))  # the full sampler's
+        # (the most rows first: the workspace takes its size once)
+        for B, params in ((B, p) for B in range(self.max_rows, 0, -1) for p in kinds):
             rows = [DecodeRow(cache=cache, id=0, position=0, step_index=0, params=params, recent=[], budget=3)
                     for _ in range(B)]
             for r in rows:
@@ -131,7 +136,7 @@ class GraphBatchDecoder(BatchDecoder):
         self.kv.span = key[1]
         logits = dev.contiguous(self.forward(step, self.kv))  # [B, V]
         self._logits[key] = logits  # (the addresses a replay of this graph writes)
-        tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st)
+        tok = dev.sampler_for(int(logits.shape[1])).sample_rows(logits, st, greedy=key[3])
         launch(dev.core.fn("advance_rows"), (1,), (32,),
                (tok, st.ids, st.pos, st.step, st.recent, i32(st.rs), st.window, i32(B)), pdl=True)
         cupy.cuda.runtime.memcpyAsync(self._tok[parity].ctypes.data, tok.data.ptr, 4 * B,
@@ -148,13 +153,14 @@ class GraphBatchDecoder(BatchDecoder):
             self._logits.clear()
             self._eager_done.clear()
             self._epoch = dev.graph_epoch
-        key = (B, self._span(rows), parity)
+        greedy = all(plain_greedy(r.params) for r in rows)
+        key = (B, self._span(rows), parity, greedy)
         self._start[parity].record(dev.stream)  # (reached when the step before it ends, if it was queued)
         try:
-            if B not in self._eager_done:
+            if (B, greedy) not in self._eager_done:
                 dev.begin_step()
                 self._issue(B, parity, key)
-                self._eager_done.add(B)
+                self._eager_done.add((B, greedy))
             elif key not in self.graphs:
                 dev.begin_step()
                 mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", None)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...generation import MAX_REPETITION_WINDOW
 from ...sampling import penalties_on
-from .kernels import i32, i64, launch
+from .kernels import NULL, i32, i64, launch
 from .memory import align, raw_alloc, view
 
 ARGMAX_BLOCKS = 64  # core.cu: partial (value, index) pairs per row
@@ -95,13 +95,23 @@ class Sampler:
         self.pi = view(self._mem, offs[3], (self.rows, ARGMAX_BLOCKS), np.int32)
         self.vmax = view(self._mem, offs[4], (self.rows,), np.float32)
 
-    def sample_rows(self, logits, st: RowState):
-        """logits [B, V] (B <= rows, rows contiguous) -> device int32 [B]: row b sampled with st's row b."""
+    def sample_rows(self, logits, st: RowState, *, greedy: bool = False):
+        """logits [B, V] (B <= rows, rows contiguous) -> device int32 [B]: row b sampled with st's row b.
+        `greedy`: the caller's word that every row is `plain_greedy` (graph.py keys its graphs on it):
+        the argmax of the logits themselves, two launches instead of six (no copy of the logits, no
+        penalty, exponential or selection kernel that a greedy row would exit at once). The same ids as
+        the full path, which takes the argmax of an exact copy of the same logits."""
         core = self.dev.core
         B, V = int(logits.shape[0]), int(logits.shape[1])
         if B > self.rows or V != self.V:
             raise ValueError(f"sampler for {self.rows} x {self.V}, got logits {logits.shape}")
         out = self.dev.step_array((B,), np.int32)
+        if greedy:
+            if not logits.flags.c_contiguous:
+                raise ValueError("sampler: the greedy argmax reads contiguous logits")
+            launch(core.fn("argmax_part"), (ARGMAX_BLOCKS, B), (256,), (logits, i32(V), self.pv, self.pi), pdl=True)
+            launch(core.fn("argmax_final"), (B,), (64,), (self.pv, self.pi, i32(ARGMAX_BLOCKS), out, NULL), pdl=True)
+            return out
         gv = (V + 255) // 256
         launch(core.fn("sample_prep"), (gv, B), (256,), (logits, i64(V), self.l, i32(V), st.temp), pdl=True)
         launch(core.fn("sample_penalty"), (B,), (256,),
