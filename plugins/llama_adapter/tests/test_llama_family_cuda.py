@@ -141,10 +141,9 @@ def test_weights_are_resident_device_memory(qwen_full):
 def test_decode_step_is_five_kernels_a_layer(cut_pair, monkeypatch):
     """A llama-family decode step, fused (backends/cuda/fusion.py): per layer norm+q|k|v GEMV,
     attention (with rope and the KV write), o GEMV+residual, norm+gate|up GEMV, silu+down GEMV+residual;
-    then the
-    embedding, the norm+head GEMV and, for this greedy request, the sampler's two launches (argmax_part,
-    argmax_final over the logits: sampling.plain_greedy; a sampled or penalized row takes six, which
-    test_cuda_ops counts). Logits as the reference's."""
+    then the embedding, the norm+head GEMV and, for this greedy request, the sampler's two launches
+    (argmax_part, argmax_final over the logits: sampling.plain_greedy; a sampled or penalized row takes
+    six, which test_cuda_ops counts). Logits as the reference's."""
     import orcd_core.backends.cuda.device as D
     import orcd_core.backends.cuda.sampler as S
     from orcd_core.device import Step
