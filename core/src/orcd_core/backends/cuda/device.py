@@ -131,7 +131,6 @@ class CudaDevice(Device):
         self.deferred = DeferredOps()  # ops fused into their consumers (fusion.py)
 
     # ---- plumbing --------------------------------------------------------------------------------
-
     def counters(self, key: str, n: int) -> cupy.ndarray:
         """`n` uint32 zeros for the completion counters of a kernel (each launch leaves them zero: the
         thread that completes a group resets its counter), one buffer a key at a fixed address for the
@@ -147,6 +146,7 @@ class CudaDevice(Device):
         if n > mem.size:
             raise RuntimeError(f"{key}: {n} completion counters asked for, {mem.size} made")
         return mem
+
     def _decode_gemv(self) -> str:
         """planner.decode_gemv for this GPU (ORCD_DECODE_GEMV overrides the choice)."""
         try:
